@@ -1,0 +1,192 @@
+"""The activations folder: float16 HDF5 shards plus a manifest, written and read in blocks.
+
+Layout of one shard (`shard-r<rank>-<index>.h5`, written as `*.partial` and renamed when
+complete)::
+
+    activations     (tokens, len(layers) * intermediate_size) float16, layer-major columns:
+                    column = position_in_layers * intermediate_size + neuron
+    token_ids       (tokens,) int32
+    sequence_index  (tokens,) int64   index of the record in the dataset
+    position        (tokens,) int32   position of the token in its sequence
+
+Uncompressed on purpose: float16 activations barely compress and gzip is ~40x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from shared.constants import (
+    ACTIVATIONS_DATASET,
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    PARTIAL_SUFFIX,
+    POSITION_DATASET,
+    SEQUENCE_DATASET,
+    SHARD_GLOB,
+    TOKEN_IDS_DATASET,
+)
+from shared.errors import UserError
+from shared.models import ModelInfo
+
+CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
+
+
+class ShardWriter:
+    """Appends token rows to shards of at most `rows_per_shard` rows.
+
+    A shard is written under a `.partial` name, flushed after every block, and renamed
+    when full or closed, so a reader never mistakes half a shard for data.
+    """
+
+    def __init__(self, folder: Path, n_columns: int, rows_per_shard: int, rank: int = 0) -> None:
+        self.folder = folder
+        self.n_columns = n_columns
+        self.rows_per_shard = max(1, rows_per_shard)
+        self.rank = rank
+        self.completed: list[dict[str, Any]] = []
+        self._file: h5py.File | None = None
+        self._path: Path | None = None
+        self._rows = 0
+
+    def _open(self) -> None:
+        name = f"shard-r{self.rank:02d}-{len(self.completed):05d}.h5"
+        self._path = self.folder / name
+        self._file = h5py.File(str(self._path) + PARTIAL_SUFFIX, "w")
+        chunk = (min(CHUNK_ROWS, self.rows_per_shard), self.n_columns)
+        self._file.create_dataset(
+            ACTIVATIONS_DATASET, shape=(0, self.n_columns), maxshape=(None, self.n_columns), dtype="float16", chunks=chunk
+        )
+        for key, dtype in ((TOKEN_IDS_DATASET, "int32"), (SEQUENCE_DATASET, "int64"), (POSITION_DATASET, "int32")):
+            self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),))
+        self._rows = 0
+
+    def write(self, activations: np.ndarray, token_ids: np.ndarray, sequence: np.ndarray, position: np.ndarray) -> None:
+        start = 0
+        while start < len(activations):
+            if self._file is None:
+                self._open()
+            take = min(len(activations) - start, self.rows_per_shard - self._rows)
+            end = start + take
+            for key, values in (
+                (ACTIVATIONS_DATASET, activations),
+                (TOKEN_IDS_DATASET, token_ids),
+                (SEQUENCE_DATASET, sequence),
+                (POSITION_DATASET, position),
+            ):
+                dataset = self._file[key]
+                dataset.resize(self._rows + take, axis=0)
+                dataset[self._rows : self._rows + take] = values[start:end]
+            self._rows += take
+            self._file.flush()
+            start = end
+            if self._rows >= self.rows_per_shard:
+                self._finish()
+
+    def _finish(self) -> None:
+        assert self._file is not None and self._path is not None
+        self._file.close()
+        os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
+        self.completed.append({"file": self._path.name, "n_tokens": self._rows})
+        self._file = None
+
+    def abort(self) -> None:
+        """Close without finishing: the open shard keeps its `.partial` name and is never read."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._file is not None:
+            if self._rows:
+                self._finish()
+            else:
+                self._file.close()
+                Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
+                self._file = None
+        return self.completed
+
+
+@dataclass(frozen=True)
+class Activations:
+    """A validated activations folder, ready to be read in blocks of token rows."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo(**self.manifest["model"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.manifest["model"]["intermediate_size"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    @property
+    def n_neurons(self) -> int:
+        return len(self.layers) * self.intermediate_size
+
+    def column_to_neuron(self, column: int) -> tuple[int, int]:
+        """(layer, neuron) of an activations column."""
+        return self.layers[column // self.intermediate_size], column % self.intermediate_size
+
+    def blocks(self, block_rows: int, columns: slice | None = None) -> Iterator[np.ndarray]:
+        """Token-row blocks as float32 arrays, shard after shard, in manifest order."""
+        for shard in self.manifest["shards"]:
+            with h5py.File(self.folder / shard["file"], "r") as handle:
+                data = handle[ACTIVATIONS_DATASET]
+                if data.shape != (shard["n_tokens"], self.n_neurons):
+                    raise UserError(
+                        f"shard {shard['file']} in {self.folder} has shape {data.shape}, the manifest says "
+                        f"({shard['n_tokens']}, {self.n_neurons}); re-run `fn-analyze collect`"
+                    )
+                for start in range(0, data.shape[0], block_rows):
+                    block = data[start : start + block_rows]
+                    if columns is not None:
+                        block = block[:, columns]
+                    yield block.astype(np.float32)
+
+
+def open_activations(folder: Path) -> Activations:
+    """Read and check the manifest of an activations folder."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise UserError(f"activations folder {folder} does not exist; run `fn-analyze collect --out {folder}` first")
+    if not manifest_path.is_file():
+        partial = sorted(p.name for p in folder.glob(SHARD_GLOB + PARTIAL_SUFFIX))
+        hint = f" (it holds an unfinished shard {partial[0]})" if partial else ""
+        raise UserError(
+            f"activations folder {folder} has no {MANIFEST_NAME}{hint}; run `fn-analyze collect --out {folder}` to finish it"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{manifest_path} is not valid JSON ({exc}); re-run `fn-analyze collect`") from exc
+    if manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise UserError(
+            f"{manifest_path} has schema_version {manifest.get('schema_version')!r}, this tool reads "
+            f"{MANIFEST_SCHEMA_VERSION}; re-run `fn-analyze collect`"
+        )
+    missing = [s["file"] for s in manifest["shards"] if not (folder / s["file"]).is_file()]
+    if missing:
+        raise UserError(f"activations folder {folder} lacks shard {missing[0]} named in its manifest; re-run collect")
+    if manifest["n_tokens"] < 1:
+        raise UserError(f"activations folder {folder} holds no token; collect on a non-empty dataset")
+    return Activations(folder, manifest)

@@ -1,0 +1,103 @@
+"""`fn-analyze`: collect activations, find networks by ICA, look at mask files.
+
+Each command only builds a config and calls the public function that does the work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from shared.cli import setup_logging, user_errors_exit
+from shared.constants import EMBEDDED_MODEL_NAME
+
+app = typer.Typer(
+    help="Find functional networks (ICA over MLP neurons) in a language model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v", help="Log progress details.")] = False) -> None:
+    setup_logging(verbose)
+
+
+@app.command("collect")
+@user_errors_exit
+def collect_command(
+    dataset: Annotated[str, typer.Option(help="csv/json/jsonl/parquet file or HF dataset name.")],
+    out: Annotated[Path, typer.Option(help="Activations folder to write (new or empty).")],
+    model: Annotated[str, typer.Option(help="HF name, local path, or the embedded model.")] = EMBEDDED_MODEL_NAME,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split (default: train, else the first).")] = None,
+    data_format: Annotated[str, typer.Option(help="auto|qa|alpaca|prompt_completion|prompt_response|messages|text")] = "auto",
+    template_format: Annotated[str, typer.Option(help="auto|chat|alpaca|plain, as fn-train renders.")] = "auto",
+    layers: Annotated[Optional[str], typer.Option(help="Layers to record, e.g. 0,2:5,8 (default all).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens.")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate sequences to this many tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    dtype: Annotated[str, typer.Option(help="auto|float32|float16|bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
+    shard_size_mb: Annotated[int, typer.Option(help="Size of one HDF5 shard.")] = 512,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace activations already in --out.")] = False,
+) -> None:
+    """Record the input of every MLP down-projection for each real token, to float16 HDF5 shards."""
+    params = dict(locals())
+    from fn_analyze.collect import CollectConfig, collect
+
+    collect(CollectConfig(**params))
+
+
+@app.command("ica")
+@user_errors_exit
+def ica_command(
+    activations: Annotated[Path, typer.Option(help="Folder written by `fn-analyze collect`.")],
+    out: Annotated[Optional[Path], typer.Option(help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json).")] = None,
+    n_components: Annotated[int, typer.Option(help="Independent components (networks) to find.")] = 20,
+    threshold: Annotated[float, typer.Option(help="z-score a neuron needs in a map to join its network.")] = 3.0,
+    percentile: Annotated[Optional[float], typer.Option(help="Instead of --threshold: keep neurons above this percentile of each map.")] = None,
+    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Scale neurons to unit variance first (off: centered only).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the reduction and the first ICA restart.")] = 0,
+    restarts: Annotated[int, typer.Option(help="Seeded FastICA restarts; the sparsest run is kept, the others give stability.")] = 5,
+    power_iterations: Annotated[int, typer.Option(help="Subspace iterations of the randomized reduction.")] = 2,
+    register: Annotated[bool, typer.Option("--register/--no-register", help="Add the file to its folder's index.json.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing mask file.")] = False,
+) -> None:
+    """Find networks by spatial ICA over all captured neurons and write a mask file."""
+    params = dict(locals())
+    from fn_analyze.ica import IcaConfig, run_ica
+
+    run_ica(IcaConfig(**params))
+
+
+@app.command("show")
+@user_errors_exit
+def show_command(mask_file: Annotated[Path, typer.Argument(help="A mask file.")]) -> None:
+    """Print each network's size and how it spreads over layers."""
+    from fn_analyze.show import show
+
+    typer.echo(show(mask_file))
+
+
+@app.command("demo-data")
+@user_errors_exit
+def demo_data_command(
+    out: Annotated[Path, typer.Option(help="Folder for data.jsonl, train.csv and eval.csv.")] = Path("demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+    n_collect: Annotated[int, typer.Option(help="Records in data.jsonl (for collect).")] = 400,
+    n_train: Annotated[int, typer.Option(help="Rows in train.csv.")] = 200,
+    n_eval: Annotated[int, typer.Option(help="Rows in eval.csv.")] = 100,
+) -> None:
+    """Write the demo instruction data (facts, arithmetic, sentiment, continuation)."""
+    from fn_analyze.demo_data import write_demo_data
+
+    paths = write_demo_data(out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval)
+    for role, path in paths.items():
+        typer.echo(f"{role}: {path}")
+
+
+def main() -> None:
+    app()

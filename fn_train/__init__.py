@@ -1,0 +1,1 @@
+"""Fine-tuning with functional networks masked (`key`) or isolated (`complement`)."""

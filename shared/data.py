@@ -1,0 +1,177 @@
+"""Datasets: load local files or HF names, detect the record format, render examples as text.
+
+Collection and training render examples the same way (`render_text` is the
+concatenation of what training sees as prompt and completion), so a mask is measured
+on the same signal it is later applied to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+
+LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataFormat(str, Enum):
+    QA = "qa"  # question, answer
+    ALPACA = "alpaca"  # instruction, [input], output
+    PROMPT_COMPLETION = "prompt_completion"  # prompt, completion
+    PROMPT_RESPONSE = "prompt_response"  # prompt, response
+    MESSAGES = "messages"  # messages: [{role, content}, ...]
+    TEXT = "text"  # text
+
+
+# Checked in this order: the first format whose columns are all present wins.
+FORMAT_COLUMNS: dict[DataFormat, tuple[str, ...]] = {
+    DataFormat.MESSAGES: ("messages",),
+    DataFormat.ALPACA: ("instruction", "output"),
+    DataFormat.QA: ("question", "answer"),
+    DataFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+    DataFormat.PROMPT_RESPONSE: ("prompt", "response"),
+    DataFormat.TEXT: ("text",),
+}
+
+TEMPLATES = ("auto", "chat", "alpaca", "plain")
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record, normalized: a conversation before the answer, and the answer to learn.
+
+    Plain-text records have no answer: `messages` is empty and `text` holds them.
+    """
+
+    messages: tuple[dict[str, str], ...]
+    answer: str | None
+    text: str | None = None
+
+
+def load_dataset_any(source: str, split: str | None = None):
+    """A `datasets.DatasetDict` from a local csv/json/jsonl/parquet file or a HF dataset name."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.suffix.lower() in LOCAL_BUILDERS or path.exists():
+            if not path.is_file():
+                raise UserError(f"dataset {source} does not exist; give a csv, json, jsonl or parquet file")
+            builder = LOCAL_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise UserError(
+                    f"dataset {source}: unknown file type {path.suffix!r}; use .csv, .json, .jsonl or .parquet"
+                )
+            if path.stat().st_size == 0:
+                raise UserError(f"dataset {source} is empty; give a file with at least one record")
+            loaded = datasets.load_dataset(builder, data_files=str(path))
+        else:
+            loaded = datasets.load_dataset(source)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable input
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read dataset {source!r} ({first}); give a readable local file or dataset name") from exc
+    if split is not None:
+        if split not in loaded:
+            raise UserError(f"dataset {source!r} has no split {split!r} (splits: {', '.join(loaded)})")
+        loaded = datasets.DatasetDict({split: loaded[split]})
+    if all(len(part) == 0 for part in loaded.values()):
+        raise UserError(f"dataset {source} has no records; give a file with at least one record")
+    return loaded
+
+
+def detect_format(columns: list[str], requested: str = "auto", source: str = "dataset") -> DataFormat:
+    """The record format from the column names, or check the one the user asked for."""
+    if requested != "auto":
+        try:
+            fmt = DataFormat(requested)
+        except ValueError:
+            names = ", ".join(f.value for f in DataFormat)
+            raise UserError(f"unknown data format {requested!r}; use auto or one of {names}") from None
+        missing = [c for c in FORMAT_COLUMNS[fmt] if c not in columns]
+        if missing:
+            raise UserError(f"{source} lacks column(s) {', '.join(missing)} needed by format {fmt.value}")
+        return fmt
+    for fmt, needed in FORMAT_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return fmt
+    known = "; ".join(f"{f.value}: {', '.join(c)}" for f, c in FORMAT_COLUMNS.items())
+    raise UserError(f"{source} has columns {', '.join(columns)}, which match no known format ({known})")
+
+
+def to_example(record: dict[str, Any], fmt: DataFormat) -> Example:
+    def text_of(key: str) -> str:
+        value = record.get(key)
+        return "" if value is None else str(value)
+
+    if fmt is DataFormat.TEXT:
+        return Example((), None, text_of("text"))
+    if fmt is DataFormat.MESSAGES:
+        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in record["messages"]]
+        if messages and messages[-1]["role"] == "assistant":
+            return Example(tuple(messages[:-1]), messages[-1]["content"])
+        return Example(tuple(messages), None)
+    if fmt is DataFormat.ALPACA:
+        prompt = text_of("instruction")
+        if text_of("input").strip():
+            prompt = f"{prompt}\n\n{text_of('input')}"
+        return Example(({"role": "user", "content": prompt},), text_of("output"))
+    prompt_key, answer_key = {
+        DataFormat.QA: ("question", "answer"),
+        DataFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+        DataFormat.PROMPT_RESPONSE: ("prompt", "response"),
+    }[fmt]
+    return Example(({"role": "user", "content": text_of(prompt_key)},), text_of(answer_key))
+
+
+def resolve_template(template: str, tokenizer) -> str:
+    """`auto` is `chat` when the tokenizer has a chat template, else `plain`."""
+    if template not in TEMPLATES:
+        raise UserError(f"unknown template format {template!r}; use {', '.join(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("--template_format chat: the tokenizer has no chat template; use plain or alpaca")
+    return template
+
+
+def _flatten(messages: tuple[dict[str, str], ...]) -> str:
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def prompt_completion(example: Example, template: str) -> dict[str, Any]:
+    """The record TRL's SFTTrainer trains on: conversational for `chat`, strings otherwise.
+
+    TRL computes the loss on the completion only and appends EOS to a string completion.
+    """
+    if example.text is not None:
+        return {"text": example.text}
+    if template == "chat":
+        return {
+            "prompt": list(example.messages),
+            "completion": [{"role": "assistant", "content": example.answer or ""}],
+        }
+    if template == "alpaca":
+        prompt = f"{ALPACA_HEADER}### Instruction:\n{_flatten(example.messages)}\n\n### Response:\n"
+    else:
+        prompt = f"{_flatten(example.messages)}\n"
+    return {"prompt": prompt, "completion": example.answer or ""}
+
+
+def render_text(example: Example, template: str, tokenizer) -> str:
+    """The whole example as one string, as training sees it (without the appended EOS)."""
+    record = prompt_completion(example, template)
+    if "text" in record:
+        return record["text"]
+    if template == "chat":
+        return tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
+    return record["prompt"] + record["completion"]

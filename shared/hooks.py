@@ -1,0 +1,126 @@
+"""Context managers that put hooks on the down-projections and always take them off.
+
+Hooks are global state on a model: a run that fails half-way must not leave one behind,
+so every handle is removed in `finally` (as TransformerLens's `hooks()` does).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.arch import DownProjection, find_down_projections
+from shared.masks import (
+    LayerMasks,
+    MaskFile,
+    MaskMode,
+    build_layer_masks,
+    check_compatible,
+    load_mask_file,
+    select_networks,
+)
+from shared.models import model_info
+
+log = logging.getLogger(__name__)
+
+PreHook = Callable[[nn.Module, tuple], tuple | None]
+
+
+@contextmanager
+def pre_hooks(hooks: list[tuple[nn.Module, PreHook]]) -> Iterator[None]:
+    """Register forward pre-hooks for the duration of the block, then remove every one."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Forward and pre-forward hooks on any module of `model` (for tests and sanity checks)."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _mask_hook(vector: torch.Tensor) -> PreHook:
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = vector.to(device=x.device, dtype=x.dtype)
+        # As PEFT's IA3 feed-forward path: scale the input, keep its dtype.
+        return ((x * cache[key]).to(x.dtype), *args[1:])
+
+    return hook
+
+
+@contextmanager
+def masked_down_projections(
+    projections: list[DownProjection], layer_masks: LayerMasks
+) -> Iterator[LayerMasks]:
+    """Multiply each down-projection's input by its layer's 0/1 vector while the block runs."""
+    by_layer = {p.layer: p for p in projections}
+    hooks = [(by_layer[layer].module, _mask_hook(vector)) for layer, vector in layer_masks.vectors.items()]
+    with pre_hooks(hooks):
+        yield layer_masks
+
+
+def _capture_hook(layer: int, store: dict[int, torch.Tensor]) -> PreHook:
+    def hook(module: nn.Module, args: tuple) -> None:
+        store[layer] = args[0].detach()
+
+    return hook
+
+
+@contextmanager
+def captured_down_proj_inputs(
+    projections: list[DownProjection], layers: list[int] | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Yield a dict that each forward pass fills with layer -> down-projection input."""
+    store: dict[int, torch.Tensor] = {}
+    wanted = [p for p in projections if layers is None or p.layer in layers]
+    with pre_hooks([(p.module, _capture_hook(p.layer, store)) for p in wanted]):
+        yield store
+
+
+def resolve_mask(
+    model: nn.Module, mask: MaskFile | str | Path, networks: list[int] | None, mode: MaskMode
+) -> tuple[list[DownProjection], LayerMasks]:
+    """Load (if a path), check against `model`, select networks and build per-layer vectors."""
+    if not isinstance(mask, MaskFile):
+        mask = load_mask_file(Path(mask))
+    target = model_info(model, name=str(getattr(getattr(model, "config", None), "name_or_path", "model")))
+    check_compatible(mask, target)
+    layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
+    if layer_masks.fully_closed_layers:
+        log.warning(
+            "complement mask: no selected neuron in layer(s) %s; their MLP output is zero",
+            ",".join(str(layer) for layer in layer_masks.fully_closed_layers),
+        )
+    return find_down_projections(model), layer_masks
+
+
+@contextmanager
+def apply_mask(
+    model: nn.Module,
+    mask: MaskFile | str | Path,
+    mode: MaskMode = "key",
+    networks: list[int] | None = None,
+) -> Iterator[LayerMasks]:
+    """One call: mask `model`'s down-projection inputs with a mask file, for the block.
+
+    >>> with apply_mask(model, "mask_artifacts/smollm2-demo.json", "key", [0, 3]):
+    ...     logits = model(**batch).logits
+    """
+    projections, layer_masks = resolve_mask(model, mask, networks, mode)
+    with masked_down_projections(projections, layer_masks):
+        yield layer_masks

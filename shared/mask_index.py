@@ -1,0 +1,45 @@
+"""The index of a mask folder (`index.json`): which mask files are there, for which model.
+
+Updated under an exclusive file lock and written atomically, so two `fn-analyze ica`
+runs writing into the same folder at once leave an index holding both.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.constants import MASK_INDEX_NAME
+from shared.jsonio import write_json_atomic
+from shared.masks import MaskFile
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MASK_INDEX_NAME
+    if not path.is_file():
+        return {"schema_version": 1, "masks": []}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def register_mask(path: Path, mask: MaskFile) -> None:
+    """Add (or replace) the entry of the mask file `path` in the index of its folder."""
+    path = Path(path)
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = {
+        "file": path.name,
+        "model": mask.model.name,
+        "model_type": mask.model.model_type,
+        "fingerprint": mask.model.fingerprint,
+        "n_networks": len(mask.networks),
+        "method": mask.source.get("method"),
+        "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with open(folder / f".{MASK_INDEX_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        index = read_index(folder)
+        index["masks"] = [m for m in index["masks"] if m.get("file") != path.name] + [entry]
+        write_json_atomic(folder / MASK_INDEX_NAME, index)

