@@ -8,9 +8,9 @@ from typing import Any
 
 from fn_train.config import TrainConfig
 from fn_train.data import build_datasets
+from fn_train.lora_mask import zero_lora_columns_of_masked_neurons
 from shared.constants import RUN_MASK_NAME
 from shared.device import choose_device, choose_dtype
-from shared.errors import UserError
 from shared.hooks import masked_down_projections, resolve_mask
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, load_mask_file, parse_network_ids
@@ -108,6 +108,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if mask is not None:
         projections, layer_masks = resolve_mask(trainer.model, mask, parse_network_ids(config.networks), config.mask_mode)
         masking = masked_down_projections(projections, layer_masks)
+        zero_lora_columns_of_masked_neurons(projections, layer_masks)
         closed = layer_masks.fully_closed_layers
         print(
             f"fn-train: mask {config.mask_file} ({config.mask_mode}, networks {config.networks or 'all'}): "
@@ -137,5 +138,3 @@ def train(config: TrainConfig) -> dict[str, Any]:
     print(f"fn-train: saved {'adapter' if config.use_peft else 'model'} to {config.output_dir}")
     return metrics
 
-
-__all__ = ["train", "build_trainer", "UserError"]

@@ -1,0 +1,84 @@
+"""Shared fixtures: offline mode, seeding, a tiny causal LM folder with its own tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fn_analyze.demo_data import write_demo_data
+from tests.tiny_models import tiny_model
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("demo")
+    write_demo_data(folder, seed=0, n_collect=60, n_train=32, n_eval=16)
+    return folder
+
+
+def _train_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, demo_dir: Path) -> Path:
+    """A saved tiny LLaMA (2 layers, 176 neurons each) with a BPE tokenizer and chat template."""
+    import json
+
+    texts = []
+    for line in (demo_dir / "data.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        texts += [record["question"], record["answer"]]
+    tokenizer = _train_tokenizer(texts)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = tiny_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=128,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

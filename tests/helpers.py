@@ -1,0 +1,54 @@
+"""Small builders the tests share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from shared.masks import MaskFile, Network, save_mask_file
+from shared.models import model_info
+
+
+def make_mask(model: nn.Module, networks: dict[int, dict[int, list[int]]], name: str = "tiny") -> MaskFile:
+    """A mask file for `model` with the given {network id: {layer: [neurons]}}."""
+    return MaskFile(
+        model=model_info(model, name),
+        networks=tuple(
+            Network(i, {layer: tuple(sorted(neurons)) for layer, neurons in layers.items()})
+            for i, layers in networks.items()
+        ),
+        source={"method": "test"},
+    )
+
+
+def write_mask(model: nn.Module, networks: dict[int, dict[int, list[int]]], path: Path) -> Path:
+    save_mask_file(make_mask(model, networks), path)
+    return path
+
+
+def write_activations(folder: Path, matrix, layers: list[int], intermediate_size: int, rows_per_shard: int = 1000) -> Path:
+    """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it."""
+    import numpy as np
+
+    from fn_analyze.activations import ShardWriter
+    from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION
+    from shared.jsonio import write_json_atomic
+    from shared.models import ModelInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(matrix)
+    writer = ShardWriter(folder, matrix.shape[1], rows_per_shard)
+    writer.write(matrix.astype(np.float16), np.zeros(n, np.int32), np.arange(n), np.zeros(n, np.int32))
+    info = ModelInfo("synthetic", "llama", max(layers) + 1, intermediate_size, 8, "sha256:synthetic")
+    write_json_atomic(
+        folder / MANIFEST_NAME,
+        {
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "model": info.to_dict(),
+            "layers": layers,
+            "n_tokens": n,
+            "shards": writer.close(),
+        },
+    )
+    return folder
