@@ -1,0 +1,62 @@
+"""The pipeline through its command lines: fn-analyze collect -> ica -> show -> fn-train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from fn_analyze.cli import app as analyze_app
+from fn_train.cli import app as train_app
+
+runner = CliRunner()
+
+
+def _ok(result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    return result.output
+
+
+def test_collect_ica_show_train_end_to_end(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+    acts, masks, out = tmp_path / "acts", tmp_path / "mask_artifacts", tmp_path / "ft"
+    _ok(runner.invoke(analyze_app, ["collect", "--model", str(tiny_lm_dir), "--dataset", str(demo_dir / "data.jsonl"),
+                                    "--out", str(acts), "--max-length", "64"]))
+    assert (acts / "manifest.json").is_file()
+    shown = _ok(runner.invoke(analyze_app, ["ica", "--activations", str(acts), "--n-components", "6",
+                                            "--restarts", "2", "--out", str(masks / "tiny.json")]))
+    assert "networks covering" in shown
+    index = json.loads((masks / "index.json").read_text())
+    assert [entry["file"] for entry in index["masks"]] == ["tiny.json"]
+    table = _ok(runner.invoke(analyze_app, ["show", str(masks / "tiny.json")]))
+    assert "union:" in table and "profile" in table
+
+    _ok(runner.invoke(train_app, [
+        "--model_name_or_path", str(tiny_lm_dir), "--dataset_name_or_path", str(demo_dir / "train.csv"),
+        "--output_dir", str(out), "--mask-file", str(masks / "tiny.json"), "--mask-mode", "key",
+        "--networks", "0,1", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_seq_length", "64",
+        "--validation_split", "0.25", "--eval_steps", "1", "--logging_steps", "1", "--device", "cpu",
+    ]))
+    saved = json.loads((out / "fn_mask.json").read_text())
+    assert saved["mode"] == "key" and saved["networks"] == [0, 1]
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "fn_train_config.json").read_text())["validation_split"] == 0.25
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(train_app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(tmp_path / "o"),
+                                       "--mask-mode", "key"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == ["error: --mask-mode given without --mask-file; add --mask-file or drop --mask-mode"]
+
+    result = runner.invoke(analyze_app, ["show", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("error: mask file") and "does not exist" in result.output
+
+
+def test_both_flag_spellings_are_accepted(tmp_path: Path) -> None:
+    for spelling in ("--mask_mode", "--mask-mode"):
+        result = runner.invoke(train_app, ["--dataset-name-or-path", "x.csv", "--output-dir", str(tmp_path),
+                                           spelling, "key"])
+        assert result.exit_code == 2 and "--mask-mode given without --mask-file" in result.output
