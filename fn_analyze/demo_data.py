@@ -67,20 +67,21 @@ MONTHS: tuple[str, ...] = (
 )
 
 
+# Fact kinds answered by looking a key up in a table: question template and table.
+LOOKUPS: dict[str, tuple[str, dict[str, str]]] = {
+    "capital": ("What is the capital of {}?", CAPITALS),
+    "colour": ("What colour is {}?", COLOURS),
+    "sound": ("What sound does {} make?", SOUNDS),
+    "legs": ("How many legs does {} have?", LEGS),
+}
+
+
 def _facts(rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(("capital", "colour", "sound", "legs", "opposite", "day", "month"))
-    if kind == "capital":
-        country = rng.choice(list(CAPITALS))
-        return f"What is the capital of {country}?", CAPITALS[country]
-    if kind == "colour":
-        thing = rng.choice(list(COLOURS))
-        return f"What colour is {thing}?", COLOURS[thing]
-    if kind == "sound":
-        animal = rng.choice(list(SOUNDS))
-        return f"What sound does {animal} make?", SOUNDS[animal]
-    if kind == "legs":
-        animal = rng.choice(list(LEGS))
-        return f"How many legs does {animal} have?", LEGS[animal]
+    if kind in LOOKUPS:
+        template, table = LOOKUPS[kind]
+        key = rng.choice(list(table))
+        return template.format(key), table[key]
     if kind == "opposite":
         a, b = rng.choice(list(OPPOSITES.items()))
         if rng.random() < 0.5:

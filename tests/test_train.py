@@ -125,39 +125,38 @@ def test_mask_mode_without_mask_file_is_refused() -> None:
         TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), mask_mode="key")
 
 
-def test_no_hook_remains_when_training_fails(tiny_lm_dir, demo_dir, tmp_path, monkeypatch) -> None:
-    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    seen = {}
+@pytest.fixture
+def built_trainers(monkeypatch) -> list:
+    """Every trainer `train` builds, so tests can look at its model afterwards."""
+    built = []
     original = trainer_module.build_trainer
 
-    def failing_build(config, mask_file=None):
-        trainer = original(config, mask_file)
-        seen["model"] = trainer.model
-
-        def fail(*args, **kwargs):
-            assert count_hooks(trainer.model) == 2  # the mask is on while training runs
-            raise RuntimeError("out of memory")
-
-        trainer.train = fail
-        return trainer
-
-    monkeypatch.setattr(trainer_module, "build_trainer", failing_build)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask))
-    assert count_hooks(seen["model"]) == 0
-
-
-def test_no_hook_remains_after_training(tiny_lm_dir, demo_dir, tmp_path, monkeypatch) -> None:
-    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    seen = {}
-    original = trainer_module.build_trainer
-
-    def spy(config, mask_file=None):
-        seen["trainer"] = original(config, mask_file)
-        return seen["trainer"]
+    def spy(config, mask=None):
+        built.append(original(config, mask))
+        return built[-1]
 
     monkeypatch.setattr(trainer_module, "build_trainer", spy)
+    return built
+
+
+def test_no_hook_remains_after_training(tiny_lm_dir, demo_dir, tmp_path, built_trainers) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
     train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask, max_steps=1))
-    assert count_hooks(seen["trainer"].model) == 0
+    assert count_hooks(built_trainers[0].model) == 0
+
+
+def test_no_hook_remains_when_training_fails(tiny_lm_dir, demo_dir, tmp_path, built_trainers, monkeypatch) -> None:
+    from trl import SFTTrainer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+
+    def fail(self, *args, **kwargs):
+        assert count_hooks(self.model) == 2  # the mask is on while training runs
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(SFTTrainer, "train", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask))
+    assert count_hooks(built_trainers[0].model) == 0
