@@ -6,6 +6,8 @@ import contextlib
 import logging
 from typing import Any
 
+import torch
+
 from fn_train.config import TrainConfig
 from fn_train.data import build_datasets
 from fn_train.lora_mask import zero_lora_columns_of_masked_neurons
@@ -13,8 +15,8 @@ from shared.constants import RUN_MASK_NAME
 from shared.device import choose_device, choose_dtype
 from shared.hooks import masked_down_projections, resolve_mask
 from shared.jsonio import write_json_atomic
-from shared.masks import MaskFile, load_mask_file, parse_network_ids
-from shared.models import load_causal_lm, load_tokenizer
+from shared.masks import MaskFile, check_compatible, load_mask_file, parse_network_ids, select_networks
+from shared.models import load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,8 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None):
     )
     log.info("template: %s, %d training rows", template, len(train_set))
     model = load_causal_lm(config.model_name_or_path, dtype, device)
-    if mask is not None:
-        resolve_mask(model, mask, parse_network_ids(config.networks), config.mask_mode)  # refuse before training
-    import torch
-
+    if mask is not None:  # refuse a mask made for another model before PEFT and training
+        check_compatible(mask, model_info(model, config.model_name_or_path), where=f"mask file {config.mask_file}")
     return SFTTrainer(
         model=model,
         args=_sft_config(config, device.type, dtype == torch.bfloat16 and device.type == "cuda", eval_set is not None),
@@ -102,7 +102,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Fine-tune, with the mask hooked on the down-projections that are in the model when
     training starts (after PEFT wrapped them, so a LoRA branch sees the masked input too).
     Returns the trainer's final metrics."""
-    mask = load_mask_file(config.mask_file) if config.mask_file is not None else None  # fail before loading
+    mask = None
+    if config.mask_file is not None:  # a bad file or selection fails before any model is loaded
+        mask = load_mask_file(config.mask_file)
+        select_networks(mask, parse_network_ids(config.networks))
     trainer = build_trainer(config, mask)
     masking = contextlib.nullcontext(None)
     if mask is not None:
