@@ -55,12 +55,14 @@ class Example:
 
 
 def load_dataset_any(source: str, split: str | None = None):
-    """A `datasets.DatasetDict` from a local csv/json/jsonl/parquet file or a HF dataset name."""
+    """A `datasets.DatasetDict` from a local csv/json/jsonl/parquet file, a folder of them, or a HF dataset name."""
     import datasets
 
     path = Path(source)
     try:
-        if path.suffix.lower() in LOCAL_BUILDERS or path.exists():
+        if path.is_dir():  # a folder of data files; splits from their names (train.jsonl, validation.jsonl)
+            loaded = datasets.load_dataset(str(path))
+        elif path.suffix.lower() in LOCAL_BUILDERS or path.exists():
             if not path.is_file():
                 raise UserError(f"dataset {source} does not exist; give a csv, json, jsonl or parquet file")
             builder = LOCAL_BUILDERS.get(path.suffix.lower())
@@ -76,6 +78,8 @@ def load_dataset_any(source: str, split: str | None = None):
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable input
+        if "corresponds to no data" in str(exc):  # datasets' words for a file with a header and no row
+            raise UserError(f"dataset {source} has no records; give a file with at least one record") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read dataset {source!r} ({first}); give a readable local file or dataset name") from exc
     if split is not None:

@@ -60,25 +60,36 @@ def _train_tokenizer(texts: list[str]):
 
 
 @pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory, demo_dir: Path) -> Path:
-    """A saved tiny LLaMA (2 layers, 176 neurons each) with a BPE tokenizer and chat template."""
+def tiny_tokenizer(demo_dir: Path):
+    """A byte-level BPE tokenizer trained on the demo data, with a ChatML template."""
     import json
 
     texts = []
     for line in (demo_dir / "data.jsonl").read_text().splitlines():
         record = json.loads(line)
         texts += [record["question"], record["answer"]]
-    tokenizer = _train_tokenizer(texts)
-    folder = tmp_path_factory.mktemp("tiny-llama")
+    return _train_tokenizer(texts)
+
+
+def _save_tiny_lm(model_type: str, folder: Path, tokenizer) -> Path:
     torch.manual_seed(0)
-    model = tiny_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=128,
-    )
+    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if model_type == "gpt2":
+        model = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=128, **ids)
+    else:
+        model = tiny_model(model_type, vocab_size=len(tokenizer), max_position_embeddings=128, **ids)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny LLaMA (2 layers, 176 neurons each) with its tokenizer and chat template."""
+    return _save_tiny_lm("llama", tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A saved tiny GPT-2 (Conv1D layers, 2 layers x 256 neurons) with the same tokenizer."""
+    return _save_tiny_lm("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tiny_tokenizer)

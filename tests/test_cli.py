@@ -60,3 +60,18 @@ def test_both_flag_spellings_are_accepted(tmp_path: Path) -> None:
         result = runner.invoke(train_app, ["--dataset-name-or-path", "x.csv", "--output-dir", str(tmp_path),
                                            spelling, "key"])
         assert result.exit_code == 2 and "--mask-mode given without --mask-file" in result.output
+
+
+def test_console_scripts_are_installed_and_fnsft_is_fn_train() -> None:
+    import os
+    import shutil
+    import subprocess
+
+    for script in ("fn-analyze", "fn-train", "fnsft"):
+        assert shutil.which(script), f"{script} is not installed: pip install -e ."
+    wide = {**os.environ, "COLUMNS": "250"}
+    helps = [subprocess.run([name, "--help"], capture_output=True, text=True, check=True, env=wide).stdout
+             for name in ("fn-train", "fnsft")]
+    same = [" ".join(text.replace("fn-train", "fnsft").split()) for text in helps]
+    assert same[0] == same[1]
+    assert all(flag in helps[0] for flag in ("--model_name_or_path", "--mask-file", "--max_grad_norm", "--no_peft"))

@@ -124,3 +124,20 @@ def test_failure_mid_run_leaves_no_hook_and_no_manifest(
     assert list((tmp_path / "a").glob("*.h5")) == []  # the unfinished shard keeps its .partial name
     with pytest.raises(UserError, match="unfinished shard"):
         open_activations(tmp_path / "a")
+
+
+def test_gpt2_conv1d_model_is_collected_and_trained_with_a_mask(tiny_gpt2_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+    from fn_analyze.ica import IcaConfig, run_ica
+    from fn_train.config import TrainConfig
+    from fn_train.trainer import train
+
+    manifest = collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts",
+                                     model=str(tiny_gpt2_dir), max_tokens=400))
+    assert manifest["model"]["model_type"] == "gpt2" and manifest["model"]["intermediate_size"] == 256
+    mask = run_ica(IcaConfig(activations=tmp_path / "acts", out=tmp_path / "m.json", n_components=4, restarts=1,
+                             register=False))
+    assert mask.networks
+    train(TrainConfig(dataset_name_or_path=str(demo_dir / "train.csv"), output_dir=tmp_path / "ft",
+                      model_name_or_path=str(tiny_gpt2_dir), mask_file=tmp_path / "m.json", max_steps=1,
+                      max_seq_length=48, device="cpu"))
+    assert (tmp_path / "ft" / "fn_mask.json").is_file()
