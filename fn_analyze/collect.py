@@ -110,6 +110,9 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     records = dataset[split]
     fmt = detect_format(records.column_names, config.data_format, source=f"dataset {config.dataset}")
     tokenizer = load_tokenizer(config.model)
+    # Right padding keeps every real token at its true position (models derive positions
+    # from the cache position, not the attention mask, so left padding would shift them).
+    tokenizer.padding_side = "right"
     template = resolve_template(config.template_format, tokenizer)
     texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
 

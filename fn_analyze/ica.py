@@ -168,11 +168,10 @@ def unmix(maps: np.ndarray, seed: int, restarts: int, max_iter: int, tol: float)
 
 def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) -> list[np.ndarray]:
     """Column indices of each map's network: z >= threshold, or above the map's percentile."""
-    selected = []
-    for j in range(z.shape[1]):
-        cut = np.percentile(z[:, j], percentile) if percentile is not None else threshold
-        selected.append(np.flatnonzero(z[:, j] >= cut) if percentile is None else np.flatnonzero(z[:, j] > cut))
-    return selected
+    if percentile is None:
+        return [np.flatnonzero(z[:, j] >= threshold) for j in range(z.shape[1])]
+    cuts = np.percentile(z, percentile, axis=0)
+    return [np.flatnonzero(z[:, j] > cuts[j]) for j in range(z.shape[1])]
 
 
 def _check_components(acts: Activations, k: int) -> None:
