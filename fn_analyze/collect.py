@@ -119,8 +119,8 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     model = load_causal_lm(config.model, dtype, device)
-    info = model_info(model, name=config.model)
     projections = find_down_projections(model)
+    info = model_info(model, config.model, projections)
     layers = parse_layers(config.layers, len(projections))
     n_columns = len(layers) * info.intermediate_size
     row_bytes = n_columns * 2

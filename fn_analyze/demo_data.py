@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from shared.errors import UserError
+
 FAMILIES: tuple[str, ...] = ("facts", "arithmetic", "sentiment", "continuation")
 
 
@@ -226,12 +228,12 @@ def _check(n: int, families: tuple[str, ...]) -> tuple[str, ...]:
     families = tuple(families)
     allowed = ", ".join(FAMILIES)
     if not families:
-        raise ValueError(f"no task families given; use one or more of {allowed}")
+        raise UserError(f"no task families given; use one or more of {allowed}")
     for family in families:
         if family not in _GENERATORS:
-            raise ValueError(f"unknown task family {family!r}; use one or more of {allowed}")
+            raise UserError(f"unknown task family {family!r}; use one or more of {allowed}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of examples must be an integer >= 1, got {n!r}")
+        raise UserError(f"number of examples must be an integer >= 1, got {n!r}")
     return families
 
 
@@ -265,7 +267,7 @@ def _generate(
             if qa is not None:
                 break
         if qa is None:
-            raise ValueError(f"cannot generate {n} examples that avoid {len(exclude)} excluded questions")
+            raise UserError(f"cannot generate {n} examples that avoid {len(exclude)} excluded questions")
         seen.add(qa.question)
         out.append(qa)
     return out

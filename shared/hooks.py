@@ -98,15 +98,16 @@ def resolve_mask(
     """Load (if a path), check against `model`, select networks and build per-layer vectors."""
     if not isinstance(mask, MaskFile):
         mask = load_mask_file(Path(mask))
-    target = model_info(model, name=str(getattr(getattr(model, "config", None), "name_or_path", "model")))
-    check_compatible(mask, target)
+    projections = find_down_projections(model)
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "model"))
+    check_compatible(mask, model_info(model, name, projections))
     layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
     if layer_masks.fully_closed_layers:
         log.warning(
             "complement mask: no selected neuron in layer(s) %s; their MLP output is zero",
             ",".join(str(layer) for layer in layer_masks.fully_closed_layers),
         )
-    return find_down_projections(model), layer_masks
+    return projections, layer_masks
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.arch import config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
+from shared.arch import DownProjection, config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
 from shared.constants import CACHE_DIR_ENV, EMBEDDED_MODEL_GGUF, EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE
 from shared.errors import UserError
 
@@ -37,14 +37,15 @@ class ModelInfo:
         return asdict(self)
 
 
-def architecture_fingerprint(model: nn.Module) -> str:
-    """A hash of what decides whether a mask fits: model type, sizes, vocabulary.
+def model_info(model: nn.Module, name: str, projections: list[DownProjection] | None = None) -> ModelInfo:
+    """What a mask file records of `model`, with a fingerprint of its architecture.
 
+    The fingerprint hashes what decides whether a mask fits: model type, sizes, vocabulary.
     Weights are left out on purpose: a mask made on a base model is meant to be applied
     to its fine-tuned descendants, which share the architecture.
     """
     config = config_of(model)
-    projections = find_down_projections(model)
+    projections = projections if projections is not None else find_down_projections(model)
     described = {
         "model_type": config.model_type,
         "n_layers": num_layers(config),
@@ -54,19 +55,13 @@ def architecture_fingerprint(model: nn.Module) -> str:
         "num_attention_heads": getattr(config, "num_attention_heads", getattr(config, "n_head", None)),
     }
     digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
-    return f"sha256:{digest[:16]}"
-
-
-def model_info(model: nn.Module, name: str) -> ModelInfo:
-    config = config_of(model)
-    projections = find_down_projections(model)
     return ModelInfo(
         name=name,
         model_type=config.model_type,
         n_layers=len(projections),
-        intermediate_size=intermediate_size_of(projections),
+        intermediate_size=described["intermediate_size"],
         hidden_size=projections[0].out_features,
-        fingerprint=architecture_fingerprint(model),
+        fingerprint=f"sha256:{digest[:16]}",
     )
 
 

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from fn_analyze.demo_data import FAMILIES, QA, generate, write_demo_data
+from shared.errors import UserError
 
 ARITHMETIC = re.compile(r"^What is (\d+) (plus|minus|times) (\d+)\?$")
 
@@ -102,10 +103,10 @@ def test_continuation_examples():
 
 
 def test_unknown_family_and_bad_n_raise():
-    with pytest.raises(ValueError, match="poetry") as info:
+    with pytest.raises(UserError, match="poetry") as info:
         generate(5, families=("facts", "poetry"))
     assert "arithmetic" in str(info.value)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         generate(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         generate(-3)
