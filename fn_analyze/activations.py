@@ -63,7 +63,11 @@ class ShardWriter:
         self._file = h5py.File(str(self._path) + PARTIAL_SUFFIX, "w")
         chunk = (min(CHUNK_ROWS, self.rows_per_shard), self.n_columns)
         self._file.create_dataset(
-            ACTIVATIONS_DATASET, shape=(0, self.n_columns), maxshape=(None, self.n_columns), dtype="float16", chunks=chunk
+            ACTIVATIONS_DATASET,
+            shape=(0, self.n_columns),
+            maxshape=(None, self.n_columns),
+            dtype="float16",
+            chunks=chunk,
         )
         for key, dtype in ((TOKEN_IDS_DATASET, "int32"), (SEQUENCE_DATASET, "int64"), (POSITION_DATASET, "int32")):
             self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),))
@@ -173,7 +177,8 @@ def open_activations(folder: Path) -> Activations:
         partial = sorted(p.name for p in folder.glob(SHARD_GLOB + PARTIAL_SUFFIX))
         hint = f" (it holds an unfinished shard {partial[0]})" if partial else ""
         raise UserError(
-            f"activations folder {folder} has no {MANIFEST_NAME}{hint}; run `fn-analyze collect --out {folder}` to finish it"
+            f"activations folder {folder} has no {MANIFEST_NAME}{hint}; "
+            f"run `fn-analyze collect --out {folder}` (again) to write it"
         )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -22,7 +22,9 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v", help="Log progress details.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v", help="Log progress details.")] = False,
+) -> None:
     setup_logging(verbose)
 
 
@@ -33,7 +35,9 @@ def collect_command(
     out: Annotated[Path, typer.Option(help="Activations folder to write (new or empty).")],
     model: Annotated[str, typer.Option(help="HF name, local path, or the embedded model.")] = EMBEDDED_MODEL_NAME,
     split: Annotated[Optional[str], typer.Option(help="Dataset split (default: train, else the first).")] = None,
-    data_format: Annotated[str, typer.Option(help="auto|qa|alpaca|prompt_completion|prompt_response|messages|text")] = "auto",
+    data_format: Annotated[
+        str, typer.Option(help="auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+    ] = "auto",
     template_format: Annotated[str, typer.Option(help="auto|chat|alpaca|plain, as fn-train renders.")] = "auto",
     layers: Annotated[Optional[str], typer.Option(help="Layers to record, e.g. 0,2:5,8 (default all).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Stop after this many tokens.")] = None,
@@ -42,7 +46,9 @@ def collect_command(
     dtype: Annotated[str, typer.Option(help="auto|float32|float16|bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
     shard_size_mb: Annotated[int, typer.Option(help="Size of one HDF5 shard.")] = 512,
-    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace activations already in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="Replace activations already in --out.")
+    ] = False,
 ) -> None:
     """Record the input of every MLP down-projection for each real token, to float16 HDF5 shards."""
     params = dict(locals())
@@ -55,16 +61,31 @@ def collect_command(
 @user_errors_exit
 def ica_command(
     activations: Annotated[Path, typer.Option(help="Folder written by `fn-analyze collect`.")],
-    out: Annotated[Optional[Path], typer.Option(help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json).")
+    ] = None,
     n_components: Annotated[int, typer.Option(help="Independent components (networks) to find.")] = 20,
     threshold: Annotated[float, typer.Option(help="z-score a neuron needs in a map to join its network.")] = 3.0,
-    percentile: Annotated[Optional[float], typer.Option(help="Instead of --threshold: keep neurons above this percentile of each map.")] = None,
-    standardize: Annotated[bool, typer.Option("--standardize/--no-standardize", help="Scale neurons to unit variance first (off: centered only).")] = False,
+    percentile: Annotated[
+        Optional[float], typer.Option(help="Instead of --threshold: keep neurons above this percentile of each map.")
+    ] = None,
+    standardize: Annotated[
+        bool,
+        typer.Option(
+            "--standardize/--no-standardize", help="Scale neurons to unit variance first (off: centered only)."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the reduction and the first ICA restart.")] = 0,
-    restarts: Annotated[int, typer.Option(help="Seeded FastICA restarts; the sparsest run is kept, the others give stability.")] = 5,
+    restarts: Annotated[
+        int, typer.Option(help="Seeded FastICA restarts; the sparsest run is kept, the others give stability.")
+    ] = 5,
     power_iterations: Annotated[int, typer.Option(help="Subspace iterations of the randomized reduction.")] = 2,
-    register: Annotated[bool, typer.Option("--register/--no-register", help="Add the file to its folder's index.json.")] = True,
-    overwrite: Annotated[bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing mask file.")] = False,
+    register: Annotated[
+        bool, typer.Option("--register/--no-register", help="Add the file to its folder's index.json.")
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite/--no-overwrite", help="Replace an existing mask file.")
+    ] = False,
 ) -> None:
     """Find networks by spatial ICA over all captured neurons and write a mask file."""
     params = dict(locals())

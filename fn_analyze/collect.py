@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -79,9 +78,11 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the activations")
     if out.exists():
-        ours = {MANIFEST_NAME} | {p.name for p in out.glob(SHARD_GLOB)} | {
-            p.name for p in out.glob(SHARD_GLOB + PARTIAL_SUFFIX)
-        }
+        ours = (
+            {MANIFEST_NAME}
+            | {p.name for p in out.glob(SHARD_GLOB)}
+            | {p.name for p in out.glob(SHARD_GLOB + PARTIAL_SUFFIX)}
+        )
         foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
         if foreign:
             raise UserError(f"--out {out} exists and holds {foreign[0]}, which is not ours; give a new or empty folder")

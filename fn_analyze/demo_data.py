@@ -16,9 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from shared.errors import UserError
 
@@ -35,37 +35,115 @@ class QA:
 # ---------------------------------------------------------------------------- facts
 
 CAPITALS: dict[str, str] = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "Canada": "Ottawa", "Australia": "Canberra",
-    "Brazil": "Brasilia", "India": "New Delhi", "Mexico": "Mexico City", "the United Kingdom": "London",
-    "Ireland": "Dublin", "Portugal": "Lisbon", "Greece": "Athens", "Norway": "Oslo", "Sweden": "Stockholm",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Poland": "Warsaw", "Austria": "Vienna",
-    "the Netherlands": "Amsterdam", "Belgium": "Brussels", "Turkey": "Ankara", "Argentina": "Buenos Aires",
-    "Kenya": "Nairobi", "South Korea": "Seoul", "Thailand": "Bangkok", "Peru": "Lima",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Russia": "Moscow",
+    "Egypt": "Cairo",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Brazil": "Brasilia",
+    "India": "New Delhi",
+    "Mexico": "Mexico City",
+    "the United Kingdom": "London",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Greece": "Athens",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "the Netherlands": "Amsterdam",
+    "Belgium": "Brussels",
+    "Turkey": "Ankara",
+    "Argentina": "Buenos Aires",
+    "Kenya": "Nairobi",
+    "South Korea": "Seoul",
+    "Thailand": "Bangkok",
+    "Peru": "Lima",
 }
 COLOURS: dict[str, str] = {
-    "grass": "green", "snow": "white", "the sky on a clear day": "blue", "a ripe banana": "yellow",
-    "coal": "black", "blood": "red", "a lemon": "yellow", "chocolate": "brown", "a carrot": "orange",
-    "a ripe tomato": "red", "milk": "white", "a frog": "green",
+    "grass": "green",
+    "snow": "white",
+    "the sky on a clear day": "blue",
+    "a ripe banana": "yellow",
+    "coal": "black",
+    "blood": "red",
+    "a lemon": "yellow",
+    "chocolate": "brown",
+    "a carrot": "orange",
+    "a ripe tomato": "red",
+    "milk": "white",
+    "a frog": "green",
 }
 SOUNDS: dict[str, str] = {
-    "a cow": "moo", "a dog": "woof", "a cat": "meow", "a sheep": "baa", "a duck": "quack", "a pig": "oink",
-    "a horse": "neigh", "an owl": "hoot", "a lion": "roar", "a snake": "hiss", "a bee": "buzz",
+    "a cow": "moo",
+    "a dog": "woof",
+    "a cat": "meow",
+    "a sheep": "baa",
+    "a duck": "quack",
+    "a pig": "oink",
+    "a horse": "neigh",
+    "an owl": "hoot",
+    "a lion": "roar",
+    "a snake": "hiss",
+    "a bee": "buzz",
 }
 LEGS: dict[str, str] = {
-    "a dog": "4", "a spider": "8", "a bird": "2", "an ant": "6", "a cat": "4", "a chicken": "2",
-    "a horse": "4", "a beetle": "6", "a person": "2", "a cow": "4", "a fly": "6", "a duck": "2",
+    "a dog": "4",
+    "a spider": "8",
+    "a bird": "2",
+    "an ant": "6",
+    "a cat": "4",
+    "a chicken": "2",
+    "a horse": "4",
+    "a beetle": "6",
+    "a person": "2",
+    "a cow": "4",
+    "a fly": "6",
+    "a duck": "2",
 }
 OPPOSITES: dict[str, str] = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "happy": "sad", "light": "dark",
-    "open": "closed", "early": "late", "full": "empty", "old": "young", "hard": "soft", "wet": "dry",
-    "loud": "quiet", "rich": "poor", "tall": "short", "strong": "weak", "good": "bad", "day": "night",
-    "inside": "outside", "win": "lose",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "happy": "sad",
+    "light": "dark",
+    "open": "closed",
+    "early": "late",
+    "full": "empty",
+    "old": "young",
+    "hard": "soft",
+    "wet": "dry",
+    "loud": "quiet",
+    "rich": "poor",
+    "tall": "short",
+    "strong": "weak",
+    "good": "bad",
+    "day": "night",
+    "inside": "outside",
+    "win": "lose",
 }
 DAYS: tuple[str, ...] = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 MONTHS: tuple[str, ...] = (
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 )
 
 
@@ -119,19 +197,68 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- sentiment
 
 MOVIE_NOUNS: tuple[str, ...] = ("movie", "film", "sequel", "documentary", "show", "series")
-PRODUCT_NOUNS: tuple[str, ...] = ("phone", "blender", "laptop", "vacuum cleaner", "coffee maker", "toaster",
-                                  "keyboard", "backpack", "kettle", "printer")
-ASPECTS: tuple[str, ...] = ("The acting", "The plot", "The soundtrack", "The ending", "The battery life",
-                            "The build quality", "The customer service", "The screen")
-POSITIVE: tuple[str, ...] = ("wonderful", "fantastic", "excellent", "brilliant", "delightful", "superb",
-                             "amazing", "lovely", "great", "charming", "impressive")
-NEGATIVE: tuple[str, ...] = ("terrible", "awful", "boring", "disappointing", "dreadful", "horrible", "dull",
-                             "poor", "frustrating", "useless")
+PRODUCT_NOUNS: tuple[str, ...] = (
+    "phone",
+    "blender",
+    "laptop",
+    "vacuum cleaner",
+    "coffee maker",
+    "toaster",
+    "keyboard",
+    "backpack",
+    "kettle",
+    "printer",
+)
+ASPECTS: tuple[str, ...] = (
+    "The acting",
+    "The plot",
+    "The soundtrack",
+    "The ending",
+    "The battery life",
+    "The build quality",
+    "The customer service",
+    "The screen",
+)
+POSITIVE: tuple[str, ...] = (
+    "wonderful",
+    "fantastic",
+    "excellent",
+    "brilliant",
+    "delightful",
+    "superb",
+    "amazing",
+    "lovely",
+    "great",
+    "charming",
+    "impressive",
+)
+NEGATIVE: tuple[str, ...] = (
+    "terrible",
+    "awful",
+    "boring",
+    "disappointing",
+    "dreadful",
+    "horrible",
+    "dull",
+    "poor",
+    "frustrating",
+    "useless",
+)
 INTENSIFIERS: tuple[str, ...] = ("", "really ", "truly ", "absolutely ", "quite ")
-POSITIVE_TAILS: tuple[str, ...] = ("Highly recommended.", "Five stars from me.", "Worth every penny.",
-                                   "I would do it again in a heartbeat.", "I loved every minute of it.")
-NEGATIVE_TAILS: tuple[str, ...] = ("I want my money back.", "One star.", "Avoid it.", "What a waste of money.",
-                                   "Never again.")
+POSITIVE_TAILS: tuple[str, ...] = (
+    "Highly recommended.",
+    "Five stars from me.",
+    "Worth every penny.",
+    "I would do it again in a heartbeat.",
+    "I loved every minute of it.",
+)
+NEGATIVE_TAILS: tuple[str, ...] = (
+    "I want my money back.",
+    "One star.",
+    "Avoid it.",
+    "What a waste of money.",
+    "Never again.",
+)
 SARCASM_MOVIE: tuple[str, ...] = (
     "Oh great, another two hours of my life I will never get back.",
     "Brilliant, I fell asleep twice during this {noun}.",
@@ -178,8 +305,26 @@ def _sentiment(rng: random.Random) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- continuation
 
 NUMBER_WORDS: tuple[str, ...] = (
-    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 )
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CONTINUATION_PROMPTS: tuple[str, ...] = ("Continue the sequence: ", "What comes next? ")
@@ -250,9 +395,7 @@ def _draw(family: str, rng: random.Random, tries: int, seen: set[str], exclude: 
     return fallback
 
 
-def _generate(
-    n: int, rng: random.Random, families: tuple[str, ...], exclude: frozenset[str] = frozenset()
-) -> list[QA]:
+def _generate(n: int, rng: random.Random, families: tuple[str, ...], exclude: frozenset[str] = frozenset()) -> list[QA]:
     families = _check(n, families)
     seen: set[str] = set()
     exhausted: set[str] = set()

@@ -16,7 +16,6 @@ import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from sklearn.decomposition import FastICA
@@ -96,7 +95,9 @@ def neuron_moments(acts: Activations) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(var)
 
 
-def reduce(acts: Activations, k: int, standardize: bool, seed: int, power_iterations: int, oversample: int) -> Reduction:
+def reduce(
+    acts: Activations, k: int, standardize: bool, seed: int, power_iterations: int, oversample: int
+) -> Reduction:
     """Randomized subspace iteration on C = X_c^T X_c, one pass over the shards per product."""
     mean, std = neuron_moments(acts)
     # Dead neurons (zero variance) keep scale 1 so they stay zero instead of dividing by zero.

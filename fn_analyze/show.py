@@ -27,7 +27,11 @@ def describe(mask: MaskFile) -> str:
         f"fingerprint {model.fingerprint})",
         f"made by: {mask.created_by}; {mask.source.get('method', '?')} on {acts.get('n_tokens', '?')} tokens, "
         f"{ica.get('n_components', '?')} components, threshold "
-        + (f"percentile {ica['percentile']}" if ica.get("percentile") is not None else f"z >= {ica.get('threshold', '?')}"),
+        + (
+            f"percentile {ica['percentile']}"
+            if ica.get("percentile") is not None
+            else f"z >= {ica.get('threshold', '?')}"
+        ),
         f"{len(mask.networks)} networks; per-layer profile: one column per layer, 0 to {model.n_layers - 1}",
         "",
         f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {'stab.':>5}  profile",

@@ -33,12 +33,20 @@ def switch(on: str, off: str, help: str) -> typer.models.OptionInfo:
 
 
 def run(
-    dataset_name_or_path: Annotated[str, flag("dataset_name_or_path", "csv/json/jsonl/parquet file or HF dataset name.")],
+    dataset_name_or_path: Annotated[
+        str, flag("dataset_name_or_path", "csv/json/jsonl/parquet file or HF dataset name.")
+    ],
     output_dir: Annotated[Path, flag("output_dir", "Where the adapter/model, fn_mask.json and checkpoints go.")],
-    model_name_or_path: Annotated[str, flag("model_name_or_path", "HF name, local path, or the embedded model.")] = EMBEDDED_MODEL_NAME,
-    data_format: Annotated[str, flag("data_format", "auto|qa|alpaca|prompt_completion|prompt_response|messages|text")] = "auto",
+    model_name_or_path: Annotated[
+        str, flag("model_name_or_path", "HF name, local path, or the embedded model.")
+    ] = EMBEDDED_MODEL_NAME,
+    data_format: Annotated[
+        str, flag("data_format", "auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+    ] = "auto",
     template_format: Annotated[str, flag("template_format", "auto|chat|alpaca|plain")] = "auto",
-    validation_split: Annotated[float, flag("validation_split", "Share held out for evaluation when the data has no validation split.")] = 0.0,
+    validation_split: Annotated[
+        float, flag("validation_split", "Share held out for evaluation when the data has no validation split.")
+    ] = 0.0,
     max_seq_length: Annotated[int, flag("max_seq_length", "Truncate examples to this many tokens.")] = 512,
     num_train_epochs: Annotated[float, flag("num_train_epochs", "Epochs over the training set.")] = 1.0,
     max_steps: Annotated[int, flag("max_steps", "If > 0, stop after this many steps.")] = -1,
@@ -58,9 +66,13 @@ def run(
     lora_r: Annotated[int, flag("lora_r", "LoRA rank.")] = 16,
     lora_alpha: Annotated[int, flag("lora_alpha", "LoRA alpha.")] = 32,
     lora_dropout: Annotated[float, flag("lora_dropout", "LoRA dropout.")] = 0.05,
-    lora_target_modules: Annotated[str, flag("lora_target_modules", "all-linear or comma-separated module names.")] = "all-linear",
+    lora_target_modules: Annotated[
+        str, flag("lora_target_modules", "all-linear or comma-separated module names.")
+    ] = "all-linear",
     mask_file: Annotated[Optional[Path], flag("mask_file", "Mask file written by `fn-analyze ica`.")] = None,
-    mask_mode: Annotated[Optional[str], flag("mask_mode", "key: switch the networks off; complement: keep only them.")] = None,
+    mask_mode: Annotated[
+        Optional[str], flag("mask_mode", "key: switch the networks off; complement: keep only them.")
+    ] = None,
     networks: Annotated[Optional[str], flag("networks", "Network ids, e.g. 0,3,5-7 (default all).")] = None,
     report_to: Annotated[str, flag("report_to", "none, wandb, tensorboard, ...")] = "none",
     verbose: Annotated[bool, switch("verbose", "quiet", "Log progress details.")] = False,

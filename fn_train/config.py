@@ -56,8 +56,15 @@ class TrainConfig:
             raise UserError(f"--mask-mode {self.mask_mode!r} is unknown; use key or complement")
         if not 0.0 <= self.validation_split < 1.0:
             raise UserError(f"--validation_split must lie in [0, 1), got {self.validation_split}")
-        for name in ("max_seq_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps", "lora_r"):
+        for name in (
+            "max_seq_length",
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+            "lora_r",
+        ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.eval_steps is not None and self.eval_steps < 1:

@@ -109,7 +109,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     trainer = build_trainer(config, mask)
     masking = contextlib.nullcontext(None)
     if mask is not None:
-        projections, layer_masks = resolve_mask(trainer.model, mask, parse_network_ids(config.networks), config.mask_mode)
+        projections, layer_masks = resolve_mask(
+            trainer.model, mask, parse_network_ids(config.networks), config.mask_mode
+        )
         masking = masked_down_projections(projections, layer_masks)
         zero_lora_columns_of_masked_neurons(projections, layer_masks)
         closed = layer_masks.fully_closed_layers
@@ -140,4 +142,3 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
     print(f"fn-train: saved {'adapter' if config.use_peft else 'model'} to {config.output_dir}")
     return metrics
-

@@ -81,7 +81,9 @@ def load_dataset_any(source: str, split: str | None = None):
         if "corresponds to no data" in str(exc):  # datasets' words for a file with a header and no row
             raise UserError(f"dataset {source} has no records; give a file with at least one record") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read dataset {source!r} ({first}); give a readable local file or dataset name") from exc
+        raise UserError(
+            f"cannot read dataset {source!r} ({first}); give a readable local file or dataset name"
+        ) from exc
     if split is not None:
         if split not in loaded:
             raise UserError(f"dataset {source!r} has no split {split!r} (splits: {', '.join(loaded)})")

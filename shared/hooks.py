@@ -64,9 +64,7 @@ def _mask_hook(vector: torch.Tensor) -> PreHook:
 
 
 @contextmanager
-def masked_down_projections(
-    projections: list[DownProjection], layer_masks: LayerMasks
-) -> Iterator[LayerMasks]:
+def masked_down_projections(projections: list[DownProjection], layer_masks: LayerMasks) -> Iterator[LayerMasks]:
     """Multiply each down-projection's input by its layer's 0/1 vector while the block runs."""
     by_layer = {p.layer: p for p in projections}
     hooks = [(by_layer[layer].module, _mask_hook(vector)) for layer, vector in layer_masks.vectors.items()]

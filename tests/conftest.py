@@ -73,7 +73,9 @@ def tiny_tokenizer(demo_dir: Path):
 
 def _save_tiny_lm(model_type: str, folder: Path, tokenizer) -> Path:
     torch.manual_seed(0)
-    ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     if model_type == "gpt2":
         model = tiny_model("gpt2", vocab_size=len(tokenizer), n_positions=128, **ids)
     else:

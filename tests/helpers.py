@@ -27,7 +27,9 @@ def write_mask(model: nn.Module, networks: dict[int, dict[int, list[int]]], path
     return path
 
 
-def write_activations(folder: Path, matrix, layers: list[int], intermediate_size: int, rows_per_shard: int = 1000) -> Path:
+def write_activations(
+    folder: Path, matrix, layers: list[int], intermediate_size: int, rows_per_shard: int = 1000
+) -> Path:
     """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it."""
     import numpy as np
 

@@ -71,7 +71,7 @@ def test_sees_through_lora_wrappers(model_type: str) -> None:
     assert len(projections) == N_LAYERS
     assert [p.layer for p in projections] == list(range(N_LAYERS))
     modules = dict(peft_model.named_modules())
-    for p, expected in zip(projections, _expected_names(model_type)):
+    for p, expected in zip(projections, _expected_names(model_type), strict=True):
         assert p.name.endswith("." + expected), (p.name, expected)
         assert p.module is modules[p.name]
         assert hasattr(p.module, "base_layer") and hasattr(p.module, "lora_A")
@@ -93,7 +93,7 @@ def test_structural_fallback_finds_mlp_down_proj(monkeypatch: pytest.MonkeyPatch
     projections = find_down_projections(model)
 
     assert len(projections) == N_LAYERS
-    for p, expected in zip(projections, _expected_names("llama")):
+    for p, expected in zip(projections, _expected_names("llama"), strict=True):
         assert p.name == expected or p.name.endswith("." + expected), (p.name, expected)
         assert "o_proj" not in p.name
         assert (p.in_features, p.out_features, p.orientation) == (176, 64, "linear")

@@ -20,23 +20,78 @@ def _ok(result) -> str:
 
 def test_collect_ica_show_train_end_to_end(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
     acts, masks, out = tmp_path / "acts", tmp_path / "mask_artifacts", tmp_path / "ft"
-    _ok(runner.invoke(analyze_app, ["collect", "--model", str(tiny_lm_dir), "--dataset", str(demo_dir / "data.jsonl"),
-                                    "--out", str(acts), "--max-length", "64"]))
+    _ok(
+        runner.invoke(
+            analyze_app,
+            [
+                "collect",
+                "--model",
+                str(tiny_lm_dir),
+                "--dataset",
+                str(demo_dir / "data.jsonl"),
+                "--out",
+                str(acts),
+                "--max-length",
+                "64",
+            ],
+        )
+    )
     assert (acts / "manifest.json").is_file()
-    shown = _ok(runner.invoke(analyze_app, ["ica", "--activations", str(acts), "--n-components", "6",
-                                            "--restarts", "2", "--out", str(masks / "tiny.json")]))
+    shown = _ok(
+        runner.invoke(
+            analyze_app,
+            [
+                "ica",
+                "--activations",
+                str(acts),
+                "--n-components",
+                "6",
+                "--restarts",
+                "2",
+                "--out",
+                str(masks / "tiny.json"),
+            ],
+        )
+    )
     assert "networks covering" in shown
     index = json.loads((masks / "index.json").read_text())
     assert [entry["file"] for entry in index["masks"]] == ["tiny.json"]
     table = _ok(runner.invoke(analyze_app, ["show", str(masks / "tiny.json")]))
     assert "union:" in table and "profile" in table
 
-    _ok(runner.invoke(train_app, [
-        "--model_name_or_path", str(tiny_lm_dir), "--dataset_name_or_path", str(demo_dir / "train.csv"),
-        "--output_dir", str(out), "--mask-file", str(masks / "tiny.json"), "--mask-mode", "key",
-        "--networks", "0,1", "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_seq_length", "64",
-        "--validation_split", "0.25", "--eval_steps", "1", "--logging_steps", "1", "--device", "cpu",
-    ]))
+    _ok(
+        runner.invoke(
+            train_app,
+            [
+                "--model_name_or_path",
+                str(tiny_lm_dir),
+                "--dataset_name_or_path",
+                str(demo_dir / "train.csv"),
+                "--output_dir",
+                str(out),
+                "--mask-file",
+                str(masks / "tiny.json"),
+                "--mask-mode",
+                "key",
+                "--networks",
+                "0,1",
+                "--max_steps",
+                "2",
+                "--per_device_train_batch_size",
+                "4",
+                "--max_seq_length",
+                "64",
+                "--validation_split",
+                "0.25",
+                "--eval_steps",
+                "1",
+                "--logging_steps",
+                "1",
+                "--device",
+                "cpu",
+            ],
+        )
+    )
     saved = json.loads((out / "fn_mask.json").read_text())
     assert saved["mode"] == "key" and saved["networks"] == [0, 1]
     assert (out / "adapter_model.safetensors").is_file()
@@ -44,8 +99,9 @@ def test_collect_ica_show_train_end_to_end(tiny_lm_dir: Path, demo_dir: Path, tm
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
-    result = runner.invoke(train_app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(tmp_path / "o"),
-                                       "--mask-mode", "key"])
+    result = runner.invoke(
+        train_app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(tmp_path / "o"), "--mask-mode", "key"]
+    )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == ["error: --mask-mode given without --mask-file; add --mask-file or drop --mask-mode"]
@@ -57,8 +113,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
 
 def test_both_flag_spellings_are_accepted(tmp_path: Path) -> None:
     for spelling in ("--mask_mode", "--mask-mode"):
-        result = runner.invoke(train_app, ["--dataset-name-or-path", "x.csv", "--output-dir", str(tmp_path),
-                                           spelling, "key"])
+        result = runner.invoke(
+            train_app, ["--dataset-name-or-path", "x.csv", "--output-dir", str(tmp_path), spelling, "key"]
+        )
         assert result.exit_code == 2 and "--mask-mode given without --mask-file" in result.output
 
 
@@ -70,8 +127,10 @@ def test_console_scripts_are_installed_and_fnsft_is_fn_train() -> None:
     for script in ("fn-analyze", "fn-train", "fnsft"):
         assert shutil.which(script), f"{script} is not installed: pip install -e ."
     wide = {**os.environ, "COLUMNS": "250"}
-    helps = [subprocess.run([name, "--help"], capture_output=True, text=True, check=True, env=wide).stdout
-             for name in ("fn-train", "fnsft")]
+    helps = [
+        subprocess.run([name, "--help"], capture_output=True, text=True, check=True, env=wide).stdout
+        for name in ("fn-train", "fnsft")
+    ]
     same = [" ".join(text.replace("fn-train", "fnsft").split()) for text in helps]
     assert same[0] == same[1]
     assert all(flag in helps[0] for flag in ("--model_name_or_path", "--mask-file", "--max_grad_norm", "--no_peft"))

@@ -40,11 +40,19 @@ def _texts(tiny_lm_dir: Path, data: Path) -> list[str]:
     return [render_text(to_example(r, fmt), resolve_template("auto", tokenizer), tokenizer) for r in records]
 
 
-def test_collect_records_every_real_token_exactly(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, loaded_models) -> None:
+def test_collect_records_every_real_token_exactly(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, loaded_models
+) -> None:
     out = tmp_path / "acts"
     manifest = collect(
-        CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=out, model=str(tiny_lm_dir), batch_size=4,
-                      max_length=48, shard_size_mb=1)
+        CollectConfig(
+            dataset=str(demo_dir / "data.jsonl"),
+            out=out,
+            model=str(tiny_lm_dir),
+            batch_size=4,
+            max_length=48,
+            shard_size_mb=1,
+        )
     )
     tokenizer = load_tokenizer(str(tiny_lm_dir))
     texts = _texts(tiny_lm_dir, demo_dir / "data.jsonl")
@@ -75,8 +83,9 @@ def test_collect_records_every_real_token_exactly(tiny_lm_dir: Path, demo_dir: P
 
 def test_layers_and_max_tokens(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
     manifest = collect(
-        CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "a", model=str(tiny_lm_dir),
-                      layers="1", max_tokens=100)
+        CollectConfig(
+            dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "a", model=str(tiny_lm_dir), layers="1", max_tokens=100
+        )
     )
     assert manifest["layers"] == [1] and manifest["n_tokens"] == 100
     with h5py.File(tmp_path / "a" / manifest["shards"][0]["file"], "r") as handle:
@@ -117,8 +126,11 @@ def test_failure_mid_run_leaves_no_hook_and_no_manifest(
 
     monkeypatch.setattr(ShardWriter, "write", failing)
     with pytest.raises(OSError, match="disk full"):
-        collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "a", model=str(tiny_lm_dir),
-                              batch_size=4))
+        collect(
+            CollectConfig(
+                dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "a", model=str(tiny_lm_dir), batch_size=4
+            )
+        )
     assert count_hooks(loaded_models[0]) == 0
     assert not (tmp_path / "a" / "manifest.json").exists()
     assert list((tmp_path / "a").glob("*.h5")) == []  # the unfinished shard keeps its .partial name
@@ -126,18 +138,32 @@ def test_failure_mid_run_leaves_no_hook_and_no_manifest(
         open_activations(tmp_path / "a")
 
 
-def test_gpt2_conv1d_model_is_collected_and_trained_with_a_mask(tiny_gpt2_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+def test_gpt2_conv1d_model_is_collected_and_trained_with_a_mask(
+    tiny_gpt2_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
     from fn_analyze.ica import IcaConfig, run_ica
     from fn_train.config import TrainConfig
     from fn_train.trainer import train
 
-    manifest = collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts",
-                                     model=str(tiny_gpt2_dir), max_tokens=400))
+    manifest = collect(
+        CollectConfig(
+            dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", model=str(tiny_gpt2_dir), max_tokens=400
+        )
+    )
     assert manifest["model"]["model_type"] == "gpt2" and manifest["model"]["intermediate_size"] == 256
-    mask = run_ica(IcaConfig(activations=tmp_path / "acts", out=tmp_path / "m.json", n_components=4, restarts=1,
-                             register=False))
+    mask = run_ica(
+        IcaConfig(activations=tmp_path / "acts", out=tmp_path / "m.json", n_components=4, restarts=1, register=False)
+    )
     assert mask.networks
-    train(TrainConfig(dataset_name_or_path=str(demo_dir / "train.csv"), output_dir=tmp_path / "ft",
-                      model_name_or_path=str(tiny_gpt2_dir), mask_file=tmp_path / "m.json", max_steps=1,
-                      max_seq_length=48, device="cpu"))
+    train(
+        TrainConfig(
+            dataset_name_or_path=str(demo_dir / "train.csv"),
+            output_dir=tmp_path / "ft",
+            model_name_or_path=str(tiny_gpt2_dir),
+            mask_file=tmp_path / "m.json",
+            max_steps=1,
+            max_seq_length=48,
+            device="cpu",
+        )
+    )
     assert (tmp_path / "ft" / "fn_mask.json").is_file()

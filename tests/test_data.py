@@ -48,13 +48,16 @@ def test_examples_render_per_template(tiny_lm_dir: Path) -> None:
     text = render_text(alpaca, "chat", tokenizer)
     assert text == "<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
     messages = to_example(
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, DataFormat.MESSAGES
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        DataFormat.MESSAGES,
     )
     assert messages.answer == "hello" and len(messages.messages) == 1
     assert prompt_completion(to_example({"text": "free text"}, DataFormat.TEXT), "chat") == {"text": "free text"}
 
 
-def test_validation_split_is_seeded_and_an_existing_one_is_used(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+def test_validation_split_is_seeded_and_an_existing_one_is_used(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
     tokenizer = load_tokenizer(str(tiny_lm_dir))
     train_a, eval_a, template = build_datasets(str(demo_dir / "train.csv"), "auto", "auto", tokenizer, 0.25, seed=3)
     train_b, eval_b, _ = build_datasets(str(demo_dir / "train.csv"), "auto", "auto", tokenizer, 0.25, seed=3)
@@ -65,7 +68,10 @@ def test_validation_split_is_seeded_and_an_existing_one_is_used(tiny_lm_dir: Pat
 
     folder = tmp_path / "with_validation"
     folder.mkdir()
-    for split, rows in (("train", [{"prompt": "p", "completion": "c"}] * 3), ("validation", [{"prompt": "v", "completion": "w"}])):
+    for split, rows in (
+        ("train", [{"prompt": "p", "completion": "c"}] * 3),
+        ("validation", [{"prompt": "v", "completion": "w"}]),
+    ):
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     train, evaluation, _ = build_datasets(str(folder), "auto", "plain", tokenizer, 0.5, seed=0)
     assert len(train) == 3 and train[0] == {"prompt": "p\n", "completion": "c"}

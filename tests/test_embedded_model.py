@@ -19,12 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_model_collect_ica_mask_train(demo_dir: Path, tmp_path: Path) -> None:
-    manifest = collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", max_tokens=300,
-                                     device="cpu"))
+    manifest = collect(
+        CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", max_tokens=300, device="cpu")
+    )
     assert manifest["model"]["n_layers"] == 30 and manifest["model"]["intermediate_size"] == 1536
     assert manifest["n_tokens"] == 300
-    mask = run_ica(IcaConfig(activations=tmp_path / "acts", out=tmp_path / "smol.json", n_components=8, restarts=2,
-                             register=False))
+    mask = run_ica(
+        IcaConfig(activations=tmp_path / "acts", out=tmp_path / "smol.json", n_components=8, restarts=2, register=False)
+    )
     assert mask.networks and mask.model.name == "smollm2-135m"
 
     model = load_causal_lm("smollm2-135m", torch.float32, torch.device("cpu"))
@@ -40,7 +42,16 @@ def test_embedded_model_collect_ica_mask_train(demo_dir: Path, tmp_path: Path) -
     assert not torch.equal(base, ablated)
     assert torch.equal(base, restored)  # hooks gone: the model is back
 
-    train(TrainConfig(dataset_name_or_path=str(demo_dir / "train.csv"), output_dir=tmp_path / "ft",
-                      mask_file=tmp_path / "smol.json", networks="0", max_steps=2, per_device_train_batch_size=2,
-                      max_seq_length=64, device="cpu"))
+    train(
+        TrainConfig(
+            dataset_name_or_path=str(demo_dir / "train.csv"),
+            output_dir=tmp_path / "ft",
+            mask_file=tmp_path / "smol.json",
+            networks="0",
+            max_steps=2,
+            per_device_train_batch_size=2,
+            max_seq_length=64,
+            device="cpu",
+        )
+    )
     assert json.loads((tmp_path / "ft" / "fn_mask.json").read_text())["mask"]["model"]["name"] == "smollm2-135m"

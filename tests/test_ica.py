@@ -61,7 +61,9 @@ def test_percentile_threshold_keeps_the_top_share(tmp_path: Path) -> None:
     data, _ = _planted(tokens=1500)
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH)
     mask = run_ica(
-        IcaConfig(activations=folder, out=tmp_path / "p.json", n_components=5, percentile=99.0, restarts=1, register=False)
+        IcaConfig(
+            activations=folder, out=tmp_path / "p.json", n_components=5, percentile=99.0, restarts=1, register=False
+        )
     )
     assert len(mask.networks) == 5
     assert all(network.size == 6 for network in mask.networks)  # 1% of 600 neurons
@@ -79,7 +81,9 @@ def test_standardize_option_is_recorded(tmp_path: Path) -> None:
     data, _ = _planted(tokens=800)
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH)
     mask = run_ica(
-        IcaConfig(activations=folder, out=tmp_path / "s.json", n_components=4, standardize=True, restarts=1, register=False)
+        IcaConfig(
+            activations=folder, out=tmp_path / "s.json", n_components=4, standardize=True, restarts=1, register=False
+        )
     )
     assert mask.source["ica"]["standardize"] is True
     assert mask.source["activations"]["n_tokens"] == 800

@@ -31,8 +31,16 @@ _COMMON: dict[str, Any] = dict(
 
 _PER_TYPE: dict[str, dict[str, Any]] = {
     # n_inner=None: the MLP is 4 * n_embd = 256 wide.
-    "gpt2": dict(n_embd=HIDDEN, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=None, n_positions=MAX_POSITIONS,
-                 vocab_size=VOCAB, bos_token_id=1, eos_token_id=2),
+    "gpt2": dict(
+        n_embd=HIDDEN,
+        n_layer=N_LAYERS,
+        n_head=N_HEADS,
+        n_inner=None,
+        n_positions=MAX_POSITIONS,
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "llama": dict(_COMMON, intermediate_size=176, num_key_value_heads=2),
     "qwen2": dict(_COMMON, intermediate_size=160, num_key_value_heads=2),
     "gpt_neox": dict(_COMMON, intermediate_size=192),
