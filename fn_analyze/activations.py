@@ -78,6 +78,7 @@ class ShardWriter:
         while start < len(activations):
             if self._file is None:
                 self._open()
+            assert self._file is not None
             take = min(len(activations) - start, self.rows_per_shard - self._rows)
             end = start + take
             for key, values in (

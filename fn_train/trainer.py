@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -15,7 +15,7 @@ from shared.constants import RUN_MASK_NAME
 from shared.device import choose_device, choose_dtype
 from shared.hooks import masked_down_projections, resolve_mask
 from shared.jsonio import write_json_atomic
-from shared.masks import MaskFile, check_compatible, load_mask_file, parse_network_ids, select_networks
+from shared.masks import MaskFile, MaskMode, check_compatible, load_mask_file, parse_network_ids, select_networks
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def _lora_config(config: TrainConfig):
     from peft import LoraConfig
 
     targets: str | list[str] = config.lora_target_modules
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if config.lora_target_modules != "all-linear":
+        targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -103,42 +103,41 @@ def train(config: TrainConfig) -> dict[str, Any]:
     training starts (after PEFT wrapped them, so a LoRA branch sees the masked input too).
     Returns the trainer's final metrics."""
     mask = None
+    networks = parse_network_ids(config.networks)
     if config.mask_file is not None:  # a bad file or selection fails before any model is loaded
         mask = load_mask_file(config.mask_file)
-        select_networks(mask, parse_network_ids(config.networks))
+        select_networks(mask, networks)
     trainer = build_trainer(config, mask)
-    masking = contextlib.nullcontext(None)
+    masking: contextlib.AbstractContextManager = contextlib.nullcontext()
+    run_mask: dict[str, Any] | None = None  # what fn_mask.json will say the run trained with
     if mask is not None:
-        projections, layer_masks = resolve_mask(
-            trainer.model, mask, parse_network_ids(config.networks), config.mask_mode
-        )
+        mode = cast(MaskMode, config.mask_mode)
+        projections, layer_masks = resolve_mask(trainer.model, mask, networks, mode)
         masking = masked_down_projections(projections, layer_masks)
         zero_lora_columns_of_masked_neurons(projections, layer_masks)
         closed = layer_masks.fully_closed_layers
         print(
-            f"fn-train: mask {config.mask_file} ({config.mask_mode}, networks {config.networks or 'all'}): "
+            f"fn-train: mask {config.mask_file} ({mode}, networks {config.networks or 'all'}): "
             f"{layer_masks.masked_neurons} neurons switched off"
             + (f"; layers {','.join(map(str, closed))} have no selected neuron and their MLP is off" if closed else "")
         )
+        run_mask = {
+            "mode": mode,
+            "networks": networks,
+            "masked_neurons": layer_masks.masked_neurons,
+            "fully_closed_layers": list(closed),
+            "mask_file": str(config.mask_file),
+            "mask": mask.to_dict(),
+        }
     config.output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.output_dir / RUN_CONFIG_NAME, config.to_dict())
-    with masking as layer_masks:
+    with masking:
         result = trainer.train()
         metrics = dict(result.metrics)
         if trainer.eval_dataset is not None:
             metrics.update(trainer.evaluate())
         trainer.save_model(str(config.output_dir))
-    if mask is not None:
-        write_json_atomic(
-            config.output_dir / RUN_MASK_NAME,
-            {
-                "mode": config.mask_mode,
-                "networks": parse_network_ids(config.networks),
-                "masked_neurons": layer_masks.masked_neurons,
-                "fully_closed_layers": list(layer_masks.fully_closed_layers),
-                "mask_file": str(config.mask_file),
-                "mask": mask.to_dict(),
-            },
-        )
+    if run_mask is not None:
+        write_json_atomic(config.output_dir / RUN_MASK_NAME, run_mask)
     print(f"fn-train: saved {'adapter' if config.use_peft else 'model'} to {config.output_dir}")
     return metrics

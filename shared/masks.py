@@ -244,9 +244,9 @@ def build_layer_masks(mask: MaskFile, networks: list[Network], mode: MaskMode) -
             selected.setdefault(layer, set()).update(neurons)
     vectors: dict[int, torch.Tensor] = {}
     if mode == "key":
-        for layer, neurons in selected.items():
+        for layer, chosen in selected.items():
             vector = torch.ones(size)
-            vector[list(neurons)] = 0.0
+            vector[list(chosen)] = 0.0
             vectors[layer] = vector
     else:
         for layer in range(mask.model.n_layers):
