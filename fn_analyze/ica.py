@@ -11,7 +11,6 @@ flipped so its peak is positive, and thresholded.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from sklearn.decomposition import FastICA
 
 from fn_analyze.activations import Activations, open_activations
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
+from shared.digests import file_digest
 from shared.errors import UserError
 from shared.mask_index import register_mask
 from shared.masks import MaskFile, Network, save_mask_file
@@ -222,12 +222,11 @@ def run_ica(config: IcaConfig) -> MaskFile:
     # Ids by size, largest first, so that id 0 is the biggest network of a file.
     found.sort(key=lambda item: (-sum(len(n) for n in item[0].values()), -item[1]["peak_z"]))
     networks = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
-    manifest_digest = hashlib.sha256((acts.folder / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
     source = {
         "method": "spatial-ica",
         "activations": {
             "folder": str(acts.folder),
-            "manifest_digest": f"sha256:{manifest_digest}",
+            "manifest_digest": file_digest(acts.folder / MANIFEST_NAME),
             "n_tokens": acts.n_tokens,
             "layers": acts.layers,
             "dataset": acts.manifest.get("dataset", {}),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -17,6 +16,7 @@ from torch import nn
 
 from shared.arch import DownProjection, config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
 from shared.constants import CACHE_DIR_ENV, EMBEDDED_MODEL_GGUF, EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE
+from shared.digests import bytes_digest
 from shared.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,13 @@ def model_info(model: nn.Module, name: str, projections: list[DownProjection] | 
         "vocab_size": getattr(config, "vocab_size", None),
         "num_attention_heads": getattr(config, "num_attention_heads", getattr(config, "n_head", None)),
     }
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
     return ModelInfo(
         name=name,
         model_type=config.model_type,
         n_layers=len(projections),
         intermediate_size=described["intermediate_size"],
         hidden_size=projections[0].out_features,
-        fingerprint=f"sha256:{digest[:16]}",
+        fingerprint=bytes_digest(json.dumps(described, sort_keys=True).encode()),
     )
 
 
