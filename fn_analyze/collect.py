@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from shared.arch import find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
 from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
+from shared.digests import file_digest
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs
 from shared.jsonio import write_json_atomic
@@ -93,17 +93,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _file_digest(source: str) -> str | None:
-    path = Path(source)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()[:16]}"
-
-
 def collect(config: CollectConfig) -> dict[str, Any]:
     """Run the model over the dataset and write the activations folder; returns the manifest."""
     dataset = load_dataset_any(config.dataset, config.split)
@@ -126,7 +115,9 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     n_columns = len(layers) * info.intermediate_size
     row_bytes = n_columns * 2
     rows_per_shard = max(1, config.shard_size_mb * 2**20 // row_bytes)
-    budget = config.max_tokens or sum(min(len(ids), config.max_length) for ids in tokenizer(texts)["input_ids"])
+    # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
+    sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
+    budget = config.max_tokens or sum(len(ids) for ids in sequences)
     print(
         f"collect: {len(texts)} sequences, up to {budget} tokens x {n_columns} neurons "
         f"({len(layers)} layers) -> about {budget * row_bytes / 2**30:.2f} GiB of float16 in {config.out}"
@@ -140,15 +131,11 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     progress = tqdm(total=budget, unit="tok", desc="collect")
     try:
         with captured_down_proj_inputs(projections, layers) as store, torch.inference_mode():
-            for start in range(0, len(texts), config.batch_size):
+            for start in range(0, len(sequences), config.batch_size):
                 if config.max_tokens is not None and n_tokens >= config.max_tokens:
                     break
-                batch = tokenizer(
-                    texts[start : start + config.batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=config.max_length,
+                batch = tokenizer.pad(
+                    {"input_ids": sequences[start : start + config.batch_size]}, return_tensors="pt"
                 ).to(device)
                 backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 real = batch["attention_mask"].bool()
@@ -188,7 +175,7 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         "n_sequences": n_sequences,
         "dataset": {
             "source": config.dataset,
-            "digest": _file_digest(config.dataset),
+            "digest": file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None,
             "split": split,
             "format": fmt.value,
             "template": template,
