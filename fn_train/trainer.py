@@ -11,11 +11,20 @@ import torch
 from fn_train.config import TrainConfig
 from fn_train.data import build_datasets
 from fn_train.lora_mask import zero_lora_columns_of_masked_neurons
+from shared.arch import find_down_projections
 from shared.constants import RUN_MASK_NAME
 from shared.device import choose_device, choose_dtype
-from shared.hooks import masked_down_projections, resolve_mask
+from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
-from shared.masks import MaskFile, MaskMode, check_compatible, load_mask_file, parse_network_ids, select_networks
+from shared.masks import (
+    MaskFile,
+    MaskMode,
+    build_layer_masks,
+    check_compatible,
+    load_mask_file,
+    parse_network_ids,
+    select_networks,
+)
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
@@ -106,13 +115,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     networks = parse_network_ids(config.networks)
     if config.mask_file is not None:  # a bad file or selection fails before any model is loaded
         mask = load_mask_file(config.mask_file)
-        select_networks(mask, networks)
-    trainer = build_trainer(config, mask)
+        selected = select_networks(mask, networks)
+    trainer = build_trainer(config, mask)  # refuses a mask made for another model
     masking: contextlib.AbstractContextManager = contextlib.nullcontext()
     run_mask: dict[str, Any] | None = None  # what fn_mask.json will say the run trained with
     if mask is not None:
         mode = cast(MaskMode, config.mask_mode)
-        projections, layer_masks = resolve_mask(trainer.model, mask, networks, mode)
+        projections = find_down_projections(trainer.model)  # the modules PEFT put in place
+        layer_masks = build_layer_masks(mask, selected, mode)
         masking = masked_down_projections(projections, layer_masks)
         zero_lora_columns_of_masked_neurons(projections, layer_masks)
         closed = layer_masks.fully_closed_layers
