@@ -54,3 +54,16 @@ def write_activations(
         },
     )
     return folder
+
+
+def record_results(monkeypatch, module, name: str) -> list:
+    """Wrap `module.name` so that every value it returns is also appended to the returned list."""
+    results: list = []
+    original = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        results.append(original(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, recording)
+    return results

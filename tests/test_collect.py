@@ -17,20 +17,13 @@ from shared.data import detect_format, load_dataset_any, render_text, resolve_te
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs, count_hooks
 from shared.models import load_tokenizer
+from tests.helpers import record_results
 
 
 @pytest.fixture
 def loaded_models(monkeypatch) -> list:
     """Every model collect loads, so tests can look at it afterwards."""
-    seen = []
-    original = collect_module.load_causal_lm
-
-    def spy(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(collect_module, "load_causal_lm", spy)
-    return seen
+    return record_results(monkeypatch, collect_module, "load_causal_lm")
 
 
 def _texts(tiny_lm_dir: Path, data: Path) -> list[str]:

@@ -14,7 +14,7 @@ from fn_train.config import TrainConfig
 from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import count_hooks
-from tests.helpers import write_mask
+from tests.helpers import record_results, write_mask
 from tests.tiny_models import tiny_model
 
 MASKED = {0: {0: [0, 5, 9, 40, 100], 1: [3, 4, 170]}, 1: {1: [7, 8, 9]}}
@@ -128,15 +128,7 @@ def test_mask_mode_without_mask_file_is_refused() -> None:
 @pytest.fixture
 def built_trainers(monkeypatch) -> list:
     """Every trainer `train` builds, so tests can look at its model afterwards."""
-    built = []
-    original = trainer_module.build_trainer
-
-    def spy(config, mask=None):
-        built.append(original(config, mask))
-        return built[-1]
-
-    monkeypatch.setattr(trainer_module, "build_trainer", spy)
-    return built
+    return record_results(monkeypatch, trainer_module, "build_trainer")
 
 
 def test_no_hook_remains_after_training(tiny_lm_dir, demo_dir, tmp_path, built_trainers) -> None:
