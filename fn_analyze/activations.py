@@ -8,12 +8,14 @@ complete)::
     token_ids       (tokens,) int32
     sequence_index  (tokens,) int64   index of the record in the dataset
     position        (tokens,) int32   position of the token in its sequence
+    attrs           run_key (digest of what decides the rows), next_record (resume cursor)
 
 Uncompressed on purpose: float16 activations barely compress and gzip is ~40x slower.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -41,25 +43,36 @@ CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chu
 
 
 class ShardWriter:
-    """Appends token rows to shards of at most `rows_per_shard` rows.
+    """Appends blocks of token rows to one rank's shards of about `rows_per_shard` rows.
 
     A shard is written under a `.partial` name, flushed after every block, and renamed
-    when full or closed, so a reader never mistakes half a shard for data.
+    when full or closed, so a reader never mistakes half a shard for data. Shards end on
+    block boundaries and record in their attributes the run they belong to (`run_key`)
+    and the cursor after their last block (`next_record`): an interrupted run resumes
+    from its completed shards (see `completed_shards`).
     """
 
-    def __init__(self, folder: Path, n_columns: int, rows_per_shard: int, rank: int = 0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        n_columns: int,
+        rows_per_shard: int,
+        rank: int = 0,
+        run_key: str = "",
+        completed: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.folder = folder
         self.n_columns = n_columns
         self.rows_per_shard = max(1, rows_per_shard)
         self.rank = rank
-        self.completed: list[dict[str, Any]] = []
+        self.run_key = run_key
+        self.completed: list[dict[str, Any]] = list(completed or [])
         self._file: h5py.File | None = None
         self._path: Path | None = None
         self._rows = 0
 
     def _open(self) -> None:
-        name = f"shard-r{self.rank:02d}-{len(self.completed):05d}.h5"
-        self._path = self.folder / name
+        self._path = self.folder / shard_name(self.rank, len(self.completed))
         self._file = h5py.File(str(self._path) + PARTIAL_SUFFIX, "w")
         chunk = (min(CHUNK_ROWS, self.rows_per_shard), self.n_columns)
         self._file.create_dataset(
@@ -71,36 +84,43 @@ class ShardWriter:
         )
         for key, dtype in ((TOKEN_IDS_DATASET, "int32"), (SEQUENCE_DATASET, "int64"), (POSITION_DATASET, "int32")):
             self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),))
+        self._file.attrs["run_key"] = self.run_key
         self._rows = 0
 
-    def write(self, activations: np.ndarray, token_ids: np.ndarray, sequence: np.ndarray, position: np.ndarray) -> None:
-        start = 0
-        while start < len(activations):
-            if self._file is None:
-                self._open()
-            assert self._file is not None
-            take = min(len(activations) - start, self.rows_per_shard - self._rows)
-            end = start + take
-            for key, values in (
-                (ACTIVATIONS_DATASET, activations),
-                (TOKEN_IDS_DATASET, token_ids),
-                (SEQUENCE_DATASET, sequence),
-                (POSITION_DATASET, position),
-            ):
-                dataset = self._file[key]
-                dataset.resize(self._rows + take, axis=0)
-                dataset[self._rows : self._rows + take] = values[start:end]
-            self._rows += take
-            self._file.flush()
-            start = end
-            if self._rows >= self.rows_per_shard:
-                self._finish()
+    def write(
+        self,
+        activations: np.ndarray,
+        token_ids: np.ndarray,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        next_record: int = 0,
+    ) -> None:
+        """Append one block; `next_record` is where a resumed run would continue after it."""
+        if self._file is None:
+            self._open()
+        assert self._file is not None
+        take = len(activations)
+        for key, values in (
+            (ACTIVATIONS_DATASET, activations),
+            (TOKEN_IDS_DATASET, token_ids),
+            (SEQUENCE_DATASET, sequence),
+            (POSITION_DATASET, position),
+        ):
+            dataset = self._file[key]
+            dataset.resize(self._rows + take, axis=0)
+            dataset[self._rows : self._rows + take] = values
+        self._rows += take
+        self._file.attrs["next_record"] = next_record
+        self._file.flush()
+        if self._rows >= self.rows_per_shard:
+            self._finish()
 
     def _finish(self) -> None:
         assert self._file is not None and self._path is not None
+        next_record = int(self._file.attrs["next_record"])
         self._file.close()
         os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
-        self.completed.append({"file": self._path.name, "n_tokens": self._rows})
+        self.completed.append({"file": self._path.name, "n_tokens": self._rows, "next_record": next_record})
         self._file = None
 
     def abort(self) -> None:
@@ -118,6 +138,32 @@ class ShardWriter:
                 Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
                 self._file = None
         return self.completed
+
+
+def shard_name(rank: int, index: int) -> str:
+    return f"shard-r{rank:02d}-{index:05d}.h5"
+
+
+def completed_shards(folder: Path, rank: int) -> list[dict[str, Any]]:
+    """One rank's finished shards, in order, with the run they belong to and their cursor."""
+    shards = []
+    for index in itertools.count():
+        path = folder / shard_name(rank, index)
+        if not path.is_file():
+            break
+        try:
+            with h5py.File(path, "r") as handle:
+                shards.append(
+                    {
+                        "file": path.name,
+                        "n_tokens": int(handle[ACTIVATIONS_DATASET].shape[0]),
+                        "next_record": int(handle.attrs["next_record"]),
+                        "run_key": str(handle.attrs["run_key"]),
+                    }
+                )
+        except (OSError, KeyError) as exc:
+            raise UserError(f"shard {path} cannot be read ({exc}); delete it or pass --overwrite") from exc
+    return shards
 
 
 @dataclass(frozen=True)

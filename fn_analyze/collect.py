@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fn_analyze.activations import ShardWriter
+from fn_analyze.activations import ShardWriter, completed_shards
 from shared import __version__
 from shared.arch import find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
 from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
-from shared.digests import file_digest
+from shared.digests import bytes_digest, file_digest
+from shared.distributed import process_group, rank_device
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs
 from shared.jsonio import write_json_atomic
-from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.models import ModelInfo, load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ class CollectConfig:
     dtype: str = "auto"
     device: str = "auto"
     shard_size_mb: int = 512
+    # Token subsampling, so a large corpus fits a disk budget: at most N tokens of each
+    # sequence, or each token with probability r; drawn from `seed` and the record index.
+    tokens_per_sequence: int | None = None
+    token_rate: float | None = None
+    seed: int = 0
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -48,8 +56,13 @@ class CollectConfig:
         for name in ("max_length", "batch_size", "shard_size_mb"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise UserError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        for name in ("max_tokens", "tokens_per_sequence"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.token_rate is not None and not 0 < self.token_rate <= 1:
+            raise UserError(f"--token-rate must lie in (0, 1], got {self.token_rate}")
+        if self.token_rate is not None and self.tokens_per_sequence is not None:
+            raise UserError("--tokens-per-sequence and --token-rate both subsample tokens; give only one")
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:
@@ -73,28 +86,114 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds something not ours; clear leftovers of an unfinished run."""
+def _prepare_out(out: Path, overwrite: bool, run_key: str) -> None:
+    """Make `out` ready: refuse what is not ours, resume an interrupted run of the same
+    arguments (keep its finished shards, drop unfinished ones), or start afresh."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the activations")
-    if out.exists():
-        ours = (
-            {MANIFEST_NAME}
-            | {p.name for p in out.glob(SHARD_GLOB)}
-            | {p.name for p in out.glob(SHARD_GLOB + PARTIAL_SUFFIX)}
-        )
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if foreign:
-            raise UserError(f"--out {out} exists and holds {foreign[0]}, which is not ours; give a new or empty folder")
-        if (out / MANIFEST_NAME).exists() and not overwrite:
+    if not out.exists():
+        out.mkdir(parents=True)
+        return
+    finished = list(out.glob(SHARD_GLOB))
+    unfinished = list(out.glob(SHARD_GLOB + PARTIAL_SUFFIX))
+    ours = {MANIFEST_NAME} | {p.name for p in finished + unfinished}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign:
+        raise UserError(f"--out {out} exists and holds {foreign[0]}, which is not ours; give a new or empty folder")
+    if not overwrite:
+        if (out / MANIFEST_NAME).exists():
             raise UserError(f"--out {out} already holds activations; pass --overwrite or give another folder")
-        for name in ours:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        ranks = sorted({int(p.name.split("-")[1][1:]) for p in finished})
+        if any(shard["run_key"] != run_key for rank in ranks for shard in completed_shards(out, rank)):
+            raise UserError(
+                f"--out {out} holds shards of an unfinished collect with other arguments; "
+                "re-run that command to resume it, or pass --overwrite to start again"
+            )
+        if finished:
+            print(f"collect: resuming from {len(finished)} finished shard(s) in {out}")
+        finished = []
+    for path in finished + unfinished + [out / MANIFEST_NAME]:
+        path.unlink(missing_ok=True)
+
+
+def _check_disk(out: Path, needed_bytes: float) -> None:
+    free = shutil.disk_usage(out if out.exists() else next(p for p in out.parents if p.exists())).free
+    if needed_bytes > free:
+        raise UserError(
+            f"collect needs about {needed_bytes / 2**30:.2f} GiB but {out} has {free / 2**30:.2f} GiB free; "
+            "lower --max-tokens or record fewer tokens per sequence (--tokens-per-sequence, --token-rate)"
+        )
+
+
+def _run_key(
+    config: CollectConfig,
+    info_fingerprint: str,
+    dataset_digest: str | None,
+    dtype: torch.dtype,
+    layers: list[int],
+    world_size: int,
+) -> str:
+    """Digest of everything that decides the recorded rows (not batch size, device or budget),
+    so a resumed run only continues shards made by the same arguments."""
+    decisive = {
+        "model": config.model,
+        "fingerprint": info_fingerprint,
+        "dataset": config.dataset,
+        "dataset_digest": dataset_digest,
+        "split": config.split,
+        "data_format": config.data_format,
+        "template_format": config.template_format,
+        "layers": layers,
+        "max_length": config.max_length,
+        "dtype": str(dtype),
+        "tokens_per_sequence": config.tokens_per_sequence,
+        "token_rate": config.token_rate,
+        "seed": config.seed,
+        "world_size": world_size,
+    }
+    return bytes_digest(json.dumps(decisive, sort_keys=True).encode())
+
+
+class TokenSample:
+    """Which real tokens of a padded batch to record: all of them, at most N per sequence,
+    or each with probability r; drawn from (seed, record index), so a resumed or
+    multi-process run picks the same tokens as a plain one."""
+
+    def __init__(self, per_sequence: int | None, rate: float | None, seed: int) -> None:
+        self.per_sequence = per_sequence
+        self.rate = rate
+        self.seed = seed
+
+    @property
+    def subsamples(self) -> bool:
+        return self.per_sequence is not None or self.rate is not None
+
+    def expected(self, length: int) -> float:
+        if self.per_sequence is not None:
+            return min(length, self.per_sequence)
+        return length * (self.rate if self.rate is not None else 1.0)
+
+    def keep(self, real: torch.Tensor, records: list[int]) -> torch.Tensor:
+        if not self.subsamples:
+            return real
+        lengths = real.sum(dim=1).tolist()
+        keep = np.zeros(tuple(real.shape), dtype=bool)
+        for row, (length, record) in enumerate(zip(lengths, records, strict=True)):
+            rng = np.random.default_rng([self.seed, record])
+            if self.per_sequence is not None:
+                keep[row, rng.choice(length, min(length, self.per_sequence), replace=False)] = True
+            else:
+                keep[row, :length] = rng.random(length) < self.rate
+        return torch.from_numpy(keep).to(real.device)
 
 
 def collect(config: CollectConfig) -> dict[str, Any]:
-    """Run the model over the dataset and write the activations folder; returns the manifest."""
+    """Run the model over the dataset and write the activations folder; returns the manifest.
+
+    Under `torchrun`/`accelerate launch` each rank records every world_size-th record into
+    its own shards and rank 0 writes one manifest naming all of them. Re-running the same
+    command after an interruption continues from the finished shards.
+    """
     dataset = load_dataset_any(config.dataset, config.split)
     split = config.split or ("train" if "train" in dataset else next(iter(dataset)))
     records = dataset[split]
@@ -105,85 +204,131 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     tokenizer.padding_side = "right"
     template = resolve_template(config.template_format, tokenizer)
     texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
+    dataset_digest = file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None
 
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
-    model = load_causal_lm(config.model, dtype, device)
-    projections = find_down_projections(model)
-    info = model_info(model, config.model, projections)
-    layers = parse_layers(config.layers, len(projections))
-    n_columns = len(layers) * info.intermediate_size
-    row_bytes = n_columns * 2
-    rows_per_shard = max(1, config.shard_size_mb * 2**20 // row_bytes)
-    # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
-    sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
-    budget = config.max_tokens or sum(len(ids) for ids in sequences)
-    print(
-        f"collect: {len(texts)} sequences, up to {budget} tokens x {n_columns} neurons "
-        f"({len(layers)} layers) -> about {budget * row_bytes / 2**30:.2f} GiB of float16 in {config.out}"
-    )
+    with process_group(device) as ranks:
+        device = rank_device(device, ranks)
+        model = load_causal_lm(config.model, dtype, device)
+        projections = find_down_projections(model)
+        info = model_info(model, config.model, projections)
+        layers = parse_layers(config.layers, len(projections))
+        run_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, ranks.world_size)
+        n_columns = len(layers) * info.intermediate_size
+        row_bytes = n_columns * 2
+        # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
+        sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
+        sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed)
+        expected = sum(sample.expected(len(ids)) for ids in sequences)
+        total = min(expected, config.max_tokens or expected)
+        if ranks.is_main:
+            print(
+                f"collect: {len(texts)} sequences, {'about ' if sample.subsamples else 'up to '}{total:.0f} tokens "
+                f"x {n_columns} neurons ({len(layers)} layers) -> about {total * row_bytes / 2**30:.2f} GiB "
+                f"of float16 in {config.out}" + (f" from {ranks.world_size} processes" if ranks.distributed else "")
+            )
+            _prepare_out(config.out, config.overwrite, run_key)
+            _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
+        ranks.barrier()
 
-    _prepare_out(config.out, config.overwrite)
-    writer = ShardWriter(config.out, n_columns, rows_per_shard)
-    backbone = model.base_model  # the transformer without the LM head: its logits are not needed
-    n_tokens = 0
-    n_sequences = 0
-    progress = tqdm(total=budget, unit="tok", desc="collect")
-    try:
-        with captured_down_proj_inputs(projections, layers) as store, torch.inference_mode():
-            for start in range(0, len(sequences), config.batch_size):
-                if config.max_tokens is not None and n_tokens >= config.max_tokens:
-                    break
-                batch = tokenizer.pad(
-                    {"input_ids": sequences[start : start + config.batch_size]}, return_tensors="pt"
-                ).to(device)
-                backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                real = batch["attention_mask"].bool()
-                rows = torch.cat([store[layer][real] for layer in layers], dim=1)
-                sequence = torch.arange(start, start + real.shape[0], device=device)[:, None].expand_as(real)[real]
-                position = (real.cumsum(dim=1) - 1)[real]
-                take = rows.shape[0]
-                if config.max_tokens is not None:
-                    take = min(take, config.max_tokens - n_tokens)
-                writer.write(
-                    rows[:take].to(torch.float16).cpu().numpy(),
-                    batch["input_ids"][real][:take].to(torch.int32).cpu().numpy(),
-                    sequence[:take].cpu().numpy(),
-                    position[:take].to(torch.int32).cpu().numpy(),
-                )
-                store.clear()
-                n_tokens += take
-                n_sequences = int(sequence[take - 1]) + 1 if take else n_sequences
-                progress.update(take)
-        shards = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        progress.close()
-    if n_tokens == 0:
-        shutil.rmtree(config.out, ignore_errors=True)
-        raise UserError(f"dataset {config.dataset} gave no token to record; check that its records hold text")
-    manifest = {
+        mine = list(range(ranks.rank, len(sequences), ranks.world_size))
+        budget = None
+        if config.max_tokens is not None:
+            budget = config.max_tokens // ranks.world_size + (ranks.rank < config.max_tokens % ranks.world_size)
+        done = completed_shards(config.out, ranks.rank)
+        rows_per_shard = max(1, config.shard_size_mb * 2**20 // row_bytes)
+        writer = ShardWriter(config.out, n_columns, rows_per_shard, ranks.rank, run_key, done)
+        cursor = done[-1]["next_record"] if done else 0
+        n_tokens = sum(shard["n_tokens"] for shard in done)
+        progress = tqdm(
+            total=budget or round(sum(sample.expected(len(sequences[i])) for i in mine)),
+            initial=n_tokens,
+            unit="tok",
+            desc="collect",
+            disable=not ranks.is_main,
+        )
+        backbone = model.base_model  # the transformer without the LM head: its logits are not needed
+        try:
+            with captured_down_proj_inputs(projections, layers) as store, torch.inference_mode():
+                for start in range(cursor, len(mine), config.batch_size):
+                    if budget is not None and n_tokens >= budget:
+                        break
+                    chosen = mine[start : start + config.batch_size]
+                    batch = tokenizer.pad({"input_ids": [sequences[i] for i in chosen]}, return_tensors="pt").to(device)
+                    backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    real = batch["attention_mask"].bool()
+                    keep = sample.keep(real, chosen)
+                    take = int(keep.sum())
+                    if budget is not None:
+                        take = min(take, budget - n_tokens)
+                    rows = torch.empty((take, n_columns), dtype=torch.float16, device=device)
+                    width = info.intermediate_size
+                    for slot, layer in enumerate(layers):
+                        rows[:, slot * width : (slot + 1) * width] = store[layer][keep][:take]
+                    store.clear()
+                    record = torch.tensor(chosen, device=device)[:, None].expand_as(keep)[keep][:take]
+                    position = (real.cumsum(dim=1) - 1)[keep][:take]
+                    cursor = start + len(chosen) if take == int(keep.sum()) else mine.index(int(record[-1])) + 1
+                    writer.write(
+                        rows.cpu().numpy(),
+                        batch["input_ids"][keep][:take].to(torch.int32).cpu().numpy(),
+                        record.cpu().numpy(),
+                        position.to(torch.int32).cpu().numpy(),
+                        next_record=cursor,
+                    )
+                    n_tokens += take
+                    progress.update(take)
+            shards = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            progress.close()
+        per_rank = ranks.gather({"shards": shards, "n_tokens": n_tokens, "n_sequences": cursor})
+        manifest = _manifest(config, info, layers, split, fmt.value, template, len(texts), dataset_digest, per_rank)
+        if ranks.is_main:
+            if manifest["n_tokens"] == 0:
+                shutil.rmtree(config.out, ignore_errors=True)
+                raise UserError(f"dataset {config.dataset} gave no token to record; check that its records hold text")
+            write_json_atomic(config.out / MANIFEST_NAME, manifest)
+            print(
+                f"collect: wrote {manifest['n_tokens']} tokens from {manifest['n_sequences']} sequences "
+                f"in {len(manifest['shards'])} shard(s) to {config.out}"
+            )
+        ranks.barrier()
+    return manifest
+
+
+def _manifest(
+    config: CollectConfig,
+    info: ModelInfo,
+    layers: list[int],
+    split: str,
+    data_format: str,
+    template: str,
+    n_records: int,
+    dataset_digest: str | None,
+    per_rank: list[dict[str, Any]],
+) -> dict[str, Any]:
+    return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
         "model": info.to_dict(),
         "layers": layers,
         "columns": "layer-major: column = position_in_layers * intermediate_size + neuron",
         "dtype": "float16",
-        "n_tokens": n_tokens,
-        "n_sequences": n_sequences,
+        "n_tokens": sum(part["n_tokens"] for part in per_rank),
+        "n_sequences": sum(part["n_sequences"] for part in per_rank),
+        "world_size": len(per_rank),
         "dataset": {
             "source": config.dataset,
-            "digest": file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None,
+            "digest": dataset_digest,
             "split": split,
-            "format": fmt.value,
+            "format": data_format,
             "template": template,
-            "n_records": len(texts),
+            "n_records": n_records,
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "shards": shards,
+        "shards": [{"file": s["file"], "n_tokens": s["n_tokens"]} for part in per_rank for s in part["shards"]],
     }
-    write_json_atomic(config.out / MANIFEST_NAME, manifest)
-    print(f"collect: wrote {n_tokens} tokens from {n_sequences} sequences in {len(shards)} shard(s) to {config.out}")
-    return manifest

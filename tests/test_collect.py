@@ -111,11 +111,11 @@ def test_failure_mid_run_leaves_no_hook_and_no_manifest(
     calls = {"n": 0}
     original = ShardWriter.write
 
-    def failing(self, *args):
+    def failing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk full")
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ShardWriter, "write", failing)
     with pytest.raises(OSError, match="disk full"):
