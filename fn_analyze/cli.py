@@ -46,11 +46,26 @@ def collect_command(
     dtype: Annotated[str, typer.Option(help="auto|float32|float16|bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
     shard_size_mb: Annotated[int, typer.Option(help="Size of one HDF5 shard.")] = 512,
+    tokens_per_sequence: Annotated[
+        Optional[int], typer.Option(help="Record at most this many tokens of each sequence, drawn at random.")
+    ] = None,
+    token_rate: Annotated[
+        Optional[float], typer.Option(help="Instead: record each token with this probability (0 < r <= 1).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the token subsampling.")] = 0,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite/--no-overwrite", help="Replace activations already in --out.")
+        bool,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help="Replace what --out holds (default: resume an interrupted run of the same arguments).",
+        ),
     ] = False,
 ) -> None:
-    """Record the input of every MLP down-projection for each real token, to float16 HDF5 shards."""
+    """Record the input of every MLP down-projection for each real token, to float16 HDF5 shards.
+
+    Re-running the same command after an interruption continues from the finished shards.
+    Under `torchrun --nproc_per_node N` each process records its share into its own shards.
+    """
     params = dict(locals())
     from fn_analyze.collect import CollectConfig, collect
 
@@ -122,3 +137,7 @@ def demo_data_command(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -92,3 +92,7 @@ app.command(help=run.__doc__)(user_errors_exit(run))
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -43,7 +43,9 @@ def write_activations(
     writer = ShardWriter(folder, matrix.shape[1], rows_per_shard)
     for start in range(0, n, rows_per_shard):
         rows = np.arange(start, min(n, start + rows_per_shard))
-        writer.write(matrix[rows].astype(np.float16), np.zeros(len(rows), np.int32), rows, np.zeros(len(rows), np.int32))
+        writer.write(
+            matrix[rows].astype(np.float16), np.zeros(len(rows), np.int32), rows, np.zeros(len(rows), np.int32)
+        )
     info = ModelInfo("synthetic", "llama", max(layers) + 1, intermediate_size, 8, "sha256:synthetic")
     write_json_atomic(
         folder / MANIFEST_NAME,

@@ -1,0 +1,187 @@
+"""collect at scale: a killed run resumes to the rows of an uninterrupted one; subsampling;
+several processes under torchrun write per-rank shards that ica reads as one."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from fn_analyze.activations import open_activations
+from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.demo_data import write_demo_data
+from fn_analyze.ica import IcaConfig, run_ica
+from shared.errors import UserError
+
+
+def _rows(folder: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an activations folder, concatenated in manifest order."""
+    acts = open_activations(folder)
+    parts: dict[str, list[np.ndarray]] = {}
+    for shard in acts.manifest["shards"]:
+        with h5py.File(folder / shard["file"], "r") as handle:
+            for key in ("activations", "token_ids", "sequence_index", "position"):
+                parts.setdefault(key, []).append(handle[key][:])
+    return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def _by_token(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows sorted by (sequence, position): the same tokens compare equal whatever the shard order."""
+    order = np.lexsort((rows["position"], rows["sequence_index"]))
+    return {key: values[order] for key, values in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def big_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("big")
+    write_demo_data(folder, seed=1, n_collect=1200, n_train=2, n_eval=2)
+    return folder / "data.jsonl"
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "fn_analyze.cli", "collect", *args]
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
+    tiny_lm_dir: Path, big_data: Path, tmp_path: Path
+) -> None:
+    args = ["--dataset", str(big_data), "--model", str(tiny_lm_dir), "--batch-size", "1", "--shard-size-mb", "1"]
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli([*args, "--out", str(out)]), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "shard-r00-00002.h5.partial").exists():  # two shards finished, the third being written
+        assert process.poll() is None and time.monotonic() < deadline, "collect ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    assert list(out.glob("*.partial"))  # killed mid-shard
+
+    with pytest.raises(UserError, match="unfinished collect with other arguments"):
+        collect(CollectConfig(dataset=str(big_data), out=out, model=str(tiny_lm_dir), max_length=64, shard_size_mb=1))
+
+    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(r"resuming from [23] finished shard\(s\)", resumed.stdout)
+    collect(CollectConfig(dataset=str(big_data), out=tmp_path / "whole", model=str(tiny_lm_dir), shard_size_mb=1))
+
+    after, whole = _rows(out), _rows(tmp_path / "whole")
+    assert open_activations(out).n_tokens == open_activations(tmp_path / "whole").n_tokens == len(whole["position"])
+    pairs = set(zip(after["sequence_index"].tolist(), after["position"].tolist(), strict=True))
+    assert len(pairs) == len(after["position"])  # no duplicate row
+    for key in ("token_ids", "sequence_index", "position"):
+        np.testing.assert_array_equal(after[key], whole[key])
+    np.testing.assert_allclose(after["activations"], whole["activations"], rtol=1e-3, atol=1e-3)
+    assert not list(out.glob("*.partial"))
+
+
+def test_tokens_per_sequence_records_a_seeded_subset_of_the_full_rows(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    data = str(demo_dir / "data.jsonl")
+    collect(CollectConfig(dataset=data, out=tmp_path / "full", model=str(tiny_lm_dir)))
+    for name in ("a", "b"):
+        collect(CollectConfig(dataset=data, out=tmp_path / name, model=str(tiny_lm_dir), tokens_per_sequence=5))
+    full, sample = _rows(tmp_path / "full"), _rows(tmp_path / "a")
+    np.testing.assert_array_equal(sample["position"], _rows(tmp_path / "b")["position"])  # seeded
+    counts = np.bincount(sample["sequence_index"], minlength=60)
+    assert counts.max() == 5 and counts.min() >= 1
+    full_index = {
+        pair: i for i, pair in enumerate(zip(full["sequence_index"].tolist(), full["position"].tolist(), strict=True))
+    }
+    at = [full_index[pair] for pair in zip(sample["sequence_index"].tolist(), sample["position"].tolist(), strict=True)]
+    np.testing.assert_array_equal(sample["activations"], full["activations"][at])
+    np.testing.assert_array_equal(sample["token_ids"], full["token_ids"][at])
+    assert len(set(sample["position"].tolist())) > 5  # positions are drawn, not the first five
+
+
+def test_token_rate_keeps_about_that_share(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+    data = str(demo_dir / "data.jsonl")
+    full = collect(CollectConfig(dataset=data, out=tmp_path / "full", model=str(tiny_lm_dir)))
+    part = collect(CollectConfig(dataset=data, out=tmp_path / "part", model=str(tiny_lm_dir), token_rate=0.25))
+    assert 0.2 < part["n_tokens"] / full["n_tokens"] < 0.3
+
+
+def test_subsampling_flags_are_checked() -> None:
+    with pytest.raises(UserError, match="give only one"):
+        CollectConfig(dataset="d", out=Path("o"), tokens_per_sequence=4, token_rate=0.5)
+    with pytest.raises(UserError, match="--token-rate must lie in"):
+        CollectConfig(dataset="d", out=Path("o"), token_rate=1.5)
+
+
+def _planted_model(tiny_lm_dir: Path, folder: Path) -> Path:
+    """The tiny LLaMA with 3 groups of 12 neurons per layer whose gate and up rows share a
+    direction: each group co-activates, so ICA has networks to find, not noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    generator = torch.Generator().manual_seed(1)
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for group in range(3):
+                rows = slice(12 * group, 12 * group + 12)
+                scale = 1 + 0.5 * torch.rand(12, 1, generator=generator)
+                gate, up = torch.randn(2, 1, hidden, generator=generator)
+                own = torch.randn(2, 12, hidden, generator=generator)
+                layer.mlp.gate_proj.weight[rows] = 0.5 * (gate + 0.3 * own[0])
+                layer.mlp.up_proj.weight[rows] = scale * (up + 0.3 * own[1])
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(folder)
+    return folder
+
+
+def test_torchrun_two_processes_write_per_rank_shards_that_ica_reads_as_one(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    if shutil.which("torchrun") is None:
+        pytest.fail("torchrun is not on PATH; it ships with torch")
+    model = str(_planted_model(tiny_lm_dir, tmp_path / "planted"))
+    data = str(demo_dir / "data.jsonl")
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "fn_analyze.cli", "collect"]
+    args = ["--dataset", data, "--model", model, "--device", "cpu", "--out", str(tmp_path / "ranks")]
+    done = subprocess.run(command + args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    collect(CollectConfig(dataset=data, out=tmp_path / "single", model=model))
+
+    ranks = open_activations(tmp_path / "ranks")
+    assert {shard["file"][:9] for shard in ranks.manifest["shards"]} == {"shard-r00", "shard-r01"}
+    assert ranks.manifest["world_size"] == 2
+    multi, single = _by_token(_rows(tmp_path / "ranks")), _by_token(_rows(tmp_path / "single"))
+    np.testing.assert_array_equal(multi["sequence_index"], single["sequence_index"])
+    np.testing.assert_array_equal(multi["position"], single["position"])
+    np.testing.assert_allclose(multi["activations"], single["activations"], rtol=1e-3, atol=1e-3)
+
+    masks = [
+        run_ica(IcaConfig(activations=tmp_path / name, out=tmp_path / f"{name}.json", n_components=6, register=False))
+        for name in ("ranks", "single")
+    ]
+    # Equal-sized networks may swap ids (ties broken by peak z), so compare them as sets.
+    networks = [sorted(str(network.layers) for network in mask.networks) for mask in masks]
+    assert networks[0] == networks[1]
+    found = {
+        (layer, neurons[0] // 12): set(neurons)
+        for network in masks[0].networks
+        for layer, neurons in network.layers.items()
+    }
+    assert len(masks[0].networks) == len(found) == 6  # one network per planted group, none split over layers
+    for (layer, group), neurons in found.items():
+        planted = set(range(12 * group, 12 * group + 12))
+        assert neurons <= planted and len(neurons) >= 10, (layer, group, sorted(neurons))
