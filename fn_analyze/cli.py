@@ -95,6 +95,19 @@ def ica_command(
         int, typer.Option(help="Seeded FastICA restarts; the sparsest run is kept, the others give stability.")
     ] = 5,
     power_iterations: Annotated[int, typer.Option(help="Subspace iterations of the randomized reduction.")] = 2,
+    per_layer: Annotated[
+        bool,
+        typer.Option("--per-layer/--whole-model", help="One ICA per layer (n-components each) or one over all layers."),
+    ] = False,
+    engine: Annotated[
+        str, typer.Option(help="local, or dask: the reduction's sum over shards as dask tasks.")
+    ] = "local",
+    dask_scheduler: Annotated[
+        Optional[str], typer.Option(help="Address of a dask.distributed scheduler (with --engine dask).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where the reduction runs: auto (CUDA if present), cpu, cuda:N.")
+    ] = "auto",
     register: Annotated[
         bool, typer.Option("--register/--no-register", help="Add the file to its folder's index.json.")
     ] = True,

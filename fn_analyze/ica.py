@@ -1,10 +1,9 @@
 """`fn-analyze ica`: functional networks by spatial ICA over the neurons of all captured layers.
 
 Neurons are the samples and tokens the dimensions (networks span layers, as in Liu et al.,
-ICML 2025). The data are never held whole: with X the (tokens x neurons) activations,
-centered per neuron, the top-k principal maps over neurons are found by randomized
-subspace iteration on C = X^T X, computed block by block as sum_b X_b^T (X_b Q) with
-float64 accumulation, so memory is (neurons x components). FastICA then runs on the
+ICML 2025; `per_layer` runs one ICA per layer instead). The data are never held whole: the
+streamed reduction (fn_analyze/reduction.py) gives the top-k principal maps over neurons
+in a few passes over the shards, memory (neurons x components). FastICA then runs on the
 (neurons x k) reduced data with seeded restarts; each map is z-scored over neurons,
 flipped so its peak is positive, and thresholded.
 """
@@ -13,22 +12,22 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.decomposition import FastICA
 
 from fn_analyze.activations import Activations, open_activations
+from fn_analyze.reduction import ENGINES, engine_session, reduce
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
+from shared.device import choose_device
 from shared.digests import file_digest
 from shared.errors import UserError
 from shared.mask_index import register_mask
 from shared.masks import MaskFile, Network, save_mask_file
 
 log = logging.getLogger(__name__)
-
-BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from the shards
 
 
 @dataclass
@@ -47,6 +46,10 @@ class IcaConfig:
     oversample: int = 10
     max_iter: int = 1000
     tol: float = 1e-4
+    per_layer: bool = False  # one ICA per layer (n_components each) instead of one over all layers
+    engine: str = "local"  # or "dask": the reduction's sum over shards as dask tasks (see reduction.py)
+    dask_scheduler: str | None = None  # address of a dask.distributed scheduler (default: dask's local one)
+    device: str = "auto"  # where the reduction's products run: CUDA when present, else CPU
     register: bool = True  # add the mask file to the index of its folder
     overwrite: bool = False
 
@@ -62,69 +65,8 @@ class IcaConfig:
             raise UserError(f"--percentile must lie strictly between 0 and 100, got {self.percentile}")
         if self.threshold <= 0:
             raise UserError(f"--threshold must be a positive z-score, got {self.threshold}")
-
-
-@dataclass
-class Reduction:
-    """The top-k principal maps over neurons of the centered (and optionally scaled) data."""
-
-    maps: np.ndarray  # (neurons, k), orthonormal columns
-    eigenvalues: np.ndarray  # (k,), of C = X_c^T X_c, descending
-    total_variance: float  # trace of C
-    mean: np.ndarray = field(repr=False)
-    scale: np.ndarray = field(repr=False)
-
-    @property
-    def explained_variance_ratio(self) -> float:
-        return float(self.eigenvalues.sum() / self.total_variance) if self.total_variance > 0 else 0.0
-
-
-def _block_rows(n_columns: int) -> int:
-    return max(1, BLOCK_BYTES // (4 * n_columns))
-
-
-def neuron_moments(acts: Activations) -> tuple[np.ndarray, np.ndarray]:
-    """Per-neuron mean and standard deviation, float64, in one pass over the shards."""
-    total = np.zeros(acts.n_neurons)
-    total_sq = np.zeros(acts.n_neurons)
-    for block in acts.blocks(_block_rows(acts.n_neurons)):
-        total += block.sum(axis=0, dtype=np.float64)
-        total_sq += np.einsum("ij,ij->j", block, block, dtype=np.float64)
-    mean = total / acts.n_tokens
-    var = np.maximum(total_sq / acts.n_tokens - mean**2, 0.0)
-    return mean, np.sqrt(var)
-
-
-def reduce(
-    acts: Activations, k: int, standardize: bool, seed: int, power_iterations: int, oversample: int
-) -> Reduction:
-    """Randomized subspace iteration on C = X_c^T X_c, one pass over the shards per product."""
-    mean, std = neuron_moments(acts)
-    # Dead neurons (zero variance) keep scale 1 so they stay zero instead of dividing by zero.
-    scale = np.where(std > 0, std, 1.0) if standardize else np.ones_like(std)
-    n = acts.n_neurons
-    width = min(n, k + oversample)
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((n, width)))
-    mean32, inv_scale32 = mean.astype(np.float32), (1.0 / scale).astype(np.float32)
-
-    def gram_times(basis: np.ndarray) -> np.ndarray:
-        basis32 = basis.astype(np.float32)
-        out = np.zeros((n, basis.shape[1]))
-        for block in acts.blocks(_block_rows(n)):
-            block -= mean32
-            block *= inv_scale32
-            out += (block.T @ (block @ basis32)).astype(np.float64)
-        return out
-
-    for _ in range(power_iterations):
-        q, _ = np.linalg.qr(gram_times(q))
-    product = gram_times(q)
-    small = q.T @ product
-    eigenvalues, vectors = np.linalg.eigh((small + small.T) / 2)
-    order = np.argsort(eigenvalues)[::-1][:k]
-    total_variance = float(((std / scale) ** 2).sum() * acts.n_tokens)
-    return Reduction(q @ vectors[:, order], eigenvalues[order], total_variance, mean, scale)
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
 
 
 def _zscore_and_flip(sources: np.ndarray) -> np.ndarray:
@@ -138,13 +80,23 @@ def _kurtosis(z: np.ndarray) -> np.ndarray:
     return (z**4).mean(axis=0) - 3.0
 
 
-def unmix(maps: np.ndarray, seed: int, restarts: int, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+REAPPEAR_CORRELATION = 0.9  # |corr| at which a map counts as found again in another restart
+
+
+@dataclass
+class Unmixed:
+    z: np.ndarray  # (neurons, k) z-scored maps of the kept restart
+    match: np.ndarray  # (k,) mean over the other restarts of the best |corr| with any of their maps
+    reappearance: np.ndarray  # (k,) share of the other restarts holding a map with |corr| >= 0.9
+
+
+def unmix(maps: np.ndarray, seed: int, restarts: int, max_iter: int, tol: float) -> Unmixed:
     """FastICA on the (neurons x k) reduced data with seeded restarts.
 
     Keeps the run whose maps are sparsest (largest mean excess kurtosis, the quantity
-    FastICA's contrast approximates) and scores each of its maps by stability: the mean,
-    over the other restarts, of the best |correlation| with any of their maps (ICASSO-style;
-    1.0 means it reappears every time). Returns (z-scored maps (neurons x k), stability (k,)).
+    FastICA's contrast approximates) and scores each of its maps against the other
+    restarts, ICASSO-style: how well (`match`) and how often (`reappearance`) it is found
+    again. A map found in every restart is a property of the data, not of the seed.
     """
     runs = []
     for restart in range(restarts):
@@ -161,10 +113,11 @@ def unmix(maps: np.ndarray, seed: int, restarts: int, max_iter: int, tol: float)
     chosen = runs[best]
     others = [z for i, z in enumerate(runs) if i != best]
     if not others:
-        return chosen, np.full(chosen.shape[1], np.nan)
+        nan = np.full(chosen.shape[1], np.nan)
+        return Unmixed(chosen, nan, nan)
     n = chosen.shape[0]
-    stability = np.mean([np.abs(chosen.T @ other / n).max(axis=1) for other in others], axis=0)
-    return chosen, np.clip(stability, 0.0, 1.0)
+    best_corr = np.clip([np.abs(chosen.T @ other / n).max(axis=1) for other in others], 0.0, 1.0)
+    return Unmixed(chosen, best_corr.mean(axis=0), (best_corr >= REAPPEAR_CORRELATION).mean(axis=0))
 
 
 def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) -> list[np.ndarray]:
@@ -175,55 +128,91 @@ def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) ->
     return [np.flatnonzero(z[:, j] > cuts[j]) for j in range(z.shape[1])]
 
 
-def _check_components(acts: Activations, k: int) -> None:
-    limit = min(acts.n_tokens, acts.n_neurons) - 1
+def column_groups(acts: Activations, per_layer: bool) -> list[tuple[int, int]]:
+    """[start, stop) column ranges that each get their own ICA: all layers, or each layer."""
+    if not per_layer:
+        return [(0, acts.n_neurons)]
+    size = acts.intermediate_size
+    return [(slot * size, (slot + 1) * size) for slot in range(len(acts.layers))]
+
+
+def _check_components(acts: Activations, k: int, per_layer: bool) -> None:
+    neurons = acts.intermediate_size if per_layer else acts.n_neurons
+    limit = min(acts.n_tokens, neurons) - 1
     if k > limit:
         raise UserError(
-            f"--n-components {k} is larger than the data allows: {acts.n_tokens} tokens x {acts.n_neurons} neurons "
-            f"give at most {max(limit, 0)} components; lower --n-components or collect more tokens"
+            f"--n-components {k} is larger than the data allows: {acts.n_tokens} tokens x {neurons} neurons"
+            f"{' per layer' if per_layer else ''} give at most {max(limit, 0)} components; "
+            "lower --n-components or collect more tokens"
         )
 
 
 def default_out(acts: Activations, config: IcaConfig) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(acts.model.name).name).strip("-") or "model"
-    return Path(MASK_ARTIFACTS_DIR) / f"{slug}-ica{config.n_components}-seed{config.seed}.json"
+    per_layer = "-per-layer" if config.per_layer else ""
+    return Path(MASK_ARTIFACTS_DIR) / f"{slug}-ica{config.n_components}{per_layer}-seed{config.seed}.json"
+
+
+def _reduction_device(requested: str) -> str:
+    """CUDA or CPU: the products accumulate in float64, which MPS lacks."""
+    device = choose_device(requested)
+    return str(device) if device.type == "cuda" else "cpu"
+
+
+def _rounded(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 3)
 
 
 def run_ica(config: IcaConfig) -> MaskFile:
     """Find networks in an activations folder and write the mask file; returns it."""
     acts = open_activations(config.activations)
-    _check_components(acts, config.n_components)
+    _check_components(acts, config.n_components, config.per_layer)
     out = config.out or default_out(acts, config)
     if out.exists() and not config.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite or choose another --out")
+    device = _reduction_device(config.device)
+    groups = column_groups(acts, config.per_layer)
     print(
         f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
-        f"{config.n_components} components, {config.restarts} restart(s)"
+        f"{config.n_components} components{' per layer' if config.per_layer else ''}, "
+        f"{config.restarts} restart(s), reduction on {device} ({config.engine})"
     )
-    reduction = reduce(
-        acts, config.n_components, config.standardize, config.seed, config.power_iterations, config.oversample
-    )
-    z, stability = unmix(reduction.maps, config.seed, config.restarts, config.max_iter, config.tol)
-    members = threshold_maps(z, config.threshold, config.percentile)
+    with engine_session(config.engine, config.dask_scheduler):
+        reductions = reduce(
+            acts,
+            groups,
+            config.n_components,
+            config.standardize,
+            config.seed,
+            config.power_iterations,
+            config.oversample,
+            config.engine,
+            device,
+        )
     found = []
-    for j, columns in enumerate(members):
-        if len(columns) == 0:
-            continue
-        layers: dict[int, list[int]] = {}
-        for column in columns:
-            layer, neuron = acts.column_to_neuron(int(column))
-            layers.setdefault(layer, []).append(neuron)
-        stats = {
-            "peak_z": round(float(z[:, j].max()), 3),
-            "stability": None if np.isnan(stability[j]) else round(float(stability[j]), 3),
-            "component": j,
-        }
-        found.append(({layer: tuple(sorted(neurons)) for layer, neurons in layers.items()}, stats))
+    for reduction in reductions:
+        unmixed = unmix(reduction.maps, config.seed, config.restarts, config.max_iter, config.tol)
+        offset = reduction.columns[0]
+        for j, members in enumerate(threshold_maps(unmixed.z, config.threshold, config.percentile)):
+            if len(members) == 0:
+                continue
+            layers: dict[int, list[int]] = {}
+            for column in members:
+                layer, neuron = acts.column_to_neuron(offset + int(column))
+                layers.setdefault(layer, []).append(neuron)
+            stats = {
+                "peak_z": round(float(unmixed.z[:, j].max()), 3),
+                "stability": _rounded(unmixed.match[j]),
+                "reappearance": _rounded(unmixed.reappearance[j]),
+                "component": j,
+            }
+            found.append(({layer: tuple(sorted(neurons)) for layer, neurons in layers.items()}, stats))
     # Ids by size, largest first, so that id 0 is the biggest network of a file.
     found.sort(key=lambda item: (-sum(len(n) for n in item[0].values()), -item[1]["peak_z"]))
     networks = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
+    explained = sum(r.eigenvalues.sum() for r in reductions) / max(sum(r.total_variance for r in reductions), 1e-300)
     source = {
-        "method": "spatial-ica",
+        "method": "spatial-ica-per-layer" if config.per_layer else "spatial-ica",
         "activations": {
             "folder": str(acts.folder),
             "manifest_digest": file_digest(acts.folder / MANIFEST_NAME),
@@ -232,10 +221,14 @@ def run_ica(config: IcaConfig) -> MaskFile:
             "dataset": acts.manifest.get("dataset", {}),
         },
         "ica": {
-            **{k: v for k, v in asdict(config).items() if k not in ("activations", "out", "register", "overwrite")},
+            **{
+                k: v
+                for k, v in asdict(config).items()
+                if k not in ("activations", "out", "register", "overwrite", "engine", "dask_scheduler", "device")
+            },
             "threshold_rule": "percentile" if config.percentile is not None else "zscore",
-            "explained_variance_ratio": round(reduction.explained_variance_ratio, 4),
-            "empty_components_dropped": config.n_components - len(networks),
+            "explained_variance_ratio": round(float(explained), 4),
+            "empty_components_dropped": config.n_components * len(groups) - len(networks),
         },
     }
     mask = MaskFile(model=acts.model, networks=networks, source=source)
@@ -245,6 +238,6 @@ def run_ica(config: IcaConfig) -> MaskFile:
     covered = len({(layer, n) for network in networks for layer, ns in network.layers.items() for n in ns})
     print(
         f"ica: {len(networks)} networks covering {covered} neurons ({100 * covered / acts.n_neurons:.1f}%), "
-        f"PCA kept {100 * reduction.explained_variance_ratio:.1f}% of the variance; wrote {out}"
+        f"PCA kept {100 * explained:.1f}% of the variance; wrote {out}"
     )
     return mask

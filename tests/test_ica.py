@@ -96,3 +96,93 @@ def test_missing_or_unfinished_activations_are_refused(tmp_path: Path) -> None:
     (tmp_path / "half" / "shard-r00-00000.h5.partial").write_bytes(b"")
     with pytest.raises(UserError, match="unfinished shard"):
         run_ica(IcaConfig(activations=tmp_path / "half", out=tmp_path / "m.json"))
+
+
+def test_per_layer_mode_finds_each_layers_networks_within_that_layer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    data = rng.normal(0.0, 1.0, (3000, len(LAYERS) * WIDTH)).astype(np.float32)
+    planted = []
+    for slot in range(len(LAYERS)):  # two networks of 10 neurons in each layer
+        order = slot * WIDTH + rng.permutation(WIDTH)
+        for members in (order[:10], order[10:20]):
+            course = rng.laplace(0.0, 1.0, 3000) * (rng.random(3000) < 0.3)
+            data[:, members] += 3.0 * course[:, None] * rng.uniform(1.0, 2.0, len(members))
+            planted.append(set(members.tolist()))
+    folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1000)
+    mask = run_ica(
+        IcaConfig(activations=folder, out=tmp_path / "m.json", n_components=4, per_layer=True, register=False)
+    )
+    assert all(len(network.layers) == 1 for network in mask.networks)
+    assert mask.source["method"] == "spatial-ica-per-layer"
+    found = _found_sets(mask)
+    for members in planted:
+        assert max(_iou(members, other) for other in found) >= 0.8
+    with pytest.raises(UserError, match=f"3000 tokens x {WIDTH} neurons per layer"):
+        run_ica(IcaConfig(activations=folder, out=tmp_path / "n.json", n_components=WIDTH, per_layer=True))
+
+
+def test_stability_and_reappearance_are_stored_per_network(tmp_path: Path) -> None:
+    data, planted = _planted()
+    folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1500)
+    mask = run_ica(IcaConfig(activations=folder, out=tmp_path / "m.json", n_components=8, restarts=4, register=False))
+    found = _found_sets(mask)
+    # The planted networks are properties of the data: every restart finds them again.
+    for members in planted:
+        best = max(range(len(found)), key=lambda i: _iou(members, found[i]))
+        assert _iou(members, found[best]) >= 0.8
+        assert mask.networks[best].stats["reappearance"] == 1.0 and mask.networks[best].stats["stability"] > 0.95
+    assert all(0.0 <= n.stats["reappearance"] <= 1.0 for n in mask.networks)
+
+
+def test_dask_engine_gives_the_local_engines_networks(tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    data, _ = _planted()
+    folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=700)  # 6 shards: a 3-level tree
+    config = dict(activations=folder, n_components=8, restarts=2, register=False)
+    local = run_ica(IcaConfig(out=tmp_path / "local.json", **config))
+    threads = run_ica(IcaConfig(out=tmp_path / "threads.json", engine="dask", **config))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        remote = run_ica(
+            IcaConfig(out=tmp_path / "cluster.json", engine="dask", dask_scheduler=cluster.scheduler_address, **config)
+        )
+        with Client(cluster.scheduler_address) as client:
+            assert client.run(lambda: 1)  # the workers answered, so the tasks ran on them
+    expected = _found_sets(local)
+    assert _found_sets(threads) == expected
+    assert _found_sets(remote) == expected
+
+
+def test_reduction_matches_the_exact_principal_subspace(tmp_path: Path) -> None:
+    from fn_analyze.activations import open_activations
+    from fn_analyze.reduction import reduce
+
+    data, _ = _planted(tokens=2000)
+    folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=600)
+    exact_data = data.astype(np.float16).astype(np.float64)
+    centered = exact_data - exact_data.mean(axis=0)
+    eigenvalues, vectors = np.linalg.eigh(centered.T @ centered)
+    top = vectors[:, ::-1][:, :5]
+    (reduction,) = reduce(open_activations(folder), [(0, data.shape[1])], 5, False, 0, 3, 10)
+    np.testing.assert_allclose(reduction.eigenvalues, eigenvalues[::-1][:5], rtol=1e-4)
+    assert np.linalg.norm(top - reduction.maps @ (reduction.maps.T @ top)) < 1e-3  # same subspace
+
+
+def test_ica_finds_the_components_of_sklearns_default_fastica(tmp_path: Path) -> None:
+    """On a matrix that fits in memory, the streamed stage agrees with FastICA(whiten="unit-variance")
+    fitted on the whole (neurons x tokens) matrix: each of its maps matched with |corr| >= 0.95."""
+    from sklearn.decomposition import FastICA
+
+    from fn_analyze.activations import open_activations
+    from fn_analyze.ica import unmix
+    from fn_analyze.reduction import reduce
+
+    data, _ = _planted(tokens=2000, n_networks=6)
+    folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1000)
+    (reduction,) = reduce(open_activations(folder), [(0, data.shape[1])], 6, False, 0, 2, 10)
+    ours = unmix(reduction.maps, seed=0, restarts=3, max_iter=1000, tol=1e-4).z
+    reference = FastICA(n_components=6, whiten="unit-variance", random_state=0).fit_transform(
+        data.astype(np.float16).astype(np.float64).T
+    )
+    corr = np.abs(np.corrcoef(ours.T, reference.T)[:6, 6:])
+    assert corr.max(axis=0).min() >= 0.95, corr.max(axis=0)

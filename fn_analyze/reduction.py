@@ -1,0 +1,216 @@
+"""The streamed PCA reduction before ICA: a sum over shards, so any map-reduce engine can run it.
+
+With X the (tokens x neurons) activations, centered per neuron (and optionally scaled),
+the top-k principal maps over neurons are found by randomized subspace iteration on
+C = X^T X (Halko, Martinsson & Tropp 2011). Every pass over the data is a sum over shards,
+C Q = sum_s X_s^T (X_s Q), computed shard by shard in float32 blocks and accumulated in
+float64, so memory is (neurons x components) whatever the token count. One pass serves
+several column groups at once (all layers together, or each layer on its own).
+
+Each shard's part is a plain function of (shard path, small arrays), so the sum runs
+in this process (`engine="local"`) or as dask tasks (`engine="dask"`): on dask's local
+scheduler, or on a cluster when a `dask.distributed` Client is connected, with the
+shards on a file system every worker can read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from fn_analyze.activations import Activations
+from shared.constants import ACTIVATIONS_DATASET
+from shared.errors import UserError
+
+BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from a shard
+ENGINES = ("local", "dask")
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    n_tokens: int
+    n_columns: int
+
+
+@dataclass
+class Reduction:
+    """The top-k principal maps over one group's neurons of the centered (and optionally scaled) data."""
+
+    columns: tuple[int, int]  # [start, stop) of the group's activations columns
+    maps: np.ndarray  # (neurons, k), orthonormal columns
+    eigenvalues: np.ndarray  # (k,), of C = X_c^T X_c, descending
+    total_variance: float  # trace of C
+    mean: np.ndarray = field(repr=False)
+    scale: np.ndarray = field(repr=False)
+
+    @property
+    def explained_variance_ratio(self) -> float:
+        return float(self.eigenvalues.sum() / self.total_variance) if self.total_variance > 0 else 0.0
+
+
+def _shard_blocks(shard: Shard, device: torch.device) -> Iterator[torch.Tensor]:
+    """A shard's token rows as float32 blocks on `device`."""
+    rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
+    with h5py.File(shard.path, "r") as handle:
+        data = handle[ACTIVATIONS_DATASET]
+        if data.shape != (shard.n_tokens, shard.n_columns):
+            raise UserError(
+                f"shard {shard.path} has shape {data.shape}, the manifest says "
+                f"({shard.n_tokens}, {shard.n_columns}); re-run `fn-analyze collect`"
+            )
+        for start in range(0, data.shape[0], rows):
+            yield torch.from_numpy(data[start : start + rows]).to(device=device, dtype=torch.float32)
+
+
+def shard_moments(shard: Shard, device: str) -> np.ndarray:
+    """(2, neurons) float64: the shard's per-neuron sum and sum of squares."""
+    total = torch.zeros((2, shard.n_columns), dtype=torch.float64, device=device)
+    for block in _shard_blocks(shard, torch.device(device)):
+        total[0] += block.sum(dim=0, dtype=torch.float64)
+        total[1] += (block * block).sum(dim=0, dtype=torch.float64)
+    return total.cpu().numpy()
+
+
+def shard_products(
+    shard: Shard,
+    groups: Sequence[tuple[int, int]],
+    mean: np.ndarray,
+    inv_scale: np.ndarray,
+    bases: Sequence[np.ndarray],
+    device: str,
+) -> list[np.ndarray]:
+    """For each column group g: sum over the shard's blocks of X_g^T (X_g basis_g), float64."""
+    dev = torch.device(device)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=dev)
+    inv_scale_t = torch.as_tensor(inv_scale, dtype=torch.float32, device=dev)
+    bases_t = [torch.as_tensor(b, dtype=torch.float32, device=dev) for b in bases]
+    outs = [torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in bases_t]
+    for block in _shard_blocks(shard, dev):
+        block -= mean_t
+        block *= inv_scale_t
+        for (start, stop), basis, out in zip(groups, bases_t, outs, strict=True):
+            x = block[:, start:stop]
+            out += (x.T @ (x @ basis)).to(torch.float64)
+    return [out.cpu().numpy() for out in outs]
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, list):
+        return [x + y for x, y in zip(a, b, strict=True)]
+    return a + b
+
+
+def sum_over_shards(function: Callable[..., Any], shards: Sequence[Shard], args: tuple, engine: str) -> Any:
+    """sum_s function(shard_s, *args): in this process, or as a dask graph with a tree sum."""
+    if engine == "local":
+        total = None
+        for shard in shards:
+            part = function(shard, *args)
+            total = part if total is None else _add(total, part)
+        return total
+    if engine == "dask":
+        try:
+            import dask
+        except ImportError as exc:
+            raise UserError("--engine dask needs dask: pip install 'functional-networks[dask]'") from exc
+
+        shared_args = [dask.delayed(arg) for arg in args]  # one copy in the graph, not one per shard
+        parts = [dask.delayed(function)(shard, *shared_args) for shard in shards]
+        while len(parts) > 1:  # pairwise tree: bounded memory on the client and the workers
+            parts = [
+                dask.delayed(_add)(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i]
+                for i in range(0, len(parts), 2)
+            ]
+        return dask.compute(parts[0])[0]
+    raise UserError(f"unknown --engine {engine!r}; use one of {', '.join(ENGINES)}")
+
+
+@contextmanager
+def engine_session(engine: str, scheduler: str | None) -> Iterator[None]:
+    """Connect to a dask.distributed scheduler for the block when one is named."""
+    if scheduler is None:
+        yield
+        return
+    if engine != "dask":
+        raise UserError("--dask-scheduler needs --engine dask")
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise UserError("--dask-scheduler needs dask.distributed: pip install 'functional-networks[dask]'") from exc
+    try:
+        client = Client(scheduler, timeout="30s", set_as_default=True)
+    except OSError as exc:
+        raise UserError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address") from exc
+    with client:
+        yield
+
+
+@contextmanager
+def full_float32_matmul() -> Iterator[None]:
+    """TF32 off for the block: it would round the products to 10-bit mantissas on CUDA."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def shards_of(acts: Activations) -> list[Shard]:
+    return [Shard(str(acts.folder / s["file"]), int(s["n_tokens"]), acts.n_neurons) for s in acts.manifest["shards"]]
+
+
+def reduce(
+    acts: Activations,
+    groups: Sequence[tuple[int, int]],
+    k: int,
+    standardize: bool,
+    seed: int,
+    power_iterations: int,
+    oversample: int,
+    engine: str = "local",
+    device: str = "cpu",
+) -> list[Reduction]:
+    """Randomized subspace iteration for every column group, one pass over the shards per product."""
+    shards = shards_of(acts)
+    with full_float32_matmul():
+        sums = sum_over_shards(shard_moments, shards, (device,), engine)
+        mean = sums[0] / acts.n_tokens
+        std = np.sqrt(np.maximum(sums[1] / acts.n_tokens - mean**2, 0.0))
+        # Dead neurons (zero variance) keep scale 1 so they stay zero instead of dividing by zero.
+        scale = np.where(std > 0, std, 1.0) if standardize else np.ones_like(std)
+        inv_scale = 1.0 / scale
+        rng = np.random.default_rng(seed)
+        bases = []
+        for start, stop in groups:
+            width = min(stop - start, k + oversample)
+            bases.append(np.linalg.qr(rng.standard_normal((stop - start, width)))[0])
+        fixed = (groups, mean, inv_scale)
+        for _ in range(power_iterations):
+            products = sum_over_shards(shard_products, shards, (*fixed, bases, device), engine)
+            bases = [np.linalg.qr(product)[0] for product in products]
+        products = sum_over_shards(shard_products, shards, (*fixed, bases, device), engine)
+    reductions = []
+    for (start, stop), basis, product in zip(groups, bases, products, strict=True):
+        small = basis.T @ product
+        eigenvalues, vectors = np.linalg.eigh((small + small.T) / 2)
+        order = np.argsort(eigenvalues)[::-1][:k]
+        total_variance = float(((std[start:stop] / scale[start:stop]) ** 2).sum() * acts.n_tokens)
+        reductions.append(
+            Reduction(
+                (start, stop),
+                basis @ vectors[:, order],
+                eigenvalues[order],
+                total_variance,
+                mean[start:stop],
+                scale[start:stop],
+            )
+        )
+    return reductions
