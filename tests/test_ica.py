@@ -178,6 +178,7 @@ def test_ica_finds_the_components_of_sklearns_default_fastica(tmp_path: Path) ->
     from fn_analyze.reduction import reduce
 
     data, _ = _planted(tokens=2000, n_networks=6)
+    data -= data.mean(axis=0)  # ica centers each neuron; hand sklearn the same centered matrix
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1000)
     (reduction,) = reduce(open_activations(folder), [(0, data.shape[1])], 6, False, 0, 2, 10)
     ours = unmix(reduction.maps, seed=0, restarts=3, max_iter=1000, tol=1e-4).z
