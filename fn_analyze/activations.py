@@ -37,6 +37,7 @@ from shared.constants import (
     TOKEN_IDS_DATASET,
 )
 from shared.errors import UserError
+from shared.jsonio import write_json_atomic
 from shared.models import ModelInfo
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
@@ -164,6 +165,34 @@ def completed_shards(folder: Path, rank: int) -> list[dict[str, Any]]:
         except (OSError, KeyError) as exc:
             raise UserError(f"shard {path} cannot be read ({exc}); delete it or pass --overwrite") from exc
     return shards
+
+
+def write_matrix(
+    folder: Path, matrix: np.ndarray, model: ModelInfo, layers: list[int], rows_per_shard: int = 65536
+) -> Path:
+    """An activations folder holding `matrix` (tokens x len(layers) * intermediate_size, layer-major),
+    as collect writes it: for activations recorded by other tools, and for synthetic data."""
+    folder = Path(folder)
+    if matrix.shape[1] != len(layers) * model.intermediate_size:
+        raise UserError(
+            f"matrix has {matrix.shape[1]} columns; {len(layers)} layers x {model.intermediate_size} neurons "
+            f"need {len(layers) * model.intermediate_size}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(folder, matrix.shape[1], rows_per_shard)
+    for start in range(0, len(matrix), rows_per_shard):
+        rows = np.arange(start, min(len(matrix), start + rows_per_shard))
+        zeros = np.zeros(len(rows), np.int32)
+        writer.write(matrix[rows].astype(np.float16), zeros, rows, zeros, next_record=int(rows[-1]) + 1)
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "model": model.to_dict(),
+        "layers": list(layers),
+        "n_tokens": len(matrix),
+        "shards": [{"file": s["file"], "n_tokens": s["n_tokens"]} for s in writer.close()],
+    }
+    write_json_atomic(folder / MANIFEST_NAME, manifest)
+    return folder
 
 
 @dataclass(frozen=True)

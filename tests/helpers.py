@@ -31,33 +31,11 @@ def write_activations(
     folder: Path, matrix, layers: list[int], intermediate_size: int, rows_per_shard: int = 1000
 ) -> Path:
     """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it."""
-    import numpy as np
-
-    from fn_analyze.activations import ShardWriter
-    from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION
-    from shared.jsonio import write_json_atomic
+    from fn_analyze.activations import write_matrix
     from shared.models import ModelInfo
 
-    folder.mkdir(parents=True, exist_ok=True)
-    n = len(matrix)
-    writer = ShardWriter(folder, matrix.shape[1], rows_per_shard)
-    for start in range(0, n, rows_per_shard):
-        rows = np.arange(start, min(n, start + rows_per_shard))
-        writer.write(
-            matrix[rows].astype(np.float16), np.zeros(len(rows), np.int32), rows, np.zeros(len(rows), np.int32)
-        )
     info = ModelInfo("synthetic", "llama", max(layers) + 1, intermediate_size, 8, "sha256:synthetic")
-    write_json_atomic(
-        folder / MANIFEST_NAME,
-        {
-            "schema_version": MANIFEST_SCHEMA_VERSION,
-            "model": info.to_dict(),
-            "layers": layers,
-            "n_tokens": n,
-            "shards": writer.close(),
-        },
-    )
-    return folder
+    return write_matrix(folder, matrix, info, layers, rows_per_shard)
 
 
 def record_results(monkeypatch, module, name: str) -> list:

@@ -1,0 +1,121 @@
+"""Recording throughput against the bare forward pass of the same model.
+
+Both sides start from the same loaded model and do the same data work (load the
+dataset, render and tokenize it, pad the same batches); the bare side runs the
+backbone forward and drops the result, the recording side is `collect()` itself
+(hooks, copies, float16 HDF5 shards, manifest). Runs alternate, best of --repeats each.
+
+    python bench/collect_vs_forward.py [--data demo/data.jsonl] [--records 120]
+
+Prints tokens/s for the embedded model and a tiny model; ends with one line
+`collect_vs_forward: ratio=X` (recording over bare throughput, embedded model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fn_analyze.collect as collect_module
+from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.demo_data import write_demo_data
+from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
+from shared.models import load_causal_lm, load_tokenizer
+
+
+def bare_forward(config: CollectConfig, model: torch.nn.Module) -> int:
+    """What collect does minus the recording: returns the tokens run."""
+    records = load_dataset_any(config.dataset)["train"]
+    fmt = detect_format(records.column_names)
+    tokenizer = load_tokenizer(config.model)
+    tokenizer.padding_side = "right"
+    template = resolve_template(config.template_format, tokenizer)
+    texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
+    sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
+    tokens = 0
+    with torch.inference_mode():
+        for start in range(0, len(sequences), config.batch_size):
+            batch = tokenizer.pad({"input_ids": sequences[start : start + config.batch_size]}, return_tensors="pt")
+            model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            tokens += int(batch["attention_mask"].sum())
+    return tokens
+
+
+def recorded(config: CollectConfig, model: torch.nn.Module) -> int:
+    original = collect_module.load_causal_lm
+    collect_module.load_causal_lm = lambda *args, **kwargs: model  # time the recording, not the loading
+    try:
+        return collect(config)["n_tokens"]
+    finally:
+        collect_module.load_causal_lm = original
+        shutil.rmtree(config.out, ignore_errors=True)
+
+
+def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: int) -> float:
+    best = {"bare": float("inf"), "record": float("inf")}
+    tokens = {}
+    for _ in range(repeats):
+        for side, run in (("bare", bare_forward), ("record", recorded)):
+            start = time.perf_counter()
+            tokens[side] = run(config, model)
+            best[side] = min(best[side], time.perf_counter() - start)
+    assert tokens["bare"] == tokens["record"], tokens
+    bare, record = tokens["bare"] / best["bare"], tokens["record"] / best["record"]
+    print(
+        f"{name}: {tokens['bare']} tokens, batch {config.batch_size}; bare forward {bare:,.0f} tok/s, "
+        f"recording {record:,.0f} tok/s -> {record / bare:.3f} of bare"
+    )
+    return record / bare
+
+
+def tiny_model_dir(folder: Path) -> Path:
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="dataset to run (default: fresh demo data)")
+    parser.add_argument("--records", type=int, default=60, help="demo records when --data is not given")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
+    try:
+        data = args.data or str(
+            write_demo_data(work / "demo", seed=0, n_collect=args.records, n_train=1, n_eval=1)["collect"]
+        )
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+        ratios = {}
+        for name, model_name in (("tiny", str(tiny_model_dir(work / "tiny"))), ("embedded", "smollm2-135m")):
+            model = load_causal_lm(model_name, torch.float32, torch.device("cpu"))
+            config = CollectConfig(
+                dataset=data, out=work / "acts", model=model_name, batch_size=args.batch_size, device="cpu"
+            )
+            ratios[name] = measure(name, config, model, args.repeats)
+        print(f"tiny model ratio: {ratios['tiny']:.3f}")
+        print(f"collect_vs_forward: ratio={ratios['embedded']:.3f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
