@@ -49,6 +49,12 @@ def collect_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite/--no-overwrite", help="Replace activations already in --out.")
     ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code", help="Run Python code shipped with the model (off: refused)."
+        ),
+    ] = False,
 ) -> None:
     """Record the input of every MLP down-projection for each real token, to float16 HDF5 shards."""
     params = dict(locals())
@@ -122,3 +128,7 @@ def demo_data_command(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -15,13 +15,13 @@ from fn_analyze.activations import ShardWriter
 from shared import __version__
 from shared.arch import find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
-from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
+from shared.data import check_answers_fit, detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
 from shared.digests import file_digest
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs
 from shared.jsonio import write_json_atomic
-from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class CollectConfig:
     device: str = "auto"
     shard_size_mb: int = 512
     overwrite: bool = False
+    trust_remote_code: bool = False  # run Python code shipped with the model (off: such models are refused)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -95,20 +96,23 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def collect(config: CollectConfig) -> dict[str, Any]:
     """Run the model over the dataset and write the activations folder; returns the manifest."""
+    check_model_reachable(config.model)
     dataset = load_dataset_any(config.dataset, config.split)
     split = config.split or ("train" if "train" in dataset else next(iter(dataset)))
     records = dataset[split]
     fmt = detect_format(records.column_names, config.data_format, source=f"dataset {config.dataset}")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     # Right padding keeps every real token at its true position (models derive positions
     # from the cache position, not the attention mask, so left padding would shift them).
     tokenizer.padding_side = "right"
     template = resolve_template(config.template_format, tokenizer)
-    texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
+    examples = [to_example(record, fmt) for record in records]
+    check_answers_fit(examples, template, tokenizer, config.max_length, "--max-length", f"dataset {config.dataset}")
+    texts = [render_text(example, template, tokenizer) for example in examples]
 
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
-    model = load_causal_lm(config.model, dtype, device)
+    model = load_causal_lm(config.model, dtype, device, trust_remote_code=config.trust_remote_code)
     projections = find_down_projections(model)
     info = model_info(model, config.model, projections)
     layers = parse_layers(config.layers, len(projections))

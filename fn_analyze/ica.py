@@ -23,7 +23,7 @@ from fn_analyze.activations import Activations, open_activations
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.digests import file_digest
 from shared.errors import UserError
-from shared.mask_index import register_mask
+from shared.mask_index import check_mask_out, register_mask
 from shared.masks import MaskFile, Network, save_mask_file
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
     acts = open_activations(config.activations)
     _check_components(acts, config.n_components)
     out = config.out or default_out(acts, config)
-    if out.exists() and not config.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite or choose another --out")
+    check_mask_out(out, config.overwrite, config.register)
     print(
         f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
         f"{config.n_components} components, {config.restarts} restart(s)"
