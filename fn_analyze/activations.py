@@ -39,6 +39,7 @@ from shared.constants import (
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.models import ModelInfo
+from shared.paths import file_in_folder
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
 
@@ -265,7 +266,9 @@ def open_activations(folder: Path) -> Activations:
             f"{manifest_path} has schema_version {manifest.get('schema_version')!r}, this tool reads "
             f"{MANIFEST_SCHEMA_VERSION}; re-run `fn-analyze collect`"
         )
-    missing = [s["file"] for s in manifest["shards"] if not (folder / s["file"]).is_file()]
+    missing = [
+        s["file"] for s in manifest["shards"] if not file_in_folder(folder, s["file"], str(manifest_path)).is_file()
+    ]
     if missing:
         raise UserError(f"activations folder {folder} lacks shard {missing[0]} named in its manifest; re-run collect")
     if manifest["n_tokens"] < 1:

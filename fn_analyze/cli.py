@@ -60,6 +60,12 @@ def collect_command(
             help="Replace what --out holds (default: resume an interrupted run of the same arguments).",
         ),
     ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code/--no-trust-remote-code", help="Run Python code shipped with the model (off: refused)."
+        ),
+    ] = False,
 ) -> None:
     """Record the input of every MLP down-projection for each real token, to float16 HDF5 shards.
 

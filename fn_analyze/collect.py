@@ -17,14 +17,14 @@ from fn_analyze.activations import ShardWriter, completed_shards
 from shared import __version__
 from shared.arch import find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
-from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
+from shared.data import check_answers_fit, detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
 from shared.distributed import process_group, rank_device
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs
 from shared.jsonio import write_json_atomic
-from shared.models import ModelInfo, load_causal_lm, load_tokenizer, model_info
+from shared.models import ModelInfo, check_model_reachable, load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class CollectConfig:
     token_rate: float | None = None
     seed: int = 0
     overwrite: bool = False
+    trust_remote_code: bool = False  # run Python code shipped with the model (off: such models are refused)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -86,23 +87,33 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def _prepare_out(out: Path, overwrite: bool, run_key: str) -> None:
-    """Make `out` ready: refuse what is not ours, resume an interrupted run of the same
-    arguments (keep its finished shards, drop unfinished ones), or start afresh."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Before any work: `out` must be a new folder, or one holding only what collect writes
+    and no finished run unless --overwrite."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the activations")
+    if out.exists():
+        ours = (
+            {MANIFEST_NAME}
+            | {p.name for p in out.glob(SHARD_GLOB)}
+            | {p.name for p in out.glob(SHARD_GLOB + PARTIAL_SUFFIX)}
+        )
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if foreign:
+            raise UserError(f"--out {out} exists and holds {foreign[0]}, which is not ours; give a new or empty folder")
+        if (out / MANIFEST_NAME).exists() and not overwrite:
+            raise UserError(f"--out {out} already holds activations; pass --overwrite or give another folder")
+
+
+def _prepare_out(out: Path, overwrite: bool, run_key: str) -> None:
+    """Make `out` (checked by `_check_out`) ready: resume an interrupted run of the same
+    arguments (keep its finished shards, drop unfinished ones), or start afresh."""
     if not out.exists():
         out.mkdir(parents=True)
         return
     finished = list(out.glob(SHARD_GLOB))
     unfinished = list(out.glob(SHARD_GLOB + PARTIAL_SUFFIX))
-    ours = {MANIFEST_NAME} | {p.name for p in finished + unfinished}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-    if foreign:
-        raise UserError(f"--out {out} exists and holds {foreign[0]}, which is not ours; give a new or empty folder")
     if not overwrite:
-        if (out / MANIFEST_NAME).exists():
-            raise UserError(f"--out {out} already holds activations; pass --overwrite or give another folder")
         ranks = sorted({int(p.name.split("-")[1][1:]) for p in finished})
         if any(shard["run_key"] != run_key for rank in ranks for shard in completed_shards(out, rank)):
             raise UserError(
@@ -194,23 +205,27 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     its own shards and rank 0 writes one manifest naming all of them. Re-running the same
     command after an interruption continues from the finished shards.
     """
+    check_model_reachable(config.model)
+    _check_out(config.out, config.overwrite)
     dataset = load_dataset_any(config.dataset, config.split)
     split = config.split or ("train" if "train" in dataset else next(iter(dataset)))
     records = dataset[split]
     fmt = detect_format(records.column_names, config.data_format, source=f"dataset {config.dataset}")
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     # Right padding keeps every real token at its true position (models derive positions
     # from the cache position, not the attention mask, so left padding would shift them).
     tokenizer.padding_side = "right"
     template = resolve_template(config.template_format, tokenizer)
-    texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
+    examples = [to_example(record, fmt) for record in records]
+    check_answers_fit(examples, template, tokenizer, config.max_length, "--max-length", f"dataset {config.dataset}")
+    texts = [render_text(example, template, tokenizer) for example in examples]
     dataset_digest = file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None
 
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     with process_group(device) as ranks:
         device = rank_device(device, ranks)
-        model = load_causal_lm(config.model, dtype, device)
+        model = load_causal_lm(config.model, dtype, device, trust_remote_code=config.trust_remote_code)
         projections = find_down_projections(model)
         info = model_info(model, config.model, projections)
         layers = parse_layers(config.layers, len(projections))
@@ -223,13 +238,13 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         expected = sum(sample.expected(len(ids)) for ids in sequences)
         total = min(expected, config.max_tokens or expected)
         if ranks.is_main:
+            _prepare_out(config.out, config.overwrite, run_key)
+            _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
             print(
                 f"collect: {len(texts)} sequences, {'about ' if sample.subsamples else 'up to '}{total:.0f} tokens "
                 f"x {n_columns} neurons ({len(layers)} layers) -> about {total * row_bytes / 2**30:.2f} GiB "
                 f"of float16 in {config.out}" + (f" from {ranks.world_size} processes" if ranks.distributed else "")
             )
-            _prepare_out(config.out, config.overwrite, run_key)
-            _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
         ranks.barrier()
 
         mine = list(range(ranks.rank, len(sequences), ranks.world_size))

@@ -14,6 +14,7 @@ Everything is deterministic from a seed through `random.Random` instances (no gl
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import UserError
+from shared.jsonio import write_text_atomic
 
 FAMILIES: tuple[str, ...] = ("facts", "arithmetic", "sentiment", "continuation")
 
@@ -423,10 +425,11 @@ def generate(n: int, seed: int = 0, families: tuple[str, ...] = FAMILIES) -> lis
 
 
 def _write_csv(path: Path, rows: list[QA]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["question", "answer"])
-        writer.writerows([qa.question, qa.answer] for qa in rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["question", "answer"])
+    writer.writerows([qa.question, qa.answer] for qa in rows)
+    write_text_atomic(path, buffer.getvalue())
 
 
 def write_demo_data(
@@ -446,10 +449,8 @@ def write_demo_data(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"collect": out_dir / "data.jsonl", "train": out_dir / "train.csv", "eval": out_dir / "eval.csv"}
-    with paths["collect"].open("w", encoding="utf-8", newline="") as f:
-        for qa in collect:
-            record = {"question": qa.question, "answer": qa.answer, "family": qa.family}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    records = ({"question": qa.question, "answer": qa.answer, "family": qa.family} for qa in collect)
+    write_text_atomic(paths["collect"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _write_csv(paths["train"], train)
     _write_csv(paths["eval"], evaluation)
     return paths

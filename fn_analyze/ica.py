@@ -24,7 +24,7 @@ from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
 from shared.digests import file_digest
 from shared.errors import UserError
-from shared.mask_index import register_mask
+from shared.mask_index import check_mask_out, register_mask
 from shared.masks import MaskFile, Network, save_mask_file
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
     acts = open_activations(config.activations)
     _check_components(acts, config.n_components, config.per_layer)
     out = config.out or default_out(acts, config)
-    if out.exists() and not config.overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite or choose another --out")
+    check_mask_out(out, config.overwrite, config.register)
     device = _reduction_device(config.device)
     groups = column_groups(acts, config.per_layer)
     print(

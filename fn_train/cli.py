@@ -80,6 +80,9 @@ def run(
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them."""
     params = dict(locals())
     setup_logging(params.pop("verbose"))
+    from shared.models import check_model_reachable
+
+    check_model_reachable(model_name_or_path)  # offline, an unknown model fails before the heavy imports
     from fn_train.config import TrainConfig
     from fn_train.trainer import train
 

@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import datasets
 
-from shared.data import detect_format, load_dataset_any, prompt_completion, resolve_template, to_example
+from shared.data import (
+    check_answers_fit,
+    detect_format,
+    load_dataset_any,
+    prompt_completion,
+    resolve_template,
+    to_example,
+)
 from shared.errors import UserError
 
 VALIDATION_SPLITS = ("validation", "valid", "val", "test", "eval")
 
 
 def build_datasets(
-    source: str, data_format: str, template_format: str, tokenizer, validation_split: float, seed: int
+    source: str,
+    data_format: str,
+    template_format: str,
+    tokenizer,
+    validation_split: float,
+    seed: int,
+    max_length: int | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
     """(train, eval or None, template used). An existing validation split is used as it is;
-    otherwise `validation_split` > 0 holds out a seeded, shuffled share of the training rows."""
+    otherwise `validation_split` > 0 holds out a seeded, shuffled share of the training rows.
+    With `max_length`, training data whose every prompt fills it is refused."""
     loaded = load_dataset_any(source)
     train_name = "train" if "train" in loaded else next(iter(loaded))
     train = loaded[train_name]
     fmt = detect_format(train.column_names, data_format, source=f"dataset {source}")
     template = resolve_template(template_format, tokenizer)
+    if max_length is not None:
+        examples = [to_example(record, fmt) for record in train]
+        check_answers_fit(examples, template, tokenizer, max_length, "--max_seq_length", f"dataset {source}")
     eval_name = next((name for name in VALIDATION_SPLITS if name in loaded and name != train_name), None)
     evaluation = loaded[eval_name] if eval_name else None
     if evaluation is None and validation_split > 0:

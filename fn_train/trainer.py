@@ -92,6 +92,7 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None):
         tokenizer,
         config.validation_split,
         config.seed,
+        max_length=config.max_seq_length,
     )
     log.info("template: %s, %d training rows", template, len(train_set))
     model = load_causal_lm(config.model_name_or_path, dtype, device)

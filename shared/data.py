@@ -7,12 +7,15 @@ on the same signal it is later applied to.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -80,9 +83,8 @@ def load_dataset_any(source: str, split: str | None = None):
     except Exception as exc:  # datasets raises many types for unreadable input
         if "corresponds to no data" in str(exc):  # datasets' words for a file with a header and no row
             raise UserError(f"dataset {source} has no records; give a file with at least one record") from exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"cannot read dataset {source!r} ({first}); give a readable local file or dataset name"
+            f"cannot read dataset {source!r} ({_root_cause(exc)}); give a readable local file or dataset name"
         ) from exc
     if split is not None:
         if split not in loaded:
@@ -91,6 +93,15 @@ def load_dataset_any(source: str, split: str | None = None):
     if all(len(part) == 0 for part in loaded.values()):
         raise UserError(f"dataset {source} has no records; give a file with at least one record")
     return loaded
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first line of the innermost explicitly chained cause: datasets wraps a parse error
+    ("JSON parse error: ... in row 0") in "An error occurred while generating the dataset"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def detect_format(columns: list[str], requested: str = "auto", source: str = "dataset") -> DataFormat:
@@ -103,13 +114,18 @@ def detect_format(columns: list[str], requested: str = "auto", source: str = "da
             raise UserError(f"unknown data format {requested!r}; use auto or one of {names}") from None
         missing = [c for c in FORMAT_COLUMNS[fmt] if c not in columns]
         if missing:
-            raise UserError(f"{source} lacks column(s) {', '.join(missing)} needed by format {fmt.value}")
+            raise UserError(
+                f"{source} lacks column(s) {', '.join(missing)} needed by format {fmt.value} (it has "
+                f"{', '.join(columns)}); pass --data-format auto or the format its columns match"
+            )
         return fmt
     for fmt, needed in FORMAT_COLUMNS.items():
         if all(c in columns for c in needed):
             return fmt
     known = "; ".join(f"{f.value}: {', '.join(c)}" for f, c in FORMAT_COLUMNS.items())
-    raise UserError(f"{source} has columns {', '.join(columns)}, which match no known format ({known})")
+    raise UserError(
+        f"{source} has columns {', '.join(columns)}, which match no known format; rename them to one of ({known})"
+    )
 
 
 def to_example(record: dict[str, Any], fmt: DataFormat) -> Example:
@@ -181,3 +197,42 @@ def render_text(example: Example, template: str, tokenizer) -> str:
     if template == "chat":
         return tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
     return record["prompt"] + record["completion"]
+
+
+def prompt_text(example: Example, template: str, tokenizer) -> str | None:
+    """The rendered example up to where its answer starts; None for a plain-text record,
+    every token of which is learned."""
+    record = prompt_completion(example, template)
+    if "text" in record:
+        return None
+    if template == "chat":
+        return tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+    return record["prompt"]
+
+
+def check_answers_fit(
+    examples: list[Example], template: str, tokenizer, max_length: int, flag: str, source: str
+) -> None:
+    """Refuse data whose every prompt fills `max_length` tokens, so that truncation leaves no
+    answer token: training would have nothing to learn (TRL drops such rows) and collect
+    would record prompts only. Some rows like that get a warning. Plain text is truncated
+    as it is: its first `max_length` tokens are the signal."""
+    prompts = [text for text in (prompt_text(e, template, tokenizer) for e in examples) if text is not None]
+    if not prompts:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    too_long = sum(length >= max_length for length in lengths)
+    if too_long == len(lengths):
+        raise UserError(
+            f"{source}: every record's prompt is at least {flag} {max_length} tokens long (the shortest has "
+            f"{min(lengths)}), so truncation leaves no answer token; raise {flag} above {min(lengths)}"
+        )
+    if too_long:
+        log.warning(
+            "%s: %d of %d records have a prompt of at least %s %d tokens; truncation cuts their answer off",
+            source,
+            too_long,
+            len(lengths),
+            flag,
+            max_length,
+        )

@@ -1,4 +1,4 @@
-"""Atomic JSON writes: a reader never sees half a file."""
+"""Atomic writes of JSON and text files: a reader never sees half a file."""
 
 from __future__ import annotations
 
@@ -17,14 +17,19 @@ def _umask() -> int:
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary file in the same folder, fsync it, then rename over `path`."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file in the same folder, fsync it, then rename over `path`:
+    a crash or a full disk leaves the previous file whole, never half of the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; give it ordinary permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False)
-            handle.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

@@ -13,15 +13,40 @@ from pathlib import Path
 from typing import Any
 
 from shared.constants import MASK_INDEX_NAME
+from shared.errors import UserError
 from shared.jsonio import write_json_atomic
-from shared.masks import MaskFile
+from shared.masks import MaskFile, load_mask_file
+from shared.paths import check_writable_file
 
 
 def read_index(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MASK_INDEX_NAME
     if not path.is_file():
         return {"schema_version": 1, "masks": []}
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"mask index {path} is not valid JSON ({exc}); delete it or pass --no-register") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("masks"), list):
+        raise UserError(f"mask index {path} has no 'masks' list; delete it or pass --no-register")
+    return index
+
+
+def check_mask_out(path: Path, overwrite: bool, register: bool) -> None:
+    """Before any work: `path` can take a mask file (not a folder; an existing file only with
+    `overwrite`) and, with `register`, its folder's index can be read."""
+    path = Path(path)
+    if path.is_file() and not overwrite:
+        try:
+            load_mask_file(path)
+        except UserError:
+            raise UserError(
+                f"--out {path} is an existing file that is not a mask file; choose another --out "
+                "(--overwrite would replace it)"
+            ) from None
+    check_writable_file(path, "--out", overwrite)
+    if register:
+        read_index(path.parent)
 
 
 def register_mask(path: Path, mask: MaskFile) -> None:

@@ -82,6 +82,8 @@ def save_mask_file(mask: MaskFile, path: Path) -> None:
 def load_mask_file(path: Path) -> MaskFile:
     """Read and validate a mask file; every problem is one UserError line naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"mask file {path} is a folder; give the path of a file written by `fn-analyze ica`")
     if not path.is_file():
         raise UserError(f"mask file {path} does not exist; give the path of a file written by `fn-analyze ica`")
     try:
@@ -176,15 +178,22 @@ def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file"
 
 
 def parse_network_ids(text: str | None) -> list[int] | None:
-    """`"0,3,5-7"` -> [0, 3, 5, 6, 7]; None or "all" -> None (every network)."""
-    if text is None or text.strip().lower() in ("", "all"):
+    """`"0,3,5-7"` -> [0, 3, 5, 6, 7]; None or "all" -> None (every network).
+
+    An empty value or an empty range ("5-3") is an error, not "all": it selects nothing.
+    """
+    if text is None or text.strip().lower() == "all":
         return None
+    if not text.strip():
+        raise UserError("--networks is empty; give ids like 0,3,5-7, or all (the default)")
     ids: list[int] = []
     for part in text.split(","):
         part = part.strip()
         try:
             if "-" in part:
                 start, end = (int(x) for x in part.split("-", 1))
+                if end < start:
+                    raise UserError(f"--networks {text!r}: range {part} is empty; write it as {end}-{start}")
                 ids.extend(range(start, end + 1))
             else:
                 ids.append(int(part))
@@ -206,8 +215,14 @@ def select_networks(mask: MaskFile, ids: list[int] | None) -> list[Network]:
                 "see `fn-analyze show`"
             )
         selected = [by_id[i] for i in dict.fromkeys(ids)]
-    if not selected or sum(network.size for network in selected) == 0:
-        raise UserError("the selection holds no neuron; choose other networks with --networks")
+    if not selected:
+        raise UserError("the mask file holds no network; make one with more components (`fn-analyze ica`)")
+    if sum(network.size for network in selected) == 0:
+        chosen = ",".join(str(network.id) for network in selected)
+        raise UserError(
+            f"network(s) {chosen} hold no neuron, so the mask would change nothing; "
+            "choose other networks with --networks (see `fn-analyze show`)"
+        )
     return selected
 
 

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -121,18 +123,50 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model_path(name: str | None) -> str:
-    """`smollm2-135m` (or nothing) is the embedded model; anything else is a HF name or path."""
+    """`smollm2-135m` (or nothing) is the embedded model; anything else is a HF name or path.
+
+    A name written as a path (`/x`, `./x`, `~/x`, `a/b/c`) that does not exist is refused
+    here: Hugging Face names are `name` or `org/name`, so the hub cannot have it.
+    """
     if name is None or name.lower() == EMBEDDED_MODEL_NAME:
         return str(embedded_model_dir())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"model folder {name} does not exist; give a model folder, a Hugging Face name (org/name), "
+                f"or {EMBEDDED_MODEL_NAME!r} for the embedded model"
+            )
+        return str(path)
     return name
 
 
-def load_tokenizer(name: str | None):
+def check_model_reachable(name: str | None) -> None:
+    """Fail at once, before any data is read or heavy library imported, on a model that cannot
+    be loaded offline: with HF_HUB_OFFLINE set, a name that is neither the embedded model, nor
+    a folder, nor in the Hugging Face cache. (Online, the hub decides when loading.)"""
+    if name is None or name.lower() == EMBEDDED_MODEL_NAME or Path(resolve_model_path(name)).is_dir():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.is_offline_mode():
+        return
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError as exc:  # not a valid repository name
+        raise UserError(_load_failure(name, exc)) from exc
+    if not isinstance(cached, str):
+        raise UserError(_not_cached(name))
+
+
+def load_tokenizer(name: str | None, trust_remote_code: bool = False):
+    """The model's tokenizer (pad token = EOS when it has none). Code shipped with the model
+    runs only with `trust_remote_code`; otherwise such a model is refused, never prompted for."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(_load_failure(name, exc)) from exc
     if tokenizer.pad_token is None:
@@ -140,13 +174,27 @@ def load_tokenizer(name: str | None):
     return tokenizer
 
 
-def load_causal_lm(name: str | None, dtype: torch.dtype, device: torch.device, **kwargs) -> nn.Module:
-    """A causal LM on `device`, in eval mode; `trust_remote_code` stays off."""
+def load_causal_lm(
+    name: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, **kwargs
+) -> nn.Module:
+    """A causal LM on `device`, in eval mode.
+
+    Code shipped with the model runs only with `trust_remote_code`. Weights are read from
+    safetensors, or from a pickle with torch.load(weights_only=True) (transformers' default):
+    a pickle that holds more than tensors is refused, not executed.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except pickle.UnpicklingError as exc:
+        called = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise UserError(
+            f"refusing the weights of model {name!r}: its pickle holds more than tensors "
+            f"({'it would call ' + called.group(1) if called else 'objects that only code can rebuild'}); "
+            "use a safetensors copy from a source you trust"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise UserError(_load_failure(name, exc)) from exc
     if "quantization_config" not in kwargs:
@@ -157,7 +205,42 @@ def load_causal_lm(name: str | None, dtype: torch.dtype, device: torch.device, *
 
 def _load_failure(name: str | None, exc: Exception) -> str:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc) or "contains custom code" in str(exc):
+        return (
+            f"model {name!r} ships its own Python code, which is not run by default; "
+            "pass --trust-remote-code if you trust its source"
+        )
+    if _not_in_cache(exc):
+        return _not_cached(name)
     return (
         f"cannot load model {name!r} ({first_line}); give a local model folder, a Hugging Face name "
         f"reachable from here, or {EMBEDDED_MODEL_NAME!r} for the embedded model"
     )
+
+
+def _not_cached(name: str | None) -> str:
+    from huggingface_hub import constants
+
+    where = (
+        "HF_HUB_OFFLINE is set, so only the local cache is read"
+        if constants.is_offline_mode()
+        else "the Hugging Face hub was not reachable (set HF_HUB_OFFLINE=1 to skip its retries)"
+    )
+    return (
+        f"model {name!r} is not a local folder and not in the Hugging Face cache, and {where}; "
+        f"give a local model folder or {EMBEDDED_MODEL_NAME!r} for the embedded model"
+    )
+
+
+def _not_in_cache(exc: BaseException) -> bool:
+    """Whether huggingface_hub gave up on a name: not cached, and the hub offline or unreachable."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LocalEntryNotFoundError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -49,3 +49,16 @@ def record_results(monkeypatch, module, name: str) -> list:
 
     monkeypatch.setattr(module, name, recording)
     return results
+
+
+def refused(result, *fragments: str) -> str:
+    """The one output line of a CLI run refused with exit code 2, with no traceback; the line
+    must hold every fragment. Printed, so `pytest -s` lists every message users can get."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    print(f"REFUSED {lines[0]}")
+    return lines[0]
