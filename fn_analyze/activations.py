@@ -180,7 +180,8 @@ def write_matrix(
             f"need {len(layers) * model.intermediate_size}"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(folder, matrix.shape[1], rows_per_shard)
+    run_key = f"matrix:{model.fingerprint}"
+    writer = ShardWriter(folder, matrix.shape[1], rows_per_shard, run_key=run_key)
     for start in range(0, len(matrix), rows_per_shard):
         rows = np.arange(start, min(len(matrix), start + rows_per_shard))
         zeros = np.zeros(len(rows), np.int32)
@@ -190,6 +191,7 @@ def write_matrix(
         "model": model.to_dict(),
         "layers": list(layers),
         "n_tokens": len(matrix),
+        "run_key": run_key,
         "shards": [{"file": s["file"], "n_tokens": s["n_tokens"]} for s in writer.close()],
     }
     write_json_atomic(folder / MANIFEST_NAME, manifest)
@@ -244,6 +246,27 @@ class Activations:
                     yield block.astype(np.float32)
 
 
+MANIFEST_KEYS = {"model": dict, "layers": list, "n_tokens": int, "shards": list, "run_key": str}
+
+
+def _check_structure(manifest: Any, path: Path) -> None:
+    """The keys readers rely on, with their types: a damaged manifest gets one line, not a KeyError."""
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = "is not a JSON object"
+    else:
+        for key, kind in MANIFEST_KEYS.items():
+            if not isinstance(manifest.get(key), kind):
+                problem = f"lacks {key!r} (or it is not a {kind.__name__})"
+                break
+        else:
+            bad = [s for s in manifest["shards"] if not (isinstance(s, dict) and isinstance(s.get("file"), str))]
+            if bad or any(not isinstance(s.get("n_tokens"), int) for s in manifest["shards"]):
+                problem = "has a shard entry without a file name or token count"
+    if problem:
+        raise UserError(f"{path} {problem}; the file was damaged: re-run `fn-analyze collect`")
+
+
 def open_activations(folder: Path) -> Activations:
     """Read and check the manifest of an activations folder."""
     folder = Path(folder)
@@ -266,11 +289,25 @@ def open_activations(folder: Path) -> Activations:
             f"{manifest_path} has schema_version {manifest.get('schema_version')!r}, this tool reads "
             f"{MANIFEST_SCHEMA_VERSION}; re-run `fn-analyze collect`"
         )
-    missing = [
-        s["file"] for s in manifest["shards"] if not file_in_folder(folder, s["file"], str(manifest_path)).is_file()
-    ]
+    _check_structure(manifest, manifest_path)
+    named = [file_in_folder(folder, s["file"], str(manifest_path)) for s in manifest["shards"]]
+    missing = [path.name for path in named if not path.is_file()]
     if missing:
         raise UserError(f"activations folder {folder} lacks shard {missing[0]} named in its manifest; re-run collect")
+    strays = sorted({p.name for p in folder.glob(SHARD_GLOB)} - {path.name for path in named})
+    if strays:
+        raise UserError(
+            f"activations folder {folder} holds shard {strays[0]}, which its manifest does not name (left by "
+            "another run?); move it out or re-run collect into an empty folder"
+        )
+    for path in named:
+        with h5py.File(path, "r") as handle:
+            run_key = str(handle.attrs.get("run_key", ""))
+        if run_key != manifest["run_key"]:
+            raise UserError(
+                f"shard {path.name} in {folder} was recorded by another collect run (other model or data) than "
+                "its manifest; re-run collect into an empty folder"
+            )
     if manifest["n_tokens"] < 1:
         raise UserError(f"activations folder {folder} holds no token; collect on a non-empty dataset")
     return Activations(folder, manifest)

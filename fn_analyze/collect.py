@@ -301,7 +301,9 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         finally:
             progress.close()
         per_rank = ranks.gather({"shards": shards, "n_tokens": n_tokens, "n_sequences": cursor})
-        manifest = _manifest(config, info, layers, split, fmt.value, template, len(texts), dataset_digest, per_rank)
+        manifest = _manifest(
+            config, info, layers, split, fmt.value, template, len(texts), dataset_digest, run_key, per_rank
+        )
         if ranks.is_main:
             if manifest["n_tokens"] == 0:
                 shutil.rmtree(config.out, ignore_errors=True)
@@ -324,6 +326,7 @@ def _manifest(
     template: str,
     n_records: int,
     dataset_digest: str | None,
+    run_key: str,
     per_rank: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
@@ -336,6 +339,7 @@ def _manifest(
         "n_tokens": sum(part["n_tokens"] for part in per_rank),
         "n_sequences": sum(part["n_sequences"] for part in per_rank),
         "world_size": len(per_rank),
+        "run_key": run_key,
         "dataset": {
             "source": config.dataset,
             "digest": dataset_digest,

@@ -218,6 +218,43 @@ def _ica(acts: Path, out: Path, *extra: str):
     )
 
 
+def test_empty_or_unfinished_activations_folder_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(_ica(empty, tmp_path / "m.json"), f"activations folder {empty} has no manifest.json", "fn-analyze collect")
+    (empty / "shard-r00-00000.h5.partial").write_bytes(b"half")
+    refused(_ica(empty, tmp_path / "m.json"), "unfinished shard shard-r00-00000.h5.partial")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_activations_mixed_from_two_runs_are_refused(small_activations: Path, tmp_path: Path) -> None:
+    other = write_activations(tmp_path / "other", np.ones((50, 3 * 20), np.float32), [0, 1, 2], 20, rows_per_shard=50)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["run_key"] = "matrix:another-model"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    refused(_ica(other, tmp_path / "m.json"), "shard-r00-00000.h5", "another collect run", "empty folder")
+    # A finished shard of another run left beside this run's shards.
+    (other / "shard-r00-00000.h5").rename(small_activations / "shard-r01-00000.h5")
+    refused(_ica(small_activations, tmp_path / "m.json"), "shard-r01-00000.h5, which its manifest does not name")
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda m: m.pop("shards"), "lacks 'shards'"),
+        (lambda m: m["shards"][0].pop("file"), "shard entry without a file name"),
+        (lambda m: m.update(n_tokens="many"), "lacks 'n_tokens'"),
+    ],
+)
+def test_damaged_manifest_is_refused_with_one_line(small_activations: Path, tmp_path: Path, damage, fragment) -> None:
+    path = small_activations / "manifest.json"
+    manifest = json.loads(path.read_text())
+    damage(manifest)
+    path.write_text(json.dumps(manifest))
+    refused(_ica(small_activations, tmp_path / "m.json"), fragment, "re-run `fn-analyze collect`")
+
+
 def test_too_many_components_is_refused_by_the_cli(small_activations: Path, tmp_path: Path) -> None:
     out = tmp_path / "masks" / "m.json"
     result = _ica(small_activations, out, "--n-components", "80")
