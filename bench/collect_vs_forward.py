@@ -1,9 +1,10 @@
 """Recording throughput against the bare forward pass of the same model.
 
-Both sides start from the same loaded model and do the same data work (load the
-dataset, render and tokenize it, pad the same batches); the bare side runs the
-backbone forward and drops the result, the recording side is `collect()` itself
-(hooks, copies, float16 HDF5 shards, manifest). Runs alternate, best of --repeats each.
+Both sides run the same loaded model over the same padded batches (same batch size,
+sequence length, dtype, device). The bare side pads each batch and runs the backbone
+forward; the recording side is `collect()` itself, timed over its batch loop (padding,
+forward, hooks, copies, float16 HDF5 writes), not over loading the data, which both
+sides share. Runs alternate, best of --repeats each.
 
     python bench/collect_vs_forward.py [--data demo/data.jsonl] [--records 120]
 
@@ -17,6 +18,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,32 +31,54 @@ from shared.data import detect_format, load_dataset_any, render_text, resolve_te
 from shared.models import load_causal_lm, load_tokenizer
 
 
-def bare_forward(config: CollectConfig, model: torch.nn.Module) -> int:
-    """What collect does minus the recording: returns the tokens run."""
+def token_ids(config: CollectConfig) -> list[list[int]]:
+    """The sequences collect runs, rendered and tokenized as collect does."""
     records = load_dataset_any(config.dataset)["train"]
     fmt = detect_format(records.column_names)
     tokenizer = load_tokenizer(config.model)
-    tokenizer.padding_side = "right"
     template = resolve_template(config.template_format, tokenizer)
     texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
-    sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
+    return tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
+
+
+def bare_forward(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]:
+    """(tokens, seconds) of padding and running the backbone over collect's batches."""
+    sequences = token_ids(config)
+    tokenizer = load_tokenizer(config.model)
+    tokenizer.padding_side = "right"
     tokens = 0
+    start = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, len(sequences), config.batch_size):
-            batch = tokenizer.pad({"input_ids": sequences[start : start + config.batch_size]}, return_tensors="pt")
+        for first in range(0, len(sequences), config.batch_size):
+            batch = tokenizer.pad({"input_ids": sequences[first : first + config.batch_size]}, return_tensors="pt")
             model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             tokens += int(batch["attention_mask"].sum())
-    return tokens
+    return tokens, time.perf_counter() - start
 
 
-def recorded(config: CollectConfig, model: torch.nn.Module) -> int:
-    original = collect_module.load_causal_lm
-    collect_module.load_causal_lm = lambda *args, **kwargs: model  # time the recording, not the loading
+def recorded(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]:
+    """(tokens, seconds) of collect's batch loop: the block its capture hooks are installed for."""
+    loop: dict[str, float] = {}
+    capture = collect_module.captured_down_proj_inputs
+
+    @contextmanager
+    def timed_capture(*args, **kwargs):
+        with capture(*args, **kwargs) as store:
+            loop["start"] = time.perf_counter()
+            yield store
+            loop["seconds"] = time.perf_counter() - loop["start"]
+
+    patches = {"load_causal_lm": lambda *args, **kwargs: model, "captured_down_proj_inputs": timed_capture}
+    originals = {name: getattr(collect_module, name) for name in patches}
     try:
-        return collect(config)["n_tokens"]
+        for name, value in patches.items():
+            setattr(collect_module, name, value)
+        tokens = collect(config)["n_tokens"]
     finally:
-        collect_module.load_causal_lm = original
+        for name, value in originals.items():
+            setattr(collect_module, name, value)
         shutil.rmtree(config.out, ignore_errors=True)
+    return tokens, loop["seconds"]
 
 
 def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: int) -> float:
@@ -62,9 +86,8 @@ def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: i
     tokens = {}
     for _ in range(repeats):
         for side, run in (("bare", bare_forward), ("record", recorded)):
-            start = time.perf_counter()
-            tokens[side] = run(config, model)
-            best[side] = min(best[side], time.perf_counter() - start)
+            tokens[side], seconds = run(config, model)
+            best[side] = min(best[side], seconds)
     assert tokens["bare"] == tokens["record"], tokens
     bare, record = tokens["bare"] / best["bare"], tokens["record"] / best["record"]
     print(
