@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import datasets
 
-from shared.data import detect_format, load_dataset_any, prompt_completion, resolve_template, to_example
+from shared.data import (
+    VALIDATION_SPLITS,
+    detect_format,
+    load_dataset_any,
+    prompt_completion,
+    resolve_template,
+    to_example,
+)
 from shared.errors import UserError
-
-VALIDATION_SPLITS = ("validation", "valid", "val", "test", "eval")
 
 
 def build_datasets(
