@@ -108,6 +108,7 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class Condition:
     name: str
+    kind: str  # "union" (all selected networks together) or "network" (one on its own)
     mode: MaskMode
     networks: tuple[int, ...]
     neurons: NeuronSet  # after leaving out the top-magnitude neurons when asked
@@ -151,8 +152,8 @@ def _conditions(
     ids = tuple(network.id for network in selected)
     held = len(pairs(everything) & top)
     conditions = [
-        Condition(name, "key", ids, without(everything, excluded), held, config.draws, 0),
-        Condition(name, "complement", ids, without(everything, excluded), held, config.draws, 1),
+        Condition(name, "union", "key", ids, without(everything, excluded), held, config.draws, 0),
+        Condition(name, "union", "complement", ids, without(everything, excluded), held, config.draws, 1),
     ]
     if len(selected) > 1:
         for network in selected:
@@ -160,6 +161,7 @@ def _conditions(
             conditions.append(
                 Condition(
                     f"network {network.id}",
+                    "network",
                     "key",
                     (network.id,),
                     without(neurons, excluded),
@@ -280,6 +282,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             rows.append(
                 {
                     "name": condition.name,
+                    "kind": condition.kind,
                     "mode": condition.mode,
                     "networks": list(condition.networks),
                     "neurons": set_size(condition.neurons),
@@ -348,6 +351,8 @@ def _fmt_control(control: dict[str, Any] | None) -> tuple[str, str]:
     if control is None:
         return "-", "-"
     ratio = "n/a" if control["ratio"] is None else f"{control['ratio']:.2f}x"
+    if control["draws"] == 1:  # no spread to show
+        return f"{control['mean']:.3f} (1)", ratio
     return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})", ratio
 
 

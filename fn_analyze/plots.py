@@ -34,49 +34,56 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_evaluation(results: dict[str, Any], path: Path) -> None:
-    """Answer loss of each condition next to its random controls, baseline marked; one panel per mode."""
+    """Extra answer loss of each condition next to its random controls; one panel per kind of condition."""
     panels = [
-        ("key", "Switched off (mode key): higher loss = the model needs these neurons"),
-        ("complement", "Only these kept, all other MLP neurons off (mode complement): lower loss = they suffice"),
+        ("union", "key", "The networks switched off together (mode key): more loss = the model needs them"),
+        ("union", "complement", "Only the networks kept, every other MLP neuron off (mode complement): less = enough"),
+        ("network", "key", "Each network switched off on its own (mode key)"),
     ]
-    panels = [(mode, title) for mode, title in panels if any(r["mode"] == mode for r in results["conditions"])]
-    heights = [sum(r["mode"] == mode for r in results["conditions"]) + 1 for mode, _ in panels]
+    panels = [p for p in panels if any((r["kind"], r["mode"]) == p[:2] for r in results["conditions"])]
+    heights = [1 + sum((r["kind"], r["mode"]) == p[:2] for r in results["conditions"]) for p in panels]
     fig, axes = plt.subplots(
-        len(panels), 1, figsize=(10, 1.2 + 0.55 * sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False
+        len(panels),
+        1,
+        figsize=(10, 1.6 + 0.6 * sum(heights)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+        layout="constrained",
     )
     base = results["baseline"]["loss"]
-    for ax, (mode, title) in zip(axes[:, 0], panels, strict=True):
-        rows = [r for r in results["conditions"] if r["mode"] == mode]
+    series = (
+        (None, NETWORK_COLOR, "the networks' neurons"),
+        ("layer_matched", LAYER_COLOR, "random neurons, same count per layer (mean ± sd over draws)"),
+        ("magnitude_matched", MAGNITUDE_COLOR, "random neurons, same count per layer and magnitude bin (mean ± sd)"),
+    )
+    bar = 0.26
+    for ax, (kind, mode, title) in zip(axes[:, 0], panels, strict=True):
+        rows = [r for r in results["conditions"] if (r["kind"], r["mode"]) == (kind, mode)]
         y = np.arange(len(rows))[::-1].astype(float)
-        bar = 0.26
-        ax.barh(y + bar, [r["loss"] for r in rows], bar, color=NETWORK_COLOR, label="the networks' neurons")
-        for offset, (key, color, label) in enumerate(
-            (
-                ("layer_matched", LAYER_COLOR, "random, same count per layer (mean ± sd)"),
-                ("magnitude_matched", MAGNITUDE_COLOR, "random, same count per layer and magnitude bin (mean ± sd)"),
-            )
-        ):
-            means = [r["controls"][key]["mean"] if key in r["controls"] else np.nan for r in rows]
-            spreads = [r["controls"][key]["std"] if key in r["controls"] else 0.0 for r in rows]
-            ax.barh(y - offset * bar, means, bar, xerr=spreads, color=color, label=label, capsize=2)
-        ax.axvline(base, color="black", linestyle="--", linewidth=1, label=f"baseline, nothing masked ({base:.2f})")
+        for offset, (key, color, label) in enumerate(series):
+            if key is None:
+                values, spreads = [r["loss"] - base for r in rows], None
+            else:
+                values = [r["controls"][key]["mean"] - base if key in r["controls"] else np.nan for r in rows]
+                spreads = [r["controls"][key]["std"] if key in r["controls"] else 0.0 for r in rows]
+            ax.barh(y + bar * (1 - offset), values, bar, xerr=spreads, color=color, label=label, capsize=2)
+        ax.axvline(0.0, color="black", linewidth=0.8)
         labels = []
         for r in rows:
             ratios = [r["controls"].get(k, {}).get("ratio") for k in ("layer_matched", "magnitude_matched")]
-            text = " / ".join("n/a" if v is None else f"{v:.1f}x" for v in ratios) if r["controls"] else "no control"
-            labels.append(f"{r['name']}\n{r['neurons']} neurons; vs random: {text}")
+            text = " / ".join("n/a" if v is None else f"{v:.1f}x" for v in ratios) if r["controls"] else "none drawn"
+            labels.append(f"{r['name']}: {r['neurons']} neurons\nratio vs random: {text}")
         ax.set_yticks(y, labels, fontsize=8)
-        ax.set_xlabel("answer-token loss (mean negative log-likelihood)")
-        ax.set_title(title, fontsize=10, loc="left")
-        ax.legend(fontsize=7, loc="lower right")
-        ax.set_xlim(0, None)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_xlabel(f"extra answer-token loss over the baseline ({base:.3f}, nothing switched off)", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
     data = results["dataset"]
     fig.suptitle(
-        f"{results['model']} on {data['source']} ({data['rows']} rows): what switching neurons off does\n"
-        "ratio = extra loss over baseline, divided by that of random sets of the same size "
-        "(layer- / magnitude-matched)",
+        f"{results['model']} on {data['source']} ({data['rows']} rows): switching MLP neurons off\n"
+        "ratio = the networks' extra loss / random sets' extra loss (layer-matched / magnitude-matched)",
         fontsize=10,
     )
+    fig.legend(handles, labels, loc="outside lower center", ncol=1, fontsize=8, frameon=False)
     _save(fig, path)
 
 

@@ -257,3 +257,25 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_input(
     assert unknown.exit_code == 2 and "network id 9 is not in the mask file" in unknown.output
     bad_draws = runner.invoke(app, [*base, "--draws", "0"])
     assert bad_draws.exit_code == 2 and "--draws must be at least 1" in bad_draws.output
+
+
+def test_magnitude_matched_draw_keeps_a_lone_massive_neuron_and_respects_exclusion() -> None:
+    from fn_analyze.magnitude import NeuronMagnitude
+
+    max_abs = np.full((2, 40), 2.0)
+    max_abs[0, 7] = 3000.0  # a massive neuron, alone in its bin
+    max_abs[1, :20] = 0.0  # dead neurons share one bin
+    magnitude = NeuronMagnitude(max_abs, "test", 10)
+    bins = magnitude.bins(0.1)
+    assert len(set(bins[0].tolist())) == 2 and len(set(bins[1].tolist())) == 2
+    assert magnitude.top(1) == {(0, 7)}
+    allowed = np.ones_like(max_abs, dtype=bool)
+    allowed[0, 30:] = False
+    neurons = {0: (3, 7), 1: (0, 25)}
+    for seed in range(20):
+        drawn = draw_matched(neurons, bins, allowed, np.random.default_rng(seed))
+        assert 7 in drawn[0] and all(n < 30 for n in drawn[0])
+        assert sum(n < 20 for n in drawn[1]) == 1 and len(drawn[1]) == 2
+    assert draw_matched(neurons, bins, allowed, np.random.default_rng(1)) == draw_matched(
+        neurons, bins, allowed, np.random.default_rng(1)
+    )
