@@ -130,11 +130,86 @@ def ica_command(
 
 @app.command("show")
 @user_errors_exit
-def show_command(mask_file: Annotated[Path, typer.Argument(help="A mask file.")]) -> None:
+def show_command(
+    mask_file: Annotated[Path, typer.Argument(help="A mask file.")],
+    plot: Annotated[
+        Optional[Path], typer.Option(help="Also draw each network's neurons per layer to this PNG file.")
+    ] = None,
+) -> None:
     """Print each network's size and how it spreads over layers."""
     from fn_analyze.show import show
 
-    typer.echo(show(mask_file))
+    typer.echo(show(mask_file, plot))
+    if plot is not None:
+        typer.echo(f"plot: {plot}")
+
+
+@app.command("evaluate")
+@user_errors_exit
+def evaluate_command(
+    mask_file: Annotated[Path, typer.Option(help="The mask file whose networks are measured.")],
+    dataset: Annotated[str, typer.Option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")],
+    model: Annotated[str, typer.Option(help="HF name, local path, or the embedded model.")] = EMBEDDED_MODEL_NAME,
+    networks: Annotated[Optional[str], typer.Option(help="Network ids, e.g. 0,3,5-7 (default all).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Results JSON (default runs/eval/<mask>.json); the plot goes beside it.")
+    ] = None,
+    split: Annotated[Optional[str], typer.Option(help="Dataset split (default validation/test, else train).")] = None,
+    data_format: Annotated[
+        str, typer.Option(help="auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+    ] = "auto",
+    template_format: Annotated[str, typer.Option(help="auto|chat|alpaca|plain, as fn-train renders.")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N records.")] = 200,
+    max_length: Annotated[int, typer.Option(help="Truncate records to this many tokens.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Records per forward pass.")] = 16,
+    draws: Annotated[int, typer.Option(help="Random sets per control for the union rows.")] = 5,
+    network_draws: Annotated[
+        int, typer.Option(help="Random sets per control for each network's own row (0: no control).")
+    ] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the random sets.")] = 0,
+    activations: Annotated[
+        Optional[Path],
+        typer.Option(help="Activations folder for neuron magnitudes (default: a pass over the eval data)."),
+    ] = None,
+    top_n: Annotated[int, typer.Option(help="Largest-magnitude neurons counted in each network.")] = 100,
+    exclude_top: Annotated[
+        bool,
+        typer.Option("--exclude-top/--include-top", help="Leave the --top-n neurons out of every set."),
+    ] = False,
+    bin_width: Annotated[float, typer.Option(help="Magnitude bin width, in decades of max |activation|.")] = 0.1,
+    exact_match: Annotated[
+        bool,
+        typer.Option("--exact-match/--no-exact-match", help="Also greedy-generate answers (slower)."),
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per answer for exact match.")] = 16,
+    dtype: Annotated[str, typer.Option(help="auto|float32|float16|bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
+) -> None:
+    """Measure each network switched off, the union off and kept alone, against random neuron sets."""
+    params = dict(locals())
+    from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
+
+    config = EvaluateConfig(**params)
+    typer.echo(format_table(evaluate(config)))
+    typer.echo(f"results: {config.out}\nplot: {config.plot_path}")
+
+
+@app.command("compare")
+@user_errors_exit
+def compare_command(
+    mask_a: Annotated[Path, typer.Argument(help="A mask file.")],
+    mask_b: Annotated[Path, typer.Argument(help="Another mask file of the same model.")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Results JSON (default runs/compare/<a>-vs-<b>.json); the heatmap goes beside it."),
+    ] = None,
+) -> None:
+    """IoU of every pair of networks of two mask files, best matches, and a heatmap."""
+    from fn_analyze.compare import CompareConfig, compare, format_comparison
+
+    config = CompareConfig(mask_a, mask_b, out)
+    typer.echo(format_comparison(compare(config)))
+    typer.echo(f"results: {config.out}\nheatmap: {config.plot_path}")
 
 
 @app.command("demo-data")

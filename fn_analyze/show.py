@@ -50,5 +50,11 @@ def describe(mask: MaskFile) -> str:
     return "\n".join(lines)
 
 
-def show(path: Path) -> str:
-    return describe(load_mask_file(path))
+def show(path: Path, plot: Path | None = None) -> str:
+    """The description of a mask file; with `plot`, also a PNG of each network's neurons per layer."""
+    mask = load_mask_file(path)
+    if plot is not None:
+        from fn_analyze.plots import plot_networks  # matplotlib is imported only when a plot is drawn
+
+        plot_networks(mask, plot)
+    return describe(mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datasets
 
 from shared.data import (
+    VALIDATION_SPLITS,
     check_answers_fit,
     detect_format,
     load_dataset_any,
@@ -13,8 +14,6 @@ from shared.data import (
     to_example,
 )
 from shared.errors import UserError
-
-VALIDATION_SPLITS = ("validation", "valid", "val", "test", "eval")
 
 
 def build_datasets(

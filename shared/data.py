@@ -18,6 +18,7 @@ from shared.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+VALIDATION_SPLITS = ("validation", "valid", "val", "test", "eval")  # held-out splits, by these names
 
 
 class DataFormat(str, Enum):
@@ -187,6 +188,16 @@ def prompt_completion(example: Example, template: str) -> dict[str, Any]:
     else:
         prompt = f"{_flatten(example.messages)}\n"
     return {"prompt": prompt, "completion": example.answer or ""}
+
+
+def render_prompt(example: Example, template: str, tokenizer) -> str:
+    """What comes before the answer in `render_text`, up to the assistant turn's opening ("" for plain text)."""
+    record = prompt_completion(example, template)
+    if "text" in record:
+        return ""
+    if template == "chat":
+        return tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+    return record["prompt"]
 
 
 def render_text(example: Example, template: str, tokenizer) -> str:

@@ -1,0 +1,133 @@
+"""`fn-analyze compare A.json B.json`: do two mask files find the same networks?
+
+For mask files of one model made with other seeds, data or sizes: the IoU
+(intersection over union of (layer, neuron) pairs) of every network of A with every
+network of B, each network's best match in the other file, and the one-to-one
+matching that maximizes the summed IoU (Hungarian algorithm). A network that is
+stable across runs has a match with IoU near 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from shared import __version__
+from shared.errors import UserError
+from shared.jsonio import write_json_atomic
+from shared.masks import MaskFile, load_mask_file
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CompareConfig:
+    mask_a: Path
+    mask_b: Path
+    out: Path | None = None  # results JSON (default runs/compare/<a>-vs-<b>.json); the heatmap beside it as .png
+
+    def __post_init__(self) -> None:
+        self.mask_a, self.mask_b = Path(self.mask_a), Path(self.mask_b)
+        if self.out is None:
+            self.out = Path("runs") / "compare" / f"{self.mask_a.stem}-vs-{self.mask_b.stem}.json"
+        self.out = Path(self.out)
+        if self.out.suffix != ".json":
+            raise UserError(f"--out {self.out} must end in .json (the heatmap is written beside it as .png)")
+
+    @property
+    def plot_path(self) -> Path:
+        assert self.out is not None
+        return self.out.with_suffix(".png")
+
+
+def membership(mask: MaskFile) -> np.ndarray:
+    """(networks x all neurons) 0/1 matrix; column = layer * intermediate_size + neuron."""
+    size = mask.model.intermediate_size
+    matrix = np.zeros((len(mask.networks), mask.model.n_layers * size), dtype=np.float32)
+    for row, network in enumerate(mask.networks):
+        for layer, neurons in network.layers.items():
+            matrix[row, layer * size + np.asarray(neurons, dtype=np.int64)] = 1.0
+    return matrix
+
+
+def iou_matrix(a: MaskFile, b: MaskFile) -> np.ndarray:
+    """IoU of network i of `a` with network j of `b` (0 where both are empty)."""
+    ma, mb = membership(a), membership(b)
+    inter = ma @ mb.T
+    unions = ma.sum(axis=1)[:, None] + mb.sum(axis=1)[None, :] - inter
+    return np.divide(inter, unions, out=np.zeros_like(inter), where=unions > 0).astype(np.float64)
+
+
+def _check_same_model(a: MaskFile, b: MaskFile, path_a: Path, path_b: Path) -> None:
+    for key in ("fingerprint", "n_layers", "intermediate_size"):
+        if getattr(a.model, key) != getattr(b.model, key):
+            raise UserError(
+                f"{path_a} and {path_b} were made for different models ({key} {getattr(a.model, key)} vs "
+                f"{getattr(b.model, key)}); compare mask files of one model"
+            )
+
+
+def compare(config: CompareConfig) -> dict[str, Any]:
+    """IoU matrix, best matches and matching of two mask files; writes the JSON and the heatmap."""
+    assert config.out is not None
+    a, b = load_mask_file(config.mask_a), load_mask_file(config.mask_b)
+    _check_same_model(a, b, config.mask_a, config.mask_b)
+    matrix = iou_matrix(a, b)
+    ids_a, ids_b = a.network_ids(), b.network_ids()
+
+    def best(rows: np.ndarray, ids_from: list[int], ids_to: list[int]) -> list[dict[str, Any]]:
+        if rows.shape[1] == 0:
+            return [{"network": i, "match": None, "iou": 0.0} for i in ids_from]
+        return [
+            {"network": ids_from[r], "match": ids_to[int(rows[r].argmax())], "iou": float(rows[r].max())}
+            for r in range(rows.shape[0])
+        ]
+
+    rows, cols = linear_sum_assignment(matrix, maximize=True)
+    matching = [{"a": ids_a[r], "b": ids_b[c], "iou": float(matrix[r, c])} for r, c in zip(rows, cols, strict=True)]
+    best_a, best_b = best(matrix, ids_a, ids_b), best(matrix.T, ids_b, ids_a)
+    result = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "created_by": f"functional-networks {__version__}",
+        "a": {"file": str(config.mask_a), "networks": ids_a, "sizes": [n.size for n in a.networks]},
+        "b": {"file": str(config.mask_b), "networks": ids_b, "sizes": [n.size for n in b.networks]},
+        "iou": matrix.tolist(),
+        "best_match_a_in_b": best_a,
+        "best_match_b_in_a": best_b,
+        "matching": matching,
+        "mean_best_iou_a": float(np.mean([m["iou"] for m in best_a])) if best_a else 0.0,
+        "mean_best_iou_b": float(np.mean([m["iou"] for m in best_b])) if best_b else 0.0,
+        "mean_matched_iou": float(np.mean([m["iou"] for m in matching])) if matching else 0.0,
+    }
+    write_json_atomic(config.out, result)
+    from fn_analyze.plots import plot_iou  # matplotlib is imported only when a plot is drawn
+
+    plot_iou(matrix, ids_a, ids_b, config.mask_a.name, config.mask_b.name, config.plot_path)
+    return result
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """The printed report: each network of A with its best match in B, then the one-to-one matching."""
+    a, b = result["a"], result["b"]
+    sizes_b = dict(zip(b["networks"], b["sizes"], strict=True))
+    matched = {m["a"]: m for m in result["matching"]}
+    lines = [
+        f"A: {a['file']} ({len(a['networks'])} networks)   B: {b['file']} ({len(b['networks'])} networks)",
+        f"mean best IoU: A in B {result['mean_best_iou_a']:.3f}, B in A {result['mean_best_iou_b']:.3f}; "
+        f"one-to-one matching {result['mean_matched_iou']:.3f}",
+        "",
+        f"{'A net':>5} {'size':>6} | {'best in B':>9} {'size':>6} {'IoU':>6} | {'matched B':>9} {'IoU':>6}",
+    ]
+    for entry, size in zip(result["best_match_a_in_b"], a["sizes"], strict=True):
+        best = entry["match"]
+        pair = matched.get(entry["network"])
+        lines.append(
+            f"{entry['network']:>5} {size:>6} | {'-' if best is None else best:>9} "
+            f"{'-' if best is None else sizes_b[best]:>6} {entry['iou']:>6.3f} | "
+            f"{'-' if pair is None else pair['b']:>9} {'-' if pair is None else format(pair['iou'], '.3f'):>6}"
+        )
+    return "\n".join(lines)

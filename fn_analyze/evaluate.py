@@ -1,0 +1,411 @@
+"""`fn-analyze evaluate`: what switching a mask file's networks off (or keeping only them) does.
+
+On held-out data, answer-token loss (and optionally exact match) at baseline and with:
+the union of the selected networks switched off (mode key), only the union kept (mode
+complement), and each network switched off on its own. Each of these is compared with
+random neuron sets of the same size, drawn two ways (see `neuron_sets`):
+
+- layer-matched: the same number of neurons in every layer (Liu et al.'s random control);
+- magnitude-matched: the same number in every layer and log-magnitude bin, so a network
+  whose effect comes from a few "massive activation" neurons is not mistaken for a function.
+
+The ratio reported is the network's extra loss over the control's mean extra loss
+((loss - baseline) / (control - baseline)): above 1 the network matters more than random
+neurons of its size; for `complement`, below 1 keeping the network is better than keeping
+random neurons.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fn_analyze.magnitude import magnitude_from_activations, magnitude_from_forward
+from fn_analyze.neuron_sets import NeuronSet, draw_matched, pairs, set_size, union, without
+from fn_analyze.scoring import Batch, EvalSet, Score, load_eval_set, make_batches, score
+from shared import __version__
+from shared.arch import DownProjection, find_down_projections
+from shared.constants import EMBEDDED_MODEL_NAME
+from shared.device import choose_device, choose_dtype
+from shared.digests import file_digest
+from shared.errors import UserError
+from shared.hooks import masked_down_projections
+from shared.jsonio import write_json_atomic
+from shared.masks import (
+    MaskFile,
+    MaskMode,
+    Network,
+    build_layer_masks,
+    check_compatible,
+    load_mask_file,
+    parse_network_ids,
+    select_networks,
+)
+from shared.models import load_causal_lm, load_tokenizer, model_info
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA_VERSION = 1
+CONTROLS: tuple[str, ...] = ("layer_matched", "magnitude_matched")
+
+
+@dataclass
+class EvaluateConfig:
+    mask_file: Path
+    dataset: str
+    model: str = EMBEDDED_MODEL_NAME
+    networks: str | None = None  # "0,3,5-7"; default every network
+    out: Path | None = None  # results JSON (default runs/eval/<mask>.json); the plot is written beside it as .png
+    split: str | None = None  # default: a validation/test split when there is one, else train
+    data_format: str = "auto"
+    template_format: str = "auto"
+    limit: int | None = 200  # records evaluated (the first ones); None: all
+    max_length: int = 512
+    batch_size: int = 16
+    draws: int = 5  # random sets per control for the union rows
+    # Random sets per control for each network's own row. Every draw is a pass over the data,
+    # and a mask file has many networks: one draw each keeps the demo to minutes on 2 CPU cores.
+    network_draws: int = 1
+    seed: int = 0
+    activations: Path | None = None  # magnitudes from these activations; default: a pass over the eval data
+    top_n: int = 100  # the largest-magnitude neurons counted in each network (and left out with exclude_top)
+    exclude_top: bool = False  # leave the top_n neurons out of every network and random set
+    bin_width: float = 0.1  # width of the magnitude bins, in decades of max |activation| (0.1: a factor 1.26)
+    exact_match: bool = False  # greedy generation per condition and draw: several times the cost of the loss
+    max_new_tokens: int = 16
+    dtype: str = "auto"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.mask_file = Path(self.mask_file)
+        self.out = Path(self.out) if self.out is not None else Path("runs") / "eval" / f"{self.mask_file.stem}.json"
+        if self.activations is not None:
+            self.activations = Path(self.activations)
+        if self.out.suffix != ".json":
+            raise UserError(f"--out {self.out} must end in .json (the plot is written beside it as .png)")
+        for name, least in (("draws", 1), ("network_draws", 0), ("batch_size", 1), ("max_length", 2)):
+            if getattr(self, name) < least:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        for name in ("limit", "top_n", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.bin_width > 0:
+            raise UserError(f"--bin-width must be positive (decades of magnitude), got {self.bin_width}")
+
+    @property
+    def plot_path(self) -> Path:
+        assert self.out is not None
+        return self.out.with_suffix(".png")
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    kind: str  # "union" (all selected networks together) or "network" (one on its own)
+    mode: MaskMode
+    networks: tuple[int, ...]
+    neurons: NeuronSet  # after leaving out the top-magnitude neurons when asked
+    top_held: int  # how many of the top_n largest-magnitude neurons the networks hold
+    draws: int
+    stream: int  # seeds the condition's random draws independently of the other conditions
+
+
+class Evaluator:
+    """A model, its down-projections and the data: measures a score with any neuron set masked."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        projections: list[DownProjection],
+        mask: MaskFile,
+        batches: list[Batch],
+        exact_match: bool,
+        max_new_tokens: int,
+    ) -> None:
+        self.model, self.tokenizer, self.projections, self.mask = model, tokenizer, projections, mask
+        self.batches, self.exact_match, self.max_new_tokens = batches, exact_match, max_new_tokens
+
+    def baseline(self) -> Score:
+        return score(self.model, self.tokenizer, self.batches, self.exact_match, self.max_new_tokens)
+
+    def masked(self, neurons: NeuronSet, mode: MaskMode) -> tuple[Score, tuple[int, ...]]:
+        """The score with `neurons` switched off (key) or alone kept (complement), and the layers closed."""
+        layer_masks = build_layer_masks(self.mask, [Network(-1, neurons)], mode)
+        with masked_down_projections(self.projections, layer_masks):
+            return self.baseline(), layer_masks.fully_closed_layers
+
+
+def _conditions(
+    mask: MaskFile, selected: list[Network], top: set[tuple[int, int]], config: EvaluateConfig
+) -> list[Condition]:
+    excluded = top if config.exclude_top else set()
+    everything = union(selected)
+    name = f"union of {len(selected)} networks" if len(selected) > 1 else f"network {selected[0].id}"
+    ids = tuple(network.id for network in selected)
+    held = len(pairs(everything) & top)
+    conditions = [
+        Condition(name, "union", "key", ids, without(everything, excluded), held, config.draws, 0),
+        Condition(name, "union", "complement", ids, without(everything, excluded), held, config.draws, 1),
+    ]
+    if len(selected) > 1:
+        for network in selected:
+            neurons = union([network])
+            conditions.append(
+                Condition(
+                    f"network {network.id}",
+                    "network",
+                    "key",
+                    (network.id,),
+                    without(neurons, excluded),
+                    len(pairs(neurons) & top),
+                    config.network_draws,
+                    2 + mask.network_ids().index(network.id),
+                )
+            )
+    return conditions
+
+
+def _ratio(value: float, control: float, base: float) -> float | None:
+    """Extra loss of the condition over the control's; undefined when the control adds none."""
+    return (value - base) / (control - base) if control - base > 1e-9 else None
+
+
+def _summary(scores: list[Score], overlaps: list[float], loss: float, base: float) -> dict[str, Any]:
+    losses = [s.loss for s in scores]
+    mean = float(np.mean(losses))
+    summary: dict[str, Any] = {
+        "draws": len(losses),
+        "losses": losses,
+        "mean": mean,
+        "std": float(np.std(losses)),
+        "ratio": _ratio(loss, mean, base),
+        "overlap": float(np.mean(overlaps)),  # share of the drawn neurons that are the condition's own
+    }
+    if scores[0].exact_match is not None:
+        summary["exact_match"] = float(np.mean([s.exact_match for s in scores]))
+    return summary
+
+
+def _held_out(mask: MaskFile, dataset: str) -> bool | None:
+    """False when the evaluation file is the one the networks were found on; None when unknown."""
+    found_on = mask.source.get("activations", {}).get("dataset", {}).get("digest")
+    if found_on is None or not Path(dataset).is_file():
+        return None
+    return file_digest(Path(dataset)) != found_on
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Measure every condition and its controls; write the results JSON and the plot; return the results."""
+    started = time.perf_counter()
+    mask = load_mask_file(config.mask_file)
+    selected = select_networks(mask, parse_network_ids(config.networks))
+    # Read from activations first (before the model loads), else measured on the eval data below.
+    magnitude = None
+    if config.activations is not None:
+        magnitude = magnitude_from_activations(config.activations, mask.model)
+        missing = sorted(set(union(selected)) - set(magnitude.measured_layers()))
+        if missing:
+            raise UserError(
+                f"activations {config.activations} lack layer {missing[0]}, where the selected networks have "
+                "neurons; give activations of every layer, or leave out --activations to measure magnitudes "
+                "on the eval data"
+            )
+    tokenizer = load_tokenizer(config.model)
+    tokenizer.padding_side = "right"
+    eval_set = load_eval_set(
+        config.dataset,
+        tokenizer,
+        config.split,
+        config.data_format,
+        config.template_format,
+        config.limit,
+        config.max_length,
+    )
+    with_exact_match = config.exact_match and eval_set.has_answers
+    if config.exact_match and not eval_set.has_answers:
+        log.warning(
+            "exact match needs answers; dataset %s has plain text, so only the loss is measured", config.dataset
+        )
+
+    device = choose_device(config.device)
+    model = load_causal_lm(config.model, choose_dtype(config.dtype, device.type), device)
+    projections = find_down_projections(model)
+    check_compatible(mask, model_info(model, config.model, projections))
+    batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
+    if magnitude is None:
+        magnitude = magnitude_from_forward(
+            model.base_model, projections, batches, mask.model.intermediate_size, f"a pass over {config.dataset}"
+        )
+    top = magnitude.top(config.top_n)
+    allowed = np.ones(magnitude.max_abs.shape, dtype=bool)
+    if config.exclude_top:
+        for layer, neuron in top:
+            allowed[layer, neuron] = False
+    strata = {
+        "layer_matched": np.zeros(magnitude.max_abs.shape, dtype=np.int64),
+        "magnitude_matched": magnitude.bins(config.bin_width),
+    }
+
+    conditions = _conditions(mask, selected, top, config)
+    skipped = [c for c in conditions if not c.neurons]
+    conditions = [c for c in conditions if c.neurons]
+    evaluator = Evaluator(model, tokenizer, projections, mask, batches, with_exact_match, config.max_new_tokens)
+    total = 1 + sum(1 + len(CONTROLS) * c.draws for c in conditions)
+    progress = tqdm(total=total, unit="pass", desc="evaluate")
+    base = evaluator.baseline()
+    progress.update()
+    rows = []
+    try:
+        for condition in conditions:
+            result, closed = evaluator.masked(condition.neurons, condition.mode)
+            progress.update()
+            own = pairs(condition.neurons)
+            controls = {}
+            for index, control in enumerate(CONTROLS):
+                scores, overlaps = [], []
+                for draw in range(condition.draws):
+                    rng = np.random.default_rng([config.seed, condition.stream, index, draw])
+                    drawn = draw_matched(condition.neurons, strata[control], allowed, rng)
+                    scores.append(evaluator.masked(drawn, condition.mode)[0])
+                    overlaps.append(len(pairs(drawn) & own) / len(own))
+                    progress.update()
+                if scores:
+                    controls[control] = _summary(scores, overlaps, result.loss, base.loss)
+            rows.append(
+                {
+                    "name": condition.name,
+                    "kind": condition.kind,
+                    "mode": condition.mode,
+                    "networks": list(condition.networks),
+                    "neurons": set_size(condition.neurons),
+                    "layers": len(condition.neurons),
+                    "top_magnitude_held": condition.top_held,
+                    "closed_layers": list(closed),
+                    **_score_dict(result),
+                    "controls": controls,
+                }
+            )
+    finally:
+        progress.close()
+
+    results = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "created_by": f"functional-networks {__version__}",
+        "model": config.model,
+        "mask_file": str(config.mask_file),
+        "mask_digest": file_digest(config.mask_file),
+        "dataset": _dataset_dict(eval_set, _held_out(mask, config.dataset)),
+        "magnitude": {
+            "statistic": "max |activation| over tokens",
+            "source": magnitude.source,
+            "top_n": config.top_n,
+            "top_largest": float(np.nanmax(magnitude.max_abs)),
+            "top_smallest": float(min(magnitude.max_abs[layer, n] for layer, n in top)),
+            "excluded": config.exclude_top,
+            "bin_width_decades": config.bin_width,
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "baseline": _score_dict(base),
+        "conditions": rows,
+        "skipped": [
+            {"name": c.name, "mode": c.mode, "reason": f"all its neurons are among the {config.top_n} left out"}
+            for c in skipped
+        ],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json_atomic(config.out, results)
+    from fn_analyze.plots import plot_evaluation  # matplotlib is imported only when a plot is drawn
+
+    plot_evaluation(results, config.plot_path)
+    return results
+
+
+def _score_dict(result: Score) -> dict[str, Any]:
+    scored: dict[str, Any] = {"loss": result.loss, "perplexity": result.perplexity}
+    if result.exact_match is not None:
+        scored["exact_match"] = result.exact_match
+    return scored
+
+
+def _dataset_dict(eval_set: EvalSet, held_out: bool | None) -> dict[str, Any]:
+    return {
+        "source": eval_set.source,
+        "split": eval_set.split,
+        "format": eval_set.data_format,
+        "template": eval_set.template,
+        "rows": len(eval_set.rows),
+        "answer_tokens": eval_set.n_answer_tokens,
+        "held_out": held_out,
+    }
+
+
+def _fmt_control(control: dict[str, Any] | None) -> tuple[str, str]:
+    if control is None:
+        return "-", "-"
+    ratio = "n/a" if control["ratio"] is None else f"{control['ratio']:.2f}x"
+    if control["draws"] == 1:  # no spread to show
+        return f"{control['mean']:.3f} (1)", ratio
+    return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})", ratio
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The printed report; every figure in it is a field of `results`."""
+    data, base, magnitude = results["dataset"], results["baseline"], results["magnitude"]
+    em = "exact_match" in base
+    top = f"top{magnitude['top_n']}"
+    lines = [
+        f"answer-token loss of {results['model']} on {data['source']} ({data['split']}, {data['rows']} rows, "
+        f"{data['answer_tokens']} answer tokens)",
+        f"baseline: loss {base['loss']:.3f}, perplexity {base['perplexity']:.2f}"
+        + (f", exact match {base['exact_match']:.3f}" if em else ""),
+        f"magnitude: {magnitude['statistic']} from {magnitude['source']}; the {magnitude['top_n']} largest range "
+        f"{magnitude['top_smallest']:.1f} to {magnitude['top_largest']:.1f}"
+        + (" and are left out of every set" if magnitude["excluded"] else ""),
+        "ratio: extra loss over the random sets' mean extra loss; layer-matched random sets have the same count "
+        "per layer, magnitude-matched ones the same count per layer and magnitude bin (shared: share of them "
+        "that is the condition's own neurons)",
+    ]
+    if data["held_out"] is False:
+        lines.append("warning: this is the data the networks were found on, not held-out data")
+    lines.append("")
+    header = (
+        f"{'condition':<24} {'mode':<10} {'neurons':>7} {top:>6} {'loss':>7}"
+        + (f" {'EM':>5}" if em else "")
+        + f" | {'layer-matched':<22} {'ratio':>7}"
+        + (f" {'EM':>5}" if em else "")
+        + f" | {'magnitude-matched':<22} {'ratio':>7} {'shared':>6}"
+        + (f" {'EM':>5}" if em else "")
+    )
+    lines.append(header)
+    lines.append("-" * len(header))
+    for row in results["conditions"]:
+        layer, mag = row["controls"].get("layer_matched"), row["controls"].get("magnitude_matched")
+        layer_text, layer_ratio = _fmt_control(layer)
+        mag_text, mag_ratio = _fmt_control(mag)
+        line = (
+            f"{row['name']:<24} {row['mode']:<10} {row['neurons']:>7} {row['top_magnitude_held']:>6} "
+            f"{row['loss']:>7.3f}"
+        )
+        if em:
+            line += f" {row['exact_match']:>5.3f}"
+        line += f" | {layer_text:<22} {layer_ratio:>7}"
+        if em:
+            line += f" {layer['exact_match']:>5.3f}" if layer else f" {'-':>5}"
+        line += f" | {mag_text:<22} {mag_ratio:>7} " + (f"{100 * mag['overlap']:>5.0f}%" if mag else f"{'-':>6}")
+        if em:
+            line += f" {mag['exact_match']:>5.3f}" if mag else f" {'-':>5}"
+        lines.append(line)
+    for row in results["skipped"]:
+        lines.append(f"{row['name']:<24} {row['mode']:<10} skipped: {row['reason']}")
+    closed = next((row["closed_layers"] for row in results["conditions"] if row["closed_layers"]), None)
+    if closed:
+        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; their MLP is off")
+    return "\n".join(lines)

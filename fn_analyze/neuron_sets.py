@@ -1,0 +1,64 @@
+"""Sets of neurons (layer -> sorted indices) and the random control sets matched to them.
+
+A control set has the same number of neurons as the set it matches in every stratum:
+a stratum is a layer (size- and layer-matched, as Liu et al.'s random baseline) or a
+layer and activation-magnitude bin (magnitude-matched: a network holding a
+"massive activation" neuron is compared with random sets that hold one of the same size).
+Draws are from all neurons of the stratum, the matched set's own included, so a
+stratum the set fills entirely (a lone massive neuron) is drawn as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from shared.masks import Network
+
+NeuronSet = dict[int, tuple[int, ...]]  # layer -> sorted neuron indices, no empty layer
+
+
+def union(networks: Iterable[Network]) -> NeuronSet:
+    merged: dict[int, set[int]] = {}
+    for network in networks:
+        for layer, neurons in network.layers.items():
+            merged.setdefault(layer, set()).update(neurons)
+    return {layer: tuple(sorted(ns)) for layer, ns in sorted(merged.items()) if ns}
+
+
+def set_size(neurons: NeuronSet) -> int:
+    return sum(len(ns) for ns in neurons.values())
+
+
+def pairs(neurons: NeuronSet) -> set[tuple[int, int]]:
+    return {(layer, n) for layer, ns in neurons.items() for n in ns}
+
+
+def without(neurons: NeuronSet, excluded: set[tuple[int, int]]) -> NeuronSet:
+    kept = {layer: tuple(n for n in ns if (layer, n) not in excluded) for layer, ns in neurons.items()}
+    return {layer: ns for layer, ns in kept.items() if ns}
+
+
+def iou(a: NeuronSet, b: NeuronSet) -> float:
+    """Intersection over union of two sets of (layer, neuron); 0 when both are empty."""
+    pa, pb = pairs(a), pairs(b)
+    return len(pa & pb) / len(pa | pb) if pa or pb else 0.0
+
+
+def draw_matched(neurons: NeuronSet, strata: np.ndarray, allowed: np.ndarray, rng: np.random.Generator) -> NeuronSet:
+    """A random set with as many neurons as `neurons` in every (layer, stratum) cell.
+
+    `strata` (layers x intermediate, int) labels each neuron's stratum within its layer
+    (all zeros: layer-matched); `allowed` (same shape, bool) marks the neurons that may be drawn.
+    """
+    drawn: NeuronSet = {}
+    for layer, ns in sorted(neurons.items()):
+        labels = strata[layer]
+        chosen: list[int] = []
+        cells, counts = np.unique(labels[list(ns)], return_counts=True)
+        for cell, count in zip(cells, counts, strict=True):
+            pool = np.flatnonzero((labels == cell) & allowed[layer])
+            chosen += rng.choice(pool, int(count), replace=False).tolist()
+        drawn[layer] = tuple(sorted(chosen))
+    return drawn

@@ -1,0 +1,139 @@
+"""PNG figures of evaluations, mask comparisons and networks (matplotlib, Agg backend: no screen needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; must precede pyplot
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from shared.masks import MaskFile  # noqa: E402
+
+NETWORK_COLOR = "#1f4e79"
+LAYER_COLOR = "#9e9e9e"
+MAGNITUDE_COLOR = "#e08214"
+ANNOTATE_LIMIT = 30  # cells are labelled with their value up to this many rows and columns
+
+
+def _save(fig, path: Path) -> None:
+    """Write the PNG under a temporary name, then rename: no half-written figure is left behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def plot_evaluation(results: dict[str, Any], path: Path) -> None:
+    """Extra answer loss of each condition next to its random controls; one panel per kind of condition."""
+    panels = [
+        ("union", "key", "The networks switched off together (mode key): more loss = the model needs them"),
+        ("union", "complement", "Only the networks kept, every other MLP neuron off (mode complement): less = enough"),
+        ("network", "key", "Each network switched off on its own (mode key)"),
+    ]
+    panels = [p for p in panels if any((r["kind"], r["mode"]) == p[:2] for r in results["conditions"])]
+    heights = [1 + sum((r["kind"], r["mode"]) == p[:2] for r in results["conditions"]) for p in panels]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(10, 1.6 + 0.6 * sum(heights)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+        layout="constrained",
+    )
+    base = results["baseline"]["loss"]
+    series = (
+        (None, NETWORK_COLOR, "the networks' neurons"),
+        ("layer_matched", LAYER_COLOR, "random neurons, same count per layer (mean ± sd over draws)"),
+        ("magnitude_matched", MAGNITUDE_COLOR, "random neurons, same count per layer and magnitude bin (mean ± sd)"),
+    )
+    bar = 0.26
+    for ax, (kind, mode, title) in zip(axes[:, 0], panels, strict=True):
+        rows = [r for r in results["conditions"] if (r["kind"], r["mode"]) == (kind, mode)]
+        y = np.arange(len(rows))[::-1].astype(float)
+        for offset, (key, color, label) in enumerate(series):
+            if key is None:
+                values, spreads = [r["loss"] - base for r in rows], None
+            else:
+                values = [r["controls"][key]["mean"] - base if key in r["controls"] else np.nan for r in rows]
+                spreads = [r["controls"][key]["std"] if key in r["controls"] else 0.0 for r in rows]
+            ax.barh(y + bar * (1 - offset), values, bar, xerr=spreads, color=color, label=label, capsize=2)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        labels = []
+        for r in rows:
+            ratios = [r["controls"].get(k, {}).get("ratio") for k in ("layer_matched", "magnitude_matched")]
+            text = " / ".join("n/a" if v is None else f"{v:.1f}x" for v in ratios) if r["controls"] else "none drawn"
+            labels.append(f"{r['name']}: {r['neurons']} neurons\nratio vs random: {text}")
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_xlabel(f"extra answer-token loss over the baseline ({base:.3f}, nothing switched off)", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    data = results["dataset"]
+    fig.suptitle(
+        f"{results['model']} on {data['source']} ({data['rows']} rows): switching MLP neurons off\n"
+        "ratio = the networks' extra loss / random sets' extra loss (layer-matched / magnitude-matched)",
+        fontsize=10,
+    )
+    fig.legend(handles, labels, loc="outside lower center", ncol=1, fontsize=8, frameon=False)
+    _save(fig, path)
+
+
+def plot_iou(matrix: np.ndarray, ids_a: list[int], ids_b: list[int], name_a: str, name_b: str, path: Path) -> None:
+    """Heatmap of the IoU of every pair of networks, each row's best match outlined."""
+    fig, ax = plt.subplots(figsize=(2 + 0.4 * len(ids_b), 1.5 + 0.35 * len(ids_a)))
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="IoU of the two networks' neurons")
+    ax.set_xticks(range(len(ids_b)), [str(i) for i in ids_b], fontsize=7)
+    ax.set_yticks(range(len(ids_a)), [str(i) for i in ids_a], fontsize=7)
+    ax.set_xlabel(f"networks of {name_b}")
+    ax.set_ylabel(f"networks of {name_a}")
+    if matrix.size:
+        for row, col in enumerate(matrix.argmax(axis=1)):
+            if matrix[row, col] > 0:
+                ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    if max(matrix.shape) <= ANNOTATE_LIMIT:
+        for (row, col), value in np.ndenumerate(matrix):
+            if value >= 0.05:
+                color = "black" if value > 0.6 else "white"
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color=color)
+    ax.set_title("Network overlap (IoU); red: each row's best match", fontsize=10)
+    _save(fig, path)
+
+
+def plot_networks(mask: MaskFile, path: Path) -> None:
+    """Neurons of each network in each layer (heatmap), with each network's size beside it."""
+    n_layers = mask.model.n_layers
+    counts = np.array(
+        [[len(network.layers.get(layer, ())) for layer in range(n_layers)] for network in mask.networks], dtype=float
+    ).reshape(len(mask.networks), n_layers)
+    fig, (ax, side) = plt.subplots(
+        1,
+        2,
+        figsize=(3 + 0.3 * n_layers, 1.5 + 0.3 * max(len(mask.networks), 1)),
+        gridspec_kw={"width_ratios": [max(n_layers, 1), 6]},
+        sharey=True,
+    )
+    shown = np.where(counts > 0, counts, np.nan)  # empty cells stay blank
+    image = ax.imshow(shown, cmap="magma_r", aspect="auto", vmin=0, vmax=max(counts.max(initial=0), 1))
+    fig.colorbar(image, ax=side, label="neurons in the layer", location="right")
+    ax.set_xticks(range(n_layers), [str(layer) for layer in range(n_layers)], fontsize=7)
+    ax.set_yticks(range(len(mask.networks)), [f"network {n.id}" for n in mask.networks], fontsize=7)
+    ax.set_xlabel(f"layer (each of {mask.model.intermediate_size} MLP neurons)")
+    if len(mask.networks) <= ANNOTATE_LIMIT and n_layers <= 2 * ANNOTATE_LIMIT:
+        for (row, col), value in np.ndenumerate(counts):
+            if value > 0:
+                color = "white" if value > 0.5 * counts.max() else "black"
+                ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=5, color=color)
+    side.barh(range(len(mask.networks)), [n.size for n in mask.networks], color=NETWORK_COLOR)
+    side.set_xlabel("size (neurons)")
+    fig.suptitle(f"{len(mask.networks)} networks of {mask.model.name}: neurons per layer", fontsize=10)
+    _save(fig, path)

@@ -1,0 +1,255 @@
+"""Answer-token loss and exact match of a causal LM on held-out data, rendered as training renders it.
+
+Each record is rendered with `shared.data` exactly as `fn-train` and `fn-analyze collect`
+render it (chat template for an instruct model); the loss is the mean negative
+log-likelihood of the answer tokens (what TRL's completion-only loss trains on, EOS
+included for string templates), so an evaluation measures the signal a mask is applied to.
+Plain-text records have no answer: the loss is then on all their tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+import string
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.data import (
+    VALIDATION_SPLITS,
+    detect_format,
+    load_dataset_any,
+    render_prompt,
+    render_text,
+    resolve_template,
+    to_example,
+)
+from shared.errors import UserError
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    input_ids: tuple[int, ...]  # the whole rendered record
+    n_prompt: int  # tokens before the answer; the loss is on input_ids[n_prompt:] (0: on all tokens)
+    answer: str | None  # the reference answer, for exact match (None for plain text)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    rows: tuple[EvalRow, ...]
+    source: str
+    split: str
+    data_format: str
+    template: str
+    n_records: int  # records read (rows whose answer was truncated away are left out)
+
+    @property
+    def n_answer_tokens(self) -> int:
+        return sum(len(row.input_ids) - max(row.n_prompt, 1) for row in self.rows)
+
+    @property
+    def has_answers(self) -> bool:
+        return all(row.answer is not None for row in self.rows)
+
+
+@dataclass(frozen=True)
+class Score:
+    loss: float  # mean negative log-likelihood per answer token
+    exact_match: float | None  # share of rows whose greedy answer equals the reference (normalized)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))  # exp overflows float64 past ~709
+
+
+def default_eval_split(splits: list[str]) -> str:
+    """A held-out split when the dataset has one (validation, test, ...), else train, else the first."""
+    return next((s for s in VALIDATION_SPLITS if s in splits), "train" if "train" in splits else splits[0])
+
+
+def load_eval_set(
+    source: str,
+    tokenizer,
+    split: str | None = None,
+    data_format: str = "auto",
+    template_format: str = "auto",
+    limit: int | None = None,
+    max_length: int = 512,
+) -> EvalSet:
+    """The first `limit` records of the split, tokenized with their answer boundary."""
+    loaded = load_dataset_any(source, split)
+    split = split or default_eval_split(list(loaded))
+    records = loaded[split]
+    fmt = detect_format(records.column_names, data_format, source=f"dataset {source}")
+    template = resolve_template(template_format, tokenizer)
+    if limit is not None:
+        records = records.select(range(min(limit, len(records))))
+    rows = []
+    for record in records:
+        example = to_example(record, fmt)
+        text = render_text(example, template, tokenizer)
+        if example.text is None and template != "chat":
+            text += tokenizer.eos_token or ""  # TRL appends EOS to a string completion and learns it
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        prompt = render_prompt(example, template, tokenizer)
+        n_prompt = _common_prefix(tokenizer(prompt)["input_ids"], ids) if prompt else 0
+        if len(ids) > max(n_prompt, 1):  # at least one answer token left after truncation
+            rows.append(EvalRow(tuple(ids), n_prompt, example.answer if example.text is None else None))
+    if not rows:
+        raise UserError(
+            f"dataset {source} (split {split}) gave no record with an answer token within --max-length {max_length}; "
+            "raise --max-length or check the data"
+        )
+    return EvalSet(tuple(rows), source, split, fmt.value, template, len(records))
+
+
+def _common_prefix(prompt_ids: list[int], ids: list[int]) -> int:
+    """Length of the shared start: the prompt's tokens, less any merged across the answer boundary."""
+    n = 0
+    for a, b in zip(prompt_ids, ids, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T), right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # (B, T), -100 outside the answers
+    first_target: int  # smallest position holding a label: logits before it are not needed
+    shared_prefix: int  # leading tokens every row of the evaluation set starts with, before any label
+    prompts: list[tuple[int, ...]]  # for generation
+    answers: list[str | None]
+
+
+def shared_prefix_length(rows: tuple[EvalRow, ...]) -> int:
+    """Tokens all rows start with (a chat template's system prompt), ending before the first label."""
+    first = rows[0].input_ids
+    length = min(max(row.n_prompt, 1) for row in rows) - 1
+    for row in rows[1:]:
+        length = min(length, _common_prefix(list(first), list(row.input_ids)))
+    return max(length, 0)
+
+
+def make_batches(eval_set: EvalSet, batch_size: int, pad_id: int) -> list[Batch]:
+    """Rows sorted by length (less padding), right-padded so every token keeps its position."""
+    order = sorted(range(len(eval_set.rows)), key=lambda i: len(eval_set.rows[i].input_ids))
+    prefix = shared_prefix_length(eval_set.rows)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = [eval_set.rows[i] for i in order[start : start + batch_size]]
+        width = max(len(row.input_ids) for row in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.input_ids)
+            ids[i, :n] = torch.tensor(row.input_ids)
+            mask[i, :n] = 1
+            first = max(row.n_prompt, 1)
+            labels[i, first:n] = ids[i, first:n]
+        batches.append(
+            Batch(
+                ids,
+                mask,
+                labels,
+                min(max(row.n_prompt, 1) for row in rows),
+                prefix,
+                [row.input_ids[: row.n_prompt] for row in rows],
+                [row.answer for row in rows],
+            )
+        )
+    return batches
+
+
+def _forward_parameter(model: nn.Module, *names: str) -> str | None:
+    """The first of `names` that the model's forward takes (transformers renamed some across versions)."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in names if name in parameters), None)
+
+
+def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
+    """Mean negative log-likelihood per answer token, over all batches (token-weighted).
+
+    The prefix every row shares (a chat template's system prompt: half the tokens of short
+    records) is run once per call, under whatever mask is in place, and its key/value cache
+    reused by every batch.
+    """
+    device = next(model.parameters()).device
+    keep = _forward_parameter(model, "logits_to_keep")
+    cache_name = _forward_parameter(model, "cache", "past_key_values")
+    prefix = batches[0].shared_prefix if cache_name else 0
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        if prefix:
+            out = model(input_ids=batches[0].input_ids[:1, :prefix].to(device), use_cache=True)
+            prefix_cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        for batch in batches:
+            width = batch.input_ids.shape[1]
+            # Logits at position t predict token t+1: only positions from first_target - 1 on are needed,
+            # which spares the LM head on most prompt tokens.
+            n_keep = width - batch.first_target + 1
+            kwargs: dict = {keep: n_keep} if keep else {}
+            if prefix:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(batch.input_ids.shape[0])
+                kwargs[cache_name] = cache
+            logits = model(
+                input_ids=batch.input_ids[:, prefix:].to(device),
+                attention_mask=batch.attention_mask.to(device),
+                **kwargs,
+            ).logits[:, -n_keep:-1]
+            targets = batch.labels[:, width - n_keep + 1 :].to(device)
+            total += float(F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    return total / count
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (as SQuAD's exact match)."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int) -> float:
+    """Share of rows whose greedy answer (at most `max_new_tokens`) equals the reference, normalized."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    hits, count = 0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            width = max(len(p) for p in batch.prompts)
+            # Left padding for generation: generate derives positions from the attention mask.
+            ids = torch.full((len(batch.prompts), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, prompt in enumerate(batch.prompts):
+                if prompt:
+                    ids[i, width - len(prompt) :] = torch.tensor(prompt)
+                    mask[i, width - len(prompt) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            for generated, answer in zip(out[:, width:], batch.answers, strict=True):
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                hits += int(normalize_answer(text) == normalize_answer(answer or ""))
+                count += 1
+    return hits / count
+
+
+def score(model: nn.Module, tokenizer, batches: list[Batch], with_exact_match: bool, max_new_tokens: int) -> Score:
+    loss = answer_loss(model, batches)
+    return Score(loss, exact_match(model, tokenizer, batches, max_new_tokens) if with_exact_match else None)

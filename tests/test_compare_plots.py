@@ -1,0 +1,78 @@
+"""fn-analyze compare (IoU of networks) and the PNG figures of compare and show."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fn_analyze.cli import app
+from fn_analyze.compare import CompareConfig, compare, format_comparison, iou_matrix
+from shared.errors import UserError
+from shared.masks import load_mask_file
+from tests.test_evaluate import assert_png
+from tests.tiny_models import tiny_model
+
+runner = CliRunner()
+DISJOINT = {0: {0: [1, 2, 3], 1: [7]}, 1: {1: [8, 9]}, 2: {0: [50]}}
+
+
+@pytest.fixture
+def model():
+    return tiny_model("llama")
+
+
+def _write(model, networks, path: Path) -> Path:
+    from tests.helpers import write_mask
+
+    return write_mask(model, networks, path)
+
+
+def test_iou_of_a_file_with_itself_is_the_identity(model, tmp_path: Path) -> None:
+    path = _write(model, DISJOINT, tmp_path / "a.json")
+    result = compare(CompareConfig(path, path, tmp_path / "out" / "self.json"))
+    np.testing.assert_array_equal(np.array(result["iou"]), np.eye(3))
+    assert [m["match"] for m in result["best_match_a_in_b"]] == [0, 1, 2]
+    assert result["mean_best_iou_a"] == result["mean_matched_iou"] == 1.0
+    assert json.loads((tmp_path / "out" / "self.json").read_text()) == result
+    assert_png(tmp_path / "out" / "self.png")
+
+
+def test_iou_values_best_matches_and_one_to_one_matching(model, tmp_path: Path) -> None:
+    a = _write(model, {0: {0: [1, 2, 3, 4]}, 1: {1: [10, 11]}}, tmp_path / "a.json")
+    # B0 shares 2 of A0's 4 neurons and has 1 of its own: IoU 2/5. B1 holds A0's neurons 3, 4 and A1's 10:
+    # IoU 2/5 with A0, 1/4 with A1. B2 is A1.
+    b = _write(model, {0: {0: [1, 2, 9]}, 1: {0: [3, 4], 1: [10]}, 2: {1: [10, 11]}}, tmp_path / "b.json")
+    matrix = iou_matrix(load_mask_file(a), load_mask_file(b))
+    np.testing.assert_allclose(matrix, [[2 / 5, 2 / 5, 0.0], [0.0, 1 / 4, 1.0]])
+    result = compare(CompareConfig(a, b, tmp_path / "ab.json"))
+    first, second = result["matching"]
+    assert first["a"] == 0 and first["iou"] == pytest.approx(0.4) and (second["a"], second["b"]) == (1, 2)
+    assert result["best_match_b_in_a"][2] == {"network": 2, "match": 1, "iou": 1.0}
+    table = format_comparison(result)
+    assert "one-to-one matching" in table and "1.000" in table
+
+
+def test_masks_of_different_models_are_refused(model, tmp_path: Path) -> None:
+    a = _write(model, DISJOINT, tmp_path / "a.json")
+    b = _write(tiny_model("qwen2"), {0: {0: [1]}}, tmp_path / "b.json")
+    with pytest.raises(UserError, match="made for different models"):
+        compare(CompareConfig(a, b, tmp_path / "ab.json"))
+    assert not (tmp_path / "ab.json").exists()
+
+
+def test_compare_and_show_plot_commands_write_pngs(model, tmp_path: Path) -> None:
+    a = _write(model, DISJOINT, tmp_path / "a.json")
+    out = runner.invoke(app, ["compare", str(a), str(a), "--out", str(tmp_path / "cmp.json")])
+    assert out.exit_code == 0, out.output
+    assert "mean best IoU" in out.output
+    assert_png(tmp_path / "cmp.png")
+    shown = runner.invoke(app, ["show", str(a), "--plot", str(tmp_path / "nets.png")])
+    assert shown.exit_code == 0, shown.output
+    assert "union:" in shown.output
+    assert_png(tmp_path / "nets.png")
+    bad = runner.invoke(app, ["compare", str(a), str(tmp_path / "missing.json")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output

@@ -1,0 +1,281 @@
+"""fn-analyze evaluate on a tiny model: answer-token loss, matched random sets, determinism, report files."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fn_analyze.evaluate as evaluate_module
+from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
+from fn_analyze.magnitude import magnitude_from_activations
+from fn_analyze.neuron_sets import draw_matched, pairs
+from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer
+from shared.errors import UserError
+from shared.models import load_causal_lm, load_tokenizer, model_info
+from tests.helpers import write_activations, write_mask
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NETWORKS = {0: {0: list(range(0, 30))}, 1: {0: [100, 101], 1: list(range(40, 60))}, 2: {1: [5, 6, 7]}}
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+@pytest.fixture
+def tiny_mask(tiny_lm_dir: Path, tmp_path: Path) -> Path:
+    model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
+    return write_mask(model, NETWORKS, tmp_path / "mask.json")
+
+
+@pytest.fixture
+def record_draws(monkeypatch) -> list[tuple[dict, np.ndarray, np.ndarray, dict]]:
+    """Every (matched set, strata, allowed, drawn set) evaluate draws."""
+    calls: list[tuple[dict, np.ndarray, np.ndarray, dict]] = []
+
+    def recording(neurons, strata, allowed, rng):
+        drawn = draw_matched(neurons, strata, allowed, rng)
+        calls.append((neurons, strata, allowed, drawn))
+        return drawn
+
+    monkeypatch.setattr(evaluate_module, "draw_matched", recording)
+    return calls
+
+
+def _config(tiny_lm_dir: Path, demo_dir: Path, mask: Path, out: Path, **kwargs) -> EvaluateConfig:
+    return EvaluateConfig(
+        mask_file=mask,
+        dataset=str(demo_dir / "eval.csv"),
+        model=str(tiny_lm_dir),
+        out=out,
+        draws=2,
+        network_draws=1,
+        device="cpu",
+        **kwargs,
+    )
+
+
+def _cell_counts(neurons: dict, strata: np.ndarray) -> dict[tuple[int, int], int]:
+    counts: dict[tuple[int, int], int] = {}
+    for layer, ns in neurons.items():
+        for n in ns:
+            key = (layer, int(strata[layer, n]))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_random_sets_match_each_network_per_layer_and_magnitude_bin(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path, record_draws
+) -> None:
+    results = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "r.json", bin_width=0.05))
+    # 3 conditions of the union (key, complement) with 2 draws x 2 controls, 3 networks with 1 x 2.
+    assert len(record_draws) == 2 * 2 * 2 + 3 * 2
+    layer_matched = [call for call in record_draws if not call[1].any()]
+    magnitude_matched = [call for call in record_draws if call[1].any()]
+    assert len(layer_matched) == len(magnitude_matched) == 7
+    for neurons, strata, _allowed, drawn in record_draws:
+        assert {layer: len(ns) for layer, ns in drawn.items()} == {layer: len(ns) for layer, ns in neurons.items()}
+        assert _cell_counts(drawn, strata) == _cell_counts(neurons, strata)
+        assert all(len(set(ns)) == len(ns) for ns in drawn.values())
+    # Fine bins on a random model: the magnitude-matched sets are not the networks themselves.
+    assert any(pairs(drawn) != pairs(neurons) for neurons, _, _, drawn in magnitude_matched)
+    union = results["conditions"][0]
+    assert (union["name"], union["mode"], union["neurons"]) == ("union of 3 networks", "key", 55)
+    assert [(c["name"], c["mode"]) for c in results["conditions"][1:]] == [
+        ("union of 3 networks", "complement"),
+        ("network 0", "key"),
+        ("network 1", "key"),
+        ("network 2", "key"),
+    ]
+    assert union["controls"]["layer_matched"]["draws"] == 2
+    assert results["conditions"][2]["controls"]["magnitude_matched"]["draws"] == 1
+
+
+def test_seed_makes_evaluation_deterministic(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path
+) -> None:
+    first = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "a.json", networks="0,1"))
+    again = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "b.json", networks="0,1"))
+    other = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "c.json", networks="0,1", seed=1))
+    assert first["conditions"] == again["conditions"] and first["baseline"] == again["baseline"]
+    losses = [c["controls"]["layer_matched"]["losses"] for c in first["conditions"]]
+    assert losses != [c["controls"]["layer_matched"]["losses"] for c in other["conditions"]]
+    # The condition itself does not depend on the seed, only its random sets do.
+    assert [c["loss"] for c in first["conditions"]] == [c["loss"] for c in other["conditions"]]
+
+
+def test_json_holds_every_figure_the_table_prints(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval" / "res.json"
+    results = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, out, exact_match=True, max_new_tokens=3))
+    assert json.loads(out.read_text()) == results
+    table = format_table(results)
+
+    def leaves(value) -> list:
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in leaves(v)]
+        if isinstance(value, list):
+            return [leaf for v in value for leaf in leaves(v)]
+        return [value]
+
+    stored = [float(v) for v in leaves(results) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    # Strings of the results (names, paths, sources) may hold digits: they are not figures.
+    for text in sorted((v for v in leaves(results) if isinstance(v, str) and v), key=len, reverse=True):
+        table = table.replace(text, " ")
+    printed = re.findall(r"(?<![\w.-])-?\d+(?:\.\d+)?", table)
+    assert len(printed) > 40
+    for text in printed:
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        value = float(text)
+        matched = any(round(f, decimals) == value or round(100 * f, decimals) == value for f in stored)
+        assert matched, f"{text} is printed but is not a figure of the results JSON"
+    assert_png(out.with_suffix(".png"))
+    assert "exact_match" in results["baseline"]
+    assert "exact_match" in results["conditions"][0]["controls"]["magnitude_matched"]
+
+
+def test_answer_loss_is_the_models_loss_on_the_answer_tokens(tiny_lm_dir: Path, demo_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
+    eval_set = load_eval_set(str(demo_dir / "eval.csv"), tokenizer, limit=6)
+    row = eval_set.rows[0]
+    # The chat template renders the answer, then the end of the assistant's turn.
+    assert tokenizer.decode(row.input_ids[row.n_prompt :]) == f"{row.answer}<|im_end|>\n"
+    expected_total, expected_count = 0.0, 0
+    with torch.no_grad():
+        for row in eval_set.rows:
+            ids = torch.tensor([row.input_ids])
+            labels = ids.clone()
+            labels[:, : row.n_prompt] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            expected_total += float(model(input_ids=ids, labels=labels).loss) * n
+            expected_count += n
+    batches = make_batches(eval_set, 4, tokenizer.pad_token_id)
+    assert batches[0].shared_prefix > 0  # the rows' common start is run once and its cache reused
+    batched = answer_loss(model, batches)
+    assert batched == pytest.approx(expected_total / expected_count, rel=1e-5)
+
+
+def test_plain_template_learns_eos_and_plain_text_is_scored_on_every_token(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    csv_file = tmp_path / "qa.csv"
+    csv_file.write_text("question,answer\nWhat is 2 plus 2?,4\n")
+    plain = load_eval_set(str(csv_file), tokenizer, template_format="plain").rows[0]
+    assert plain.input_ids[-1] == tokenizer.eos_token_id and plain.answer == "4"
+    text_file = tmp_path / "text.jsonl"
+    text_file.write_text('{"text": "one two three"}\n')
+    text_set = load_eval_set(str(text_file), tokenizer)
+    assert text_set.rows[0].n_prompt == 0 and not text_set.has_answers
+    assert text_set.n_answer_tokens == len(text_set.rows[0].input_ids) - 1
+
+
+def test_normalized_exact_match() -> None:
+    assert normalize_answer(" The  Paris. ") == normalize_answer("paris") == "paris"
+    assert normalize_answer("New Delhi") != normalize_answer("Delhi")
+
+
+def test_magnitudes_from_activations_exclude_top_and_are_cached(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path, monkeypatch, record_draws
+) -> None:
+    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
+    acts = tmp_path / "acts"
+    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=acts, model=str(tiny_lm_dir), device="cpu"))
+    model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
+    magnitude = magnitude_from_activations(acts, model_info(model, "tiny"))
+    assert list((tmp_path / "cache" / "magnitudes").glob("*.npy"))  # read once, then from the cache
+    from fn_analyze.activations import open_activations
+
+    peak = np.max([np.abs(block).max(axis=0) for block in open_activations(acts).blocks(10_000)], axis=0)
+    np.testing.assert_allclose(magnitude.max_abs.ravel(), peak)
+    top = magnitude.top(20)
+    flat = sorted(peak.tolist(), reverse=True)
+    assert len(top) == 20 and min(magnitude.max_abs[layer, n] for layer, n in top) == flat[19]
+    assert np.array_equal(magnitude_from_activations(acts, model_info(model, "tiny")).max_abs, magnitude.max_abs)
+
+    results = evaluate(
+        _config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "r.json", activations=acts, top_n=20, exclude_top=True)
+    )
+    held = len({(layer, n) for network in NETWORKS.values() for layer, ns in network.items() for n in ns} & top)
+    assert results["conditions"][0]["top_magnitude_held"] == held
+    assert results["conditions"][0]["neurons"] == 55 - held
+    for neurons, _, allowed, drawn in record_draws:
+        assert not pairs(neurons) & top and not pairs(drawn) & top
+        assert all(not allowed[layer, n] for layer, n in top)
+    assert results["magnitude"]["excluded"] and "activations" in results["magnitude"]["source"]
+
+
+def test_unfit_activations_are_refused_before_the_model_loads(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
+    acts = write_activations(tmp_path / "acts", np.ones((4, 2 * 176)), [0, 1], 176)
+    monkeypatch.setattr(evaluate_module, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(UserError, match="were recorded on 'synthetic'"):
+        evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "r.json", activations=acts))
+    layer0 = tmp_path / "layer0"
+    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=layer0, model=str(tiny_lm_dir), layers="0"))
+    with pytest.raises(UserError, match="lack layer 1, where the selected networks have neurons"):
+        evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "r.json", activations=layer0))
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_config_rejects_bad_values(tiny_mask: Path) -> None:
+    with pytest.raises(UserError, match="--draws must be at least 1"):
+        EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", draws=0)
+    with pytest.raises(UserError, match="must end in .json"):
+        EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", out=Path("results.png"))
+    with pytest.raises(UserError, match="--bin-width must be positive"):
+        EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", bin_width=0)
+
+
+def test_evaluate_command_prints_the_table_and_refuses_bad_input(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from fn_analyze.cli import app
+
+    runner = CliRunner()
+    base = ["evaluate", "--mask-file", str(tiny_mask), "--dataset", str(demo_dir / "eval.csv")]
+    base += ["--model", str(tiny_lm_dir), "--draws", "1", "--limit", "4", "--device", "cpu"]
+    result = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "network 1" in result.output and "magnitude-matched" in result.output
+    assert_png(tmp_path / "r.png")
+    unknown = runner.invoke(app, [*base, "--networks", "9"])
+    assert unknown.exit_code == 2 and "network id 9 is not in the mask file" in unknown.output
+    bad_draws = runner.invoke(app, [*base, "--draws", "0"])
+    assert bad_draws.exit_code == 2 and "--draws must be at least 1" in bad_draws.output
+
+
+def test_magnitude_matched_draw_keeps_a_lone_massive_neuron_and_respects_exclusion() -> None:
+    from fn_analyze.magnitude import NeuronMagnitude
+
+    max_abs = np.full((2, 40), 2.0)
+    max_abs[0, 7] = 3000.0  # a massive neuron, alone in its bin
+    max_abs[1, :20] = 0.0  # dead neurons share one bin
+    magnitude = NeuronMagnitude(max_abs, "test", 10)
+    bins = magnitude.bins(0.1)
+    assert len(set(bins[0].tolist())) == 2 and len(set(bins[1].tolist())) == 2
+    assert magnitude.top(1) == {(0, 7)}
+    allowed = np.ones_like(max_abs, dtype=bool)
+    allowed[0, 30:] = False
+    neurons = {0: (3, 7), 1: (0, 25)}
+    for seed in range(20):
+        drawn = draw_matched(neurons, bins, allowed, np.random.default_rng(seed))
+        assert 7 in drawn[0] and all(n < 30 for n in drawn[0])
+        assert sum(n < 20 for n in drawn[1]) == 1 and len(drawn[1]) == 2
+    assert draw_matched(neurons, bins, allowed, np.random.default_rng(1)) == draw_matched(
+        neurons, bins, allowed, np.random.default_rng(1)
+    )
