@@ -127,12 +127,12 @@ def resolve_model_path(name: str | None) -> str:
     return name
 
 
-def load_tokenizer(name: str | None):
+def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(_load_failure(name, exc)) from exc
     if tokenizer.pad_token is None:
@@ -141,7 +141,7 @@ def load_tokenizer(name: str | None):
 
 
 def load_causal_lm(name: str | None, dtype: torch.dtype, device: torch.device, **kwargs) -> nn.Module:
-    """A causal LM on `device`, in eval mode; `trust_remote_code` stays off."""
+    """A causal LM on `device`, in eval mode; `trust_remote_code` stays off unless passed in `kwargs`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -157,6 +157,11 @@ def load_causal_lm(name: str | None, dtype: torch.dtype, device: torch.device, *
 
 def _load_failure(name: str | None, exc: Exception) -> str:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        return (
+            f"model {name!r} needs its own code to load and remote code is off; "
+            "pass --trust_remote_code if you trust that code"
+        )
     return (
         f"cannot load model {name!r} ({first_line}); give a local model folder, a Hugging Face name "
         f"reachable from here, or {EMBEDDED_MODEL_NAME!r} for the embedded model"
