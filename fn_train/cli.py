@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 from shared.cli import setup_logging, user_errors_exit
@@ -34,13 +33,13 @@ def switch(on: str, off: str, help: str) -> typer.models.OptionInfo:
     return typer.Option(*decls, help=help)
 
 
-def _config_keys(command: click.Command) -> dict[str, tuple[str, bool]]:
+def _config_keys(command: Any) -> dict[str, tuple[str, bool]]:
     """Every spelling of every option, as a config-file key (`mask-file`, `mask_file`,
     `no_peft`, ...) -> (parameter name, whether the key means the value as given
     (False: an off-switch such as `no_peft: true`, which sets use_peft to false))."""
     keys: dict[str, tuple[str, bool]] = {}
     for param in command.params:
-        if not isinstance(param, click.Option) or param.name == "config":
+        if param.param_type_name != "option" or param.name == "config":
             continue
         for opts, as_given in ((param.opts, True), (param.secondary_opts, False)):
             for opt in opts:
@@ -49,7 +48,7 @@ def _config_keys(command: click.Command) -> dict[str, tuple[str, bool]]:
     return keys
 
 
-def read_config_file(path: Path, command: click.Command) -> dict[str, Any]:
+def read_config_file(path: Path, command: Any) -> dict[str, Any]:
     """The settings of a YAML (or JSON) file as click's defaults: flags on the command line
     override them. Keys are flag names in either spelling."""
     import yaml
@@ -78,7 +77,7 @@ def read_config_file(path: Path, command: click.Command) -> dict[str, Any]:
     return defaults
 
 
-def _load_config(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> Optional[Path]:
+def _load_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
     """Eager: runs before the other options are read, so the file's settings become their defaults."""
     if value is not None:
         try:
