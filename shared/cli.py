@@ -22,6 +22,8 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # bitsandbytes warns on import about optional CPU kernels, even when nothing is quantized.
+    logging.getLogger("bitsandbytes").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 def user_errors_exit(command: Callable[P, R]) -> Callable[P, R]:
