@@ -102,14 +102,20 @@ def test_two_ddp_ranks_both_mask_and_masked_neurons_stay_unchanged(tiny_lm_dir, 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     out = tmp_path / "out"
-    result = subprocess.run(
+    launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask), "--max_steps", "3"],
-        env=_env(), capture_output=True, text=True, timeout=300,
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:  # a hung rendezvous must not leave the ranks running
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
     for rank in (0, 1):
-        assert f"fn-train[rank {rank}]: mask {mask} (key, networks 0,1): 11 neurons switched off" in result.stdout
+        assert f"fn-train[rank {rank}]: mask {mask} (key, networks 0,1): 11 neurons switched off" in stdout
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["train_batch_size"] == 2
     tuned = AutoModelForCausalLM.from_pretrained(out)
