@@ -32,7 +32,6 @@ from shared.masks import LayerMasks
 class FrozenSlice:
     """The masked neurons' entries of one parameter: `parameter.index_select(dim, index)`."""
 
-    name: str
     parameter: nn.Parameter
     dim: int
     index: torch.Tensor
@@ -52,7 +51,6 @@ def masked_neuron_slices(
     model: nn.Module, projections: list[DownProjection], layer_masks: LayerMasks
 ) -> list[FrozenSlice]:
     """The trainable entries of every masked neuron (see the module docstring)."""
-    names = {id(p): n for n, p in model.named_parameters()}
     by_layer = {p.layer: p for p in projections}
     slices = []
     for layer, vector in layer_masks.vectors.items():
@@ -65,7 +63,7 @@ def masked_neuron_slices(
                 found = _neuron_axis(parameter, projection.in_features, neurons) if parameter.requires_grad else None
                 if found is not None:
                     dim, index = found
-                    slices.append(FrozenSlice(names[id(parameter)], parameter, dim, index.to(parameter.device)))
+                    slices.append(FrozenSlice(parameter, dim, index.to(parameter.device)))
     return slices
 
 

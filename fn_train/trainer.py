@@ -25,7 +25,7 @@ from fn_train.run_mask import (
 )
 from fn_train.saving import save_outputs
 from shared.arch import find_down_projections
-from shared.constants import RUN_CONFIG_NAME
+from shared.constants import ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
 from shared.errors import UserError
 from shared.hooks import masked_down_projections
@@ -149,7 +149,9 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None, callbacks: 
     log.info("template: %s, %d training rows", template, len(train_set))
     model = _load_model(config, dtype, device)
     if mask is not None:  # refuse a mask made for another model before PEFT and training
-        check_compatible(mask, model_info(model, config.model_name_or_path), where=f"mask file {config.mask_file}")
+        check_compatible(
+            mask, model_info(model, config.model_name_or_path), where=f"mask file {config.mask_file or ICA_MASK_NAME}"
+        )
     return SFTTrainer(
         model=model,
         args=_sft_config(config, device.type, dtype == torch.bfloat16 and device.type == "cuda", eval_set is not None),
