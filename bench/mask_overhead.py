@@ -1,14 +1,17 @@
 """What does the mask cost a training step? The same fn-train run with and without a mask.
 
 Both variants run through `fn_train.trainer.train` (the masked one with the down-projection
-hooks, the frozen-slice restore after each optimizer step and the checkpoint record), in
-alternating order over several rounds so that a slow spell of a shared machine hits both.
-Each step is timed from the Trainer's step begin to step end (forward, backward, optimizer
-step and restore); the first `--warmup` steps of each run are left out.
+hooks, the frozen-slice restore after each optimizer step and the checkpoint record). Each
+step is timed from the Trainer's step begin to step end (forward, backward, optimizer step
+and restore); the first `--warmup` steps of each run are left out. A round is one run of
+each variant, back to back, in alternating order; its ratio is the masked run's median step
+time over the unmasked run's. On a shared machine the load drifts between rounds, so the
+figure is the median of the rounds' ratios (a pair sees the same load), not the ratio of
+pooled medians.
 
     python bench/mask_overhead.py --mask-file mask_artifacts/smollm2-demo.json --data demo/train.csv
 
-Ends with one line `mask_overhead: ratio=X` (median masked step time / median unmasked).
+Ends with one line `mask_overhead: ratio=X`.
 """
 
 from __future__ import annotations
@@ -64,9 +67,9 @@ def main() -> None:
     parser.add_argument("--data", default="demo/train.csv")
     parser.add_argument("--mask-file", default="mask_artifacts/smollm2-demo.json")
     parser.add_argument("--networks", default=None, help="default: every network of the file")
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--device", default="auto")
@@ -74,18 +77,24 @@ def main() -> None:
     args = parser.parse_args()
 
     times: dict[bool, list[float]] = {False: [], True: []}
+    ratios = []
     with tempfile.TemporaryDirectory(prefix="mask-overhead-") as scratch:
         for round_index in range(args.rounds):
             order = (False, True) if round_index % 2 == 0 else (True, False)
+            medians = {}
             for masked in order:
                 durations = timed_run(args, masked, Path(scratch) / f"r{round_index}-{'mask' if masked else 'none'}")
                 times[masked] += durations
-                label = "masked  " if masked else "unmasked"
-                print(f"round {round_index} {label}: median {statistics.median(durations):.3f} s/step")
-    base, masked = statistics.median(times[False]), statistics.median(times[True])
-    print(f"unmasked: median {base:.3f} s/step over {len(times[False])} steps")
-    print(f"masked:   median {masked:.3f} s/step over {len(times[True])} steps")
-    print(f"mask_overhead: ratio={masked / base:.3f}")
+                medians[masked] = statistics.median(durations)
+            ratios.append(medians[True] / medians[False])
+            print(
+                f"round {round_index}: unmasked {medians[False]:.3f} s/step, masked {medians[True]:.3f} s/step, "
+                f"ratio {ratios[-1]:.3f}"
+            )
+    print(f"unmasked: median {statistics.median(times[False]):.3f} s/step over {len(times[False])} steps")
+    print(f"masked:   median {statistics.median(times[True]):.3f} s/step over {len(times[True])} steps")
+    print(f"round ratios: {', '.join(f'{r:.3f}' for r in sorted(ratios))}")
+    print(f"mask_overhead: ratio={statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":
