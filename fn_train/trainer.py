@@ -1,35 +1,65 @@
-"""Assemble and run one SFT run: model, data, LoRA, the mask hook, saving."""
+"""Assemble and run one SFT run: model, data, LoRA/QLoRA, the mask, checkpoints, saving."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 
 from fn_train.config import TrainConfig
 from fn_train.data import build_datasets
+from fn_train.freeze import KeepMaskedNeuronsFrozen, masked_neuron_slices
 from fn_train.lora_mask import zero_lora_columns_of_masked_neurons
+from fn_train.output import check_output_dir, removed_on_failure
+from fn_train.quantization import quantization_config
+from fn_train.run_mask import (
+    MaskRecordInCheckpoints,
+    RunMask,
+    check_same_mask,
+    resolve_checkpoint,
+    resolve_run_mask,
+)
+from fn_train.saving import save_outputs
 from shared.arch import find_down_projections
-from shared.constants import RUN_MASK_NAME
+from shared.constants import ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
+from shared.errors import UserError
 from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
-from shared.masks import (
-    MaskFile,
-    MaskMode,
-    build_layer_masks,
-    check_compatible,
-    load_mask_file,
-    parse_network_ids,
-    select_networks,
-)
+from shared.masks import MaskFile, MaskMode, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_NAME = "fn_train_config.json"
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(message: str) -> None:
+    """One line on stdout; under torchrun, each rank says which it is."""
+    who = f"fn-train[rank {_rank()}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "fn-train"
+    print(f"{who}: {message}", flush=True)
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse an unknown or uninstalled tracker before anything is loaded."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names in ([], ["none"], ["all"]):
+        return
+    available = get_available_reporting_integrations()
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise UserError(f"--report_to {name!r} is unknown; use none or one of {known}")
+        if name not in available:
+            raise UserError(f"--report_to {name}: its package is not installed; pip install {name} or drop the flag")
 
 
 def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: bool):
@@ -52,6 +82,8 @@ def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: boo
         eval_steps=config.eval_steps,
         seed=config.seed,
         max_length=config.max_seq_length,
+        # None: TRL's rule, loss on the completion of prompt/completion records (plain text has none).
+        completion_only_loss=None if config.completion_only_loss else False,
         report_to=config.report_to,
         # TRL turns these on by default; checkpointing costs ~30% speed and bf16 autocast
         # is wrong on CPU and on float32 weights the user asked for.
@@ -78,13 +110,34 @@ def _lora_config(config: TrainConfig):
     )
 
 
-def build_trainer(config: TrainConfig, mask: MaskFile | None = None):
+def _load_model(config: TrainConfig, dtype: torch.dtype, device: torch.device):
+    quantization = quantization_config(config, dtype)
+    if quantization is None:
+        return load_causal_lm(config.model_name_or_path, dtype, device, trust_remote_code=config.trust_remote_code)
+    try:
+        return load_causal_lm(
+            config.model_name_or_path,
+            dtype,
+            device,
+            trust_remote_code=config.trust_remote_code,
+            quantization_config=quantization,
+            device_map={"": device},
+        )
+    except (RuntimeError, NotImplementedError, ImportError) as exc:  # bitsandbytes lacks a kernel for this device
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{config.quantization_flag}: bitsandbytes cannot quantize on {device} here ({first}); "
+            f"drop {config.quantization_flag}"
+        ) from exc
+
+
+def build_trainer(config: TrainConfig, mask: MaskFile | None = None, callbacks: Sequence = ()):
     """The SFTTrainer for `config`, with PEFT already applied (the mask is not yet installed)."""
     from trl import SFTTrainer
 
     device = choose_device(config.device)
     dtype = choose_dtype(config.torch_dtype, device.type)
-    tokenizer = load_tokenizer(config.model_name_or_path)
+    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     train_set, eval_set, template = build_datasets(
         config.dataset_name_or_path,
         config.data_format,
@@ -95,9 +148,11 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None):
         max_length=config.max_seq_length,
     )
     log.info("template: %s, %d training rows", template, len(train_set))
-    model = load_causal_lm(config.model_name_or_path, dtype, device)
+    model = _load_model(config, dtype, device)
     if mask is not None:  # refuse a mask made for another model before PEFT and training
-        check_compatible(mask, model_info(model, config.model_name_or_path), where=f"mask file {config.mask_file}")
+        check_compatible(
+            mask, model_info(model, config.model_name_or_path), where=f"mask file {config.mask_file or ICA_MASK_NAME}"
+        )
     return SFTTrainer(
         model=model,
         args=_sft_config(config, device.type, dtype == torch.bfloat16 and device.type == "cuda", eval_set is not None),
@@ -105,50 +160,64 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None):
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=_lora_config(config) if config.use_peft else None,
+        callbacks=list(callbacks),
     )
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Fine-tune, with the mask hooked on the down-projections that are in the model when
-    training starts (after PEFT wrapped them, so a LoRA branch sees the masked input too).
-    Returns the trainer's final metrics."""
-    mask = None
+def _install_mask(trainer, run_mask: RunMask) -> contextlib.AbstractContextManager:
+    """Zero LoRA's A columns of masked neurons, add the callbacks that keep them frozen and
+    record the mask in checkpoints; returns the context manager that hooks the mask on the
+    down-projections in the model now (after PEFT wrapped them: a LoRA branch on the
+    down-projection sees the masked input too)."""
+    projections = find_down_projections(trainer.model)
+    layer_masks = run_mask.layer_masks
+    zero_lora_columns_of_masked_neurons(projections, layer_masks)
+    trainer.add_callback(KeepMaskedNeuronsFrozen(masked_neuron_slices(trainer.model, projections, layer_masks)))
+    trainer.add_callback(MaskRecordInCheckpoints(run_mask))
+    return masked_down_projections(projections, layer_masks)
+
+
+def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
+    """Fine-tune with the mask on (see `_install_mask`); `callbacks` are extra TrainerCallbacks.
+    Returns the trainer's final metrics.
+
+    Everything that can be checked without a model is checked before anything is written:
+    the output folder, the checkpoint to resume and the mask it was made with, the mask file
+    and selection, the tracker. The output folder is removed again if this run created it
+    and fails before its first checkpoint."""
+    check_output_dir(config.output_dir)
+    check_report_to(config.report_to)
+    checkpoint = None
+    if config.resume_from_checkpoint is not None:
+        checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    mode = cast(MaskMode, config.mask_mode)
     networks = parse_network_ids(config.networks)
-    if config.mask_file is not None:  # a bad file or selection fails before any model is loaded
-        mask = load_mask_file(config.mask_file)
-        selected = select_networks(mask, networks)
-    trainer = build_trainer(config, mask)  # refuses a mask made for another model
-    masking: contextlib.AbstractContextManager = contextlib.nullcontext()
-    run_mask: dict[str, Any] | None = None  # what fn_mask.json will say the run trained with
-    if mask is not None:
-        mode = cast(MaskMode, config.mask_mode)
-        projections = find_down_projections(trainer.model)  # the modules PEFT put in place
-        layer_masks = build_layer_masks(mask, selected, mode)
-        masking = masked_down_projections(projections, layer_masks)
-        zero_lora_columns_of_masked_neurons(projections, layer_masks)
-        closed = layer_masks.fully_closed_layers
-        print(
-            f"fn-train: mask {config.mask_file} ({mode}, networks {config.networks or 'all'}): "
-            f"{layer_masks.masked_neurons} neurons switched off"
-            + (f"; layers {','.join(map(str, closed))} have no selected neuron and their MLP is off" if closed else "")
-        )
-        run_mask = {
-            "mode": mode,
-            "networks": networks,
-            "masked_neurons": layer_masks.masked_neurons,
-            "fully_closed_layers": list(closed),
-            "mask_file": str(config.mask_file),
-            "mask": mask.to_dict(),
-        }
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config.output_dir / RUN_CONFIG_NAME, config.to_dict())
-    with masking:
-        result = trainer.train()
-        metrics = dict(result.metrics)
-        if trainer.eval_dataset is not None:
-            metrics.update(trainer.evaluate())
-        trainer.save_model(str(config.output_dir))
-    if run_mask is not None:
-        write_json_atomic(config.output_dir / RUN_MASK_NAME, run_mask)
-    print(f"fn-train: saved {'adapter' if config.use_peft else 'model'} to {config.output_dir}")
+    run_mask = resolve_run_mask(config.mask_file, mode, networks) if config.mask_file is not None else None
+    if checkpoint is not None and not config.ica_on_the_fly:
+        check_same_mask(checkpoint, run_mask)
+    main_process = _rank() == 0
+    with removed_on_failure(config.output_dir, main_process):
+        if main_process:  # first into the folder: it marks the folder as fn-train's
+            write_json_atomic(config.output_dir / RUN_CONFIG_NAME, config.to_dict())
+        if config.ica_on_the_fly:
+            from fn_train.ica_mask import mask_from_training_data
+
+            run_mask = resolve_run_mask(mask_from_training_data(config, checkpoint is not None), mode, networks)
+            if checkpoint is not None:
+                check_same_mask(checkpoint, run_mask)
+        trainer = build_trainer(config, run_mask.mask if run_mask else None, callbacks)
+        masking: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if run_mask is not None:
+            masking = _install_mask(trainer, run_mask)
+            _say(run_mask.describe())
+        if checkpoint is not None:
+            _say(f"resuming from {checkpoint}")
+        with masking:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            metrics = dict(result.metrics)
+            if trainer.eval_dataset is not None:
+                metrics.update(trainer.evaluate())
+        saved = save_outputs(trainer, config, run_mask)
+    if saved:
+        _say(f"saved {saved} to {config.output_dir}")
     return metrics

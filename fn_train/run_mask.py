@@ -1,0 +1,147 @@
+"""The mask a run trains with: its record (`fn_mask.json`), kept in every checkpoint, and
+the check that refuses to resume a checkpoint made with another mask."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME
+from shared.digests import bytes_digest
+from shared.errors import UserError
+from shared.jsonio import write_json_atomic
+from shared.masks import LayerMasks, MaskFile, MaskMode, build_layer_masks, load_mask_file, parse_mask, select_networks
+
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+
+
+@dataclass(frozen=True)
+class RunMask:
+    mask: MaskFile
+    source: Path  # the mask file it came from
+    mode: MaskMode
+    networks: list[int] | None  # None: every network of the file
+    layer_masks: LayerMasks
+
+    @property
+    def digest(self) -> str:
+        """What the run switches off, and on which architecture: two runs with the same digest
+        train the same neurons, whatever files their masks came from."""
+        closed = {
+            str(layer): (vector == 0).nonzero().flatten().tolist()
+            for layer, vector in sorted(self.layer_masks.vectors.items())
+        }
+        payload = {"fingerprint": self.mask.model.fingerprint, "mode": self.mode, "switched_off": closed}
+        return bytes_digest(json.dumps(payload, sort_keys=True).encode())
+
+    def label(self) -> str:
+        return _label(self.source, self.mode, self.networks)
+
+    def describe(self) -> str:
+        closed = self.layer_masks.fully_closed_layers
+        return f"{self.label()}: {self.layer_masks.masked_neurons} neurons switched off" + (
+            f"; layers {','.join(map(str, closed))} have no selected neuron and their MLP is off" if closed else ""
+        )
+
+    def record(self, baked: bool = False) -> dict[str, Any]:
+        """The content of `fn_mask.json`: enough to re-apply the mask (`fn_train.load`)."""
+        return {
+            "mode": self.mode,
+            "networks": self.networks,
+            "masked_neurons": self.layer_masks.masked_neurons,
+            "fully_closed_layers": list(self.layer_masks.fully_closed_layers),
+            "digest": self.digest,
+            "baked": baked,  # True: the saved weights already hold the mask; no hook is needed
+            "mask_file": str(self.source),
+            "mask": self.mask.to_dict(),
+        }
+
+
+def _label(source: Any, mode: Any, networks: list[int] | None) -> str:
+    ids = "all" if networks is None else ",".join(map(str, networks))
+    return f"mask {source} ({mode}, networks {ids})"
+
+
+def resolve_run_mask(source: Path, mode: MaskMode, networks: list[int] | None) -> RunMask:
+    """Load and validate the mask file and the selection; no model needed."""
+    mask = load_mask_file(source)
+    layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
+    return RunMask(mask, source, mode, networks, layer_masks)
+
+
+def run_mask_from_record(record: dict[str, Any], where: str) -> RunMask:
+    """The RunMask a saved `fn_mask.json` describes."""
+    mask = parse_mask(record.get("mask"), where)
+    mode, networks = record.get("mode"), record.get("networks")
+    layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
+    return RunMask(mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks)
+
+
+class MaskRecordInCheckpoints(TrainerCallback):
+    """Write `fn_mask.json` into each checkpoint folder as the Trainer decides to save it,
+    before it writes the checkpoint (trainer_state.json last): a complete checkpoint of a
+    masked run always holds its mask record."""
+
+    def __init__(self, run_mask: RunMask) -> None:
+        self.record = run_mask.record()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if control.should_save and state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            write_json_atomic(folder / RUN_MASK_NAME, self.record)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint (one holding trainer_state.json) with the highest step."""
+    complete = [
+        (int(path.name[len(CHECKPOINT_PREFIX) :]), path)
+        for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if path.name[len(CHECKPOINT_PREFIX) :].isdigit() and (path / TRAINER_STATE_NAME).is_file()
+    ]
+    return max(complete)[1] if complete else None
+
+
+def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
+    """The checkpoint folder `--resume_from_checkpoint` names ("last": the latest complete one)."""
+    if requested == "last":
+        found = latest_checkpoint(output_dir) if output_dir.is_dir() else None
+        if found is None:
+            raise UserError(
+                f"--resume_from_checkpoint last: {output_dir} holds no complete checkpoint; "
+                "give a checkpoint folder or drop the flag"
+            )
+        return found
+    path = Path(requested)
+    if not (path / TRAINER_STATE_NAME).is_file():
+        raise UserError(
+            f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAINER_STATE_NAME}); "
+            f"give a {CHECKPOINT_PREFIX}<step> folder of an earlier run, or last"
+        )
+    return path
+
+
+def check_same_mask(checkpoint: Path, run_mask: RunMask | None) -> None:
+    """Refuse to resume a checkpoint that was trained with another mask (or with none, or
+    without one when this run has one)."""
+    saved = checkpoint / RUN_MASK_NAME
+    recorded = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    before = recorded.get("digest") if recorded else None
+    now = run_mask.digest if run_mask else None
+    if before == now:
+        return
+    if recorded is None:
+        raise UserError(
+            f"checkpoint {checkpoint} was trained without a mask; resume it without --mask-file, "
+            "or start a new run in another --output_dir"
+        )
+    past = _label(recorded.get("mask_file"), recorded.get("mode"), recorded.get("networks"))
+    if run_mask is None:
+        raise UserError(f"checkpoint {checkpoint} was trained with {past}; pass the same mask flags to resume it")
+    raise UserError(
+        f"checkpoint {checkpoint} was trained with {past}, not with {run_mask.label()}; "
+        "pass the same mask flags to resume it, or start a new run in another --output_dir"
+    )

@@ -1,0 +1,144 @@
+"""Real processes: fn-train killed after a checkpoint and resumed with the same mask; a
+checkpoint of another mask refused; two DDP ranks (torchrun, gloo on CPU) both masked;
+--ica-on-the-fly computing, saving and reusing its mask."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from fn_train.trainer import train
+from shared.errors import UserError
+from tests.helpers import write_mask
+from tests.train_helpers import (
+    MASKED,
+    assert_masked_frozen_and_open_moved,
+    masked_by_layer,
+    neuron_parameters,
+    small_run,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _args(model: Path, demo_dir: Path, out: Path, mask: Path, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--dataset_name_or_path", str(demo_dir / "train.csv"),
+        "--output_dir", str(out), "--mask-file", str(mask), "--networks", "0,1", "--no_peft",
+        "--weight_decay", "0.5", "--learning_rate", "1e-2", "--max_seq_length", "48", "--device", "cpu",
+        "--per_device_train_batch_size", "2", "--logging_steps", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # about 45 s: three processes that each import torch, transformers and TRL
+def test_killed_run_resumes_with_the_same_mask_and_refuses_another(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask)]
+    first = subprocess.Popen(
+        [*command, "--max_steps", "60", "--save_steps", "10"],
+        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    checkpoint = out / "checkpoint-10"
+    deadline = time.monotonic() + 120
+    while not (checkpoint / "trainer_state.json").is_file():
+        assert first.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+    assert json.loads((checkpoint / "fn_mask.json").read_text())["networks"] == [0, 1]
+
+    other = write_mask(base, {0: {0: [1, 2, 3]}, 1: {1: [5]}}, tmp_path / "other.json")
+    refused = subprocess.run(
+        [sys.executable, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, other)]
+        + ["--max_steps", "60", "--save_steps", "10", "--resume_from_checkpoint", str(checkpoint)],
+        env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"checkpoint {checkpoint} was trained with mask {mask} (key, networks 0,1)" in refused.stderr
+
+    resumed = subprocess.run(
+        [*command, "--max_steps", "60", "--save_steps", "10", "--resume_from_checkpoint", "last"],
+        env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "neurons switched off" in resumed.stdout and "resuming from" in resumed.stdout
+    state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60
+    assert min(entry["step"] for entry in state["log_history"] if "loss" in entry) == 1  # history carried over
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
+
+
+def test_resume_without_the_mask_is_refused(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    out = tmp_path / "out"
+    train(small_run(tiny_lm_dir, demo_dir, out, mask, max_steps=2, save_steps=2))
+    with pytest.raises(UserError, match="was trained with mask .*; pass the same mask flags to resume it"):
+        train(small_run(tiny_lm_dir, demo_dir, out, None, max_steps=4, resume_from_checkpoint="last"))
+    unmasked = tmp_path / "unmasked"
+    train(small_run(tiny_lm_dir, demo_dir, unmasked, None, max_steps=2, save_steps=2))
+    with pytest.raises(UserError, match="was trained without a mask"):
+        train(small_run(tiny_lm_dir, demo_dir, unmasked, mask, max_steps=4, resume_from_checkpoint="last"))
+
+
+def test_two_ddp_ranks_both_mask_and_masked_neurons_stay_unchanged(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    out = tmp_path / "out"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask), "--max_steps", "3"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:  # a hung rendezvous must not leave the ranks running
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
+    for rank in (0, 1):
+        assert f"fn-train[rank {rank}]: mask {mask} (key, networks 0,1): 11 neurons switched off" in stdout
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["train_batch_size"] == 2
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
+
+
+def test_ica_on_the_fly_saves_a_reusable_mask(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    from shared.masks import load_mask_file
+
+    out = tmp_path / "out"
+    config = small_run(
+        tiny_lm_dir, demo_dir, out, None, use_peft=False, weight_decay=0.5, ica_on_the_fly=True,
+        ica_components=4, ica_max_tokens=600, networks="0", save_steps=3,
+    )  # fmt: skip
+    train(config)
+    computed = load_mask_file(out / "fn_ica_mask.json")
+    assert computed.networks and computed.model.name == str(tiny_lm_dir)
+    record = json.loads((out / "fn_mask.json").read_text())
+    assert record["mask_file"] == str(out / "fn_ica_mask.json") and record["networks"] == [0]
+    frozen = {int(layer): list(neurons) for layer, neurons in computed.networks[0].layers.items()}
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), frozen)
+    # The saved mask is a mask file like any other: a second run uses it with --mask-file.
+    train(small_run(tiny_lm_dir, demo_dir, tmp_path / "again", out / "fn_ica_mask.json", networks="0", max_steps=1))
+    assert json.loads((tmp_path / "again" / "fn_mask.json").read_text())["digest"] == record["digest"]
