@@ -3,10 +3,10 @@
 Both sides run the same loaded model over the same padded batches (same batch size,
 sequence length, dtype, device). The bare side pads each batch and runs the backbone
 forward; the recording side is `collect()` itself, timed over its batch loop (padding,
-forward, hooks, copies, float16 HDF5 writes), not over loading the data, which both
+forward, copying hooks, every float16 HDF5 write up to closing the last shard), not over loading the data, which both
 sides share. Runs alternate, best of --repeats each.
 
-    python bench/collect_vs_forward.py [--data demo/data.jsonl] [--records 120]
+    python bench/collect_vs_forward.py [--records 60] [--tiny-records 2000] [--tiny-batch-sizes 8,64]
 
 Prints tokens/s for the embedded model and a tiny model; ends with one line
 `collect_vs_forward: ratio=X` (recording over bare throughput, embedded model).
@@ -57,28 +57,32 @@ def bare_forward(config: CollectConfig, model: torch.nn.Module) -> tuple[int, fl
 
 
 def recorded(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]:
-    """(tokens, seconds) of collect's batch loop: the block its capture hooks are installed for."""
-    loop: dict[str, float] = {}
-    capture = collect_module.captured_down_proj_inputs
+    """(tokens, seconds) of collect's batch loop, from installing its copying hooks to the
+    writer's last flush and close: everything but the data loading both sides share."""
+    moments: dict[str, float] = {}
+    installed, close = collect_module.RowCopier.installed, collect_module.ShardWriter.close
 
     @contextmanager
-    def timed_capture(*args, **kwargs):
-        with capture(*args, **kwargs) as store:
-            loop["start"] = time.perf_counter()
-            yield store
-            loop["seconds"] = time.perf_counter() - loop["start"]
+    def timed_installed(copier):
+        moments["start"] = time.perf_counter()
+        with installed(copier) as hooked:
+            yield hooked
 
-    patches = {"load_causal_lm": lambda *args, **kwargs: model, "captured_down_proj_inputs": timed_capture}
-    originals = {name: getattr(collect_module, name) for name in patches}
+    def timed_close(writer):
+        shards = close(writer)
+        moments["end"] = time.perf_counter()
+        return shards
+
+    original_load = collect_module.load_causal_lm
+    collect_module.load_causal_lm = lambda *args, **kwargs: model  # time the recording, not the loading
+    collect_module.RowCopier.installed, collect_module.ShardWriter.close = timed_installed, timed_close
     try:
-        for name, value in patches.items():
-            setattr(collect_module, name, value)
         tokens = collect(config)["n_tokens"]
     finally:
-        for name, value in originals.items():
-            setattr(collect_module, name, value)
+        collect_module.load_causal_lm = original_load
+        collect_module.RowCopier.installed, collect_module.ShardWriter.close = installed, close
         shutil.rmtree(config.out, ignore_errors=True)
-    return tokens, loop["seconds"]
+    return tokens, moments["end"] - moments["start"]
 
 
 def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: int) -> float:
@@ -116,25 +120,28 @@ def tiny_model_dir(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", help="dataset to run (default: fresh demo data)")
-    parser.add_argument("--records", type=int, default=60, help="demo records when --data is not given")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--records", type=int, default=60, help="demo records for the embedded model")
+    parser.add_argument("--tiny-records", type=int, default=2000, help="demo records for the tiny model")
+    parser.add_argument("--batch-size", type=int, default=8, help="embedded model")
+    parser.add_argument("--tiny-batch-sizes", default="8,64", help="tiny model; its per-batch cost is tiny too")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     try:
-        data = args.data or str(
-            write_demo_data(work / "demo", seed=0, n_collect=args.records, n_train=1, n_eval=1)["collect"]
-        )
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
         ratios = {}
-        for name, model_name in (("tiny", str(tiny_model_dir(work / "tiny"))), ("embedded", "smollm2-135m")):
+        tiny = str(tiny_model_dir(work / "tiny"))
+        runs = [(f"tiny, batch {b}", tiny, args.tiny_records, int(b)) for b in args.tiny_batch_sizes.split(",")]
+        runs.append(("embedded", "smollm2-135m", args.records, args.batch_size))
+        for name, model_name, records, batch_size in runs:
+            data = write_demo_data(work / "data", seed=0, n_collect=records, n_train=1, n_eval=1)["collect"]
             model = load_causal_lm(model_name, torch.float32, torch.device("cpu"))
             config = CollectConfig(
-                dataset=data, out=work / "acts", model=model_name, batch_size=args.batch_size, device="cpu"
+                dataset=str(data), out=work / "acts", model=model_name, batch_size=batch_size, device="cpu"
             )
             ratios[name] = measure(name, config, model, args.repeats)
-        print(f"tiny model ratio: {ratios['tiny']:.3f}")
+        for name, ratio in ratios.items():
+            print(f"{name}: {ratio:.3f} of bare")
         print(f"collect_vs_forward: ratio={ratios['embedded']:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

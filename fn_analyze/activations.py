@@ -42,14 +42,15 @@ from shared.models import ModelInfo
 from shared.paths import file_in_folder
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
+FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
 
 
 class ShardWriter:
     """Appends blocks of token rows to one rank's shards of about `rows_per_shard` rows.
 
-    A shard is written under a `.partial` name, flushed after every block, and renamed
-    when full or closed, so a reader never mistakes half a shard for data. Shards end on
-    block boundaries and record in their attributes the run they belong to (`run_key`)
+    A shard is written under a `.partial` name, flushed after every block (batches buffered
+    up to FLUSH_BYTES), and renamed when full or closed, so a reader never mistakes half a
+    shard for data. Shards end on block boundaries and record in their attributes the run they belong to (`run_key`)
     and the cursor after their last block (`next_record`): an interrupted run resumes
     from its completed shards (see `completed_shards`).
     """
@@ -72,6 +73,9 @@ class ShardWriter:
         self._file: h5py.File | None = None
         self._path: Path | None = None
         self._rows = 0
+        self._pending: list[tuple[np.ndarray, ...]] = []
+        self._pending_bytes = self._pending_rows = 0
+        self._next_record = 0
 
     def _open(self) -> None:
         self._path = self.folder / shard_name(self.rank, len(self.completed))
@@ -97,41 +101,55 @@ class ShardWriter:
         position: np.ndarray,
         next_record: int = 0,
     ) -> None:
-        """Append one block; `next_record` is where a resumed run would continue after it."""
+        """Queue one batch's rows; `next_record` is where a resumed run would continue after it.
+
+        Batches are written to disk in blocks of about FLUSH_BYTES: one HDF5 write and flush
+        per block, not per batch, since per-call costs would otherwise dominate small models."""
+        self._pending.append((activations, token_ids, sequence, position))
+        self._pending_bytes += activations.nbytes
+        self._pending_rows += len(activations)
+        self._next_record = next_record
+        if self._pending_bytes >= FLUSH_BYTES or self._rows + self._pending_rows >= self.rows_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
         if self._file is None:
             self._open()
         assert self._file is not None
-        take = len(activations)
-        for key, values in (
-            (ACTIVATIONS_DATASET, activations),
-            (TOKEN_IDS_DATASET, token_ids),
-            (SEQUENCE_DATASET, sequence),
-            (POSITION_DATASET, position),
+        columns = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._pending, strict=True)]
+        take = len(columns[0])
+        for key, values in zip(
+            (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET), columns, strict=True
         ):
             dataset = self._file[key]
             dataset.resize(self._rows + take, axis=0)
             dataset[self._rows : self._rows + take] = values
         self._rows += take
-        self._file.attrs["next_record"] = next_record
+        self._file.attrs["next_record"] = self._next_record
         self._file.flush()
+        self._pending.clear()
+        self._pending_bytes = self._pending_rows = 0
         if self._rows >= self.rows_per_shard:
             self._finish()
 
     def _finish(self) -> None:
         assert self._file is not None and self._path is not None
-        next_record = int(self._file.attrs["next_record"])
         self._file.close()
         os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
-        self.completed.append({"file": self._path.name, "n_tokens": self._rows, "next_record": next_record})
+        self.completed.append({"file": self._path.name, "n_tokens": self._rows, "next_record": self._next_record})
         self._file = None
 
     def abort(self) -> None:
         """Close without finishing: the open shard keeps its `.partial` name and is never read."""
+        self._pending.clear()
         if self._file is not None:
             self._file.close()
             self._file = None
 
     def close(self) -> list[dict[str, Any]]:
+        self._flush()
         if self._file is not None:
             if self._rows:
                 self._finish()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +17,14 @@ from tqdm.auto import tqdm
 
 from fn_analyze.activations import ShardWriter, completed_shards
 from shared import __version__
-from shared.arch import find_down_projections
+from shared.arch import DownProjection, find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
 from shared.data import check_answers_fit, detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
 from shared.distributed import process_group, rank_device
 from shared.errors import UserError
-from shared.hooks import captured_down_proj_inputs
+from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.models import ModelInfo, check_model_reachable, load_causal_lm, load_tokenizer, model_info
 
@@ -184,18 +186,60 @@ class TokenSample:
             return min(length, self.per_sequence)
         return length * (self.rate if self.rate is not None else 1.0)
 
-    def keep(self, real: torch.Tensor, records: list[int]) -> torch.Tensor:
+    def keep(self, real: np.ndarray, records: list[int]) -> np.ndarray:
+        """(sequences x positions) bool: the tokens to record among the `real` (non-padding) ones."""
         if not self.subsamples:
             return real
-        lengths = real.sum(dim=1).tolist()
-        keep = np.zeros(tuple(real.shape), dtype=bool)
+        lengths = real.sum(axis=1).tolist()
+        keep = np.zeros(real.shape, dtype=bool)
         for row, (length, record) in enumerate(zip(lengths, records, strict=True)):
             rng = np.random.default_rng([self.seed, record])
             if self.per_sequence is not None:
                 keep[row, rng.choice(length, min(length, self.per_sequence), replace=False)] = True
             else:
                 keep[row, :length] = rng.random(length) < self.rate
-        return torch.from_numpy(keep).to(real.device)
+        return keep
+
+
+class RowCopier:
+    """Forward pre-hooks that copy, in the hook itself, the kept token rows of each recorded
+    layer's down-projection input into one float16 (tokens x layers*intermediate) buffer:
+    the input is still in cache there, and no full-precision activation outlives its layer."""
+
+    def __init__(self, projections: list[DownProjection], layers: list[int], width: int) -> None:
+        by_layer = {p.layer: p.module for p in projections}
+        self.modules = [by_layer[layer] for layer in layers]
+        self.width = width
+        self._rows: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
+
+    def _hook(self, slot: int):
+        columns = slice(slot * self.width, (slot + 1) * self.width)
+
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            assert self._rows is not None and self._flat is not None
+            # Precomputed indices, not a boolean mask: no device sync per layer.
+            self._rows[:, columns] = args[0].reshape(-1, self.width).index_select(0, self._flat)
+
+        return hook
+
+    @contextmanager
+    def installed(self) -> Iterator[RowCopier]:
+        with pre_hooks([(module, self._hook(slot)) for slot, module in enumerate(self.modules)]):
+            yield self
+
+    def run(
+        self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, flat: torch.Tensor
+    ) -> torch.Tensor:
+        """One forward pass; returns the float16 rows of the tokens at `flat` (indices into
+        the batch's positions, row-major), in that order."""
+        self._flat = flat
+        self._rows = torch.empty((len(flat), len(self.modules) * self.width), dtype=torch.float16, device=flat.device)
+        try:
+            backbone(input_ids=input_ids, attention_mask=attention_mask)
+            return self._rows
+        finally:
+            self._rows = self._flat = None
 
 
 def collect(config: CollectConfig) -> dict[str, Any]:
@@ -264,32 +308,30 @@ def collect(config: CollectConfig) -> dict[str, Any]:
             disable=not ranks.is_main,
         )
         backbone = model.base_model  # the transformer without the LM head: its logits are not needed
+        copier = RowCopier(projections, layers, info.intermediate_size)
         try:
-            with captured_down_proj_inputs(projections, layers) as store, torch.inference_mode():
+            with copier.installed(), torch.inference_mode():
                 for start in range(cursor, len(mine), config.batch_size):
                     if budget is not None and n_tokens >= budget:
                         break
                     chosen = mine[start : start + config.batch_size]
-                    batch = tokenizer.pad({"input_ids": [sequences[i] for i in chosen]}, return_tensors="pt").to(device)
-                    backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    real = batch["attention_mask"].bool()
-                    keep = sample.keep(real, chosen)
-                    take = int(keep.sum())
-                    if budget is not None:
-                        take = min(take, budget - n_tokens)
-                    rows = torch.empty((take, n_columns), dtype=torch.float16, device=device)
-                    width = info.intermediate_size
-                    for slot, layer in enumerate(layers):
-                        rows[:, slot * width : (slot + 1) * width] = store[layer][keep][:take]
-                    store.clear()
-                    record = torch.tensor(chosen, device=device)[:, None].expand_as(keep)[keep][:take]
-                    position = (real.cumsum(dim=1) - 1)[keep][:take]
-                    cursor = start + len(chosen) if take == int(keep.sum()) else mine.index(int(record[-1])) + 1
+                    batch = tokenizer.pad({"input_ids": [sequences[i] for i in chosen]}, return_tensors="pt")
+                    keep = sample.keep(batch["attention_mask"].numpy().astype(bool), chosen)
+                    # Right padding: a kept token's column is its position in the sequence.
+                    row_of, position = np.nonzero(keep)
+                    whole = len(row_of)
+                    if budget is not None:  # the first tokens up to the budget
+                        row_of, position = row_of[: budget - n_tokens], position[: budget - n_tokens]
+                    take = len(row_of)
+                    flat = torch.from_numpy(row_of * keep.shape[1] + position).to(device)
+                    rows = copier.run(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device), flat)
+                    record = np.asarray(chosen)[row_of]
+                    cursor = start + len(chosen) if take == whole else mine.index(int(record[-1])) + 1
                     writer.write(
                         rows.cpu().numpy(),
-                        batch["input_ids"][keep][:take].to(torch.int32).cpu().numpy(),
-                        record.cpu().numpy(),
-                        position.to(torch.int32).cpu().numpy(),
+                        batch["input_ids"].numpy()[row_of, position].astype(np.int32),
+                        record,
+                        position.astype(np.int32),
                         next_record=cursor,
                     )
                     n_tokens += take

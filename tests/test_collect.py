@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import fn_analyze.activations as activations_module
 import fn_analyze.collect as collect_module
 from fn_analyze.activations import ShardWriter, open_activations
 from fn_analyze.collect import CollectConfig, collect, parse_layers
@@ -108,6 +109,7 @@ def test_folder_that_is_not_ours_is_refused_and_left_alone(tiny_lm_dir: Path, de
 def test_failure_mid_run_leaves_no_hook_and_no_manifest(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, loaded_models, monkeypatch
 ) -> None:
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 1)  # every batch reaches the shard before the failure
     calls = {"n": 0}
     original = ShardWriter.write
 
