@@ -82,19 +82,20 @@ def shard_products(
     shard: Shard,
     groups: Sequence[tuple[int, int]],
     mean: np.ndarray,
-    inv_scale: np.ndarray,
+    inv_scale: np.ndarray | None,  # None: centered only
     bases: Sequence[np.ndarray],
     device: str,
 ) -> list[np.ndarray]:
     """For each column group g: sum over the shard's blocks of X_g^T (X_g basis_g), float64."""
     dev = torch.device(device)
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=dev)
-    inv_scale_t = torch.as_tensor(inv_scale, dtype=torch.float32, device=dev)
+    inv_scale_t = None if inv_scale is None else torch.as_tensor(inv_scale, dtype=torch.float32, device=dev)
     bases_t = [torch.as_tensor(b, dtype=torch.float32, device=dev) for b in bases]
     outs = [torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in bases_t]
     for block in _shard_blocks(shard, dev):
         block -= mean_t
-        block *= inv_scale_t
+        if inv_scale_t is not None:
+            block *= inv_scale_t
         for (start, stop), basis, out in zip(groups, bases_t, outs, strict=True):
             x = block[:, start:stop]
             out += (x.T @ (x @ basis)).to(torch.float64)
@@ -186,7 +187,7 @@ def reduce(
         std = np.sqrt(np.maximum(sums[1] / acts.n_tokens - mean**2, 0.0))
         # Dead neurons (zero variance) keep scale 1 so they stay zero instead of dividing by zero.
         scale = np.where(std > 0, std, 1.0) if standardize else np.ones_like(std)
-        inv_scale = 1.0 / scale
+        inv_scale = 1.0 / scale if standardize else None
         rng = np.random.default_rng(seed)
         bases = []
         for start, stop in groups:
