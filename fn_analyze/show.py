@@ -34,16 +34,17 @@ def describe(mask: MaskFile) -> str:
         ),
         f"{len(mask.networks)} networks; per-layer profile: one column per layer, 0 to {model.n_layers - 1}",
         "",
-        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {'stab.':>5}  profile",
+        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {'stab.':>5} {'reap.':>5}  profile",
     ]
     union: set[tuple[int, int]] = set()
     for network in mask.networks:
         counts = [len(network.layers.get(layer, ())) for layer in range(model.n_layers)]
         union.update((layer, n) for layer, ns in network.layers.items() for n in ns)
-        stability = network.stats.get("stability")
+        stability, reappearance = network.stats.get("stability"), network.stats.get("reappearance")
         lines.append(
             f"{network.id:>4} {network.size:>6} {100 * network.size / total:>5.2f}% {len(network.layers):>6} "
-            f"{'-' if stability is None else f'{stability:.2f}':>5}  |{layer_profile(counts)}|"
+            f"{'-' if stability is None else f'{stability:.2f}':>5} "
+            f"{'-' if reappearance is None else f'{reappearance:.2f}':>5}  |{layer_profile(counts)}|"
         )
     lines.append("")
     lines.append(f"union: {len(union)} neurons ({100 * len(union) / total:.2f}% of {total})")

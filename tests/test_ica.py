@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fn_analyze.ica import IcaConfig, run_ica
+from fn_analyze.show import describe
 from shared.errors import UserError
 from shared.masks import load_mask_file
 from tests.helpers import write_activations
@@ -131,6 +132,8 @@ def test_stability_and_reappearance_are_stored_per_network(tmp_path: Path) -> No
         best = max(range(len(found)), key=lambda i: _iou(members, found[i]))
         assert _iou(members, found[best]) >= 0.8
         assert mask.networks[best].stats["reappearance"] == 1.0 and mask.networks[best].stats["stability"] > 0.95
+        stats = mask.networks[best].stats
+        assert f"{stats['stability']:.2f}  1.00  |" in describe(mask).splitlines()[5 + best]  # shown by `show`
     assert all(0.0 <= n.stats["reappearance"] <= 1.0 for n in mask.networks)
 
 
