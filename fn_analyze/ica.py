@@ -67,6 +67,8 @@ class IcaConfig:
             raise UserError(f"--threshold must be a positive z-score, got {self.threshold}")
         if self.engine not in ENGINES:
             raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
+        if self.dask_scheduler is not None and self.engine != "dask":
+            raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
 
 
 def _zscore_and_flip(sources: np.ndarray) -> np.ndarray:
@@ -171,12 +173,12 @@ def run_ica(config: IcaConfig) -> MaskFile:
     check_mask_out(out, config.overwrite, config.register)
     device = _reduction_device(config.device)
     groups = column_groups(acts, config.per_layer)
-    print(
-        f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
-        f"{config.n_components} components{' per layer' if config.per_layer else ''}, "
-        f"{config.restarts} restart(s), reduction on {device} ({config.engine})"
-    )
-    with engine_session(config.engine, config.dask_scheduler):
+    with engine_session(config.dask_scheduler):  # connected before anything is printed
+        print(
+            f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
+            f"{config.n_components} components{' per layer' if config.per_layer else ''}, "
+            f"{config.restarts} restart(s), reduction on {device} ({config.engine})"
+        )
         reductions = reduce(
             acts,
             groups,

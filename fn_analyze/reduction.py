@@ -134,19 +134,17 @@ def sum_over_shards(function: Callable[..., Any], shards: Sequence[Shard], args:
 
 
 @contextmanager
-def engine_session(engine: str, scheduler: str | None) -> Iterator[None]:
+def engine_session(scheduler: str | None) -> Iterator[None]:
     """Connect to a dask.distributed scheduler for the block when one is named."""
     if scheduler is None:
         yield
         return
-    if engine != "dask":
-        raise UserError("--dask-scheduler needs --engine dask")
     try:
         from distributed import Client
     except ImportError as exc:
         raise UserError("--dask-scheduler needs dask.distributed: pip install 'functional-networks[dask]'") from exc
     try:
-        client = Client(scheduler, timeout="30s", set_as_default=True)
+        client = Client(scheduler, timeout="10s", set_as_default=True)
     except OSError as exc:
         raise UserError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address") from exc
     with client:

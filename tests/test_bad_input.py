@@ -255,6 +255,19 @@ def test_damaged_manifest_is_refused_with_one_line(small_activations: Path, tmp_
     refused(_ica(small_activations, tmp_path / "m.json"), fragment, "re-run `fn-analyze collect`")
 
 
+def test_dask_scheduler_without_the_dask_engine_or_unreachable_is_refused(
+    small_activations: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m.json"
+    refused(
+        _ica(small_activations, out, "--dask-scheduler", "tcp://127.0.0.1:1"), "--dask-scheduler needs --engine dask"
+    )
+    started = time.monotonic()
+    result = _ica(small_activations, out, "--engine", "dask", "--dask-scheduler", "tcp://127.0.0.1:1")
+    refused(result, "cannot reach the dask scheduler at tcp://127.0.0.1:1", "check the address")
+    assert time.monotonic() - started < 30 and not out.exists()
+
+
 def test_too_many_components_is_refused_by_the_cli(small_activations: Path, tmp_path: Path) -> None:
     out = tmp_path / "masks" / "m.json"
     result = _ica(small_activations, out, "--n-components", "80")
