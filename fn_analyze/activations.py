@@ -247,21 +247,25 @@ class Activations:
         """(layer, neuron) of an activations column."""
         return self.layers[column // self.intermediate_size], column % self.intermediate_size
 
-    def blocks(self, block_rows: int, columns: slice | None = None) -> Iterator[np.ndarray]:
+    def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         """Token-row blocks as float32 arrays, shard after shard, in manifest order."""
         for shard in self.manifest["shards"]:
-            with h5py.File(self.folder / shard["file"], "r") as handle:
-                data = handle[ACTIVATIONS_DATASET]
-                if data.shape != (shard["n_tokens"], self.n_neurons):
-                    raise UserError(
-                        f"shard {shard['file']} in {self.folder} has shape {data.shape}, the manifest says "
-                        f"({shard['n_tokens']}, {self.n_neurons}); re-run `fn-analyze collect`"
-                    )
-                for start in range(0, data.shape[0], block_rows):
-                    block = data[start : start + block_rows]
-                    if columns is not None:
-                        block = block[:, columns]
-                    yield block.astype(np.float32)
+            for block in read_shard(self.folder / shard["file"], shard["n_tokens"], self.n_neurons, block_rows):
+                yield block.astype(np.float32)
+
+
+def read_shard(path: str | Path, n_tokens: int, n_columns: int, block_rows: int) -> Iterator[np.ndarray]:
+    """A shard's activations in float16 blocks of `block_rows` token rows, after checking its
+    shape against what the manifest says."""
+    with h5py.File(path, "r") as handle:
+        data = handle[ACTIVATIONS_DATASET]
+        if data.shape != (n_tokens, n_columns):
+            raise UserError(
+                f"shard {path} has shape {data.shape}, the manifest says ({n_tokens}, {n_columns}); "
+                "re-run `fn-analyze collect`"
+            )
+        for start in range(0, data.shape[0], block_rows):
+            yield data[start : start + block_rows]
 
 
 MANIFEST_KEYS = {"model": dict, "layers": list, "n_tokens": int, "shards": list, "run_key": str}

@@ -20,12 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
-from fn_analyze.activations import Activations
-from shared.constants import ACTIVATIONS_DATASET
+from fn_analyze.activations import Activations, read_shard
 from shared.errors import UserError
 
 BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from a shard
@@ -58,15 +56,8 @@ class Reduction:
 def _shard_blocks(shard: Shard, device: torch.device) -> Iterator[torch.Tensor]:
     """A shard's token rows as float32 blocks on `device`."""
     rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
-    with h5py.File(shard.path, "r") as handle:
-        data = handle[ACTIVATIONS_DATASET]
-        if data.shape != (shard.n_tokens, shard.n_columns):
-            raise UserError(
-                f"shard {shard.path} has shape {data.shape}, the manifest says "
-                f"({shard.n_tokens}, {shard.n_columns}); re-run `fn-analyze collect`"
-            )
-        for start in range(0, data.shape[0], rows):
-            yield torch.from_numpy(data[start : start + rows]).to(device=device, dtype=torch.float32)
+    for block in read_shard(shard.path, shard.n_tokens, shard.n_columns, rows):
+        yield torch.from_numpy(block).to(device=device, dtype=torch.float32)
 
 
 def shard_moments(shard: Shard, device: str) -> np.ndarray:
