@@ -15,9 +15,10 @@ shards on a file system every worker can read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,8 @@ import torch
 
 from fn_analyze.activations import Activations, read_shard
 from shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from a shard
 ENGINES = ("local", "dask")
@@ -42,15 +45,22 @@ class Reduction:
     """The top-k principal maps over one group's neurons of the centered (and optionally scaled) data."""
 
     columns: tuple[int, int]  # [start, stop) of the group's activations columns
-    maps: np.ndarray  # (neurons, k), orthonormal columns
+    maps: np.ndarray  # (neurons, k), orthonormal columns, each signed so its largest |entry| is positive
     eigenvalues: np.ndarray  # (k,), of C = X_c^T X_c, descending
+    next_eigenvalue: float  # the (k+1)-th Ritz value: eigenvalues[-1] / next_eigenvalue is the eigen-gap at k
     total_variance: float  # trace of C
-    mean: np.ndarray = field(repr=False)
-    scale: np.ndarray = field(repr=False)
+    passes: int  # products C Q computed (passes over the shards, the moments pass not counted)
+    subspace_change: float  # sine of the largest principal angle between the last two iterates' maps
 
     @property
-    def explained_variance_ratio(self) -> float:
-        return float(self.eigenvalues.sum() / self.total_variance) if self.total_variance > 0 else 0.0
+    def eigen_gap(self) -> float:
+        return float(self.eigenvalues[-1] / self.next_eigenvalue) if self.next_eigenvalue > 0 else float("inf")
+
+    tolerance: float  # the subspace_change the iteration stopped at (or max_passes ran out)
+
+    @property
+    def converged(self) -> bool:
+        return self.subspace_change <= self.tolerance
 
 
 def _shard_blocks(shard: Shard, device: torch.device) -> Iterator[torch.Tensor]:
@@ -157,18 +167,48 @@ def shards_of(acts: Activations) -> list[Shard]:
     return [Shard(str(acts.folder / s["file"]), int(s["n_tokens"]), acts.n_neurons) for s in acts.manifest["shards"]]
 
 
+def _ritz(basis: np.ndarray, product: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rayleigh-Ritz on span(basis): all Ritz values (descending) and the top-k Ritz vectors."""
+    small = basis.T @ product
+    values, vectors = np.linalg.eigh((small + small.T) / 2)
+    order = np.argsort(values)[::-1]
+    return values[order], basis @ vectors[:, order[:k]]
+
+
+def subspace_change(previous: np.ndarray, current: np.ndarray) -> float:
+    """Sine of the largest principal angle between the spans of two orthonormal (n x k) bases."""
+    cosines = np.linalg.svd(previous.T @ current, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - float(cosines.min()) ** 2)))
+
+
+def signed(maps: np.ndarray) -> np.ndarray:
+    """Each column flipped so that its largest |entry| is positive: eigenvectors are defined up to sign."""
+    peaks = maps[np.abs(maps).argmax(axis=0), np.arange(maps.shape[1])]
+    return maps * np.where(peaks < 0, -1.0, 1.0)
+
+
 def reduce(
     acts: Activations,
     groups: Sequence[tuple[int, int]],
     k: int,
     standardize: bool,
     seed: int,
-    power_iterations: int,
     oversample: int,
+    tol: float,
+    max_passes: int,
     engine: str = "local",
     device: str = "cpu",
 ) -> list[Reduction]:
-    """Randomized subspace iteration for every column group, one pass over the shards per product."""
+    """Subspace iteration with Rayleigh-Ritz for every column group, run until the top-k maps stop moving.
+
+    Each pass over the shards computes C Q for every group at once. After each pass the
+    top-k Ritz vectors are compared with the previous pass's: the iteration stops when the
+    sine of the largest principal angle between them is below `tol` in every group (or
+    after `max_passes`). A converged subspace is a property of the data, not of the random
+    start, the thread count or the order of the sums; with a fixed number of passes it was
+    not, and the networks moved with float rounding. `oversample` extra columns speed
+    convergence: the rate is about lambda_{k+oversample+1} / lambda_k per pass.
+    """
     shards = shards_of(acts)
     with full_float32_matmul():
         sums = sum_over_shards(shard_moments, shards, (device,), engine)
@@ -183,24 +223,33 @@ def reduce(
             width = min(stop - start, k + oversample)
             bases.append(np.linalg.qr(rng.standard_normal((stop - start, width)))[0])
         fixed = (groups, mean, inv_scale)
-        for _ in range(power_iterations):
+        previous: list[np.ndarray | None] = [None] * len(groups)
+        changes = [np.inf] * len(groups)
+        for passes in range(1, max_passes + 1):
             products = sum_over_shards(shard_products, shards, (*fixed, bases, device), engine)
+            ritz = [_ritz(basis, product, k) for basis, product in zip(bases, products, strict=True)]
+            changes = [
+                np.inf if before is None else subspace_change(before, maps)
+                for before, (_, maps) in zip(previous, ritz, strict=True)
+            ]
+            log.info("reduction pass %d: largest subspace change %.2e", passes, max(changes))
+            if max(changes) <= tol:
+                break
+            previous = [maps for _, maps in ritz]
             bases = [np.linalg.qr(product)[0] for product in products]
-        products = sum_over_shards(shard_products, shards, (*fixed, bases, device), engine)
     reductions = []
-    for (start, stop), basis, product in zip(groups, bases, products, strict=True):
-        small = basis.T @ product
-        eigenvalues, vectors = np.linalg.eigh((small + small.T) / 2)
-        order = np.argsort(eigenvalues)[::-1][:k]
+    for (start, stop), (values, maps), change in zip(groups, ritz, changes, strict=True):
         total_variance = float(((std[start:stop] / scale[start:stop]) ** 2).sum() * acts.n_tokens)
         reductions.append(
             Reduction(
-                (start, stop),
-                basis @ vectors[:, order],
-                eigenvalues[order],
-                total_variance,
-                mean[start:stop],
-                scale[start:stop],
+                columns=(start, stop),
+                maps=signed(maps),
+                eigenvalues=values[:k],
+                next_eigenvalue=float(values[k]) if len(values) > k else 0.0,
+                total_variance=total_variance,
+                passes=passes,
+                subspace_change=float(change),
+                tolerance=tol,
             )
         )
     return reductions
