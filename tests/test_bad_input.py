@@ -56,7 +56,7 @@ MASK_FILE_PROBLEMS: list[tuple[str, Callable[[dict], object] | str, str]] = [
     ("not-json", "this is not JSON", "is not valid JSON"),
     ("truncated", "truncate", "is not valid JSON"),
     ("not-an-object", "[1, 2]", "top level is not a JSON object"),
-    ("schema-version", lambda raw: raw.update(schema_version=2), "unknown schema_version 2 (this tool reads 1)"),
+    ("schema-version", lambda raw: raw.update(schema_version=3), "unknown schema_version 3 (this tool reads 1 to 2)"),
     ("neuron-out-of-range", lambda raw: raw["networks"][0]["layers"].update({"0": [176]}), "neuron index 176 out of"),
     ("duplicate-neuron", lambda raw: raw["networks"][0]["layers"].update({"0": [4, 4]}), "neuron index 4 listed twice"),
     ("layer-out-of-range", lambda raw: raw["networks"][0]["layers"].update({"2": [1]}), "layer 2 out of range"),
@@ -214,7 +214,7 @@ def small_activations(tmp_path: Path) -> Path:
 def _ica(acts: Path, out: Path, *extra: str):
     return runner.invoke(
         analyze_app,
-        ["ica", "--activations", str(acts), "--out", str(out), "--n-components", "3", "--restarts", "1", *extra],
+        ["ica", "--activations", str(acts), "--out", str(out), "--n-components", "3", "--runs", "1", *extra],
     )
 
 
@@ -283,7 +283,7 @@ def test_ica_out_that_is_not_a_mask_file_is_left_alone(small_activations: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acts", "notes.json"]  # no index.json, no temp file
 
     assert _ica(small_activations, notes, "--overwrite").exit_code == 0  # asked for: replaced by a mask file
-    assert json.loads(notes.read_text())["schema_version"] == 1
+    assert json.loads(notes.read_text())["schema_version"] == 2
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
