@@ -99,7 +99,7 @@ def ica_command(
         ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the reduction's start and of the consensus runs.")] = 0,
-    runs: Annotated[int, typer.Option(help="Seeded ICA runs of the consensus, on the data and on each split.")] = 8,
+    runs: Annotated[int, typer.Option(help="Seeded ICA runs of the consensus, on the data and on each split.")] = 6,
     splits: Annotated[
         int, typer.Option(help="Disjoint splits of the records (index modulo N) the consensus also runs on; 0: none.")
     ] = 2,

@@ -71,22 +71,19 @@ def matched_one_to_one(matrix: np.ndarray) -> list[tuple[int, int, float]]:
     return [(int(r), int(c), float(matrix[r, c])) for r, c in zip(rows, cols, strict=True)]
 
 
-def reproduced(matrix: np.ndarray) -> dict[str, dict[str, float | int]]:
+def reproduced(matrix: np.ndarray, levels: tuple[float, ...] = REPRODUCED_AT) -> dict[str, dict[str, float]]:
     """For each IoU level: how many networks are matched one to one at or above it, out of the
     larger file's count (a file that emits networks the other lacks is not reproduced)."""
     ious = [iou for _, _, iou in matched_one_to_one(matrix)]
     out_of = max(matrix.shape) if matrix.size else 0
-    return {
-        f"{level:g}": {
-            "matched": sum(iou >= level for iou in ious),
-            "of": out_of,
-            "share": (sum(iou >= level for iou in ious) / out_of if out_of else 0.0),
-        }
-        for level in REPRODUCED_AT
-    }
+    figures = {}
+    for level in levels:
+        matched = sum(iou >= level for iou in ious)
+        figures[f"{level:g}"] = {"matched": matched, "of": out_of, "share": matched / out_of if out_of else 0.0}
+    return figures
 
 
-def format_reproduced(figures: dict[str, dict[str, float | int]]) -> str:
+def format_reproduced(figures: dict[str, dict[str, float]]) -> str:
     return "reproducibility: " + ", ".join(
         f"{f['matched']}/{f['of']} ({100 * f['share']:.0f}%) matched one to one at IoU >= {level}"
         for level, f in figures.items()

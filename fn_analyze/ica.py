@@ -49,7 +49,7 @@ class IcaConfig:
     seed: int = 0
     # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole
     # data and on each of `splits` disjoint parts of the records (0: the whole data only).
-    runs: int = 8
+    runs: int = 6
     splits: int = 2
     bootstrap: bool = False  # also resample the neurons of each run but the first
     solver: str = "picard"  # or "fastica": see fn_analyze/consensus.py for the comparison
@@ -95,6 +95,11 @@ class IcaConfig:
             raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.dask_scheduler is not None and self.engine != "dask":
             raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
+
+    def oversample_for(self, k: int) -> int:
+        """Extra columns of the reduction: as many as k (at least 10), so convergence goes as
+        lambda_{2k+1} / lambda_k per pass, unless set."""
+        return self.oversample if self.oversample is not None else max(10, k)
 
 
 def _parse_components(value: int | str) -> int | str:
@@ -255,16 +260,21 @@ def _reduction_record(reductions: list[list[Reduction]], k: int) -> dict[str, An
     }
 
 
-def run_ica(config: IcaConfig) -> MaskFile:
-    """Find networks in an activations folder and write the mask file; returns it."""
-    acts = open_activations(config.activations)
+@dataclass
+class Unmixed:
+    """What the reduction and the consensus found, before thresholding."""
+
+    reductions: list[list[Reduction]]  # [column group][view]
+    tried: list[Candidate]  # one per k tried
+    chosen: Candidate  # the k kept: the most stable networks, then the smaller k
+
+
+def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
+    """The streamed reduction, then the consensus at each k to try; prints what it does."""
     candidates = _components_to_try(acts, config)
-    out = config.out or default_out(acts, config)
-    check_mask_out(out, config.overwrite, config.register)
     device = _reduction_device(config.device)
-    groups = column_groups(acts, config.per_layer)
     k_max = max(candidates)
-    oversample = config.oversample if config.oversample is not None else max(10, k_max)
+    oversample = config.oversample_for(k_max)
     with engine_session(config.dask_scheduler):  # connected before anything is printed
         print(
             f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
@@ -275,7 +285,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
         )
         reductions = reduce(
             acts,
-            groups,
+            column_groups(acts, config.per_layer),
             k_max,
             config.standardize,
             config.seed,
@@ -298,7 +308,18 @@ def run_ica(config: IcaConfig) -> MaskFile:
             record["eigen_gap"],
         )
     tried = [_consensus_at(reductions, k, config) for k in candidates]
-    chosen = max(tried, key=lambda c: (c.stable_count(config), -c.k))  # most stable networks, then smaller k
+    chosen = max(tried, key=lambda c: (c.stable_count(config), -c.k))
+    return Unmixed(reductions, tried, chosen)
+
+
+def run_ica(config: IcaConfig) -> MaskFile:
+    """Find networks in an activations folder and write the mask file; returns it."""
+    acts = open_activations(config.activations)
+    _components_to_try(acts, config)  # refused before anything is written
+    out = config.out or default_out(acts, config)
+    check_mask_out(out, config.overwrite, config.register)
+    unmixed = unmix_activations(acts, config)
+    reductions, tried, chosen = unmixed.reductions, unmixed.tried, unmixed.chosen
     found, unstable = _networks(acts, reductions, chosen, config)
     networks = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
     whole = [views[0] for views in reductions]
@@ -321,7 +342,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
             "n_components": chosen.k,
             "n_components_requested": config.n_components,
             "stable_per_k": {str(c.k): c.stable_count(config) for c in tried},
-            "oversample": oversample,
+            "oversample": config.oversample_for(max(c.k for c in tried)),
             "threshold_rule": "percentile" if config.percentile is not None else "zscore",
             "explained_variance_ratio": round(float(explained), 4),
             "reduction": _reduction_record(reductions, chosen.k),

@@ -342,3 +342,19 @@ def test_model_path_that_does_not_exist_is_named(demo_dir: Path, tmp_path: Path)
     missing = tmp_path / "models" / "mine"
     result = runner.invoke(analyze_app, _collect_args(missing, demo_dir / "data.jsonl", tmp_path / "acts"))
     refused(result, f"model folder {missing} does not exist")
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--n-components", "many"], ["--n-components must be an integer or auto, got 'many'"]),
+        (["--splits", "1"], ["--splits must be 0 (the whole data only) or at least 2, got 1"]),
+        (["--solver", "jade"], ["unknown --solver 'jade'; use one of picard, fastica"]),
+        (["--min-share", "1.5"], ["--min-share must lie between 0 and 1, got 1.5"]),
+        (["--runs", "0"], ["--runs must be at least 1, got 0"]),
+    ],
+    ids=["components", "splits", "solver", "share", "runs"],
+)
+def test_bad_consensus_options_are_refused(small_activations: Path, tmp_path: Path, extra, fragments) -> None:
+    refused(_ica(small_activations, tmp_path / "m.json", *extra), *fragments)
+    assert not (tmp_path / "m.json").exists()
