@@ -25,6 +25,7 @@ import numpy as np
 from sklearn.decomposition import FastICA
 
 from fn_analyze.activations import open_activations, write_matrix
+from fn_analyze.consensus import zscore_and_flip
 from fn_analyze.ica import IcaConfig, run_ica, unmix_activations
 from shared.models import ModelInfo
 
@@ -44,9 +45,8 @@ def planted(tokens: int, neurons: int, k: int, seed: int) -> tuple[np.ndarray, l
 
 
 def recovered(maps: np.ndarray, truth: list[set[int]]) -> int:
-    """Planted networks matched with IoU >= 0.8 by a map's z >= 3 neurons (sign-flipped to its peak)."""
-    z = (maps - maps.mean(axis=0)) / maps.std(axis=0)
-    z *= np.sign(z[np.abs(z).argmax(axis=0), np.arange(z.shape[1])])
+    """Planted networks matched with IoU >= 0.8 by a map's z >= 3 neurons (signed as ica signs them)."""
+    z = zscore_and_flip(maps)
     found = [set(np.flatnonzero(z[:, j] >= 3).tolist()) for j in range(z.shape[1])]
     return sum(max(len(t & f) / len(t | f) for f in found) >= 0.8 for t in truth)
 

@@ -1,19 +1,24 @@
-"""Consensus ICA over runs, ICASSO-style (Himberg, Hyvärinen & Esposito 2004).
+"""Consensus ICA over runs, ICASSO-style (Himberg, Hyvärinen & Esposito 2004), on the whole
+data and on disjoint splits of it (as Liu et al. run ICA on disjoint text subsets).
 
-One ICA run is a property of its seed as much as of the data: FastICA stops in one of
-several optima, and a map near the Gaussian part of the data moves with any rounding.
-So the reduced data (neurons x k) are unmixed `runs` times, each run with its own seed
-and, by default, its own bootstrap resample of the neurons (the samples of spatial ICA);
-each run's unmixing is applied to all neurons. The runs' maps are clustered by
-|correlation| (average linkage, k clusters, as ICASSO does), and each cluster gives:
+One ICA run is a property of its seed as much as of the data: the solver stops in one of
+several optima, and a map near the Gaussian part of the data moves with any rounding. And
+all runs on one reduction share its subspace, so they cannot see that subspace move with
+the data. So each view of the data (the whole, then each split of the records, each with
+its own reduction) is unmixed `runs` times with its own seeds (and optionally a bootstrap
+resample of the neurons, the samples of spatial ICA); each run's unmixing is applied to all
+neurons. All runs' maps are clustered by |correlation| (average linkage, cut at
+CLUSTER_SIMILARITY), and each cluster that a run on the whole data found gives:
 
 - `quality`: ICASSO's index I_q, the mean |corr| within the cluster minus the mean |corr|
   between its members and all other maps. Near 1: a tight, isolated cluster.
-- `share`: the share of runs that put a map in the cluster. Near 1: every run finds it.
-- its map: the mean of its members (one per run, sign-aligned to the cluster's centrotype,
-  the member most similar to the others), z-scored over neurons and flipped so its peak is
-  positive. Averaging over runs is what makes the map, and so the thresholded network,
-  come back with another seed, thread count or summation order.
+- `share`: the share of all runs that put a map in the cluster. Near 1: every run of every
+  view finds it, so it is in every part of the data, whatever the seed.
+- its map: the mean of the whole data's members (one per run, sign-aligned to the cluster's
+  centrotype, the member most similar to the others), z-scored over neurons and flipped so
+  its heavier tail is positive; and the same per view. Averaging over runs is what makes the
+  map, and so the thresholded network, come back with another seed, thread count or
+  summation order.
 
 Solvers: Picard (python-picard, `ortho=True, extended=True`: FastICA's fixed points
 reached by a quasi-Newton method, Ablin et al. 2018), the default, or scikit-learn's
@@ -44,11 +49,17 @@ TOLERANCES = {"picard": 1e-6, "fastica": 1e-8}
 
 
 def zscore_and_flip(sources: np.ndarray) -> np.ndarray:
-    """z-score each map (column) over neurons and flip it so its largest |z| is positive."""
+    """z-score each map (column) over neurons and flip it so its heavier tail is positive (skewness > 0).
+
+    An ICA map's sign is arbitrary, and the network is read from its positive tail. The sign
+    of the single largest |z| (nilearn's rule) decides badly for a map with two tails of
+    similar height: on the demo two seeds' consensus maps of one component took opposite
+    signs, and the networks read from them shared 8% of their neurons. The skewness weighs
+    the whole tail, so a tiny change cannot flip it unless the tails are equal in mass.
+    """
     std = sources.std(axis=0)
     z = (sources - sources.mean(axis=0)) / np.where(std > 0, std, 1.0)
-    peaks = z[np.abs(z).argmax(axis=0), np.arange(z.shape[1])]
-    return z * np.where(peaks < 0, -1.0, 1.0)
+    return z * np.where((z**3).mean(axis=0) < 0, -1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,7 @@ CLUSTER_SIMILARITY = 0.5  # average |corr| at which the dendrogram is cut into c
 class Consensus:
     """The clusters of the runs' maps that hold a map of the whole data, best first (quality, share)."""
 
-    z: np.ndarray  # (neurons, clusters) consensus maps of the whole data's runs, z-scored, peak positive
+    z: np.ndarray  # (neurons, clusters) consensus maps of the whole data's runs, z-scored, skewness positive
     view_z: np.ndarray  # (views, neurons, clusters) the same per view (NaN where a view has no member)
     quality: np.ndarray  # (clusters,) ICASSO I_q
     share: np.ndarray  # (clusters,) share of all runs (every view's) with a map in the cluster
@@ -160,10 +171,15 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
         )
     quality_arr, share_arr = np.array(quality), np.array(share)
     order = np.lexsort((-share_arr, -quality_arr))
+    z = zscore_and_flip(np.stack(maps, axis=1)[:, order])
     by_view = np.stack(view_maps, axis=2)[:, :, order]  # (views, neurons, clusters)
+    # Each view's map signed like the whole data's, not by its own peak: a map with two
+    # tails of similar height could otherwise be read from its other tail.
+    view_z = np.stack([zscore_and_flip(by_view[v]) for v in range(views)])
+    view_z *= np.where(np.einsum("vnc,nc->vc", np.nan_to_num(view_z), z) < 0, -1.0, 1.0)[:, None, :]
     return Consensus(
-        z=zscore_and_flip(np.stack(maps, axis=1)[:, order]),
-        view_z=np.stack([zscore_and_flip(by_view[v]) for v in range(views)]),
+        z=z,
+        view_z=view_z,
         quality=quality_arr[order],
         share=share_arr[order],
         runs=runs,

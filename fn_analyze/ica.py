@@ -2,10 +2,12 @@
 
 Neurons are the samples and tokens the dimensions (networks span layers, as in Liu et al.,
 ICML 2025; `per_layer` runs one ICA per layer instead). The data are never held whole: the
-streamed reduction (fn_analyze/reduction.py) gives the top-k principal maps over neurons
-in a few passes over the shards, memory (neurons x components). FastICA then runs on the
-(neurons x k) reduced data with seeded restarts; each map is z-scored over neurons,
-flipped so its peak is positive, and thresholded.
+streamed reduction (fn_analyze/reduction.py) gives the top-k principal maps over neurons,
+of the whole data and of disjoint splits of its records, converged to a tolerance, in
+passes over the shards, memory (neurons x components). A consensus of seeded ICA runs on
+each (fn_analyze/consensus.py) gives each candidate network's map and how sure it is; each
+map is z-scored over neurons, flipped so its heavier tail is positive, and thresholded;
+only the stable candidates are emitted.
 """
 
 from __future__ import annotations

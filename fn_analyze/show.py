@@ -38,9 +38,11 @@ def _how_made(mask: MaskFile) -> str:
         return made + "; one ICA run (schema 1: stability and reappearance across restarts, no consensus)"
     requested = ica.get("n_components_requested")
     chosen = f" (chosen by auto: stable networks per k {ica.get('stable_per_k')})" if requested == "auto" else ""
+    splits = f" and on each of its {ica['splits']} splits of the records" if ica.get("splits") else ""
     return (
         f"{made}{chosen}\nconsensus of {ica['runs']} {ica.get('solver', '?')} runs"
-        f"{' on bootstrap resamples' if ica.get('bootstrap') else ''}; a network is stable at quality >= "
+        f"{' on bootstrap resamples' if ica.get('bootstrap') else ''} on the whole data{splits}"
+        f"; a network is stable at quality >= "
         f"{ica.get('min_quality')} and share >= {ica.get('min_share')}"
     )
 

@@ -135,6 +135,7 @@ def test_consensus_figures_are_stored_and_unstable_components_left_out(tmp_path:
         assert _iou(members, found[best]) >= 0.8
         stats = mask.networks[best].stats
         assert stats["share"] == 1.0 and stats["quality"] >= 0.9 and stats["stable"] is True
+        assert stats["split_iou"] >= 0.8  # the even and the odd tokens' runs find it alike
         assert f"{stats['quality']:.2f}  1.00  |" in describe(mask).splitlines()[6 + best]  # shown by `show`
     # 5 sources, 8 components: the 3 others are noise, clustered loosely, and not emitted.
     assert len(mask.networks) == len(planted)
