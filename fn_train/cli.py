@@ -97,7 +97,7 @@ def run(
         str, flag("model_name_or_path", "HF name, local path, or the embedded model.")
     ] = EMBEDDED_MODEL_NAME,
     data_format: Annotated[
-        str, flag("data_format", "auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+        str, flag("data_format", "auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text")
     ] = "auto",
     template_format: Annotated[str, flag("template_format", "auto|chat|alpaca|plain")] = "auto",
     completion_only_loss: Annotated[
