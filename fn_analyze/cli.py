@@ -226,9 +226,7 @@ def compare_command(
 @app.command("demo-data")
 @user_errors_exit
 def demo_data_command(
-    out: Annotated[
-        Path, typer.Option(help="Folder for data.jsonl, train.csv, eval.csv and sentiment.csv.")
-    ] = Path("demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo data files.")] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
     n_collect: Annotated[int, typer.Option(help="Records in data.jsonl (for collect).")] = 400,
     n_train: Annotated[int, typer.Option(help="Rows in train.csv.")] = 200,
@@ -239,7 +237,9 @@ def demo_data_command(
     sentiment classification set (question, choices, answer) for accuracy."""
     from fn_analyze.demo_data import write_demo_data
 
-    paths = write_demo_data(out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval, n_sentiment=n_sentiment)
+    paths = write_demo_data(
+        out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval, n_sentiment=n_sentiment
+    )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")
 

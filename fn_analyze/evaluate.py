@@ -31,7 +31,7 @@ from fn_analyze.magnitude import activation_stats, stats_from_forward
 from fn_analyze.neuron_sets import NeuronSet, draw_matched, pairs, set_size, union, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
-from shared.ablation import Ablation, NeuronMeans, check_ablation
+from shared.ablation import Ablation, check_ablation
 from shared.arch import DownProjection, find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.device import choose_device, choose_dtype
@@ -567,7 +567,9 @@ def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
     lines = [header, "-" * len(header)]
 
     def line(label: str, neurons: Any, scored: dict[str, Any], spread: str = "") -> str:
-        text = f"{label:<46} {neurons!s:>7} {scored[metric]:>8.3f}" + (f" {scored['accuracy_norm']:>8.3f}" if norm else "")
+        text = f"{label:<46} {neurons!s:>7} {scored[metric]:>8.3f}" + (
+            f" {scored['accuracy_norm']:>8.3f}" if norm else ""
+        )
         return text + spread
 
     lines.append(line("baseline (nothing masked)", 0, base))
@@ -578,14 +580,15 @@ def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
         for control, label in (("layer_matched", "layer-matched"), ("magnitude_matched", "magnitude-matched")):
             if control in row["controls"]:
                 summary = row["controls"][control]
-                lines.append(
-                    line(f"  random, {label}, masked (mean of {summary['draws']})", row["neurons"], summary)
-                )
+                lines.append(line(f"  random, {label}, masked (mean of {summary['draws']})", row["neurons"], summary))
     random = results.get("random_fraction")
     if random is not None:
         lines.append(
-            line(f"random {100 * random['fraction']:.0f}% of neurons masked (mean of {random['draws']})",
-                 random["neurons"], random)
+            line(
+                f"random {100 * random['fraction']:.0f}% of neurons masked (mean of {random['draws']})",
+                random["neurons"],
+                random,
+            )
         )
     if "complement" in unions:
         row = unions["complement"]

@@ -77,12 +77,13 @@ class RunMask:
         }
 
 
-def _label(
-    source: Any, mode: Any, networks: list[int] | None, ablation: Any = "zero", scale_factor: Any = None
-) -> str:
+def _label(source: Any, mode: Any, networks: list[int] | None, ablation: Any = "zero", scale_factor: Any = None) -> str:
     ids = "all" if networks is None else ",".join(map(str, networks))
-    how = "" if ablation in (None, "zero") else f", ablation {ablation}" + (
-        f" x{scale_factor:g}" if ablation == "scale" and isinstance(scale_factor, (int, float)) else ""
+    how = (
+        ""
+        if ablation in (None, "zero")
+        else f", ablation {ablation}"
+        + (f" x{scale_factor:g}" if ablation == "scale" and isinstance(scale_factor, (int, float)) else "")
     )
     return f"mask {source} ({mode}{how}, networks {ids})"
 

@@ -198,7 +198,9 @@ def test_run_record_reproduces_the_mean_ablation_exactly(tmp_path) -> None:
         assert torch.equal(again.layer_masks.fills[layer], fill)
     zero = resolve_run_mask(path, "complement", [1])
     assert zero.digest != run_mask.digest and "ablation" in zero.record() and zero.record()["ablation"] == "zero"
-    scaled = run_mask_from_record(json.loads(json.dumps(resolve_run_mask(path, "key", [1], Ablation("scale", 3.0)).record())), "f")
+    scaled = run_mask_from_record(
+        json.loads(json.dumps(resolve_run_mask(path, "key", [1], Ablation("scale", 3.0)).record())), "f"
+    )
     assert scaled.layer_masks.ablation == "scale" and scaled.layer_masks.scale_factor == 3.0
     assert "ablation scale x3" in scaled.label()
 

@@ -45,7 +45,7 @@ def _by_hand(model, tokenizer, mc_file: Path) -> tuple[list[list[float]], list[i
         row = []
         for choice in example.choices:
             ids = tokenizer(prompt + choice)["input_ids"]
-            n = next((i for i, (a, b) in enumerate(zip(context, ids)) if a != b), len(context))
+            n = next((i for i, (a, b) in enumerate(zip(context, ids, strict=False)) if a != b), len(context))
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
             row.append(sum(float(logprobs[t - 1, ids[t]]) for t in range(n, len(ids))))
@@ -68,8 +68,8 @@ def test_accuracy_equals_a_hand_computation_from_the_logits(tiny_lm_dir: Path, m
     best = [max(range(3), key=lambda i: (row[i], -i)) for row in sums]
     best_norm = [max(range(3), key=lambda i: (row[i] / len(CHOICES[i]), -i)) for row in sums]
     acc, acc_norm = choice_accuracy(model, eval_set.choices, batches)
-    assert acc == sum(b == g for b, g in zip(best, gold)) / 5
-    assert acc_norm == sum(b == g for b, g in zip(best_norm, gold)) / 5
+    assert acc == sum(b == g for b, g in zip(best, gold, strict=True)) / 5
+    assert acc_norm == sum(b == g for b, g in zip(best_norm, gold, strict=True)) / 5
 
 
 def test_accuracy_follows_the_choice_the_model_prefers(tiny_lm_dir: Path, mc_file: Path) -> None:
