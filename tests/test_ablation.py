@@ -222,3 +222,25 @@ def test_loader_reapplies_a_recorded_mean_ablation(tiny_lm_dir, tmp_path) -> Non
         assert count_hooks(loaded) == 2
         assert torch.equal(_logits(loaded, ids), expected)
     assert count_hooks(loaded) == 0
+
+
+@pytest.mark.parametrize("ablation", ["mean", "scale"])
+def test_lora_on_the_down_projection_sees_the_ablated_input(ablation: str) -> None:
+    """The hook sits on the LoRA wrapper: under mean ablation, noise on a masked neuron's input
+    changes nothing, LoRA branch included; under scale the branch sees the scaled input."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.test_hooks import _perturbed
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
+    mask = make_mask(model, _networks(model))
+    means = _means(model)
+    ids = _ids(model)
+    settings = dict(means=means) if ablation == "mean" else dict(scale_factor=2.0)
+    with apply_mask(model, mask, "key", [0], ablation, **settings):
+        clean = _logits(model, ids)
+        assert len(find_down_projections(model)[0].module._forward_pre_hooks) == 1
+    with _perturbed(model, {0: mask.networks[0].layers[0]}), apply_mask(model, mask, "key", [0], ablation, **settings):
+        perturbed = _logits(model, ids)
+    assert torch.equal(perturbed, clean) == (ablation == "mean")
+    assert count_hooks(model) == 0
