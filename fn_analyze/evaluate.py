@@ -252,6 +252,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                 "neurons; give activations of every layer, or leave out --activations to measure magnitudes "
                 "on the eval data"
             )
+        unmeasured = sorted(set(range(mask.model.n_layers)) - set(magnitude.measured_layers()))
+        if config.ablation == "mean" and unmeasured:
+            raise UserError(
+                f"activations {config.activations} lack layer {unmeasured[0]}, but --ablation mean needs every "
+                "layer's means (keeping only the networks sets every other neuron to its mean); give activations "
+                "of every layer, or leave out --activations to measure the means on the eval data"
+            )
     tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"
     eval_set = load_eval_set(
@@ -543,7 +550,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{row['name']:<24} {row['mode']:<10} skipped: {row['reason']}")
     closed = next((row["closed_layers"] for row in results["conditions"] if row["closed_layers"]), None)
     if closed:
-        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; their MLP is off")
+        effect = {"zero": "their MLP is off", "mean": "all their neurons are at their means"}.get(
+            ablation["mode"], "all their neurons are scaled"
+        )
+        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; {effect}")
     random = results.get("random_fraction")
     if random is not None:
         lines.append(

@@ -154,3 +154,24 @@ def test_bad_evaluate_settings_are_refused(tmp_path: Path) -> None:
         EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", random_fraction=15)
     with pytest.raises(UserError, match="--scale-factor is given but --ablation is zero"):
         EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", scale_factor=2.0)
+
+
+def test_mean_ablation_with_activations_of_some_layers_is_refused_before_the_model_loads(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import fn_analyze.evaluate as evaluate_module
+    from fn_analyze.collect import CollectConfig, collect
+    from shared.errors import UserError
+
+    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
+    model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
+    mask = write_mask(model, {0: {0: [1, 2, 3]}}, tmp_path / "mask.json")  # layer 0 only
+    layer0 = tmp_path / "layer0"
+    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=layer0, model=str(tiny_lm_dir), layers="0"))
+    monkeypatch.setattr(evaluate_module, "load_causal_lm", lambda *a, **k: pytest.fail("model loaded"))
+    config = EvaluateConfig(
+        mask_file=mask, dataset=str(demo_dir / "eval.csv"), model=str(tiny_lm_dir), out=tmp_path / "r.json"
+    )
+    with pytest.raises(UserError, match="lack layer 1, but --ablation mean needs every layer's means"):
+        evaluate(EvaluateConfig(**{**config.__dict__, "activations": layer0, "ablation": "mean"}))
+    assert not (tmp_path / "r.json").exists()
