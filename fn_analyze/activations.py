@@ -268,6 +268,12 @@ def read_shard(path: str | Path, n_tokens: int, n_columns: int, block_rows: int)
             yield data[start : start + block_rows]
 
 
+def read_sequences(path: str | Path) -> np.ndarray:
+    """A shard's record index of every token row (small: one integer a row)."""
+    with h5py.File(path, "r") as handle:
+        return handle[SEQUENCE_DATASET][:]
+
+
 MANIFEST_KEYS = {"model": dict, "layers": list, "n_tokens": int, "shards": list, "run_key": str}
 
 

@@ -85,7 +85,9 @@ def ica_command(
     out: Annotated[
         Optional[Path], typer.Option(help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json).")
     ] = None,
-    n_components: Annotated[int, typer.Option(help="Independent components (networks) to find.")] = 20,
+    n_components: Annotated[
+        str, typer.Option(help="Independent components (k), or auto: the k with the most stable networks.")
+    ] = "20",
     threshold: Annotated[float, typer.Option(help="z-score a neuron needs in a map to join its network.")] = 3.0,
     percentile: Annotated[
         Optional[float], typer.Option(help="Instead of --threshold: keep neurons above this percentile of each map.")
@@ -96,11 +98,24 @@ def ica_command(
             "--standardize/--no-standardize", help="Scale neurons to unit variance first (off: centered only)."
         ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the reduction and the first ICA restart.")] = 0,
-    restarts: Annotated[
-        int, typer.Option(help="Seeded FastICA restarts; the sparsest run is kept, the others give stability.")
-    ] = 5,
-    power_iterations: Annotated[int, typer.Option(help="Subspace iterations of the randomized reduction.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the reduction's start and of the consensus runs.")] = 0,
+    runs: Annotated[int, typer.Option(help="Seeded ICA runs of the consensus, on the data and on each split.")] = 6,
+    splits: Annotated[
+        int, typer.Option(help="Disjoint splits of the records (index modulo N) the consensus also runs on; 0: none.")
+    ] = 2,
+    bootstrap: Annotated[
+        bool,
+        typer.Option("--bootstrap/--no-bootstrap", help="Also resample the neurons of each run but the first."),
+    ] = False,
+    solver: Annotated[str, typer.Option(help="picard (python-picard) or fastica (scikit-learn).")] = "picard",
+    min_quality: Annotated[
+        float, typer.Option(help="Cluster quality (ICASSO I_q) a network needs to be emitted.")
+    ] = 0.8,
+    min_share: Annotated[float, typer.Option(help="Share of the runs that must find a network.")] = 0.9,
+    keep_unstable: Annotated[
+        bool,
+        typer.Option("--keep-unstable/--stable-only", help="Also emit clusters below --min-quality/--min-share."),
+    ] = False,
     per_layer: Annotated[
         bool,
         typer.Option("--per-layer/--whole-model", help="One ICA per layer (n-components each) or one over all layers."),

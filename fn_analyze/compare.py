@@ -62,6 +62,34 @@ def iou_matrix(a: MaskFile, b: MaskFile) -> np.ndarray:
     return np.divide(inter, unions, out=np.zeros_like(inter), where=unions > 0).astype(np.float64)
 
 
+REPRODUCED_AT = (0.8, 0.5)  # IoU levels of the one-line reproducibility figure
+
+
+def matched_one_to_one(matrix: np.ndarray) -> list[tuple[int, int, float]]:
+    """(row, column, IoU) pairs of the one-to-one matching that maximizes the summed IoU."""
+    rows, cols = linear_sum_assignment(matrix, maximize=True)
+    return [(int(r), int(c), float(matrix[r, c])) for r, c in zip(rows, cols, strict=True)]
+
+
+def reproduced(matrix: np.ndarray, levels: tuple[float, ...] = REPRODUCED_AT) -> dict[str, dict[str, float]]:
+    """For each IoU level: how many networks are matched one to one at or above it, out of the
+    larger file's count (a file that emits networks the other lacks is not reproduced)."""
+    ious = [iou for _, _, iou in matched_one_to_one(matrix)]
+    out_of = max(matrix.shape) if matrix.size else 0
+    figures = {}
+    for level in levels:
+        matched = sum(iou >= level for iou in ious)
+        figures[f"{level:g}"] = {"matched": matched, "of": out_of, "share": matched / out_of if out_of else 0.0}
+    return figures
+
+
+def format_reproduced(figures: dict[str, dict[str, float]]) -> str:
+    return "reproducibility: " + ", ".join(
+        f"{f['matched']}/{f['of']} ({100 * f['share']:.0f}%) matched one to one at IoU >= {level}"
+        for level, f in figures.items()
+    )
+
+
 def _check_same_model(a: MaskFile, b: MaskFile, path_a: Path, path_b: Path) -> None:
     for key in ("fingerprint", "n_layers", "intermediate_size"):
         if getattr(a.model, key) != getattr(b.model, key):
@@ -87,8 +115,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
             for r in range(rows.shape[0])
         ]
 
-    rows, cols = linear_sum_assignment(matrix, maximize=True)
-    matching = [{"a": ids_a[r], "b": ids_b[c], "iou": float(matrix[r, c])} for r, c in zip(rows, cols, strict=True)]
+    matching = [{"a": ids_a[r], "b": ids_b[c], "iou": iou} for r, c, iou in matched_one_to_one(matrix)]
     best_a, best_b = best(matrix, ids_a, ids_b), best(matrix.T, ids_b, ids_a)
     result = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -102,6 +129,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         "mean_best_iou_a": float(np.mean([m["iou"] for m in best_a])) if best_a else 0.0,
         "mean_best_iou_b": float(np.mean([m["iou"] for m in best_b])) if best_b else 0.0,
         "mean_matched_iou": float(np.mean([m["iou"] for m in matching])) if matching else 0.0,
+        "reproduced": reproduced(matrix),
     }
     write_json_atomic(config.out, result)
     from fn_analyze.plots import plot_iou  # matplotlib is imported only when a plot is drawn
@@ -119,6 +147,8 @@ def format_comparison(result: dict[str, Any]) -> str:
         f"A: {a['file']} ({len(a['networks'])} networks)   B: {b['file']} ({len(b['networks'])} networks)",
         f"mean best IoU: A in B {result['mean_best_iou_a']:.3f}, B in A {result['mean_best_iou_b']:.3f}; "
         f"one-to-one matching {result['mean_matched_iou']:.3f}",
+        "",
+        format_reproduced(result["reproduced"]),
         "",
         f"{'A net':>5} {'size':>6} | {'best in B':>9} {'size':>6} {'IoU':>6} | {'matched B':>9} {'IoU':>6}",
     ]

@@ -14,12 +14,13 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sklearn.decomposition import FastICA
 
 from fn_analyze.activations import Activations, open_activations
-from fn_analyze.reduction import ENGINES, engine_session, reduce
+from fn_analyze.consensus import SOLVERS, TOLERANCES, Consensus, consensus_ica
+from fn_analyze.reduction import ENGINES, Reduction, engine_session, reduce
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
 from shared.digests import file_digest
@@ -30,22 +31,37 @@ from shared.masks import MaskFile, Network, save_mask_file
 log = logging.getLogger(__name__)
 
 
+AUTO = "auto"
+AUTO_CANDIDATES = (5, 10, 15, 20, 30, 40)  # the k that `--n-components auto` tries
+
+
 @dataclass
 class IcaConfig:
     activations: Path
     out: Path | None = None  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
-    n_components: int = 20
+    # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
+    n_components: int | str = 20
     # Default z >= 3: in a pilot on SmolLM2-135M, z >= 3 networks (about 6% of neurons for 20
     # components) hurt the model 3.7x more than random neurons of the same per-layer counts.
     threshold: float = 3.0
     percentile: float | None = None  # instead of z: keep neurons above this percentile of each map
     standardize: bool = False  # scale neurons to unit variance (the original tool; hurts, see DESIGN.md)
     seed: int = 0
-    restarts: int = 5
-    power_iterations: int = 2
-    oversample: int = 10
-    max_iter: int = 1000
-    tol: float = 1e-4
+    # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole
+    # data and on each of `splits` disjoint parts of the records (0: the whole data only).
+    runs: int = 6
+    splits: int = 2
+    bootstrap: bool = False  # also resample the neurons of each run but the first
+    solver: str = "picard"  # or "fastica": see fn_analyze/consensus.py for the comparison
+    # A network is emitted when its cluster is tight (ICASSO I_q) and found by most runs.
+    min_quality: float = 0.8
+    min_share: float = 0.9
+    keep_unstable: bool = False  # emit every cluster, stable or not (each still carries its figures)
+    max_iter: int = 5000
+    tol: float | None = None  # the solver's tolerance; default TOLERANCES[solver], far below the libraries' own
+    oversample: int | None = None  # extra columns of the reduction (default k, at least 10)
+    reduction_tol: float = 1e-6  # the reduction stops when its top-k subspace moves less than this (sine)
+    max_passes: int = 40
     per_layer: bool = False  # one ICA per layer (n_components each) instead of one over all layers
     engine: str = "local"  # or "dask": the reduction's sum over shards as dask tasks (see reduction.py)
     dask_scheduler: str | None = None  # address of a dask.distributed scheduler (default: dask's local one)
@@ -57,69 +73,45 @@ class IcaConfig:
         self.activations = Path(self.activations)
         if self.out is not None:
             self.out = Path(self.out)
-        if self.n_components < 1:
-            raise UserError(f"--n-components must be at least 1, got {self.n_components}")
-        if self.restarts < 1:
-            raise UserError(f"--restarts must be at least 1, got {self.restarts}")
+        self.n_components = _parse_components(self.n_components)
+        if self.runs < 1:
+            raise UserError(f"--runs must be at least 1, got {self.runs}")
+        if self.splits < 0 or self.splits == 1:
+            raise UserError(f"--splits must be 0 (the whole data only) or at least 2, got {self.splits}")
+        if self.solver not in SOLVERS:
+            raise UserError(f"unknown --solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
+        if self.tol is None:
+            self.tol = TOLERANCES[self.solver]
+        for name, value in (("--min-quality", self.min_quality), ("--min-share", self.min_share)):
+            if not 0 <= value <= 1:
+                raise UserError(f"{name} must lie between 0 and 1, got {value}")
         if self.percentile is not None and not 0 < self.percentile < 100:
             raise UserError(f"--percentile must lie strictly between 0 and 100, got {self.percentile}")
         if self.threshold <= 0:
             raise UserError(f"--threshold must be a positive z-score, got {self.threshold}")
+        if self.oversample is not None and self.oversample < 0:
+            raise UserError(f"--oversample must be at least 0, got {self.oversample}")
         if self.engine not in ENGINES:
             raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.dask_scheduler is not None and self.engine != "dask":
             raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
 
-
-def _zscore_and_flip(sources: np.ndarray) -> np.ndarray:
-    """z-score each map (column) over neurons and flip it so its largest |z| is positive."""
-    z = (sources - sources.mean(axis=0)) / np.where(sources.std(axis=0) > 0, sources.std(axis=0), 1.0)
-    peaks = z[np.abs(z).argmax(axis=0), np.arange(z.shape[1])]
-    return z * np.where(peaks < 0, -1.0, 1.0)
+    def oversample_for(self, k: int) -> int:
+        """Extra columns of the reduction: as many as k (at least 10), so convergence goes as
+        lambda_{2k+1} / lambda_k per pass, unless set."""
+        return self.oversample if self.oversample is not None else max(10, k)
 
 
-def _kurtosis(z: np.ndarray) -> np.ndarray:
-    return (z**4).mean(axis=0) - 3.0
-
-
-REAPPEAR_CORRELATION = 0.9  # |corr| at which a map counts as found again in another restart
-
-
-@dataclass
-class Unmixed:
-    z: np.ndarray  # (neurons, k) z-scored maps of the kept restart
-    match: np.ndarray  # (k,) mean over the other restarts of the best |corr| with any of their maps
-    reappearance: np.ndarray  # (k,) share of the other restarts holding a map with |corr| >= 0.9
-
-
-def unmix(maps: np.ndarray, seed: int, restarts: int, max_iter: int, tol: float) -> Unmixed:
-    """FastICA on the (neurons x k) reduced data with seeded restarts.
-
-    Keeps the run whose maps are sparsest (largest mean excess kurtosis, the quantity
-    FastICA's contrast approximates) and scores each of its maps against the other
-    restarts, ICASSO-style: how well (`match`) and how often (`reappearance`) it is found
-    again. A map found in every restart is a property of the data, not of the seed.
-    """
-    runs = []
-    for restart in range(restarts):
-        ica = FastICA(
-            n_components=maps.shape[1],
-            whiten="unit-variance",
-            fun="logcosh",
-            max_iter=max_iter,
-            tol=tol,
-            random_state=seed + restart,
-        )
-        runs.append(_zscore_and_flip(ica.fit_transform(maps).astype(np.float64)))
-    best = int(np.argmax([_kurtosis(z).mean() for z in runs]))
-    chosen = runs[best]
-    others = [z for i, z in enumerate(runs) if i != best]
-    if not others:
-        nan = np.full(chosen.shape[1], np.nan)
-        return Unmixed(chosen, nan, nan)
-    n = chosen.shape[0]
-    best_corr = np.clip([np.abs(chosen.T @ other / n).max(axis=1) for other in others], 0.0, 1.0)
-    return Unmixed(chosen, best_corr.mean(axis=0), (best_corr >= REAPPEAR_CORRELATION).mean(axis=0))
+def _parse_components(value: int | str) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--n-components must be an integer or auto, got {value!r}") from None
+    if k < 1:
+        raise UserError(f"--n-components must be at least 1, got {k}")
+    return k
 
 
 def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) -> list[np.ndarray]:
@@ -138,15 +130,31 @@ def column_groups(acts: Activations, per_layer: bool) -> list[tuple[int, int]]:
     return [(slot * size, (slot + 1) * size) for slot in range(len(acts.layers))]
 
 
-def _check_components(acts: Activations, k: int, per_layer: bool) -> None:
+def _component_limit(acts: Activations, per_layer: bool) -> int:
     neurons = acts.intermediate_size if per_layer else acts.n_neurons
-    limit = min(acts.n_tokens, neurons) - 1
+    return min(acts.n_tokens, neurons) - 1
+
+
+def _components_to_try(acts: Activations, config: IcaConfig) -> tuple[int, ...]:
+    """The k to run: the one asked for, or the auto candidates the data allow."""
+    limit = _component_limit(acts, config.per_layer)
+    neurons = acts.intermediate_size if config.per_layer else acts.n_neurons
+    where = f"{acts.n_tokens} tokens x {neurons} neurons{' per layer' if config.per_layer else ''}"
+    if config.n_components == AUTO:
+        candidates = tuple(k for k in AUTO_CANDIDATES if k <= limit)
+        if not candidates:
+            raise UserError(
+                f"--n-components auto needs at least {AUTO_CANDIDATES[0]} components, but {where} give at most "
+                f"{max(limit, 0)}; collect more tokens"
+            )
+        return candidates
+    k = int(config.n_components)
     if k > limit:
         raise UserError(
-            f"--n-components {k} is larger than the data allows: {acts.n_tokens} tokens x {neurons} neurons"
-            f"{' per layer' if per_layer else ''} give at most {max(limit, 0)} components; "
+            f"--n-components {k} is larger than the data allows: {where} give at most {max(limit, 0)} components; "
             "lower --n-components or collect more tokens"
         )
+    return (k,)
 
 
 def default_out(acts: Activations, config: IcaConfig) -> Path:
@@ -161,57 +169,161 @@ def _reduction_device(requested: str) -> str:
     return str(device) if device.type == "cuda" else "cpu"
 
 
-def _rounded(value: float) -> float | None:
-    return None if np.isnan(value) else round(float(value), 3)
+def _is_stable(result: Consensus, config: IcaConfig) -> np.ndarray:
+    return (result.quality >= config.min_quality) & (result.share >= config.min_share)
 
 
-def run_ica(config: IcaConfig) -> MaskFile:
-    """Find networks in an activations folder and write the mask file; returns it."""
-    acts = open_activations(config.activations)
-    _check_components(acts, config.n_components, config.per_layer)
-    out = config.out or default_out(acts, config)
-    check_mask_out(out, config.overwrite, config.register)
-    device = _reduction_device(config.device)
-    groups = column_groups(acts, config.per_layer)
-    with engine_session(config.dask_scheduler):  # connected before anything is printed
-        print(
-            f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
-            f"{config.n_components} components{' per layer' if config.per_layer else ''}, "
-            f"{config.restarts} restart(s), reduction on {device} ({config.engine})"
-        )
-        reductions = reduce(
-            acts,
-            groups,
-            config.n_components,
-            config.standardize,
-            config.seed,
-            config.power_iterations,
-            config.oversample,
-            config.engine,
-            device,
-        )
-    found = []
-    for reduction in reductions:
-        unmixed = unmix(reduction.maps, config.seed, config.restarts, config.max_iter, config.tol)
-        offset = reduction.columns[0]
-        for j, members in enumerate(threshold_maps(unmixed.z, config.threshold, config.percentile)):
+@dataclass
+class Candidate:
+    """The consensus of every column group at one k."""
+
+    k: int
+    results: list[Consensus]
+
+    def stable_count(self, config: IcaConfig) -> int:
+        return int(sum(_is_stable(result, config).sum() for result in self.results))
+
+
+def _consensus_at(reductions: list[list[Reduction]], k: int, config: IcaConfig) -> Candidate:
+    assert config.tol is not None
+    return Candidate(
+        k,
+        [
+            consensus_ica(
+                [view.maps[:, :k] for view in views],
+                config.runs,
+                config.seed,
+                config.solver,
+                config.bootstrap,
+                config.max_iter,
+                config.tol,
+            )
+            for views in reductions
+        ],
+    )
+
+
+def _split_iou(result: Consensus, j: int, config: IcaConfig) -> float | None:
+    """Mean IoU, over pairs of splits, of the network as each split's runs find it (None: not computed,
+    or a split did not find it)."""
+    parts = result.view_z[1:, :, j]
+    if len(parts) < 2 or np.isnan(parts).any():
+        return None
+    sets = [set(threshold_maps(part[:, None], config.threshold, config.percentile)[0].tolist()) for part in parts]
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+    return float(np.mean([len(a & b) / max(len(a | b), 1) for a, b in pairs]))
+
+
+def _networks(
+    acts: Activations, reductions: list[list[Reduction]], chosen: Candidate, config: IcaConfig
+) -> tuple[list[tuple[dict[int, tuple[int, ...]], dict[str, Any]]], list[dict[str, Any]]]:
+    """(layers, stats) of each emitted network, and the figures of the clusters left out as unstable."""
+    found, unstable = [], []
+    for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
+        stable = _is_stable(result, config)
+        offset = views[0].columns[0]
+        for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
+            stats = {
+                "quality": round(float(result.quality[j]), 3),
+                "share": round(float(result.share[j]), 3),
+                "split_iou": None if (iou := _split_iou(result, j, config)) is None else round(iou, 3),
+                "peak_z": round(float(result.z[:, j].max()), 3),
+                "component": j if len(reductions) == 1 else f"{group}:{j}",
+                "stable": bool(stable[j]),
+            }
+            if not stable[j] and not config.keep_unstable:
+                unstable.append({**stats, "size": int(len(members))})
+                continue
             if len(members) == 0:
                 continue
             layers: dict[int, list[int]] = {}
             for column in members:
                 layer, neuron = acts.column_to_neuron(offset + int(column))
                 layers.setdefault(layer, []).append(neuron)
-            stats = {
-                "peak_z": round(float(unmixed.z[:, j].max()), 3),
-                "stability": _rounded(unmixed.match[j]),
-                "reappearance": _rounded(unmixed.reappearance[j]),
-                "component": j,
-            }
             found.append(({layer: tuple(sorted(neurons)) for layer, neurons in layers.items()}, stats))
     # Ids by size, largest first, so that id 0 is the biggest network of a file.
     found.sort(key=lambda item: (-sum(len(n) for n in item[0].values()), -item[1]["peak_z"]))
+    return found, unstable
+
+
+def _reduction_record(reductions: list[list[Reduction]], k: int) -> dict[str, Any]:
+    """How the reduction ended; the eigen-gap is eigenvalue k over eigenvalue k+1, the smallest over groups
+    (near 1: the k-th principal map is barely defined, so the k-dimensional subspace is fragile)."""
+    every = [view for views in reductions for view in views]
+    gaps = [r.eigenvalues[k - 1] / r.eigenvalues[k] if len(r.eigenvalues) > k else r.eigen_gap for r in every]
+    return {
+        "passes": every[0].passes,
+        "tolerance": every[0].tolerance,
+        "converged": all(r.converged for r in every),
+        "subspace_change": float(max(r.subspace_change for r in every)),
+        "eigen_gap": round(float(min(gaps)), 4),
+    }
+
+
+@dataclass
+class Unmixed:
+    """What the reduction and the consensus found, before thresholding."""
+
+    reductions: list[list[Reduction]]  # [column group][view]
+    tried: list[Candidate]  # one per k tried
+    chosen: Candidate  # the k kept: the most stable networks, then the smaller k
+
+
+def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
+    """The streamed reduction, then the consensus at each k to try; prints what it does."""
+    candidates = _components_to_try(acts, config)
+    device = _reduction_device(config.device)
+    k_max = max(candidates)
+    oversample = config.oversample_for(k_max)
+    with engine_session(config.dask_scheduler):  # connected before anything is printed
+        print(
+            f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
+            f"{config.n_components} components{' per layer' if config.per_layer else ''}, consensus of "
+            f"{config.runs} {config.solver} run(s){' on bootstrap resamples' if config.bootstrap else ''} on the "
+            f"whole data{f' and on each of {config.splits} disjoint splits of the records' if config.splits else ''}, "
+            f"reduction on {device} ({config.engine})"
+        )
+        reductions = reduce(
+            acts,
+            column_groups(acts, config.per_layer),
+            k_max,
+            config.standardize,
+            config.seed,
+            oversample,
+            config.reduction_tol,
+            config.max_passes,
+            config.splits,
+            config.engine,
+            device,
+        )
+    if not all(view.converged for views in reductions for view in views):
+        record = _reduction_record(reductions, k_max)
+        log.warning(
+            "the reduction's top-%d maps still moved by %.1e after %d passes (eigen-gap at k: %.4f): "
+            "components past the data's real ones are not defined by the data; they come out unstable. "
+            "Lower --n-components (or try auto), or raise --max-passes",
+            k_max,
+            record["subspace_change"],
+            record["passes"],
+            record["eigen_gap"],
+        )
+    tried = [_consensus_at(reductions, k, config) for k in candidates]
+    chosen = max(tried, key=lambda c: (c.stable_count(config), -c.k))
+    return Unmixed(reductions, tried, chosen)
+
+
+def run_ica(config: IcaConfig) -> MaskFile:
+    """Find networks in an activations folder and write the mask file; returns it."""
+    acts = open_activations(config.activations)
+    _components_to_try(acts, config)  # refused before anything is written
+    out = config.out or default_out(acts, config)
+    check_mask_out(out, config.overwrite, config.register)
+    unmixed = unmix_activations(acts, config)
+    reductions, tried, chosen = unmixed.reductions, unmixed.tried, unmixed.chosen
+    found, unstable = _networks(acts, reductions, chosen, config)
     networks = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
-    explained = sum(r.eigenvalues.sum() for r in reductions) / max(sum(r.total_variance for r in reductions), 1e-300)
+    whole = [views[0] for views in reductions]
+    explained = sum(r.eigenvalues[: chosen.k].sum() for r in whole) / max(sum(r.total_variance for r in whole), 1e-300)
     source = {
         "method": "spatial-ica-per-layer" if config.per_layer else "spatial-ica",
         "activations": {
@@ -227,9 +339,17 @@ def run_ica(config: IcaConfig) -> MaskFile:
                 for k, v in asdict(config).items()
                 if k not in ("activations", "out", "register", "overwrite", "engine", "dask_scheduler", "device")
             },
+            "n_components": chosen.k,
+            "n_components_requested": config.n_components,
+            "stable_per_k": {str(c.k): c.stable_count(config) for c in tried},
+            "oversample": config.oversample_for(max(c.k for c in tried)),
             "threshold_rule": "percentile" if config.percentile is not None else "zscore",
             "explained_variance_ratio": round(float(explained), 4),
-            "empty_components_dropped": config.n_components * len(groups) - len(networks),
+            "reduction": _reduction_record(reductions, chosen.k),
+            "converged_runs": int(min(r.converged_runs for r in chosen.results)),
+            "partial_clusters": int(sum(r.partial_clusters for r in chosen.results)),
+            "unstable": unstable,
+            "empty_components_dropped": sum(len(r.quality) for r in chosen.results) - len(networks) - len(unstable),
         },
     }
     mask = MaskFile(model=acts.model, networks=networks, source=source)
@@ -237,8 +357,13 @@ def run_ica(config: IcaConfig) -> MaskFile:
     if config.register:
         register_mask(out, mask)
     covered = len({(layer, n) for network in networks for layer, ns in network.layers.items() for n in ns})
+    if config.n_components == AUTO:
+        counts = ", ".join(f"k={c.k}: {c.stable_count(config)}" for c in tried)
+        print(f"ica: --n-components auto chose k={chosen.k}, the most stable networks ({counts})")
     print(
-        f"ica: {len(networks)} networks covering {covered} neurons ({100 * covered / acts.n_neurons:.1f}%), "
-        f"PCA kept {100 * explained:.1f}% of the variance; wrote {out}"
+        f"ica: {len(networks)} networks covering {covered} neurons ({100 * covered / acts.n_neurons:.1f}%); "
+        f"{len(unstable)} unstable component(s) left out (quality < {config.min_quality} or share < "
+        f"{config.min_share}; --keep-unstable emits them); PCA kept {100 * explained:.1f}% of the variance "
+        f"({whole[0].passes} reduction passes); wrote {out}"
     )
     return mask

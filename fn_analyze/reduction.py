@@ -15,16 +15,19 @@ shards on a file system every worker can read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from fn_analyze.activations import Activations, read_shard
+from fn_analyze.activations import Activations, read_sequences, read_shard
 from shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from a shard
 ENGINES = ("local", "dask")
@@ -42,60 +45,82 @@ class Reduction:
     """The top-k principal maps over one group's neurons of the centered (and optionally scaled) data."""
 
     columns: tuple[int, int]  # [start, stop) of the group's activations columns
-    maps: np.ndarray  # (neurons, k), orthonormal columns
+    maps: np.ndarray  # (neurons, k), orthonormal columns, each signed so its largest |entry| is positive
     eigenvalues: np.ndarray  # (k,), of C = X_c^T X_c, descending
+    next_eigenvalue: float  # the (k+1)-th Ritz value: eigenvalues[-1] / next_eigenvalue is the eigen-gap at k
     total_variance: float  # trace of C
-    mean: np.ndarray = field(repr=False)
-    scale: np.ndarray = field(repr=False)
+    passes: int  # products C Q computed (passes over the shards, the moments pass not counted)
+    subspace_change: float  # sine of the largest principal angle between the last two iterates' maps
 
     @property
-    def explained_variance_ratio(self) -> float:
-        return float(self.eigenvalues.sum() / self.total_variance) if self.total_variance > 0 else 0.0
+    def eigen_gap(self) -> float:
+        return float(self.eigenvalues[-1] / self.next_eigenvalue) if self.next_eigenvalue > 0 else float("inf")
+
+    tolerance: float  # the subspace_change the iteration stopped at (or max_passes ran out)
+
+    @property
+    def converged(self) -> bool:
+        return self.subspace_change <= self.tolerance
 
 
-def _shard_blocks(shard: Shard, device: torch.device) -> Iterator[torch.Tensor]:
-    """A shard's token rows as float32 blocks on `device`."""
+def _shard_blocks(shard: Shard, device: torch.device, splits: int) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """A shard's token rows as float32 blocks on `device`, each with its views' row selections:
+    slice(None) for the whole data, then the rows of each split (record index modulo `splits`)."""
     rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
+    split_of = read_sequences(shard.path) % splits if splits else None
+    start = 0
     for block in read_shard(shard.path, shard.n_tokens, shard.n_columns, rows):
-        yield torch.from_numpy(block).to(device=device, dtype=torch.float32)
+        views: list[Any] = [slice(None)]
+        if split_of is not None:
+            part = split_of[start : start + len(block)]
+            views += [torch.as_tensor(np.flatnonzero(part == s), device=device) for s in range(splits)]
+        start += len(block)
+        yield torch.from_numpy(block).to(device=device, dtype=torch.float32), views
 
 
-def shard_moments(shard: Shard, device: str) -> np.ndarray:
-    """(2, neurons) float64: the shard's per-neuron sum and sum of squares."""
-    total = torch.zeros((2, shard.n_columns), dtype=torch.float64, device=device)
-    for block in _shard_blocks(shard, torch.device(device)):
-        total[0] += block.sum(dim=0, dtype=torch.float64)
-        total[1] += (block * block).sum(dim=0, dtype=torch.float64)
+def shard_moments(shard: Shard, splits: int, device: str) -> np.ndarray:
+    """(views, 3, neurons) float64: each view's row count, per-neuron sum and sum of squares."""
+    dev = torch.device(device)
+    total = torch.zeros((1 + splits, 3, shard.n_columns), dtype=torch.float64, device=dev)
+    for block, views in _shard_blocks(shard, dev, splits):
+        for view, rows in enumerate(views):
+            x = block[rows]
+            total[view, 0] += len(x)
+            total[view, 1] += x.sum(dim=0, dtype=torch.float64)
+            total[view, 2] += (x * x).sum(dim=0, dtype=torch.float64)
     return total.cpu().numpy()
 
 
 def shard_products(
     shard: Shard,
     groups: Sequence[tuple[int, int]],
-    mean: np.ndarray,
-    inv_scale: np.ndarray | None,  # None: centered only
-    bases: Sequence[np.ndarray],
+    means: np.ndarray,  # (views, neurons)
+    inv_scales: np.ndarray | None,  # (views, neurons); None: centered only
+    bases: Sequence[Sequence[np.ndarray]],  # [group][view]
+    splits: int,
     device: str,
-) -> list[np.ndarray]:
-    """For each column group g: sum over the shard's blocks of X_g^T (X_g basis_g), float64."""
+) -> list[list[np.ndarray]]:
+    """For each column group g and view v: sum over the shard's rows of view v of X_gv^T (X_gv basis_gv),
+    X centered (and scaled) by the view's own moments; float32 products, float64 sums."""
     dev = torch.device(device)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=dev)
-    inv_scale_t = None if inv_scale is None else torch.as_tensor(inv_scale, dtype=torch.float32, device=dev)
-    bases_t = [torch.as_tensor(b, dtype=torch.float32, device=dev) for b in bases]
-    outs = [torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in bases_t]
-    for block in _shard_blocks(shard, dev):
-        block -= mean_t
-        if inv_scale_t is not None:
-            block *= inv_scale_t
-        for (start, stop), basis, out in zip(groups, bases_t, outs, strict=True):
-            x = block[:, start:stop]
-            out += (x.T @ (x @ basis)).to(torch.float64)
-    return [out.cpu().numpy() for out in outs]
+    means_t = torch.as_tensor(means, dtype=torch.float32, device=dev)
+    scales_t = None if inv_scales is None else torch.as_tensor(inv_scales, dtype=torch.float32, device=dev)
+    bases_t = [[torch.as_tensor(b, dtype=torch.float32, device=dev) for b in views] for views in bases]
+    outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
+    for block, views in _shard_blocks(shard, dev, splits):
+        for view, rows in enumerate(views):
+            x = block[rows] - means_t[view]
+            if scales_t is not None:
+                x *= scales_t[view]
+            for g, (start, stop) in enumerate(groups):
+                part = x[:, start:stop]
+                outs[g][view] += (part.T @ (part @ bases_t[g][view])).to(torch.float64)
+    return [[out.cpu().numpy() for out in views] for views in outs]
 
 
 def _add(a: Any, b: Any) -> Any:
     if isinstance(a, list):
-        return [x + y for x, y in zip(a, b, strict=True)]
+        return [_add(x, y) for x, y in zip(a, b, strict=True)]
     return a + b
 
 
@@ -157,50 +182,101 @@ def shards_of(acts: Activations) -> list[Shard]:
     return [Shard(str(acts.folder / s["file"]), int(s["n_tokens"]), acts.n_neurons) for s in acts.manifest["shards"]]
 
 
+def _ritz(basis: np.ndarray, product: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rayleigh-Ritz on span(basis): all Ritz values (descending) and the top-k Ritz vectors."""
+    small = basis.T @ product
+    values, vectors = np.linalg.eigh((small + small.T) / 2)
+    order = np.argsort(values)[::-1]
+    return values[order], basis @ vectors[:, order[:k]]
+
+
+def subspace_change(previous: np.ndarray, current: np.ndarray) -> float:
+    """Sine of the largest principal angle between the spans of two orthonormal (n x k) bases."""
+    cosines = np.linalg.svd(previous.T @ current, compute_uv=False)
+    return float(np.sqrt(max(0.0, 1.0 - float(cosines.min()) ** 2)))
+
+
+def signed(maps: np.ndarray) -> np.ndarray:
+    """Each column flipped so that its largest |entry| is positive: eigenvectors are defined up to sign."""
+    peaks = maps[np.abs(maps).argmax(axis=0), np.arange(maps.shape[1])]
+    return maps * np.where(peaks < 0, -1.0, 1.0)
+
+
 def reduce(
     acts: Activations,
     groups: Sequence[tuple[int, int]],
     k: int,
     standardize: bool,
     seed: int,
-    power_iterations: int,
     oversample: int,
+    tol: float,
+    max_passes: int,
+    splits: int = 0,
     engine: str = "local",
     device: str = "cpu",
-) -> list[Reduction]:
-    """Randomized subspace iteration for every column group, one pass over the shards per product."""
+) -> list[list[Reduction]]:
+    """Subspace iteration with Rayleigh-Ritz, run until the top-k maps stop moving, for every column
+    group and every view of the data: [group][view], view 0 the whole data, view 1 + s the records
+    whose index modulo `splits` is s (disjoint halves of the text for splits=2), each centered
+    (and scaled) by its own moments.
+
+    Each pass over the shards computes C Q for every group and view at once (the split views
+    together cost as much as the whole one). After each pass the top-k Ritz vectors are compared
+    with the previous pass's: the iteration stops when the sine of the largest principal angle
+    between them is below `tol` everywhere (or after `max_passes`). A converged subspace is a
+    property of the data, not of the random start, the thread count or the order of the sums;
+    with a fixed number of passes it was not, and the networks moved with float rounding.
+    `oversample` extra columns speed convergence: about lambda_{k+oversample+1} / lambda_k per pass.
+    """
     shards = shards_of(acts)
+    views = 1 + splits
     with full_float32_matmul():
-        sums = sum_over_shards(shard_moments, shards, (device,), engine)
-        mean = sums[0] / acts.n_tokens
-        std = np.sqrt(np.maximum(sums[1] / acts.n_tokens - mean**2, 0.0))
+        moments = sum_over_shards(shard_moments, shards, (splits, device), engine)
+        counts = np.maximum(moments[:, 0, :1], 1.0)  # (views, 1)
+        means = moments[:, 1] / counts
+        stds = np.sqrt(np.maximum(moments[:, 2] / counts - means**2, 0.0))
         # Dead neurons (zero variance) keep scale 1 so they stay zero instead of dividing by zero.
-        scale = np.where(std > 0, std, 1.0) if standardize else np.ones_like(std)
-        inv_scale = 1.0 / scale if standardize else None
+        scales = np.where(stds > 0, stds, 1.0) if standardize else np.ones_like(stds)
+        inv_scales = 1.0 / scales if standardize else None
         rng = np.random.default_rng(seed)
-        bases = []
-        for start, stop in groups:
-            width = min(stop - start, k + oversample)
-            bases.append(np.linalg.qr(rng.standard_normal((stop - start, width)))[0])
-        fixed = (groups, mean, inv_scale)
-        for _ in range(power_iterations):
-            products = sum_over_shards(shard_products, shards, (*fixed, bases, device), engine)
-            bases = [np.linalg.qr(product)[0] for product in products]
-        products = sum_over_shards(shard_products, shards, (*fixed, bases, device), engine)
-    reductions = []
-    for (start, stop), basis, product in zip(groups, bases, products, strict=True):
-        small = basis.T @ product
-        eigenvalues, vectors = np.linalg.eigh((small + small.T) / 2)
-        order = np.argsort(eigenvalues)[::-1][:k]
-        total_variance = float(((std[start:stop] / scale[start:stop]) ** 2).sum() * acts.n_tokens)
-        reductions.append(
+        bases = [
+            [
+                np.linalg.qr(rng.standard_normal((stop - start, min(stop - start, k + oversample))))[0]
+                for _ in range(views)
+            ]
+            for start, stop in groups
+        ]
+        fixed = (groups, means, inv_scales)
+        previous: list[list[np.ndarray]] | None = None
+        for passes in range(1, max_passes + 1):
+            products = sum_over_shards(shard_products, shards, (*fixed, bases, splits, device), engine)
+            ritz = [
+                [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
+                for bs, ps in zip(bases, products, strict=True)
+            ]
+            changes = [
+                [np.inf if previous is None else subspace_change(previous[g][v], ritz[g][v][1]) for v in range(views)]
+                for g in range(len(groups))
+            ]
+            largest = max(max(row) for row in changes)
+            log.info("reduction pass %d: largest subspace change %.2e", passes, largest)
+            if largest <= tol:
+                break
+            previous = [[maps for _, maps in row] for row in ritz]
+            bases = [[np.linalg.qr(product)[0] for product in row] for row in products]
+    return [
+        [
             Reduction(
-                (start, stop),
-                basis @ vectors[:, order],
-                eigenvalues[order],
-                total_variance,
-                mean[start:stop],
-                scale[start:stop],
+                columns=(start, stop),
+                maps=signed(ritz[g][v][1]),
+                eigenvalues=ritz[g][v][0][:k],
+                next_eigenvalue=float(ritz[g][v][0][k]) if len(ritz[g][v][0]) > k else 0.0,
+                total_variance=float(((stds[v, start:stop] / scales[v, start:stop]) ** 2).sum() * counts[v, 0]),
+                passes=passes,
+                subspace_change=float(changes[g][v]),
+                tolerance=tol,
             )
-        )
-    return reductions
+            for v in range(views)
+        ]
+        for g, (start, stop) in enumerate(groups)
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from shared.masks import MaskFile, load_mask_file
 
@@ -17,37 +18,71 @@ def layer_profile(counts: list[int]) -> str:
     return "".join(BARS[0 if c == 0 else max(1, round(8 * c / top))] for c in counts)
 
 
+def _figure(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _threshold_rule(ica: dict[str, Any]) -> str:
+    if ica.get("percentile") is not None:
+        return f"percentile {ica['percentile']}"
+    return f"z >= {ica.get('threshold', '?')}"
+
+
+def _how_made(mask: MaskFile) -> str:
+    ica, acts = mask.source.get("ica", {}), mask.source.get("activations", {})
+    made = (
+        f"made by: {mask.created_by}; {mask.source.get('method', '?')} on {acts.get('n_tokens', '?')} tokens, "
+        f"{ica.get('n_components', '?')} components, threshold {_threshold_rule(ica)}"
+    )
+    if "runs" not in ica:
+        return made + "; one ICA run (schema 1: stability and reappearance across restarts, no consensus)"
+    requested = ica.get("n_components_requested")
+    chosen = f" (chosen by auto: stable networks per k {ica.get('stable_per_k')})" if requested == "auto" else ""
+    return (
+        f"{made}{chosen}\nconsensus of {ica['runs']} {ica.get('solver', '?')} runs"
+        f"{' on bootstrap resamples' if ica.get('bootstrap') else ''}; a network is stable at quality >= "
+        f"{ica.get('min_quality')} and share >= {ica.get('min_share')}"
+    )
+
+
 def describe(mask: MaskFile) -> str:
     model = mask.model
     total = model.n_layers * model.intermediate_size
-    ica = mask.source.get("ica", {})
-    acts = mask.source.get("activations", {})
+    one_run = "runs" not in mask.source.get("ica", {})
+    first, second = ("stab.", "reap.") if one_run else ("qual.", "share")
     lines = [
         f"model: {model.name} ({model.model_type}, {model.n_layers} layers x {model.intermediate_size} neurons, "
         f"fingerprint {model.fingerprint})",
-        f"made by: {mask.created_by}; {mask.source.get('method', '?')} on {acts.get('n_tokens', '?')} tokens, "
-        f"{ica.get('n_components', '?')} components, threshold "
-        + (
-            f"percentile {ica['percentile']}"
-            if ica.get("percentile") is not None
-            else f"z >= {ica.get('threshold', '?')}"
-        ),
+        _how_made(mask),
         f"{len(mask.networks)} networks; per-layer profile: one column per layer, 0 to {model.n_layers - 1}",
         "",
-        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {'stab.':>5} {'reap.':>5}  profile",
+        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5}  profile",
     ]
     union: set[tuple[int, int]] = set()
     for network in mask.networks:
         counts = [len(network.layers.get(layer, ())) for layer in range(model.n_layers)]
         union.update((layer, n) for layer, ns in network.layers.items() for n in ns)
-        stability, reappearance = network.stats.get("stability"), network.stats.get("reappearance")
+        stats = network.stats
+        figures = (
+            (stats.get("stability"), stats.get("reappearance"))
+            if one_run
+            else (stats.get("quality"), stats.get("share"))
+        )
+        unstable = "" if stats.get("stable", True) else "  (unstable, kept by --keep-unstable)"
         lines.append(
             f"{network.id:>4} {network.size:>6} {100 * network.size / total:>5.2f}% {len(network.layers):>6} "
-            f"{'-' if stability is None else f'{stability:.2f}':>5} "
-            f"{'-' if reappearance is None else f'{reappearance:.2f}':>5}  |{layer_profile(counts)}|"
+            f"{_figure(figures[0]):>5} {_figure(figures[1]):>5}  |{layer_profile(counts)}|{unstable}"
         )
     lines.append("")
     lines.append(f"union: {len(union)} neurons ({100 * len(union) / total:.2f}% of {total})")
+    left_out = mask.source.get("ica", {}).get("unstable", [])
+    if left_out:
+        lines.append(f"left out as unstable ({len(left_out)}; `fn-analyze ica --keep-unstable` emits them):")
+        lines.extend(
+            f"  component {c.get('component')}: size {c.get('size')}, quality {_figure(c.get('quality'))}, "
+            f"share {_figure(c.get('share'))}"
+            for c in left_out
+        )
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Names on disk and format versions, in one place."""
 
-MASK_SCHEMA_VERSION = 1
+MASK_SCHEMA_VERSION = 2  # 2: consensus figures per network (quality, share, stable)
 MANIFEST_SCHEMA_VERSION = 1
 
 # Activations folder written by `fn-analyze collect`.

@@ -1,14 +1,21 @@
 """The mask artifact: a versioned JSON file naming, per network, the neurons of each layer.
 
-Format (schema version 1)::
+Format (schema version 2)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "created_by": "functional-networks 0.1.0",
       "model": {"name", "model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint"},
       "source": {...how it was made: activations manifest, ICA parameters...},
-      "networks": [{"id": 0, "size": 12, "layers": {"3": [5, 17, ...], ...}, ...}, ...]
+      "networks": [{"id": 0, "size": 12, "layers": {"3": [5, 17, ...], ...},
+                    "quality": 0.93, "share": 1.0, "stable": true, ...}, ...]
     }
+
+Version 2 added how sure each network is: `quality` (ICASSO's cluster quality index),
+`share` (share of the consensus runs that found it) and `stable`; `source.ica` records
+the consensus and the clusters left out as unstable. Version 1 files (one ICA run, with
+`stability` and `reappearance` per network) still load: they are migrated on read, their
+networks' figures kept as they are. A file of a newer version is refused.
 
 Loading validates everything and fails with one line naming the problem before any
 model is loaded; `check_compatible` refuses a mask made for another model.
@@ -102,11 +109,13 @@ def parse_mask(raw: Any, where: str) -> MaskFile:
     if not isinstance(raw, dict):
         raise bad("top level is not a JSON object; regenerate it with `fn-analyze ica`")
     version = raw.get("schema_version")
-    if version != MASK_SCHEMA_VERSION:
+    if version not in MIGRATIONS and version != MASK_SCHEMA_VERSION:
         raise bad(
-            f"unknown schema_version {version!r} (this tool reads {MASK_SCHEMA_VERSION}); "
+            f"unknown schema_version {version!r} (this tool reads 1 to {MASK_SCHEMA_VERSION}); "
             "upgrade functional-networks or regenerate the file"
         )
+    while version in MIGRATIONS:
+        raw, version = MIGRATIONS[version](raw), version + 1
     model_raw = raw.get("model")
     keys = ("name", "model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint")
     if not isinstance(model_raw, dict) or any(key not in model_raw for key in keys):
@@ -129,6 +138,16 @@ def parse_mask(raw: Any, where: str) -> MaskFile:
         schema_version=version,
         created_by=str(raw.get("created_by", "unknown")),
     )
+
+
+def _migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 -> 2: nothing is renamed; the file says it was migrated and that its networks
+    come from one ICA run (no consensus figures), so `show` prints them as such."""
+    source = raw.get("source") if isinstance(raw.get("source"), dict) else {}
+    return {**raw, "schema_version": 2, "source": {**source, "migrated_from_schema": 1}}
+
+
+MIGRATIONS = {1: _migrate_v1}  # version -> function giving the next version's raw object
 
 
 def _parse_network(item: Any, model: ModelInfo, seen_ids: set[int], bad) -> Network:

@@ -56,7 +56,7 @@ MASK_FILE_PROBLEMS: list[tuple[str, Callable[[dict], object] | str, str]] = [
     ("not-json", "this is not JSON", "is not valid JSON"),
     ("truncated", "truncate", "is not valid JSON"),
     ("not-an-object", "[1, 2]", "top level is not a JSON object"),
-    ("schema-version", lambda raw: raw.update(schema_version=2), "unknown schema_version 2 (this tool reads 1)"),
+    ("schema-version", lambda raw: raw.update(schema_version=3), "unknown schema_version 3 (this tool reads 1 to 2)"),
     ("neuron-out-of-range", lambda raw: raw["networks"][0]["layers"].update({"0": [176]}), "neuron index 176 out of"),
     ("duplicate-neuron", lambda raw: raw["networks"][0]["layers"].update({"0": [4, 4]}), "neuron index 4 listed twice"),
     ("layer-out-of-range", lambda raw: raw["networks"][0]["layers"].update({"2": [1]}), "layer 2 out of range"),
@@ -214,7 +214,7 @@ def small_activations(tmp_path: Path) -> Path:
 def _ica(acts: Path, out: Path, *extra: str):
     return runner.invoke(
         analyze_app,
-        ["ica", "--activations", str(acts), "--out", str(out), "--n-components", "3", "--restarts", "1", *extra],
+        ["ica", "--activations", str(acts), "--out", str(out), "--n-components", "3", "--runs", "1", *extra],
     )
 
 
@@ -283,7 +283,7 @@ def test_ica_out_that_is_not_a_mask_file_is_left_alone(small_activations: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acts", "notes.json"]  # no index.json, no temp file
 
     assert _ica(small_activations, notes, "--overwrite").exit_code == 0  # asked for: replaced by a mask file
-    assert json.loads(notes.read_text())["schema_version"] == 1
+    assert json.loads(notes.read_text())["schema_version"] == 2
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
@@ -398,3 +398,19 @@ def test_multiple_choice_answer_out_of_range_is_refused_by_collect_and_fn_train(
     assert not (tmp_path / "acts").exists()
     refused(runner.invoke(train_app, _train_args(tiny_lm_dir, data, tmp_path / "ft")), message)
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--n-components", "many"], ["--n-components must be an integer or auto, got 'many'"]),
+        (["--splits", "1"], ["--splits must be 0 (the whole data only) or at least 2, got 1"]),
+        (["--solver", "jade"], ["unknown --solver 'jade'; use one of picard, fastica"]),
+        (["--min-share", "1.5"], ["--min-share must lie between 0 and 1, got 1.5"]),
+        (["--runs", "0"], ["--runs must be at least 1, got 0"]),
+    ],
+    ids=["components", "splits", "solver", "share", "runs"],
+)
+def test_bad_consensus_options_are_refused(small_activations: Path, tmp_path: Path, extra, fragments) -> None:
+    refused(_ica(small_activations, tmp_path / "m.json", *extra), *fragments)
+    assert not (tmp_path / "m.json").exists()

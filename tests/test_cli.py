@@ -46,7 +46,7 @@ def test_collect_ica_show_train_end_to_end(tiny_lm_dir: Path, demo_dir: Path, tm
                 str(acts),
                 "--n-components",
                 "6",
-                "--restarts",
+                "--runs",
                 "2",
                 "--out",
                 str(masks / "tiny.json"),

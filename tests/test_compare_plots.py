@@ -54,6 +54,14 @@ def test_iou_values_best_matches_and_one_to_one_matching(model, tmp_path: Path) 
     assert result["best_match_b_in_a"][2] == {"network": 2, "match": 1, "iou": 1.0}
     table = format_comparison(result)
     assert "one-to-one matching" in table and "1.000" in table
+    # One line for reproducibility: of the 3 networks of the larger file, one (A1-B2, IoU 1) is matched
+    # at IoU >= 0.8 and at >= 0.5; the pair A0-B0 (0.4) is at neither, and B1 has no partner.
+    assert result["reproduced"]["0.8"] == {"matched": 1, "of": 3, "share": 1 / 3}
+    assert result["reproduced"]["0.5"] == {"matched": 1, "of": 3, "share": 1 / 3}
+    assert (
+        "reproducibility: 1/3 (33%) matched one to one at IoU >= 0.8, 1/3 (33%) matched one to one at IoU >= 0.5"
+        in table.splitlines()
+    )
 
 
 def test_masks_of_different_models_are_refused(model, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def test_embedded_model_collect_ica_mask_train(demo_dir: Path, tmp_path: Path) -
     assert manifest["model"]["n_layers"] == 30 and manifest["model"]["intermediate_size"] == 1536
     assert manifest["n_tokens"] == 300
     mask = run_ica(
-        IcaConfig(activations=tmp_path / "acts", out=tmp_path / "smol.json", n_components=8, restarts=2, register=False)
+        IcaConfig(activations=tmp_path / "acts", out=tmp_path / "smol.json", n_components=8, runs=2, register=False)
     )
     assert mask.networks and mask.model.name == "smollm2-135m"
 

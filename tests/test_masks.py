@@ -121,3 +121,26 @@ def test_index_registers_files(llama, tmp_path: Path) -> None:
     entries = read_index(tmp_path)["masks"]
     assert sorted(e["file"] for e in entries) == ["a.json", "b.json"]
     assert entries[0]["fingerprint"] == mask.model.fingerprint
+
+
+def test_schema_1_files_are_migrated_on_read(llama, tmp_path: Path) -> None:
+    """A file written by the one-run ICA of schema 1 loads as schema 2, its figures kept; saved again, it is 2."""
+    raw = make_mask(llama, NETWORKS).to_dict()
+    raw["schema_version"] = 1
+    raw["source"] = {"method": "spatial-ica", "ica": {"n_components": 3, "restarts": 5, "threshold": 3.0}}
+    raw["networks"][0].update(stability=0.97, reappearance=1.0)
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(raw))
+    mask = load_mask_file(path)
+    assert mask.schema_version == 2 and mask.source["migrated_from_schema"] == 1
+    assert mask.networks[0].stats == {"stability": 0.97, "reappearance": 1.0}
+    assert [n.layers for n in mask.networks] == [n.layers for n in make_mask(llama, NETWORKS).networks]
+    save_mask_file(mask, tmp_path / "v2.json")
+    assert json.loads((tmp_path / "v2.json").read_text())["schema_version"] == 2
+    assert load_mask_file(tmp_path / "v2.json") == mask
+
+    from fn_analyze.show import describe
+
+    shown = describe(mask)
+    assert "one ICA run (schema 1" in shown and "stab. reap." in shown
+    assert "0.97  1.00  |" in shown.splitlines()[5]

@@ -133,7 +133,7 @@ def test_tokens_in_the_environment_are_never_written_or_printed(
     outputs = []
     for app, args in (
         (analyze_app, ["collect", "--model", str(tiny_lm_dir), "--dataset", str(demo_dir / "data.jsonl")]),
-        (analyze_app, ["ica", "--activations", str(acts), "--n-components", "3", "--restarts", "1"]),
+        (analyze_app, ["ica", "--activations", str(acts), "--n-components", "3", "--runs", "1"]),
         (train_app, ["--model_name_or_path", str(tiny_lm_dir), "--dataset_name_or_path", str(demo_dir / "train.csv")]),
     ):
         if app is train_app:

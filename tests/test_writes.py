@@ -126,7 +126,7 @@ def test_two_ica_runs_at_once_leave_an_index_with_both(small_activations: Path, 
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "fn_analyze.cli", "ica", "--activations", str(small_activations)]
-            + ["--out", str(masks / f"{name}.json"), "--n-components", "4", "--restarts", "1", "--seed", str(seed)],
+            + ["--out", str(masks / f"{name}.json"), "--n-components", "4", "--runs", "1", "--seed", str(seed)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
