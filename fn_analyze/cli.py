@@ -36,7 +36,7 @@ def collect_command(
     model: Annotated[str, typer.Option(help="HF name, local path, or the embedded model.")] = EMBEDDED_MODEL_NAME,
     split: Annotated[Optional[str], typer.Option(help="Dataset split (default: train, else the first).")] = None,
     data_format: Annotated[
-        str, typer.Option(help="auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+        str, typer.Option(help="auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text")
     ] = "auto",
     template_format: Annotated[str, typer.Option(help="auto|chat|alpaca|plain, as fn-train renders.")] = "auto",
     layers: Annotated[Optional[str], typer.Option(help="Layers to record, e.g. 0,2:5,8 (default all).")] = None,
@@ -171,7 +171,7 @@ def evaluate_command(
     ] = None,
     split: Annotated[Optional[str], typer.Option(help="Dataset split (default validation/test, else train).")] = None,
     data_format: Annotated[
-        str, typer.Option(help="auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+        str, typer.Option(help="auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text")
     ] = "auto",
     template_format: Annotated[str, typer.Option(help="auto|chat|alpaca|plain, as fn-train renders.")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N records.")] = 200,
@@ -197,10 +197,21 @@ def evaluate_command(
         typer.Option("--exact-match/--no-exact-match", help="Also greedy-generate answers (slower)."),
     ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per answer for exact match.")] = 16,
+    ablation: Annotated[
+        str, typer.Option(help="What each set's neurons get: zero, mean (their mean activation), scale.")
+    ] = "zero",
+    scale_factor: Annotated[
+        Optional[float], typer.Option(help="With --ablation scale: the factor (default 2.0).")
+    ] = None,
+    random_fraction: Annotated[
+        Optional[float],
+        typer.Option(help="Also mask this share of all neurons, drawn uniformly (--draws times), e.g. 0.15."),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto|float32|float16|bfloat16")] = "auto",
     device: Annotated[str, typer.Option(help="auto|cpu|cuda|cuda:N|mps")] = "auto",
 ) -> None:
-    """Measure each network switched off, the union off and kept alone, against random neuron sets."""
+    """Measure each network switched off, the union off and kept alone, against random neuron sets
+    (answer-token loss; accuracy on multiple-choice data)."""
     params = dict(locals())
     from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
 
@@ -230,16 +241,20 @@ def compare_command(
 @app.command("demo-data")
 @user_errors_exit
 def demo_data_command(
-    out: Annotated[Path, typer.Option(help="Folder for data.jsonl, train.csv and eval.csv.")] = Path("demo"),
+    out: Annotated[Path, typer.Option(help="Folder for the demo data files.")] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
     n_collect: Annotated[int, typer.Option(help="Records in data.jsonl (for collect).")] = 400,
     n_train: Annotated[int, typer.Option(help="Rows in train.csv.")] = 200,
     n_eval: Annotated[int, typer.Option(help="Rows in eval.csv.")] = 100,
+    n_sentiment: Annotated[int, typer.Option(help="Rows in sentiment.csv (classification, for accuracy).")] = 100,
 ) -> None:
-    """Write the demo instruction data (facts, arithmetic, sentiment, continuation)."""
+    """Write the demo instruction data (facts, arithmetic, sentiment, continuation) and a
+    sentiment classification set (question, choices, answer) for accuracy."""
     from fn_analyze.demo_data import write_demo_data
 
-    paths = write_demo_data(out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval)
+    paths = write_demo_data(
+        out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval, n_sentiment=n_sentiment
+    )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")
 

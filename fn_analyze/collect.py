@@ -254,8 +254,10 @@ def collect(config: CollectConfig) -> dict[str, Any]:
     dataset = load_dataset_any(config.dataset, config.split)
     split = config.split or ("train" if "train" in dataset else next(iter(dataset)))
     records = dataset[split]
-    fmt = detect_format(records.column_names, config.data_format, source=f"dataset {config.dataset}")
+    # The tokenizer first: a model refused (its own code without --trust-remote-code) is then the
+    # only line printed, before any warning about the data's columns.
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    fmt = detect_format(records.column_names, config.data_format, source=f"dataset {config.dataset}")
     # Right padding keeps every real token at its true position (models derive positions
     # from the cache position, not the attention mask, so left padding would shift them).
     tokenizer.padding_side = "right"

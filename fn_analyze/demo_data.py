@@ -8,6 +8,9 @@ SmolLM2-135M-Instruct can be measured on:
 - ``sentiment``: templated movie and product reviews (some sarcastic), labelled positive/negative;
 - ``continuation``: the next item of a number, letter, number-word, day or month run.
 
+`sentiment.csv` holds the sentiment family again as classification data (question, choices,
+answer as an index), scored by accuracy like SST-2 in Liu et al.
+
 Everything is deterministic from a seed through `random.Random` instances (no global RNG).
 """
 
@@ -432,25 +435,48 @@ def _write_csv(path: Path, rows: list[QA]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+SENTIMENT_CHOICES: tuple[str, ...] = ("negative", "positive")  # the answer is the index of the label
+
+
+def _write_sentiment_csv(path: Path, rows: list[QA]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["question", "choices", "answer"])
+    choices = json.dumps(list(SENTIMENT_CHOICES))
+    writer.writerows([qa.question, choices, SENTIMENT_CHOICES.index(qa.answer)] for qa in rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
 def write_demo_data(
-    out_dir: Path, seed: int = 0, n_collect: int = 400, n_train: int = 200, n_eval: int = 100
+    out_dir: Path, seed: int = 0, n_collect: int = 400, n_train: int = 200, n_eval: int = 100, n_sentiment: int = 100
 ) -> dict[str, Path]:
     """Write data.jsonl (n_collect records: question, answer, family), train.csv and eval.csv
-    (header `question,answer`; eval questions disjoint from train) into out_dir.
+    (header `question,answer`; eval questions disjoint from train) and sentiment.csv
+    (n_sentiment reviews as `question,choices,answer`: choices ["negative", "positive"], answer
+    the index of the right one; questions disjoint from train) into out_dir.
 
-    Each file uses its own seed derived from `seed`. Returns {"collect", "train", "eval"} -> path.
+    Each file uses its own seed derived from `seed` (sentiment.csv's is drawn after the
+    others', so they stay as they were). Returns {"collect", "train", "eval", "sentiment"} -> path.
     """
     out_dir = Path(out_dir)
     derive = random.Random(seed)
-    seed_collect, seed_train, seed_eval = (derive.getrandbits(63) for _ in range(3))
+    seed_collect, seed_train, seed_eval, seed_sentiment = (derive.getrandbits(63) for _ in range(4))
     collect = generate(n_collect, seed_collect)
     train = generate(n_train, seed_train)
-    evaluation = _generate(n_eval, random.Random(seed_eval), FAMILIES, frozenset(qa.question for qa in train))
+    seen = frozenset(qa.question for qa in train)
+    evaluation = _generate(n_eval, random.Random(seed_eval), FAMILIES, seen)
+    sentiment = _generate(n_sentiment, random.Random(seed_sentiment), ("sentiment",), seen)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"collect": out_dir / "data.jsonl", "train": out_dir / "train.csv", "eval": out_dir / "eval.csv"}
+    paths = {
+        "collect": out_dir / "data.jsonl",
+        "train": out_dir / "train.csv",
+        "eval": out_dir / "eval.csv",
+        "sentiment": out_dir / "sentiment.csv",
+    }
     records = ({"question": qa.question, "answer": qa.answer, "family": qa.family} for qa in collect)
     write_text_atomic(paths["collect"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _write_csv(paths["train"], train)
     _write_csv(paths["eval"], evaluation)
+    _write_sentiment_csv(paths["sentiment"], sentiment)
     return paths

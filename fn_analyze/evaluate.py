@@ -1,6 +1,7 @@
 """`fn-analyze evaluate`: what switching a mask file's networks off (or keeping only them) does.
 
-On held-out data, answer-token loss (and optionally exact match) at baseline and with:
+On held-out data, answer-token loss (multiple-choice data: also acc and acc_norm; optionally
+exact match and answer containment of greedy generations) at baseline and with:
 the union of the selected networks switched off (mode key), only the union kept (mode
 complement), and each network switched off on its own. Each of these is compared with
 random neuron sets of the same size, drawn two ways (see `neuron_sets`):
@@ -26,10 +27,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fn_analyze.magnitude import magnitude_from_activations, magnitude_from_forward
+from fn_analyze.magnitude import activation_stats, stats_from_forward
 from fn_analyze.neuron_sets import NeuronSet, draw_matched, pairs, set_size, union, without
-from fn_analyze.scoring import Batch, EvalSet, Score, load_eval_set, make_batches, score
+from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
+from shared.ablation import Ablation, check_ablation
 from shared.arch import DownProjection, find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.device import choose_device, choose_dtype
@@ -79,10 +81,16 @@ class EvaluateConfig:
     bin_width: float = 0.1  # width of the magnitude bins, in decades of max |activation| (0.1: a factor 1.26)
     exact_match: bool = False  # greedy generation per condition and draw: several times the cost of the loss
     max_new_tokens: int = 16
+    ablation: str = "zero"  # what every condition and control does to its neurons: zero, mean, scale
+    scale_factor: float | None = None  # with ablation scale (default 2.0)
+    random_fraction: float | None = None  # also: this share of all neurons, drawn uniformly, off (Liu et al.: 0.15)
     dtype: str = "auto"
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        self.scale_factor = check_ablation(self.ablation, self.scale_factor)
+        if self.random_fraction is not None and not 0 < self.random_fraction < 1:
+            raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
         self.mask_file = Path(self.mask_file)
         self.out = Path(self.out) if self.out is not None else Path("runs") / "eval" / f"{self.mask_file.stem}.json"
         if self.activations is not None:
@@ -129,16 +137,20 @@ class Evaluator:
         batches: list[Batch],
         exact_match: bool,
         max_new_tokens: int,
+        ablation: Ablation | None = None,
+        choices: tuple[ChoiceSet, list[Batch]] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.projections, self.mask = model, tokenizer, projections, mask
         self.batches, self.exact_match, self.max_new_tokens = batches, exact_match, max_new_tokens
+        self.ablation, self.choices = ablation or Ablation(), choices
 
     def baseline(self) -> Score:
-        return score(self.model, self.tokenizer, self.batches, self.exact_match, self.max_new_tokens)
+        return score(self.model, self.tokenizer, self.batches, self.exact_match, self.max_new_tokens, self.choices)
 
     def masked(self, neurons: NeuronSet, mode: MaskMode) -> tuple[Score, tuple[int, ...]]:
-        """The score with `neurons` switched off (key) or alone kept (complement), and the layers closed."""
-        layer_masks = build_layer_masks(self.mask, [Network(-1, neurons)], mode)
+        """The score with `neurons` intervened on (key) or alone left as they are (complement),
+        and the layers where every neuron is intervened on."""
+        layer_masks = self.ablation.apply(build_layer_masks(self.mask, [Network(-1, neurons)], mode))
         with masked_down_projections(self.projections, layer_masks):
             return self.baseline(), layer_masks.fully_closed_layers
 
@@ -178,7 +190,15 @@ def _ratio(value: float, control: float, base: float) -> float | None:
     return (value - base) / (control - base) if control - base > 1e-9 else None
 
 
-def _summary(scores: list[Score], overlaps: list[float], loss: float, base: float) -> dict[str, Any]:
+def _accuracy_ratio(value: float, control: float, base: float) -> float | None:
+    """Accuracy lost by the condition over the accuracy the control loses; undefined when it loses none."""
+    return (base - value) / (base - control) if base - control > 1e-9 else None
+
+
+ACCURACY_FIELDS: tuple[str, ...] = ("exact_match", "contains", "accuracy", "accuracy_norm")
+
+
+def _summary(scores: list[Score], overlaps: list[float], result: Score, base: Score) -> dict[str, Any]:
     losses = [s.loss for s in scores]
     mean = float(np.mean(losses))
     summary: dict[str, Any] = {
@@ -186,12 +206,25 @@ def _summary(scores: list[Score], overlaps: list[float], loss: float, base: floa
         "losses": losses,
         "mean": mean,
         "std": float(np.std(losses)),
-        "ratio": _ratio(loss, mean, base),
+        "ratio": _ratio(result.loss, mean, base.loss),
         "overlap": float(np.mean(overlaps)),  # share of the drawn neurons that are the condition's own
     }
-    if scores[0].exact_match is not None:
-        summary["exact_match"] = float(np.mean([s.exact_match for s in scores]))
+    summary.update(_accuracy_means(scores))
+    headline = [s.headline_accuracy for s in scores]
+    if headline[0] is not None:
+        summary["accuracy_std"] = float(np.std(headline))
+        summary["accuracy_ratio"] = _accuracy_ratio(
+            result.headline_accuracy, float(np.mean(headline)), base.headline_accuracy
+        )
     return summary
+
+
+def _accuracy_means(scores: list[Score]) -> dict[str, float]:
+    return {
+        name: float(np.mean([getattr(s, name) for s in scores]))
+        for name in ACCURACY_FIELDS
+        if getattr(scores[0], name) is not None
+    }
 
 
 def _held_out(mask: MaskFile, dataset: str) -> bool | None:
@@ -208,15 +241,23 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     mask = load_mask_file(config.mask_file)
     selected = select_networks(mask, parse_network_ids(config.networks))
     # Read from activations first (before the model loads), else measured on the eval data below.
-    magnitude = None
+    magnitude, means = None, None
     if config.activations is not None:
-        magnitude = magnitude_from_activations(config.activations, mask.model)
+        magnitude, means = activation_stats(config.activations, mask.model, want_means=config.ablation == "mean")
+        assert magnitude is not None
         missing = sorted(set(union(selected)) - set(magnitude.measured_layers()))
         if missing:
             raise UserError(
                 f"activations {config.activations} lack layer {missing[0]}, where the selected networks have "
                 "neurons; give activations of every layer, or leave out --activations to measure magnitudes "
                 "on the eval data"
+            )
+        unmeasured = sorted(set(range(mask.model.n_layers)) - set(magnitude.measured_layers()))
+        if config.ablation == "mean" and unmeasured:
+            raise UserError(
+                f"activations {config.activations} lack layer {unmeasured[0]}, but --ablation mean needs every "
+                "layer's means (keeping only the networks sets every other neuron to its mean); give activations "
+                "of every layer, or leave out --activations to measure the means on the eval data"
             )
     tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"
@@ -241,9 +282,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     check_compatible(mask, model_info(model, config.model, projections))
     batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
     if magnitude is None:
-        magnitude = magnitude_from_forward(
+        magnitude, means = stats_from_forward(
             model.base_model, projections, batches, mask.model.intermediate_size, f"a pass over {config.dataset}"
         )
+    ablation = Ablation(config.ablation, config.scale_factor, means if config.ablation == "mean" else None)
+    choices = None
+    if eval_set.choices is not None:
+        choices = (eval_set.choices, make_batches(eval_set.choices, config.batch_size, tokenizer.pad_token_id))
     top = magnitude.top(config.top_n)
     allowed = np.ones(magnitude.max_abs.shape, dtype=bool)
     if config.exclude_top:
@@ -257,8 +302,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     conditions = _conditions(mask, selected, top, config)
     skipped = [c for c in conditions if not c.neurons]
     conditions = [c for c in conditions if c.neurons]
-    evaluator = Evaluator(model, tokenizer, projections, mask, batches, with_exact_match, config.max_new_tokens)
+    evaluator = Evaluator(
+        model, tokenizer, projections, mask, batches, with_exact_match, config.max_new_tokens, ablation, choices
+    )
     total = 1 + sum(1 + len(CONTROLS) * c.draws for c in conditions)
+    total += config.draws if config.random_fraction is not None else 0
     progress = tqdm(total=total, unit="pass", desc="evaluate")
     base = evaluator.baseline()
     progress.update()
@@ -278,7 +326,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                     overlaps.append(len(pairs(drawn) & own) / len(own))
                     progress.update()
                 if scores:
-                    controls[control] = _summary(scores, overlaps, result.loss, base.loss)
+                    controls[control] = _summary(scores, overlaps, result, base)
             rows.append(
                 {
                     "name": condition.name,
@@ -293,6 +341,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                     "controls": controls,
                 }
             )
+        random_fraction = None
+        if config.random_fraction is not None:
+            random_fraction = _random_fraction(evaluator, config, allowed, magnitude.measured_layers(), base, progress)
     finally:
         progress.close()
 
@@ -313,8 +364,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "bin_width_decades": config.bin_width,
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "ablation": {
+            "mode": ablation.mode,
+            "scale_factor": ablation.scale_factor,
+            "means_source": ablation.means.source if ablation.means is not None else None,
+        },
+        "accuracy_metric": _accuracy_metric(base),
         "baseline": _score_dict(base),
         "conditions": rows,
+        "random_fraction": random_fraction,
         "skipped": [
             {"name": c.name, "mode": c.mode, "reason": f"all its neurons are among the {config.top_n} left out"}
             for c in skipped
@@ -328,10 +386,55 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
+def _random_fraction(
+    evaluator: Evaluator, config: EvaluateConfig, allowed: np.ndarray, layers: list[int], base: Score, progress
+) -> dict[str, Any]:
+    """Liu et al.'s control: `random_fraction` of all (measured, allowed) neurons, drawn uniformly, off."""
+    assert config.random_fraction is not None
+    pool = np.zeros_like(allowed)
+    pool[layers] = allowed[layers]
+    candidates = np.flatnonzero(pool)
+    count = max(1, round(config.random_fraction * len(candidates)))
+    width = allowed.shape[1]
+    scores = []
+    for draw in range(config.draws):
+        rng = np.random.default_rng([config.seed, 1_000_003, draw])  # a stream no condition uses
+        chosen = np.sort(rng.choice(candidates, size=count, replace=False))
+        neurons: NeuronSet = {}
+        for flat in chosen.tolist():
+            neurons.setdefault(flat // width, ())
+            neurons[flat // width] += (flat % width,)
+        scores.append(evaluator.masked(neurons, "key")[0])
+        progress.update()
+    losses = [s.loss for s in scores]
+    summary: dict[str, Any] = {
+        "fraction": config.random_fraction,
+        "neurons": count,
+        "mode": "key",
+        "draws": len(scores),
+        "losses": losses,
+        "mean": float(np.mean(losses)),
+        "std": float(np.std(losses)),
+    }
+    summary.update(_accuracy_means(scores))
+    headline = [s.headline_accuracy for s in scores]
+    if headline[0] is not None:
+        summary["accuracy_std"] = float(np.std(headline))
+    return summary
+
+
+def _accuracy_metric(base: Score) -> str | None:
+    """Which accuracy the accuracy ratios are of: acc (multiple choice), contains (generation), or none."""
+    if base.accuracy is not None:
+        return "accuracy"
+    return "contains" if base.contains is not None else None
+
+
 def _score_dict(result: Score) -> dict[str, Any]:
     scored: dict[str, Any] = {"loss": result.loss, "perplexity": result.perplexity}
-    if result.exact_match is not None:
-        scored["exact_match"] = result.exact_match
+    for name in ACCURACY_FIELDS:
+        if getattr(result, name) is not None:
+            scored[name] = getattr(result, name)
     return scored
 
 
@@ -343,6 +446,7 @@ def _dataset_dict(eval_set: EvalSet, held_out: bool | None) -> dict[str, Any]:
         "template": eval_set.template,
         "rows": len(eval_set.rows),
         "answer_tokens": eval_set.n_answer_tokens,
+        "choice_records": eval_set.choices.n_records if eval_set.choices is not None else 0,
         "held_out": held_out,
     }
 
@@ -356,16 +460,35 @@ def _fmt_control(control: dict[str, Any] | None) -> tuple[str, str]:
     return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})", ratio
 
 
+def _fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The printed report; every figure in it is a field of `results`."""
     data, base, magnitude = results["dataset"], results["baseline"], results["magnitude"]
     em = "exact_match" in base
+    metric = results.get("accuracy_metric")  # accuracy (multiple choice), contains (generation) or None
     top = f"top{magnitude['top_n']}"
+    ablation = results.get("ablation", {"mode": "zero"})
+    how = {
+        "zero": "switched off (zeroed)",
+        "mean": f"set to their mean activation (means from {ablation.get('means_source')})",
+        "scale": f"scaled by {ablation.get('scale_factor')}",
+    }[ablation["mode"]]
+    accuracy_text = ""
+    if "accuracy" in base:
+        accuracy_text = (
+            f", accuracy {base['accuracy']:.3f} (acc_norm {base['accuracy_norm']:.3f}; "
+            f"{data['choice_records']} multiple-choice records)"
+        )
     lines = [
         f"answer-token loss of {results['model']} on {data['source']} ({data['split']}, {data['rows']} rows, "
         f"{data['answer_tokens']} answer tokens)",
         f"baseline: loss {base['loss']:.3f}, perplexity {base['perplexity']:.2f}"
-        + (f", exact match {base['exact_match']:.3f}" if em else ""),
+        + (f", exact match {base['exact_match']:.3f}, answer contained {base['contains']:.3f}" if em else "")
+        + accuracy_text,
+        f"ablation: the neurons of each condition and random set are {how}",
         f"magnitude: {magnitude['statistic']} from {magnitude['source']}; the {magnitude['top_n']} largest range "
         f"{magnitude['top_smallest']:.1f} to {magnitude['top_largest']:.1f}"
         + (" and are left out of every set" if magnitude["excluded"] else ""),
@@ -373,19 +496,35 @@ def format_table(results: dict[str, Any]) -> str:
         "per layer, magnitude-matched ones the same count per layer and magnitude bin (shared: share of them "
         "that is the condition's own neurons)",
     ]
+    if metric is not None:
+        name = "acc (log-likelihood of each choice)" if metric == "accuracy" else "answer contained in the generation"
+        lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
     if data["held_out"] is False:
         lines.append("warning: this is the data the networks were found on, not held-out data")
     lines.append("")
+    acc_head = f" {'acc':>5}" if metric else ""
+    control_acc_head = f" {'acc':>5} {'drop':>7}" if metric else ""
     header = (
         f"{'condition':<24} {'mode':<10} {'neurons':>7} {top:>6} {'loss':>7}"
         + (f" {'EM':>5}" if em else "")
+        + acc_head
         + f" | {'layer-matched':<22} {'ratio':>7}"
         + (f" {'EM':>5}" if em else "")
+        + control_acc_head
         + f" | {'magnitude-matched':<22} {'ratio':>7} {'shared':>6}"
         + (f" {'EM':>5}" if em else "")
+        + control_acc_head
     )
     lines.append(header)
     lines.append("-" * len(header))
+
+    def control_accuracy(control: dict[str, Any] | None) -> str:
+        if not metric:
+            return ""
+        if control is None:
+            return f" {'-':>5} {'-':>7}"
+        return f" {control[metric]:>5.3f} {_fmt_ratio(control.get('accuracy_ratio')):>7}"
+
     for row in results["conditions"]:
         layer, mag = row["controls"].get("layer_matched"), row["controls"].get("magnitude_matched")
         layer_text, layer_ratio = _fmt_control(layer)
@@ -396,16 +535,75 @@ def format_table(results: dict[str, Any]) -> str:
         )
         if em:
             line += f" {row['exact_match']:>5.3f}"
+        if metric:
+            line += f" {row[metric]:>5.3f}"
         line += f" | {layer_text:<22} {layer_ratio:>7}"
         if em:
             line += f" {layer['exact_match']:>5.3f}" if layer else f" {'-':>5}"
+        line += control_accuracy(layer)
         line += f" | {mag_text:<22} {mag_ratio:>7} " + (f"{100 * mag['overlap']:>5.0f}%" if mag else f"{'-':>6}")
         if em:
             line += f" {mag['exact_match']:>5.3f}" if mag else f" {'-':>5}"
+        line += control_accuracy(mag)
         lines.append(line)
     for row in results["skipped"]:
         lines.append(f"{row['name']:<24} {row['mode']:<10} skipped: {row['reason']}")
     closed = next((row["closed_layers"] for row in results["conditions"] if row["closed_layers"]), None)
     if closed:
-        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; their MLP is off")
+        effect = {"zero": "their MLP is off", "mean": "all their neurons are at their means"}.get(
+            ablation["mode"], "all their neurons are scaled"
+        )
+        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; {effect}")
+    random = results.get("random_fraction")
+    if random is not None:
+        lines.append(
+            f"random {100 * random['fraction']:.0f}% of all neurons ({random['neurons']}) masked: loss "
+            f"{random['mean']:.3f} ± {random['std']:.3f} ({random['draws']})"
+            + (f", {metric} {random[metric]:.3f}" if metric else "")
+        )
+    if metric:
+        lines += ["", *_accuracy_table(results, metric)]
     return "\n".join(lines)
+
+
+def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
+    """Liu et al.'s SST-2 table: accuracy at baseline, with the networks masked, with random
+    neurons masked, and with only the networks kept."""
+    base = results["baseline"]
+    norm = "accuracy_norm" in base
+    header = f"{'accuracy (as Liu et al.’s SST-2 table)':<46} {'neurons':>7} {metric[:8]:>8}" + (
+        f" {'acc_norm':>8}" if norm else ""
+    )
+    lines = [header, "-" * len(header)]
+
+    def line(label: str, neurons: Any, scored: dict[str, Any], spread: str = "") -> str:
+        text = f"{label:<46} {neurons!s:>7} {scored[metric]:>8.3f}" + (
+            f" {scored['accuracy_norm']:>8.3f}" if norm else ""
+        )
+        return text + spread
+
+    lines.append(line("baseline (nothing masked)", 0, base))
+    unions = {row["mode"]: row for row in results["conditions"] if row["kind"] == "union"}
+    if "key" in unions:
+        row = unions["key"]
+        lines.append(line(f"{row['name']} masked", row["neurons"], row))
+        for control, label in (("layer_matched", "layer-matched"), ("magnitude_matched", "magnitude-matched")):
+            if control in row["controls"]:
+                summary = row["controls"][control]
+                lines.append(line(f"  random, {label}, masked (mean of {summary['draws']})", row["neurons"], summary))
+    random = results.get("random_fraction")
+    if random is not None:
+        lines.append(
+            line(
+                f"random {100 * random['fraction']:.0f}% of neurons masked (mean of {random['draws']})",
+                random["neurons"],
+                random,
+            )
+        )
+    if "complement" in unions:
+        row = unions["complement"]
+        lines.append(line(f"{row['name']} kept, all else masked", row["neurons"], row))
+        if "layer_matched" in row["controls"]:
+            summary = row["controls"]["layer_matched"]
+            lines.append(line(f"  random, layer-matched, kept (mean of {summary['draws']})", row["neurons"], summary))
+    return lines

@@ -1,10 +1,11 @@
-"""Per-neuron activation magnitude (max |activation| over tokens), for magnitude-matched controls.
+"""Per-neuron activation statistics: magnitude (max |activation| over tokens), for
+magnitude-matched controls, and mean, for mean ablation (`shared.ablation`).
 
 A few MLP neurons carry "massive activations" (max |activation| in the thousands where
 most stay below ten); switching one off can hurt a model whatever network it is in.
-The magnitude comes from an activations folder (one streamed pass over its shards,
-cached by manifest digest so it is read once) or from a forward pass over the
-evaluation data.
+Both statistics come from an activations folder (one streamed pass over its shards that
+keeps per-neuron maxima and float64 sums, never the matrix; cached by manifest digest so
+it is read once) or from a forward pass over data.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from fn_analyze.activations import open_activations
+from shared.ablation import NeuronMeans
 from shared.arch import DownProjection
 from shared.constants import MANIFEST_NAME
 from shared.digests import file_digest
@@ -58,6 +60,20 @@ class NeuronMagnitude:
 
 def magnitude_from_activations(folder: Path, model: ModelInfo) -> NeuronMagnitude:
     """Max |activation| per neuron over an activations folder recorded on `model`; cached."""
+    return activation_stats(folder, model, want_means=False)[0]
+
+
+def means_from_activations(folder: Path, model: ModelInfo) -> NeuronMeans:
+    """Mean activation per neuron over an activations folder recorded on `model`; cached."""
+    means = activation_stats(folder, model, want_magnitude=False)[1]
+    assert means is not None
+    return means
+
+
+def activation_stats(
+    folder: Path, model: ModelInfo, want_magnitude: bool = True, want_means: bool = True
+) -> tuple[NeuronMagnitude | None, NeuronMeans | None]:
+    """The statistics asked for, from the cache or from one streamed pass over the shards."""
     acts = open_activations(folder)
     if acts.model.fingerprint != model.fingerprint:
         raise UserError(
@@ -65,18 +81,30 @@ def magnitude_from_activations(folder: Path, model: ModelInfo) -> NeuronMagnitud
             f"not on {model.name!r} ({model.fingerprint}); give activations of the mask file's model"
         )
     digest = file_digest(acts.folder / MANIFEST_NAME).split(":", 1)[1]
-    cached = cache_dir() / "magnitudes" / f"{digest}.npy"
+    cached = {"max_abs": cache_dir() / "magnitudes" / f"{digest}.npy", "mean": cache_dir() / "means" / f"{digest}.npy"}
+    wanted = [name for name, want in (("max_abs", want_magnitude), ("mean", want_means)) if want]
+    found = {name: np.load(cached[name]) for name in wanted if cached[name].is_file()}
+    for name in found:
+        log.info("neuron %s from cache %s", name, cached[name])
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        peak = np.zeros(acts.n_neurons, dtype=np.float32)
+        total = np.zeros(acts.n_neurons, dtype=np.float64)
+        for block in acts.blocks(BLOCK_ROWS):
+            if "max_abs" in missing:
+                np.maximum(peak, np.abs(block).max(axis=0), out=peak)
+            if "mean" in missing:
+                total += block.sum(axis=0, dtype=np.float64)
+        for name, flat in (("max_abs", peak), ("mean", total / max(acts.n_tokens, 1))):
+            if name in missing:
+                full = np.full((model.n_layers, model.intermediate_size), np.nan)
+                full[acts.layers] = flat.reshape(len(acts.layers), acts.intermediate_size)
+                _save_npy(cached[name], full)
+                found[name] = full
     source = f"activations {folder} ({acts.n_tokens} tokens)"
-    if cached.is_file():
-        log.info("neuron magnitudes from cache %s", cached)
-        return NeuronMagnitude(np.load(cached), source, acts.n_tokens)
-    peak = np.zeros(acts.n_neurons, dtype=np.float32)
-    for block in acts.blocks(BLOCK_ROWS):
-        np.maximum(peak, np.abs(block).max(axis=0), out=peak)
-    max_abs = np.full((model.n_layers, model.intermediate_size), np.nan)
-    max_abs[acts.layers] = peak.reshape(len(acts.layers), acts.intermediate_size)
-    _save_npy(cached, max_abs)
-    return NeuronMagnitude(max_abs, source, acts.n_tokens)
+    magnitude = NeuronMagnitude(found["max_abs"], source, acts.n_tokens) if want_magnitude else None
+    means = NeuronMeans(found["mean"].astype(np.float32), source, acts.n_tokens) if want_means else None
+    return magnitude, means
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -96,15 +124,63 @@ def magnitude_from_forward(
     backbone: nn.Module, projections: list[DownProjection], batches, intermediate_size: int, source: str
 ) -> NeuronMagnitude:
     """Max |activation| per neuron over the real tokens of `batches` (input_ids, attention_mask)."""
+    return stats_from_forward(backbone, projections, batches, intermediate_size, source)[0]
+
+
+def stats_from_forward(
+    backbone: nn.Module, projections: list[DownProjection], batches, intermediate_size: int, source: str
+) -> tuple[NeuronMagnitude, NeuronMeans]:
+    """Max |activation| and mean activation per neuron over the real tokens of `batches`
+    (anything with input_ids and attention_mask), in one pass."""
     device = next(backbone.parameters()).device
     peak = torch.zeros(len(projections), intermediate_size, dtype=torch.float64)
+    total = torch.zeros(len(projections), intermediate_size, dtype=torch.float64)
     n_tokens = 0
     with captured_down_proj_inputs(projections) as store, torch.inference_mode():
         for batch in batches:
             real = batch.attention_mask.bool().to(device)
             backbone(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
             for p in projections:
-                peak[p.layer] = torch.maximum(peak[p.layer], store[p.layer][real].abs().amax(dim=0).double().cpu())
+                rows = store[p.layer][real]
+                peak[p.layer] = torch.maximum(peak[p.layer], rows.abs().amax(dim=0).double().cpu())
+                total[p.layer] += rows.double().sum(dim=0).cpu()
             store.clear()
             n_tokens += int(real.sum())
-    return NeuronMagnitude(peak.numpy(), f"{source} ({n_tokens} tokens)", n_tokens)
+    described = f"{source} ({n_tokens} tokens)"
+    means = (total / max(n_tokens, 1)).numpy().astype(np.float32)
+    return NeuronMagnitude(peak.numpy(), described, n_tokens), NeuronMeans(means, described, n_tokens)
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def means_from_sequences(
+    model: nn.Module,
+    projections: list[DownProjection],
+    sequences: list[list[int]],
+    intermediate_size: int,
+    source: str,
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> NeuronMeans:
+    """Mean activation per neuron over token-id sequences (e.g. the tokenized training rows),
+    right-padded into batches; the model runs in eval mode (no dropout) and is put back."""
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        batches.append(TokenBatch(ids, mask))
+    was_training = model.training
+    model.eval()
+    try:
+        return stats_from_forward(model, projections, batches, intermediate_size, source)[1]
+    finally:
+        model.train(was_training)

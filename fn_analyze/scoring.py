@@ -1,10 +1,17 @@
-"""Answer-token loss and exact match of a causal LM on held-out data, rendered as training renders it.
+"""Answer-token loss, multiple-choice accuracy and generation scores of a causal LM on
+held-out data, rendered as training renders it.
 
 Each record is rendered with `shared.data` exactly as `fn-train` and `fn-analyze collect`
 render it (chat template for an instruct model); the loss is the mean negative
 log-likelihood of the answer tokens (what TRL's completion-only loss trains on, EOS
 included for string templates), so an evaluation measures the signal a mask is applied to.
 Plain-text records have no answer: the loss is then on all their tokens.
+
+Multiple-choice records (question, choices, answer) are also scored as lm-evaluation-harness
+scores them: the summed log-probability of each choice as the continuation of the rendered
+prompt; `acc` is the share of records whose best choice is the right one, `acc_norm` the
+same with each sum divided by the choice's length in characters. Short answers can be
+scored by greedy generation: exact match, and whether the answer is contained in it.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import inspect
 import math
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +48,21 @@ class EvalRow:
 
 
 @dataclass(frozen=True)
+class ChoiceSet:
+    """Multiple-choice records as one row per (record, choice): the rendered prompt followed by
+    the choice's text; each row's "answer" tokens are the choice's."""
+
+    rows: tuple[EvalRow, ...]
+    record: tuple[int, ...]  # the record of each row
+    chars: tuple[int, ...]  # the character length of each row's choice (acc_norm divides by it)
+    gold: tuple[int, ...]  # per record: the row index (within the record) of the right choice
+
+    @property
+    def n_records(self) -> int:
+        return len(self.gold)
+
+
+@dataclass(frozen=True)
 class EvalSet:
     rows: tuple[EvalRow, ...]
     source: str
@@ -47,6 +70,7 @@ class EvalSet:
     data_format: str
     template: str
     n_records: int  # records read (rows whose answer was truncated away are left out)
+    choices: ChoiceSet | None = None  # multiple-choice data: the records' choices, for accuracy
 
     @property
     def n_answer_tokens(self) -> int:
@@ -61,6 +85,14 @@ class EvalSet:
 class Score:
     loss: float  # mean negative log-likelihood per answer token
     exact_match: float | None  # share of rows whose greedy answer equals the reference (normalized)
+    contains: float | None = None  # share of rows whose greedy generation contains the reference (normalized)
+    accuracy: float | None = None  # multiple choice: share of records whose most likely choice is right (acc)
+    accuracy_norm: float | None = None  # the same with log-likelihoods per character of the choice (acc_norm)
+
+    @property
+    def headline_accuracy(self) -> float | None:
+        """The accuracy the ratios are taken of: acc for multiple choice, else contains."""
+        return self.accuracy if self.accuracy is not None else self.contains
 
     @property
     def perplexity(self) -> float:
@@ -90,6 +122,10 @@ def load_eval_set(
     if limit is not None:
         records = records.select(range(min(limit, len(records))))
     rows = []
+    choice_rows: list[EvalRow] = []
+    choice_record: list[int] = []
+    choice_chars: list[int] = []
+    gold: list[int] = []
     for record in records:
         example = to_example(record, fmt)
         text = render_text(example, template, tokenizer)
@@ -97,15 +133,42 @@ def load_eval_set(
             text += tokenizer.eos_token or ""  # TRL appends EOS to a string completion and learns it
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         prompt = render_prompt(example, template, tokenizer)
-        n_prompt = _common_prefix(tokenizer(prompt)["input_ids"], ids) if prompt else 0
-        if len(ids) > max(n_prompt, 1):  # at least one answer token left after truncation
-            rows.append(EvalRow(tuple(ids), n_prompt, example.answer if example.text is None else None))
+        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
+        n_prompt = _common_prefix(prompt_ids, ids) if prompt else 0
+        if len(ids) <= max(n_prompt, 1):  # no answer token left after truncation
+            continue
+        rows.append(EvalRow(tuple(ids), n_prompt, example.answer if example.text is None else None))
+        if example.choices is not None:
+            scored = _choice_rows(example.choices, prompt, prompt_ids, tokenizer, max_length)
+            if scored is not None:
+                choice_rows.extend(scored)
+                choice_record.extend([len(gold)] * len(scored))
+                choice_chars.extend(len(choice) for choice in example.choices)
+                gold.append(int(example.gold or 0))
     if not rows:
         raise UserError(
             f"dataset {source} (split {split}) gave no record with an answer token within --max-length {max_length}; "
             "raise --max-length or check the data"
         )
-    return EvalSet(tuple(rows), source, split, fmt.value, template, len(records))
+    choices = None
+    if choice_rows:
+        choices = ChoiceSet(tuple(choice_rows), tuple(choice_record), tuple(choice_chars), tuple(gold))
+    return EvalSet(tuple(rows), source, split, fmt.value, template, len(records), choices)
+
+
+def _choice_rows(
+    choices: tuple[str, ...], prompt: str, prompt_ids: list[int], tokenizer, max_length: int
+) -> list[EvalRow] | None:
+    """One row per choice: the prompt (up to the assistant's turn) and the choice's text as its
+    continuation (no end of turn, as lm-evaluation-harness). None when a choice does not fit."""
+    rows = []
+    for choice in choices:
+        ids = tokenizer(prompt + choice)["input_ids"]
+        n_context = _common_prefix(prompt_ids, ids)
+        if len(ids) > max_length or len(ids) <= max(n_context, 1):
+            return None
+        rows.append(EvalRow(tuple(ids), n_context, choice))
+    return rows
 
 
 def _common_prefix(prompt_ids: list[int], ids: list[int]) -> int:
@@ -127,6 +190,7 @@ class Batch:
     shared_prefix: int  # leading tokens every row of the evaluation set starts with, before any label
     prompts: list[tuple[int, ...]]  # for generation
     answers: list[str | None]
+    index: tuple[int, ...] = ()  # each row's position in the rows the batches were made of
 
 
 def shared_prefix_length(rows: tuple[EvalRow, ...]) -> int:
@@ -138,13 +202,14 @@ def shared_prefix_length(rows: tuple[EvalRow, ...]) -> int:
     return max(length, 0)
 
 
-def make_batches(eval_set: EvalSet, batch_size: int, pad_id: int) -> list[Batch]:
+def make_batches(eval_set: EvalSet | ChoiceSet, batch_size: int, pad_id: int) -> list[Batch]:
     """Rows sorted by length (less padding), right-padded so every token keeps its position."""
-    order = sorted(range(len(eval_set.rows)), key=lambda i: len(eval_set.rows[i].input_ids))
-    prefix = shared_prefix_length(eval_set.rows)
+    all_rows = eval_set.rows
+    order = sorted(range(len(all_rows)), key=lambda i: len(all_rows[i].input_ids))
+    prefix = shared_prefix_length(all_rows)
     batches = []
     for start in range(0, len(order), batch_size):
-        rows = [eval_set.rows[i] for i in order[start : start + batch_size]]
+        rows = [all_rows[i] for i in order[start : start + batch_size]]
         width = max(len(row.input_ids) for row in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -164,6 +229,7 @@ def make_batches(eval_set: EvalSet, batch_size: int, pad_id: int) -> list[Batch]
                 prefix,
                 [row.input_ids[: row.n_prompt] for row in rows],
                 [row.answer for row in rows],
+                tuple(order[start : start + batch_size]),
             )
         )
     return batches
@@ -175,8 +241,9 @@ def _forward_parameter(model: nn.Module, *names: str) -> str | None:
     return next((name for name in names if name in parameters), None)
 
 
-def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
-    """Mean negative log-likelihood per answer token, over all batches (token-weighted).
+def _answer_logits(model: nn.Module, batches: list[Batch]) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
+    """(batch, logits, targets) per batch: the logits that predict each label position, and the
+    labels (-100 outside the answers).
 
     The prefix every row shares (a chat template's system prompt: half the tokens of short
     records) is run once per call, under whatever mask is in place, and its key/value cache
@@ -186,7 +253,6 @@ def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
     keep = _forward_parameter(model, "logits_to_keep")
     cache_name = _forward_parameter(model, "cache", "past_key_values")
     prefix = batches[0].shared_prefix if cache_name else 0
-    total, count = 0.0, 0
     with torch.inference_mode():
         if prefix:
             out = model(input_ids=batches[0].input_ids[:1, :prefix].to(device), use_cache=True)
@@ -206,10 +272,46 @@ def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
                 attention_mask=batch.attention_mask.to(device),
                 **kwargs,
             ).logits[:, -n_keep:-1]
-            targets = batch.labels[:, width - n_keep + 1 :].to(device)
-            total += float(F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
-            count += int((targets != -100).sum())
+            yield batch, logits, batch.labels[:, width - n_keep + 1 :].to(device)
+
+
+def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
+    """Mean negative log-likelihood per answer token, over all batches (token-weighted)."""
+    total, count = 0.0, 0
+    for _batch, logits, targets in _answer_logits(model, batches):
+        total += float(F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
+        count += int((targets != -100).sum())
     return total / count
+
+
+def answer_logprobs(model: nn.Module, batches: list[Batch]) -> dict[int, float]:
+    """Summed log-probability of each row's answer tokens, by the row's index (`Batch.index`)."""
+    sums: dict[int, float] = {}
+    for batch, logits, targets in _answer_logits(model, batches):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        answer = targets != -100
+        picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        per_row = torch.where(answer, picked, torch.zeros_like(picked)).double().sum(dim=1)
+        for index, value in zip(batch.index, per_row.tolist(), strict=True):
+            sums[index] = value
+    return sums
+
+
+def choice_accuracy(model: nn.Module, choices: ChoiceSet, batches: list[Batch]) -> tuple[float, float]:
+    """(acc, acc_norm) over the multiple-choice records, as lm-evaluation-harness computes them:
+    the right choice has the highest summed log-probability (acc), or the highest per character
+    of the choice (acc_norm); ties go to the first choice."""
+    logprobs = answer_logprobs(model, batches)
+    per_record: list[list[int]] = [[] for _ in choices.gold]
+    for row, record in enumerate(choices.record):
+        per_record[record].append(row)
+    hits = hits_norm = 0
+    for record, rows in enumerate(per_record):
+        scores = [logprobs[row] for row in rows]
+        normed = [logprobs[row] / max(choices.chars[row], 1) for row in rows]
+        hits += int(max(range(len(rows)), key=lambda i: (scores[i], -i)) == choices.gold[record])
+        hits_norm += int(max(range(len(rows)), key=lambda i: (normed[i], -i)) == choices.gold[record])
+    return hits / len(per_record), hits_norm / len(per_record)
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -221,11 +323,22 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
 
 
+def answer_contained(generated: str, answer: str) -> bool:
+    """Whether the normalized answer occurs in the normalized generation as whole words."""
+    wanted = normalize_answer(answer)
+    return bool(wanted) and f" {wanted} " in f" {normalize_answer(generated)} "
+
+
 def exact_match(model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int) -> float:
     """Share of rows whose greedy answer (at most `max_new_tokens`) equals the reference, normalized."""
+    return generation_scores(model, tokenizer, batches, max_new_tokens)[0]
+
+
+def generation_scores(model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int) -> tuple[float, float]:
+    """(exact match, answer contained) of the greedy answers (at most `max_new_tokens`), normalized."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    hits, count = 0, 0
+    hits, contained, count = 0, 0, 0
     with torch.inference_mode():
         for batch in batches:
             width = max(len(p) for p in batch.prompts)
@@ -246,10 +359,25 @@ def exact_match(model: nn.Module, tokenizer, batches: list[Batch], max_new_token
             for generated, answer in zip(out[:, width:], batch.answers, strict=True):
                 text = tokenizer.decode(generated, skip_special_tokens=True)
                 hits += int(normalize_answer(text) == normalize_answer(answer or ""))
+                contained += int(answer_contained(text, answer or ""))
                 count += 1
-    return hits / count
+    return hits / count, contained / count
 
 
-def score(model: nn.Module, tokenizer, batches: list[Batch], with_exact_match: bool, max_new_tokens: int) -> Score:
+def score(
+    model: nn.Module,
+    tokenizer,
+    batches: list[Batch],
+    with_exact_match: bool,
+    max_new_tokens: int,
+    choices: tuple[ChoiceSet, list[Batch]] | None = None,
+) -> Score:
+    """The answer loss; greedy exact match and containment when asked; acc and acc_norm
+    when `choices` (the choice set and its batches) are given."""
     loss = answer_loss(model, batches)
-    return Score(loss, exact_match(model, tokenizer, batches, max_new_tokens) if with_exact_match else None)
+    em = contains = acc = acc_norm = None
+    if with_exact_match:
+        em, contains = generation_scores(model, tokenizer, batches, max_new_tokens)
+    if choices is not None:
+        acc, acc_norm = choice_accuracy(model, *choices)
+    return Score(loss, em, contains, acc, acc_norm)

@@ -97,7 +97,7 @@ def run(
         str, flag("model_name_or_path", "HF name, local path, or the embedded model.")
     ] = EMBEDDED_MODEL_NAME,
     data_format: Annotated[
-        str, flag("data_format", "auto|qa|alpaca|prompt_completion|prompt_response|messages|text")
+        str, flag("data_format", "auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text")
     ] = "auto",
     template_format: Annotated[str, flag("template_format", "auto|chat|alpaca|plain")] = "auto",
     completion_only_loss: Annotated[
@@ -144,6 +144,16 @@ def run(
         Optional[str], flag("mask_mode", "key: switch the networks off; complement: keep only them.")
     ] = None,
     networks: Annotated[Optional[str], flag("networks", "Network ids, e.g. 0,3,5-7 (default all).")] = None,
+    ablation: Annotated[
+        str, flag("ablation", "What the mask does to its neurons: zero, mean (their mean activation), scale.")
+    ] = "zero",
+    scale_factor: Annotated[
+        Optional[float], flag("scale_factor", "With --ablation scale: the factor (default 2.0).")
+    ] = None,
+    means_from: Annotated[
+        Optional[Path],
+        flag("means_from", "With --ablation mean: activations folder of the means (default: the training data)."),
+    ] = None,
     ica_on_the_fly: Annotated[
         bool,
         switch(
@@ -153,7 +163,10 @@ def run(
     ica_components: Annotated[int, flag("ica_components", "ICA components for --ica-on-the-fly.")] = 20,
     ica_max_tokens: Annotated[int, flag("ica_max_tokens", "Training tokens --ica-on-the-fly records.")] = 20000,
     bake_mask: Annotated[
-        bool, switch("bake_mask", "no_bake_mask", "Save masked neurons' down-projection weights as zeros.")
+        bool,
+        switch(
+            "bake_mask", "no_bake_mask", "Write the mask into the saved weights (zero/scaled columns; means as bias)."
+        ),
     ] = False,
     resume_from_checkpoint: Annotated[
         Optional[str], flag("resume_from_checkpoint", "A checkpoint folder, or last; its mask must be this run's.")

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.ablation import check_ablation
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import UserError
 from shared.masks import MASK_MODES
@@ -47,6 +48,11 @@ class TrainConfig:
     mask_file: Path | None = None
     mask_mode: str | None = None  # key (default with a mask) or complement
     networks: str | None = None  # e.g. "0,3,5-7"; default every network of the file
+    ablation: str = "zero"  # what the mask does to its neurons: zero, mean (their mean activation), scale
+    scale_factor: float | None = None  # with --ablation scale (default 2.0: amplify)
+    # With --ablation mean: an activations folder of the model to take the means from; default: a pass of the
+    # base model over the first MEANS_MAX_TOKENS tokens of the training data, as training renders it.
+    means_from: Path | None = None
     ica_on_the_fly: bool = False  # compute the mask from the training data first (fn-analyze collect + ica)
     ica_components: int = 20
     ica_max_tokens: int = 20000  # tokens of training data the on-the-fly ICA sees
@@ -88,11 +94,21 @@ class TrainConfig:
                 ("--mask-mode", self.mask_mode is not None),
                 ("--networks", self.networks is not None),
                 ("--bake-mask", self.bake_mask),
+                ("--ablation", self.ablation != "zero"),
+                ("--scale-factor", self.scale_factor is not None),
+                ("--means-from", self.means_from is not None),
             ):
                 if given:
                     raise UserError(f"{flag} given without --mask-file; add --mask-file or drop {flag}")
         if self.mask_mode is not None and self.mask_mode not in MASK_MODES:
             raise UserError(f"--mask-mode {self.mask_mode!r} is unknown; use key or complement")
+        self.scale_factor = check_ablation(self.ablation, self.scale_factor)
+        if self.means_from is not None:
+            self.means_from = Path(self.means_from)
+            if self.ablation != "mean":
+                raise UserError(
+                    f"--means-from is given but --ablation is {self.ablation}; add --ablation mean or drop --means-from"
+                )
         if self.bake_mask and self.use_peft and not self.merge_adapter:
             raise UserError(
                 "--bake-mask writes full weights, but LoRA saves an adapter; add --merge_adapter or use --no_peft"

@@ -5,7 +5,8 @@ with the run's mask re-applied for the block.
         logits = model(**batch).logits
 
 A run saved with --bake-mask needs no hook (its weights hold the mask); one saved without
-it gets the mask hooks from its `fn_mask.json`, removed when the block ends.
+it gets the mask hooks from its `fn_mask.json` (mode, networks, and ablation: zero, the
+recorded means, or the scale factor), removed when the block ends.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 from torch import nn
 
 from fn_train.run_mask import run_mask_from_record
+from shared.arch import find_down_projections
 from shared.constants import RUN_MASK_NAME
-from shared.hooks import apply_mask
-from shared.models import load_causal_lm
+from shared.hooks import masked_down_projections
+from shared.masks import check_compatible
+from shared.models import load_causal_lm, model_info
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 
@@ -54,5 +57,7 @@ def load_masked_model(
         yield model
         return
     run_mask = run_mask_from_record(record, str(record_path))
-    with apply_mask(model, run_mask.mask, run_mask.mode, run_mask.networks):
+    projections = find_down_projections(model)
+    check_compatible(run_mask.mask, model_info(model, str(output_dir), projections), where=str(record_path))
+    with masked_down_projections(projections, run_mask.layer_masks):
         yield model

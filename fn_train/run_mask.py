@@ -4,12 +4,13 @@ the check that refuses to resume a checkpoint made with another mask."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from shared.ablation import Ablation, ablation_digest_payload, ablation_from_record, ablation_record
 from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME
 from shared.digests import bytes_digest
 from shared.errors import UserError
@@ -25,7 +26,13 @@ class RunMask:
     source: Path  # the mask file it came from
     mode: MaskMode
     networks: list[int] | None  # None: every network of the file
-    layer_masks: LayerMasks
+    layer_masks: LayerMasks  # with the ablation applied (zero, mean or scale)
+    means_source: str | None = None  # with mean ablation: where the means were measured
+
+    def with_ablation(self, ablation: Ablation) -> RunMask:
+        """The same neurons, intervened on by `ablation`."""
+        source = ablation.means.source if ablation.means is not None else None
+        return replace(self, layer_masks=ablation.apply(self.layer_masks), means_source=source)
 
     @property
     def digest(self) -> str:
@@ -36,15 +43,22 @@ class RunMask:
             for layer, vector in sorted(self.layer_masks.vectors.items())
         }
         payload = {"fingerprint": self.mask.model.fingerprint, "mode": self.mode, "switched_off": closed}
+        payload.update(ablation_digest_payload(self.layer_masks))  # nothing for zero: older digests still match
         return bytes_digest(json.dumps(payload, sort_keys=True).encode())
 
     def label(self) -> str:
-        return _label(self.source, self.mode, self.networks)
+        return _label(self.source, self.mode, self.networks, self.layer_masks.ablation, self.layer_masks.scale_factor)
 
     def describe(self) -> str:
         closed = self.layer_masks.fully_closed_layers
-        return f"{self.label()}: {self.layer_masks.masked_neurons} neurons switched off" + (
-            f"; layers {','.join(map(str, closed))} have no selected neuron and their MLP is off" if closed else ""
+        ablation = self.layer_masks.ablation
+        if ablation == "scale":
+            done = f"scaled by {self.layer_masks.scale_factor:g}"
+        else:
+            done = f"set to their mean (from {self.means_source})" if ablation == "mean" else "switched off"
+        whole = {"zero": "their MLP is off", "mean": "their MLP output is constant"}.get(ablation, "all scaled")
+        return f"{self.label()}: {self.layer_masks.masked_neurons} neurons {done}" + (
+            f"; layers {','.join(map(str, closed))} have no selected neuron and {whole}" if closed else ""
         )
 
     def record(self, baked: bool = False) -> dict[str, Any]:
@@ -58,27 +72,40 @@ class RunMask:
             "baked": baked,  # True: the saved weights already hold the mask; no hook is needed
             "mask_file": str(self.source),
             "mask": self.mask.to_dict(),
+            # zero | mean | scale, and what it needs to be reproduced: the factor, or every masked neuron's mean
+            **ablation_record(self.layer_masks, self.means_source),
         }
 
 
-def _label(source: Any, mode: Any, networks: list[int] | None) -> str:
+def _label(source: Any, mode: Any, networks: list[int] | None, ablation: Any = "zero", scale_factor: Any = None) -> str:
     ids = "all" if networks is None else ",".join(map(str, networks))
-    return f"mask {source} ({mode}, networks {ids})"
+    how = (
+        ""
+        if ablation in (None, "zero")
+        else f", ablation {ablation}"
+        + (f" x{scale_factor:g}" if ablation == "scale" and isinstance(scale_factor, (int, float)) else "")
+    )
+    return f"mask {source} ({mode}{how}, networks {ids})"
 
 
-def resolve_run_mask(source: Path, mode: MaskMode, networks: list[int] | None) -> RunMask:
-    """Load and validate the mask file and the selection; no model needed."""
+def resolve_run_mask(
+    source: Path, mode: MaskMode, networks: list[int] | None, ablation: Ablation | None = None
+) -> RunMask:
+    """Load and validate the mask file and the selection; no model needed. A mean ablation
+    is added later (`with_ablation`), once its means are measured."""
     mask = load_mask_file(source)
     layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
-    return RunMask(mask, source, mode, networks, layer_masks)
+    run_mask = RunMask(mask, source, mode, networks, layer_masks)
+    return run_mask.with_ablation(ablation) if ablation is not None else run_mask
 
 
 def run_mask_from_record(record: dict[str, Any], where: str) -> RunMask:
-    """The RunMask a saved `fn_mask.json` describes."""
+    """The RunMask a saved `fn_mask.json` describes, its ablation included."""
     mask = parse_mask(record.get("mask"), where)
     mode, networks = record.get("mode"), record.get("networks")
     layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
-    return RunMask(mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks)
+    run_mask = RunMask(mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks)
+    return run_mask.with_ablation(ablation_from_record(record, layer_masks, where))
 
 
 class MaskRecordInCheckpoints(TrainerCallback):
@@ -138,7 +165,13 @@ def check_same_mask(checkpoint: Path, run_mask: RunMask | None) -> None:
             f"checkpoint {checkpoint} was trained without a mask; resume it without --mask-file, "
             "or start a new run in another --output_dir"
         )
-    past = _label(recorded.get("mask_file"), recorded.get("mode"), recorded.get("networks"))
+    past = _label(
+        recorded.get("mask_file"),
+        recorded.get("mode"),
+        recorded.get("networks"),
+        recorded.get("ablation", "zero"),
+        recorded.get("scale_factor"),
+    )
     if run_mask is None:
         raise UserError(f"checkpoint {checkpoint} was trained with {past}; pass the same mask flags to resume it")
     raise UserError(

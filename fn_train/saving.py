@@ -10,26 +10,92 @@ from torch import nn
 from fn_train.config import TrainConfig
 from fn_train.output import staged_save
 from fn_train.run_mask import RunMask
-from shared.arch import find_down_projections
+from shared.arch import DownProjection, base_layer, config_of, find_down_projections
 from shared.constants import RUN_MASK_NAME
 from shared.device import choose_dtype
+from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import LayerMasks
 from shared.models import load_causal_lm
 
 
 def bake_mask(model: nn.Module, layer_masks: LayerMasks) -> None:
-    """Write each masked neuron's down-projection weights as zero, so the plain model behaves
-    as the masked one: the neuron's input is multiplied by a zero weight instead of a zero
-    mask (the bias, added after, is the same in both)."""
-    by_layer = {p.layer: p for p in find_down_projections(model)}
+    """Write the mask into the down-projections' weights, so the plain model behaves as the
+    hooked one with no hook: `zero` writes each masked neuron's weights as zero (its input
+    meets a zero weight instead of a zero mask; the bias, added after, is the same in both);
+    `scale` multiplies them by the factor; `mean` moves each masked neuron's constant
+    contribution, weight x mean, into the bias and zeroes its weights (a down-projection
+    without a bias gets one: see `add_mlp_biases`)."""
+    projections = find_down_projections(model)
+    by_layer = {p.layer: p for p in projections}
+    if layer_masks.ablation == "mean":
+        add_mlp_biases(model, projections)
     with torch.no_grad():
         for layer, vector in layer_masks.vectors.items():
             projection = by_layer[layer]
-            weight = projection.module.weight
-            keep = vector.to(device=weight.device, dtype=weight.dtype)
-            # Linear weight is (out, in): scale the columns; Conv1D weight is (in, out): the rows.
-            weight.mul_(keep if projection.orientation == "linear" else keep[:, None])
+            module = base_layer(projection.module)
+            weight = module.weight
+            linear = projection.orientation == "linear"  # Linear weight is (out, in); Conv1D's is (in, out)
+            if layer_masks.ablation == "mean":
+                # float64 sum, then cast: the bias holds sum_j W[:, j] * mean_j over the masked neurons.
+                fill = layer_masks.fills[layer].to(device=weight.device, dtype=torch.float64)
+                off = (vector == 0).nonzero().flatten().to(weight.device)
+                columns = weight.double().index_select(1 if linear else 0, off)
+                shift = columns @ fill[off] if linear else fill[off] @ columns
+                module.bias.add_(shift.to(module.bias.dtype))
+            if layer_masks.ablation == "scale":
+                multiplier = torch.where(vector.bool(), torch.ones_like(vector), vector + layer_masks.scale_factor)
+            else:
+                multiplier = vector
+            keep = multiplier.to(device=weight.device, dtype=weight.dtype)
+            weight.mul_(keep if linear else keep[:, None])
+
+
+def add_mlp_biases(model: nn.Module, projections: list[DownProjection] | None = None) -> None:
+    """Give every down-projection a bias, so a mean ablation can be baked into it, in a form a
+    plain `from_pretrained` loads: a LLaMA-family config with `mlp_bias: false` is switched to
+    true and the MLP layers it then expects a bias on (gate, up and down) get zero biases.
+    An architecture whose MLP bias no config setting turns on is refused."""
+    projections = projections or find_down_projections(model)
+    if all(base_layer(p.module).bias is not None for p in projections):
+        return
+    config = model.config
+    if getattr(config, "mlp_bias", None) is None:
+        raise UserError(
+            f"--bake-mask with --ablation mean writes the means into the down-projection's bias, but "
+            f"{config.model_type}'s down-projection has none and its config cannot turn one on; "
+            "save without --bake-mask and load with fn_train.load.load_masked_model"
+        )
+    config.mlp_bias = True
+    with torch.device("meta"):
+        expected = {name for name, _ in type(model)(config).named_parameters()}
+    for name in sorted(expected - {name for name, _ in model.named_parameters()}):
+        owner = model.get_submodule(name.rpartition(".")[0]) if name.endswith(".bias") else None
+        if not isinstance(owner, nn.Linear) or owner.bias is not None:
+            raise UserError(
+                f"--bake-mask with --ablation mean: {config.model_type} with mlp_bias expects parameter {name}, "
+                "which cannot be added as a zero bias; save without --bake-mask"
+            )
+        owner.bias = nn.Parameter(
+            torch.zeros(owner.out_features, dtype=owner.weight.dtype, device=owner.weight.device),
+            requires_grad=owner.weight.requires_grad,
+        )
+
+
+def check_bakeable(model: nn.Module, layer_masks: LayerMasks) -> None:
+    """Refuse, before training, a mean ablation that `add_mlp_biases` could not bake."""
+    if layer_masks.ablation != "mean":
+        return
+    projections = find_down_projections(model)
+    if all(base_layer(p.module).bias is not None for p in projections):
+        return
+    config = config_of(model)
+    if getattr(config, "mlp_bias", None) is None:
+        raise UserError(
+            f"--bake-mask with --ablation mean writes the means into the down-projection's bias, but "
+            f"{config.model_type}'s down-projection has none and its config cannot turn one on; "
+            "drop --bake-mask (load the output with fn_train.load.load_masked_model) or use --ablation zero"
+        )
 
 
 def merged_model(trainer, config: TrainConfig) -> nn.Module:

@@ -23,7 +23,8 @@ from fn_train.run_mask import (
     resolve_checkpoint,
     resolve_run_mask,
 )
-from fn_train.saving import save_outputs
+from fn_train.saving import check_bakeable, save_outputs
+from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.constants import ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
@@ -34,6 +35,8 @@ from shared.masks import MaskFile, MaskMode, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
+
+MEANS_MAX_TOKENS = 50_000  # tokens of training data the means of --ablation mean are measured on (default)
 
 
 def _rank() -> int:
@@ -164,6 +167,32 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None, callbacks: 
     )
 
 
+def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMeans:
+    """The neurons' mean activations for --ablation mean: from --means-from (an activations
+    folder of this model), else a pass of the model as it starts training (LoRA adds nothing
+    yet) over the first MEANS_MAX_TOKENS tokens of the tokenized training rows."""
+    from fn_analyze.magnitude import means_from_activations, means_from_sequences
+
+    if config.means_from is not None:
+        return means_from_activations(config.means_from, run_mask.mask.model)
+    sequences, total = [], 0
+    for ids in trainer.train_dataset["input_ids"]:
+        if total >= MEANS_MAX_TOKENS:
+            break
+        sequences.append(list(ids))
+        total += len(ids)
+    projections = find_down_projections(trainer.model)
+    return means_from_sequences(
+        trainer.model,
+        projections,
+        sequences,
+        projections[0].in_features,
+        f"{len(sequences)} rows of {config.dataset_name_or_path}",
+        batch_size=config.per_device_train_batch_size,
+        pad_id=trainer.processing_class.pad_token_id or 0,
+    )
+
+
 def _install_mask(trainer, run_mask: RunMask) -> contextlib.AbstractContextManager:
     """Zero LoRA's A columns of masked neurons, add the callbacks that keep them frozen and
     record the mask in checkpoints; returns the context manager that hooks the mask on the
@@ -192,8 +221,10 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     mode = cast(MaskMode, config.mask_mode)
     networks = parse_network_ids(config.networks)
-    run_mask = resolve_run_mask(config.mask_file, mode, networks) if config.mask_file is not None else None
-    if checkpoint is not None and not config.ica_on_the_fly:
+    # A mean ablation is added once its means are measured (after the model loads).
+    ablation = Ablation(config.ablation, config.scale_factor) if config.ablation != "mean" else None
+    run_mask = resolve_run_mask(config.mask_file, mode, networks, ablation) if config.mask_file is not None else None
+    if checkpoint is not None and not config.ica_on_the_fly and config.ablation != "mean":
         check_same_mask(checkpoint, run_mask)
     main_process = _rank() == 0
     with removed_on_failure(config.output_dir, main_process):
@@ -202,11 +233,19 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
         if config.ica_on_the_fly:
             from fn_train.ica_mask import mask_from_training_data
 
-            run_mask = resolve_run_mask(mask_from_training_data(config, checkpoint is not None), mode, networks)
-            if checkpoint is not None:
+            run_mask = resolve_run_mask(
+                mask_from_training_data(config, checkpoint is not None), mode, networks, ablation
+            )
+            if checkpoint is not None and config.ablation != "mean":
                 check_same_mask(checkpoint, run_mask)
         trainer = build_trainer(config, run_mask.mask if run_mask else None, callbacks)
         masking: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if run_mask is not None and config.ablation == "mean":
+            run_mask = run_mask.with_ablation(Ablation("mean", means=training_means(trainer, config, run_mask)))
+            if checkpoint is not None:
+                check_same_mask(checkpoint, run_mask)
+        if run_mask is not None and config.bake_mask:
+            check_bakeable(trainer.model, run_mask.layer_masks)
         if run_mask is not None:
             masking = _install_mask(trainer, run_mask)
             _say(run_mask.describe())

@@ -7,6 +7,7 @@ on the same signal it is later applied to.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from enum import Enum
@@ -22,6 +23,7 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "test", "eval")  # held-out s
 
 
 class DataFormat(str, Enum):
+    MULTIPLE_CHOICE = "multiple_choice"  # question, choices, answer (an index or a choice's text)
     QA = "qa"  # question, answer
     ALPACA = "alpaca"  # instruction, [input], output
     PROMPT_COMPLETION = "prompt_completion"  # prompt, completion
@@ -34,11 +36,15 @@ class DataFormat(str, Enum):
 FORMAT_COLUMNS: dict[DataFormat, tuple[str, ...]] = {
     DataFormat.MESSAGES: ("messages",),
     DataFormat.ALPACA: ("instruction", "output"),
+    DataFormat.MULTIPLE_CHOICE: ("question", "choices", "answer"),  # before qa: a qa file with choices is this
     DataFormat.QA: ("question", "answer"),
     DataFormat.PROMPT_COMPLETION: ("prompt", "completion"),
     DataFormat.PROMPT_RESPONSE: ("prompt", "response"),
     DataFormat.TEXT: ("text",),
 }
+
+# Columns a format reads beyond the ones it needs; any other column is ignored, with a warning.
+OPTIONAL_COLUMNS: dict[DataFormat, tuple[str, ...]] = {DataFormat.ALPACA: ("input",)}
 
 TEMPLATES = ("auto", "chat", "alpaca", "plain")
 ALPACA_HEADER = (
@@ -56,6 +62,8 @@ class Example:
     messages: tuple[dict[str, str], ...]
     answer: str | None
     text: str | None = None
+    choices: tuple[str, ...] | None = None  # multiple choice: every choice; `answer` is choices[gold]
+    gold: int | None = None
 
 
 def load_dataset_any(source: str, split: str | None = None):
@@ -106,7 +114,19 @@ def _root_cause(exc: BaseException) -> str:
 
 
 def detect_format(columns: list[str], requested: str = "auto", source: str = "dataset") -> DataFormat:
-    """The record format from the column names, or check the one the user asked for."""
+    """The record format from the column names, or check the one the user asked for; columns
+    the format does not read are named in a warning."""
+    fmt = _format_of(columns, requested, source)
+    read = FORMAT_COLUMNS[fmt] + OPTIONAL_COLUMNS.get(fmt, ())
+    ignored = [c for c in columns if c not in read]
+    if ignored:
+        log.warning(
+            "%s: column(s) %s ignored (format %s reads %s)", source, ", ".join(ignored), fmt.value, ", ".join(read)
+        )
+    return fmt
+
+
+def _format_of(columns: list[str], requested: str, source: str) -> DataFormat:
     if requested != "auto":
         try:
             fmt = DataFormat(requested)
@@ -141,6 +161,11 @@ def to_example(record: dict[str, Any], fmt: DataFormat) -> Example:
         if messages and messages[-1]["role"] == "assistant":
             return Example(tuple(messages[:-1]), messages[-1]["content"])
         return Example(tuple(messages), None)
+    if fmt is DataFormat.MULTIPLE_CHOICE:
+        question = text_of("question")
+        choices = parse_choices(record.get("choices"), question)
+        gold = gold_index(record.get("answer"), choices, question)
+        return Example(({"role": "user", "content": question},), choices[gold], choices=choices, gold=gold)
     if fmt is DataFormat.ALPACA:
         prompt = text_of("instruction")
         if text_of("input").strip():
@@ -152,6 +177,46 @@ def to_example(record: dict[str, Any], fmt: DataFormat) -> Example:
         DataFormat.PROMPT_RESPONSE: ("prompt", "response"),
     }[fmt]
     return Example(({"role": "user", "content": text_of(prompt_key)},), text_of(answer_key))
+
+
+def parse_choices(value: Any, question: str) -> tuple[str, ...]:
+    """A record's choices: a list, or (as a CSV cell) a JSON list or `a|b|c`."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise UserError(
+                    f"multiple-choice record {question[:50]!r}: choices {text[:60]!r} is not a JSON list; "
+                    'write them as ["a", "b"] or a|b'
+                ) from None
+        else:
+            value = text.split("|")
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        raise UserError(
+            f"multiple-choice record {question[:50]!r}: choices must be a list of at least two, got {value!r}; "
+            'write them as ["a", "b"] or a|b'
+        )
+    return tuple(str(choice) for choice in value)
+
+
+def gold_index(answer: Any, choices: tuple[str, ...], question: str) -> int:
+    """The right choice's index: an integer answer is an index; a string is matched against the
+    choices' text first, then read as an index."""
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    if isinstance(answer, str):
+        if answer in choices:
+            return choices.index(answer)
+        if answer.strip().isdigit():
+            answer = int(answer.strip())
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return answer
+    raise UserError(
+        f"multiple-choice record {question[:50]!r}: answer {answer!r} is neither one of its choices "
+        f"({', '.join(choices)}) nor an index below {len(choices)}; give the index or the text of the right choice"
+    )
 
 
 def resolve_template(template: str, tokenizer) -> str:

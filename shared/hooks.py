@@ -11,9 +11,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from shared.ablation import Ablation, NeuronMeans
 from shared.arch import DownProjection, find_down_projections
 from shared.masks import (
     LayerMasks,
@@ -63,11 +65,41 @@ def _mask_hook(vector: torch.Tensor) -> PreHook:
     return hook
 
 
+def _mean_hook(vector: torch.Tensor, fill: torch.Tensor) -> PreHook:
+    keep = vector.bool()
+    cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = (keep.to(x.device), fill.to(device=x.device, dtype=x.dtype))
+        where, value = cache[key]
+        # An intervened neuron's input is its mean, exactly (not x * 0 + mean).
+        return (torch.where(where, x, value), *args[1:])
+
+    return hook
+
+
+def layer_hook(layer_masks: LayerMasks, layer: int) -> PreHook:
+    """The pre-hook that applies `layer_masks`' ablation to one layer's down-projection input."""
+    vector = layer_masks.vectors[layer]
+    if layer_masks.ablation == "mean":
+        return _mean_hook(vector, layer_masks.fills[layer])
+    if layer_masks.ablation == "scale":
+        assert layer_masks.scale_factor is not None
+        # Open neurons are multiplied by exactly 1.0, intervened ones by the factor.
+        return _mask_hook(torch.where(vector.bool(), torch.ones_like(vector), vector + layer_masks.scale_factor))
+    return _mask_hook(vector)
+
+
 @contextmanager
 def masked_down_projections(projections: list[DownProjection], layer_masks: LayerMasks) -> Iterator[LayerMasks]:
-    """Multiply each down-projection's input by its layer's 0/1 vector while the block runs."""
+    """Apply each layer's mask to its down-projection's input while the block runs: multiply
+    by the 0/1 vector (`zero`), replace the intervened neurons by their means (`mean`) or
+    multiply them by a factor (`scale`)."""
     by_layer = {p.layer: p for p in projections}
-    hooks = [(by_layer[layer].module, _mask_hook(vector)) for layer, vector in layer_masks.vectors.items()]
+    hooks = [(by_layer[layer].module, layer_hook(layer_masks, layer)) for layer in layer_masks.vectors]
     with pre_hooks(hooks):
         yield layer_masks
 
@@ -91,19 +123,27 @@ def captured_down_proj_inputs(
 
 
 def resolve_mask(
-    model: nn.Module, mask: MaskFile | str | Path, networks: list[int] | None, mode: MaskMode
+    model: nn.Module,
+    mask: MaskFile | str | Path,
+    networks: list[int] | None,
+    mode: MaskMode,
+    ablation: Ablation | None = None,
 ) -> tuple[list[DownProjection], LayerMasks]:
-    """Load (if a path), check against `model`, select networks and build per-layer vectors."""
+    """Load (if a path), check against `model`, select networks and build per-layer vectors
+    (intervening by `ablation`, default zero)."""
     if not isinstance(mask, MaskFile):
         mask = load_mask_file(Path(mask))
     projections = find_down_projections(model)
     name = str(getattr(getattr(model, "config", None), "name_or_path", "model"))
     check_compatible(mask, model_info(model, name, projections))
-    layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
+    layer_masks = (ablation or Ablation()).apply(build_layer_masks(mask, select_networks(mask, networks), mode))
     if layer_masks.fully_closed_layers:
         log.warning(
-            "complement mask: no selected neuron in layer(s) %s; their MLP output is zero",
+            "complement mask: no selected neuron in layer(s) %s; %s",
             ",".join(str(layer) for layer in layer_masks.fully_closed_layers),
+            {"zero": "their MLP output is zero", "mean": "their MLP output is constant (every neuron at its mean)"}.get(
+                layer_masks.ablation, "every neuron of them is scaled"
+            ),
         )
     return projections, layer_masks
 
@@ -114,12 +154,21 @@ def apply_mask(
     mask: MaskFile | str | Path,
     mode: MaskMode = "key",
     networks: list[int] | None = None,
+    ablation: str = "zero",
+    scale_factor: float | None = None,
+    means: NeuronMeans | np.ndarray | None = None,
 ) -> Iterator[LayerMasks]:
     """One call: mask `model`'s down-projection inputs with a mask file, for the block.
+
+    `ablation` says what happens to the selected neurons: zero (default), mean (replaced by
+    `means`, an (n_layers, intermediate_size) array or `NeuronMeans`, e.g.
+    `fn_analyze.magnitude.means_from_activations`), or scale (multiplied by `scale_factor`).
 
     >>> with apply_mask(model, "mask_artifacts/smollm2-demo.json", "key", [0, 3]):
     ...     logits = model(**batch).logits
     """
-    projections, layer_masks = resolve_mask(model, mask, networks, mode)
+    if means is not None and not isinstance(means, NeuronMeans):
+        means = NeuronMeans(np.asarray(means, dtype=np.float32), "means given to apply_mask", 0)
+    projections, layer_masks = resolve_mask(model, mask, networks, mode, Ablation(ablation, scale_factor, means))
     with masked_down_projections(projections, layer_masks):
         yield layer_masks

@@ -255,11 +255,19 @@ def _id_range(ids: list[int]) -> str:
 
 @dataclass(frozen=True)
 class LayerMasks:
-    """Per-layer 0/1 vectors for the down-projection inputs, and what they imply."""
+    """Per-layer 0/1 vectors for the down-projection inputs, and what they imply.
+
+    A 0 marks a neuron the mask intervenes on; how it does (`shared.ablation`): `zero`
+    multiplies its input by 0, `mean` replaces it by `fills[layer][neuron]` (the neuron's
+    mean activation), `scale` multiplies it by `scale_factor`.
+    """
 
     vectors: dict[int, torch.Tensor]  # layer -> float 0/1 of length intermediate_size
     fully_closed_layers: tuple[int, ...]  # layers whose MLP is switched off entirely
     masked_neurons: int  # neurons set to zero over all layers
+    ablation: str = "zero"  # zero | mean | scale (see shared.ablation)
+    scale_factor: float | None = None  # with `scale`: what an intervened neuron's input is multiplied by
+    fills: dict[int, torch.Tensor] = field(default_factory=dict)  # with `mean`: layer -> float32 means (0 where open)
 
 
 def build_layer_masks(mask: MaskFile, networks: list[Network], mode: MaskMode) -> LayerMasks:

@@ -162,10 +162,13 @@ def check_model_reachable(name: str | None) -> None:
 def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     """The model's tokenizer (pad token = EOS when it has none). Code shipped with the model
     runs only with `trust_remote_code`; otherwise such a model is refused, never prompted for."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(name)
     try:
+        # The model's config too: a model that ships its own code is refused here, before any
+        # data is read (and any warning about it printed), not only when its weights load.
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(_load_failure(name, exc)) from exc

@@ -344,6 +344,62 @@ def test_model_path_that_does_not_exist_is_named(demo_dir: Path, tmp_path: Path)
     refused(result, f"model folder {missing} does not exist")
 
 
+# --- ablation and multiple-choice data --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ablation", "half"], "--ablation 'half' is unknown; use zero, mean or scale"),
+        (["--scale-factor", "2"], "--scale-factor is given but --ablation is zero; add --ablation scale"),
+        (["--means-from", "acts"], "--means-from is given but --ablation is zero; add --ablation mean"),
+    ],
+    ids=["unknown-ablation", "factor-without-scale", "means-without-mean"],
+)
+def test_bad_ablation_flags_are_refused_by_fn_train_and_evaluate(
+    tiny_llama, tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    mask = write_mask(tiny_llama, {0: {0: [1, 2]}}, tmp_path / "m.json")
+    out = tmp_path / "ft"
+    train_flags = [flags[0].replace("-", "_").replace("__", "--"), *flags[1:]]  # the underscore spelling
+    refused(
+        runner.invoke(
+            train_app, _train_args(tiny_lm_dir, demo_dir / "train.csv", out, "--mask-file", str(mask), *train_flags)
+        ),
+        message,
+    )
+    assert not out.exists()
+    if flags[0] != "--means-from":  # evaluate takes its means from --activations
+        args = [
+            "evaluate",
+            "--mask-file",
+            str(mask),
+            "--dataset",
+            str(demo_dir / "eval.csv"),
+            "--model",
+            str(tiny_lm_dir),
+        ]
+        refused(runner.invoke(analyze_app, [*args, "--out", str(tmp_path / "r.json"), *flags]), message)
+        assert not (tmp_path / "r.json").exists()
+
+
+def test_ablation_without_a_mask_is_refused_by_fn_train(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+    args = _train_args(tiny_lm_dir, demo_dir / "train.csv", tmp_path / "ft", "--ablation", "mean")
+    refused(runner.invoke(train_app, args), "--ablation given without --mask-file; add --mask-file or drop --ablation")
+
+
+def test_multiple_choice_answer_out_of_range_is_refused_by_collect_and_fn_train(
+    tiny_lm_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"question": "Good?", "choices": ["no", "yes"], "answer": 5}) + "\n")
+    message = "answer 5 is neither one of its choices (no, yes) nor an index below 2"
+    refused(runner.invoke(analyze_app, _collect_args(tiny_lm_dir, data, tmp_path / "acts")), message)
+    assert not (tmp_path / "acts").exists()
+    refused(runner.invoke(train_app, _train_args(tiny_lm_dir, data, tmp_path / "ft")), message)
+    assert not (tmp_path / "ft").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "fragments"),
     [

@@ -93,3 +93,58 @@ def test_bad_dataset_files(tmp_path: Path, name: str, content: str | None, messa
         path.write_text(content)
     with pytest.raises(UserError, match=message):
         load_dataset_any(str(path))
+
+
+def test_multiple_choice_is_detected_before_question_answer() -> None:
+    assert detect_format(["question", "choices", "answer"]) is DataFormat.MULTIPLE_CHOICE
+    assert detect_format(["question", "answer"]) is DataFormat.QA
+    assert detect_format(["question", "choices", "answer"], "qa") is DataFormat.QA  # asked for: choices ignored
+
+
+@pytest.mark.parametrize(
+    ("choices", "answer", "gold"),
+    [
+        (["negative", "positive"], 1, 1),  # an index
+        (["negative", "positive"], "negative", 0),  # a choice's text
+        ('["negative", "positive"]', "1", 1),  # a CSV cell: a JSON list, the index as text
+        ("cold|warm|hot", 2.0, 2),  # a|b|c; a float index as some readers give it
+        (["1", "2", "3"], "2", 1),  # text first: "2" is the choice "2", not index 2
+    ],
+)
+def test_multiple_choice_records_read_choices_and_answer(choices, answer, gold: int) -> None:
+    example = to_example({"question": "Q?", "choices": choices, "answer": answer}, DataFormat.MULTIPLE_CHOICE)
+    assert example.gold == gold and example.answer == example.choices[gold]
+    assert example.messages == ({"role": "user", "content": "Q?"},)
+
+
+@pytest.mark.parametrize(
+    ("choices", "answer", "message"),
+    [
+        (["a", "b"], 2, "answer 2 is neither one of its choices \\(a, b\\) nor an index below 2"),
+        (["a", "b"], "c", "answer 'c' is neither one of its choices"),
+        (["only"], 0, "choices must be a list of at least two"),
+        ('["a", "b"', 0, "is not a JSON list"),
+    ],
+)
+def test_bad_multiple_choice_records_are_refused(choices, answer, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        to_example({"question": "Q?", "choices": choices, "answer": answer}, DataFormat.MULTIPLE_CHOICE)
+
+
+def test_ignored_columns_are_named_in_a_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="shared.data"):
+        detect_format(["question", "answer", "family", "id"], source="dataset x.csv")
+    assert "dataset x.csv: column(s) family, id ignored (format qa reads question, answer)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shared.data"):
+        detect_format(["instruction", "input", "output"])
+        detect_format(["question", "choices", "answer"])
+    assert "ignored" not in caplog.text
+
+
+def test_multiple_choice_csv_trains_on_the_right_choice(tiny_lm_dir: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    data = tmp_path / "mc.csv"
+    data.write_text('question,choices,answer\nIs it good?,"[""negative"", ""positive""]",1\nIs it bad?,no|yes,yes\n')
+    train, _, _ = build_datasets(str(data), "auto", "plain", tokenizer, 0.0, seed=0)
+    assert [row["completion"] for row in train] == ["positive", "yes"]  # not the index "1"

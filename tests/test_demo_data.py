@@ -23,7 +23,7 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     a = write_demo_data(tmp_path / "a", seed=7)
     b = write_demo_data(tmp_path / "b", seed=7)
     c = write_demo_data(tmp_path / "c", seed=8)
-    assert set(a) == {"collect", "train", "eval"}
+    assert set(a) == {"collect", "train", "eval", "sentiment"}
     for key in a:
         assert a[key].read_bytes() == b[key].read_bytes()
         assert a[key].read_bytes() != c[key].read_bytes()
@@ -110,3 +110,32 @@ def test_unknown_family_and_bad_n_raise():
         generate(0)
     with pytest.raises(UserError):
         generate(-3)
+
+
+def test_sentiment_csv_is_classification_data_disjoint_from_train(tmp_path):
+    from shared.data import DataFormat, detect_format, load_dataset_any, to_example
+
+    paths = write_demo_data(tmp_path, seed=0, n_collect=8, n_train=40, n_eval=10, n_sentiment=30)
+    loaded = load_dataset_any(str(paths["sentiment"]))["train"]
+    assert loaded.column_names == ["question", "choices", "answer"] and len(loaded) == 30
+    assert detect_format(loaded.column_names) is DataFormat.MULTIPLE_CHOICE
+    examples = [to_example(record, DataFormat.MULTIPLE_CHOICE) for record in loaded]
+    assert {e.choices for e in examples} == {("negative", "positive")}
+    assert {e.answer for e in examples} == {"negative", "positive"}
+    assert all(e.messages[0]["content"].startswith("Is the sentiment of this review") for e in examples)
+    assert not {e.messages[0]["content"] for e in examples} & set(_questions(paths["train"]))
+
+
+def test_adding_sentiment_csv_left_the_other_files_as_they_were(tmp_path):
+    """sentiment.csv's seed is drawn after the others': the demo's mask file stays reproducible."""
+    import random
+
+    from fn_analyze.demo_data import FAMILIES, _generate
+
+    paths = write_demo_data(tmp_path, seed=0, n_collect=20, n_train=10, n_eval=5)
+    derive = random.Random(0)
+    seed_collect, seed_train, seed_eval = (derive.getrandbits(63) for _ in range(3))
+    assert [qa.question for qa in generate(10, seed_train)] == _questions(paths["train"])
+    train = {qa.question for qa in generate(10, seed_train)}
+    expected = _generate(5, random.Random(seed_eval), FAMILIES, frozenset(train))
+    assert [qa.question for qa in expected] == _questions(paths["eval"])

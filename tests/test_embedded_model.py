@@ -99,3 +99,39 @@ def test_the_seed_command_line_runs_unchanged(tmp_path: Path) -> None:
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["num_train_epochs"] == 2
     assert any("eval_loss" in entry for entry in state["log_history"])  # the held-out row was evaluated
+
+
+def test_embedded_model_evaluate_mean_ablation_with_accuracy(demo_dir: Path, tmp_path: Path) -> None:
+    """`fn-analyze evaluate --ablation mean` on the demo's sentiment classification rows:
+    accuracy is measured (the instruct model does better than chance at baseline) and the
+    networks' neurons are set to their means, taken from activations of the same model."""
+    from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
+    from shared.masks import MaskFile, Network, save_mask_file
+    from shared.models import model_info
+
+    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", max_tokens=300, device="cpu"))
+    model = load_causal_lm("smollm2-135m", torch.float32, torch.device("cpu"))
+    network = Network(0, {layer: tuple(range(0, 1536, 16)) for layer in range(20, 30)})  # 960 neurons
+    mask = MaskFile(model_info(model, "smollm2-135m"), (network,), {"method": "test"})
+    save_mask_file(mask, tmp_path / "mask.json")
+    results = evaluate(
+        EvaluateConfig(
+            mask_file=tmp_path / "mask.json",
+            dataset=str(demo_dir / "sentiment.csv"),
+            out=tmp_path / "r.json",
+            activations=tmp_path / "acts",
+            ablation="mean",
+            limit=12,
+            draws=1,
+            network_draws=0,
+            random_fraction=0.15,
+            device="cpu",
+        )
+    )
+    assert results["dataset"]["choice_records"] == 12
+    assert results["baseline"]["accuracy"] > 0.5
+    assert results["ablation"]["mode"] == "mean" and "activations" in results["ablation"]["means_source"]
+    key = results["conditions"][0]
+    assert key["mode"] == "key" and "accuracy_ratio" in key["controls"]["layer_matched"]
+    assert key["loss"] != results["baseline"]["loss"]
+    assert "accuracy (as Liu et al.’s SST-2 table)" in format_table(results)
