@@ -187,10 +187,17 @@ def completed_shards(folder: Path, rank: int) -> list[dict[str, Any]]:
 
 
 def write_matrix(
-    folder: Path, matrix: np.ndarray, model: ModelInfo, layers: list[int], rows_per_shard: int = 65536
+    folder: Path,
+    matrix: np.ndarray,
+    model: ModelInfo,
+    layers: list[int],
+    rows_per_shard: int = 65536,
+    positions: np.ndarray | None = None,
+    token_ids: np.ndarray | None = None,
 ) -> Path:
     """An activations folder holding `matrix` (tokens x len(layers) * intermediate_size, layer-major),
-    as collect writes it: for activations recorded by other tools, and for synthetic data."""
+    as collect writes it: for activations recorded by other tools, and for synthetic data. Each row is
+    its own record; its position and token id are 0 unless given (one integer a row)."""
     folder = Path(folder)
     if matrix.shape[1] != len(layers) * model.intermediate_size:
         raise UserError(
@@ -203,7 +210,9 @@ def write_matrix(
     for start in range(0, len(matrix), rows_per_shard):
         rows = np.arange(start, min(len(matrix), start + rows_per_shard))
         zeros = np.zeros(len(rows), np.int32)
-        writer.write(matrix[rows].astype(np.float16), zeros, rows, zeros, next_record=int(rows[-1]) + 1)
+        ids = zeros if token_ids is None else np.asarray(token_ids, np.int32)[rows]
+        where = zeros if positions is None else np.asarray(positions, np.int32)[rows]
+        writer.write(matrix[rows].astype(np.float16), ids, rows, where, next_record=int(rows[-1]) + 1)
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "model": model.to_dict(),

@@ -98,6 +98,25 @@ def ica_command(
             "--standardize/--no-standardize", help="Scale neurons to unit variance first (off: centered only)."
         ),
     ] = False,
+    scale: Annotated[
+        str, typer.Option(help="none (centered only), neuron (unit variance), layer (each layer's variance equal).")
+    ] = "none",
+    exclude_positions: Annotated[
+        Optional[str], typer.Option(help="Leave out token rows at these positions, e.g. 0 (the first token).")
+    ] = None,
+    exclude_token_ids: Annotated[
+        Optional[str], typer.Option(help="Leave out token rows of these token ids, e.g. the special tokens'.")
+    ] = None,
+    clip_percentile: Annotated[
+        Optional[float], typer.Option(help="Clip each neuron to its [100-P, P] percentiles (estimated on a sample).")
+    ] = None,
+    clip_sample_rows: Annotated[
+        int, typer.Option(help="Token rows sampled (seeded) to estimate the clipping percentiles.")
+    ] = 4096,
+    set_aside_top: Annotated[
+        int,
+        typer.Option("--set-aside", help="Keep the N largest-magnitude neurons out of every network; listed apart."),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the reduction's start and of the consensus runs.")] = 0,
     runs: Annotated[int, typer.Option(help="Seeded ICA runs of the consensus, on the data and on each split.")] = 6,
     splits: Annotated[

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,17 @@ import numpy as np
 
 from fn_analyze.activations import Activations, open_activations
 from fn_analyze.consensus import SOLVERS, TOLERANCES, Consensus, consensus_ica
+from fn_analyze.preprocess import (
+    SAMPLE_ROWS,
+    SCALES,
+    Preprocessing,
+    RowFilter,
+    clip_bounds,
+    kept_rows,
+    parse_int_list,
+    sample_rows,
+    set_aside_columns,
+)
 from fn_analyze.reduction import ENGINES, Reduction, engine_session, reduce
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
@@ -48,6 +59,13 @@ class IcaConfig:
     threshold: float = 3.0
     percentile: float | None = None  # instead of z: keep neurons above this percentile of each map
     standardize: bool = False  # scale neurons to unit variance (the original tool; hurts, see DESIGN.md)
+    # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py); none by default.
+    scale: str = "none"  # none | neuron (unit variance: what standardize sets) | layer (each layer weighs the same)
+    exclude_positions: list[int] = field(default_factory=list)  # token positions left out, e.g. [0]: the first
+    exclude_token_ids: list[int] = field(default_factory=list)  # token ids left out, e.g. the special tokens'
+    clip_percentile: float | None = None  # clip each neuron to its [100-P, P] percentiles (estimated on a sample)
+    clip_sample_rows: int = SAMPLE_ROWS  # token rows sampled (seeded) for the clipping percentiles
+    set_aside_top: int = 0  # the N largest-magnitude neurons: scale 0, listed in source.ica.set_aside
     seed: int = 0
     # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole
     # data and on each of `splits` disjoint parts of the records (0: the whole data only).
@@ -76,6 +94,21 @@ class IcaConfig:
         if self.out is not None:
             self.out = Path(self.out)
         self.n_components = _parse_components(self.n_components)
+        self.exclude_positions = parse_int_list(self.exclude_positions, "--exclude-positions")
+        self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "--exclude-token-ids")
+        if self.scale not in SCALES:
+            raise UserError(f"unknown --scale {self.scale!r}; use one of {', '.join(SCALES)}")
+        if self.standardize and self.scale not in ("none", "neuron"):
+            raise UserError(f"--standardize is --scale neuron; give one of --standardize or --scale {self.scale}")
+        if self.standardize:
+            self.scale = "neuron"
+        self.standardize = self.scale == "neuron"  # the old field, recorded as before
+        if self.clip_percentile is not None and not 50 < self.clip_percentile < 100:
+            raise UserError(f"--clip-percentile must lie strictly between 50 and 100, got {self.clip_percentile}")
+        if self.clip_sample_rows < 100:
+            raise UserError(f"--clip-sample-rows must be at least 100, got {self.clip_sample_rows}")
+        if self.set_aside_top < 0:
+            raise UserError(f"--set-aside must be at least 0, got {self.set_aside_top}")
         if self.runs < 1:
             raise UserError(f"--runs must be at least 1, got {self.runs}")
         if self.splits < 0 or self.splits == 1:
@@ -97,6 +130,10 @@ class IcaConfig:
             raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.dask_scheduler is not None and self.engine != "dask":
             raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
+
+    @property
+    def row_filter(self) -> RowFilter:
+        return RowFilter(tuple(self.exclude_positions), tuple(self.exclude_token_ids))
 
     def oversample_for(self, k: int) -> int:
         """Extra columns of the reduction: as many as k (at least 10), so convergence goes as
@@ -132,16 +169,34 @@ def column_groups(acts: Activations, per_layer: bool) -> list[tuple[int, int]]:
     return [(slot * size, (slot + 1) * size) for slot in range(len(acts.layers))]
 
 
-def _component_limit(acts: Activations, per_layer: bool) -> int:
+def _component_limit(acts: Activations, per_layer: bool, n_rows: int) -> int:
     neurons = acts.intermediate_size if per_layer else acts.n_neurons
-    return min(acts.n_tokens, neurons) - 1
+    return min(n_rows, neurons) - 1
 
 
-def _components_to_try(acts: Activations, config: IcaConfig) -> tuple[int, ...]:
-    """The k to run: the one asked for, or the auto candidates the data allow."""
-    limit = _component_limit(acts, config.per_layer)
+def _rows_kept(acts: Activations, config: IcaConfig) -> int:
+    """Token rows that enter the ICA; refused when the row filter leaves none, or the set-aside all neurons."""
+    n_rows = kept_rows(acts, config.row_filter)
+    if n_rows == 0:
+        raise UserError(
+            f"--exclude-positions {config.exclude_positions} / --exclude-token-ids {config.exclude_token_ids} leave "
+            f"no token row of {acts.folder} ({acts.n_tokens} tokens); leave out fewer"
+        )
+    if config.set_aside_top >= acts.n_neurons:
+        raise UserError(
+            f"--set-aside {config.set_aside_top} would set aside all {acts.n_neurons} neurons of {acts.folder}; "
+            "give fewer"
+        )
+    return n_rows
+
+
+def _components_to_try(acts: Activations, config: IcaConfig, n_rows: int | None = None) -> tuple[int, ...]:
+    """The k to run: the one asked for, or the auto candidates the data (the kept token rows) allow."""
+    n_rows = _rows_kept(acts, config) if n_rows is None else n_rows
+    limit = _component_limit(acts, config.per_layer, n_rows)
     neurons = acts.intermediate_size if config.per_layer else acts.n_neurons
-    where = f"{acts.n_tokens} tokens x {neurons} neurons{' per layer' if config.per_layer else ''}"
+    kept = f"{n_rows} tokens" if n_rows == acts.n_tokens else f"{n_rows} kept tokens (of {acts.n_tokens})"
+    where = f"{kept} x {neurons} neurons{' per layer' if config.per_layer else ''}"
     if config.n_components == AUTO:
         candidates = tuple(k for k in AUTO_CANDIDATES if k <= limit)
         if not candidates:
@@ -162,7 +217,24 @@ def _components_to_try(acts: Activations, config: IcaConfig) -> tuple[int, ...]:
 def default_out(acts: Activations, config: IcaConfig) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(acts.model.name).name).strip("-") or "model"
     per_layer = "-per-layer" if config.per_layer else ""
-    return Path(MASK_ARTIFACTS_DIR) / f"{slug}-ica{config.n_components}{per_layer}-seed{config.seed}.json"
+    name = f"{slug}-ica{config.n_components}{per_layer}{_prep_slug(config)}-seed{config.seed}.json"
+    return Path(MASK_ARTIFACTS_DIR) / name
+
+
+def _prep_slug(config: IcaConfig) -> str:
+    """The preprocessing in a file name, so that preprocessed runs do not overwrite plain ones ("" for none)."""
+    parts = []
+    if config.exclude_positions:
+        parts.append("nopos" + "_".join(map(str, config.exclude_positions)))
+    if config.exclude_token_ids:
+        parts.append(f"notok{len(config.exclude_token_ids)}")
+    if config.clip_percentile is not None:
+        parts.append(f"clip{config.clip_percentile:g}")
+    if config.scale == "layer":
+        parts.append("layerscale")
+    if config.set_aside_top:
+        parts.append(f"aside{config.set_aside_top}")
+    return "".join(f"-{part}" for part in parts)
 
 
 def _reduction_device(requested: str) -> str:
@@ -217,14 +289,21 @@ def _split_iou(result: Consensus, j: int, config: IcaConfig) -> float | None:
 
 
 def _networks(
-    acts: Activations, reductions: list[list[Reduction]], chosen: Candidate, config: IcaConfig
+    acts: Activations,
+    reductions: list[list[Reduction]],
+    chosen: Candidate,
+    config: IcaConfig,
+    set_aside: tuple[int, ...] = (),
 ) -> tuple[list[tuple[dict[int, tuple[int, ...]], dict[str, Any]]], list[dict[str, Any]]]:
-    """(layers, stats) of each emitted network, and the figures of the clusters left out as unstable."""
+    """(layers, stats) of each emitted network, and the figures of the clusters left out as unstable;
+    no network holds a set-aside column (their maps are flat there, this makes it certain)."""
     found, unstable = [], []
     for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
         stable = _is_stable(result, config)
         offset = views[0].columns[0]
         for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
+            if set_aside:
+                members = members[~np.isin(members + offset, set_aside)]
             stats = {
                 "quality": round(float(result.quality[j]), 3),
                 "share": round(float(result.share[j]), 3),
@@ -269,12 +348,15 @@ class Unmixed:
     reductions: list[list[Reduction]]  # [column group][view]
     tried: list[Candidate]  # one per k tried
     chosen: Candidate  # the k kept: the most stable networks, then the smaller k
+    prep: Preprocessing  # what the reduction applied before its products
 
 
 def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
     """The streamed reduction, then the consensus at each k to try; prints what it does."""
-    candidates = _components_to_try(acts, config)
+    n_rows = _rows_kept(acts, config)
+    candidates = _components_to_try(acts, config, n_rows)
     device = _reduction_device(config.device)
+    prep = _preprocessing(acts, config)
     k_max = max(candidates)
     oversample = config.oversample_for(k_max)
     with engine_session(config.dask_scheduler):  # connected before anything is printed
@@ -283,13 +365,13 @@ def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
             f"{config.n_components} components{' per layer' if config.per_layer else ''}, consensus of "
             f"{config.runs} {config.solver} run(s){' on bootstrap resamples' if config.bootstrap else ''} on the "
             f"whole data{f' and on each of {config.splits} disjoint splits of the records' if config.splits else ''}, "
-            f"reduction on {device} ({config.engine})"
+            f"reduction on {device} ({config.engine}){_describe_prep(acts, config, prep, n_rows)}"
         )
         reductions = reduce(
             acts,
             column_groups(acts, config.per_layer),
             k_max,
-            config.standardize,
+            prep,
             config.seed,
             oversample,
             config.reduction_tol,
@@ -311,18 +393,55 @@ def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
         )
     tried = [_consensus_at(reductions, k, config) for k in candidates]
     chosen = max(tried, key=lambda c: (c.stable_count(config), -c.k))
-    return Unmixed(reductions, tried, chosen)
+    return Unmixed(reductions, tried, chosen, prep)
+
+
+def _preprocessing(acts: Activations, config: IcaConfig) -> Preprocessing:
+    """The config's preprocessing, with what it needs from the data: clipping bounds from a seeded
+    sample of the kept rows (one streamed pass), the set-aside neurons from their magnitudes."""
+    clip = None
+    if config.clip_percentile is not None:
+        sample = sample_rows(acts, config.row_filter, config.clip_sample_rows, config.seed)
+        clip = clip_bounds(sample, config.clip_percentile)
+    set_aside = tuple(set_aside_columns(acts, config.set_aside_top)) if config.set_aside_top else ()
+    return Preprocessing(config.row_filter, clip, config.scale, set_aside)
+
+
+def _describe_prep(acts: Activations, config: IcaConfig, prep: Preprocessing, n_rows: int) -> str:
+    """The preprocessing in words for the opening line ("" when there is none)."""
+    parts = []
+    if prep.rows:
+        parts.append(f"{n_rows} of {acts.n_tokens} token rows kept")
+    if prep.clip is not None:
+        parts.append(f"values clipped at the {config.clip_percentile:g}th percentiles")
+    if prep.scale == "layer":
+        parts.append("each layer scaled to equal variance")
+    if prep.set_aside:
+        parts.append(f"the {len(prep.set_aside)} largest-magnitude neurons set aside")
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def _set_aside_record(acts: Activations, prep: Preprocessing) -> dict[str, Any]:
+    layers: dict[str, list[int]] = {}
+    for column in prep.set_aside:
+        layer, neuron = acts.column_to_neuron(column)
+        layers.setdefault(str(layer), []).append(neuron)
+    return {
+        "rule": "largest max |activation| over the activations' tokens (as evaluate's --top-n)",
+        "size": len(prep.set_aside),
+        "layers": {layer: sorted(neurons) for layer, neurons in sorted(layers.items(), key=lambda i: int(i[0]))},
+    }
 
 
 def run_ica(config: IcaConfig) -> MaskFile:
     """Find networks in an activations folder and write the mask file; returns it."""
     acts = open_activations(config.activations)
-    _components_to_try(acts, config)  # refused before anything is written
+    _components_to_try(acts, config)  # refused before anything is written (and before a set-aside or sample pass)
     out = config.out or default_out(acts, config)
     check_mask_out(out, config.overwrite, config.register)
     unmixed = unmix_activations(acts, config)
     reductions, tried, chosen = unmixed.reductions, unmixed.tried, unmixed.chosen
-    found, unstable = _networks(acts, reductions, chosen, config)
+    found, unstable = _networks(acts, reductions, chosen, config, unmixed.prep.set_aside)
     networks = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
     whole = [views[0] for views in reductions]
     explained = sum(r.eigenvalues[: chosen.k].sum() for r in whole) / max(sum(r.total_variance for r in whole), 1e-300)
@@ -346,6 +465,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
             "stable_per_k": {str(c.k): c.stable_count(config) for c in tried},
             "oversample": config.oversample_for(max(c.k for c in tried)),
             "threshold_rule": "percentile" if config.percentile is not None else "zscore",
+            "rows_kept": whole[0].n_rows,
             "explained_variance_ratio": round(float(explained), 4),
             "reduction": _reduction_record(reductions, chosen.k),
             "converged_runs": int(min(r.converged_runs for r in chosen.results)),
@@ -354,6 +474,8 @@ def run_ica(config: IcaConfig) -> MaskFile:
             "empty_components_dropped": sum(len(r.quality) for r in chosen.results) - len(networks) - len(unstable),
         },
     }
+    if unmixed.prep.set_aside:
+        source["ica"]["set_aside"] = _set_aside_record(acts, unmixed.prep)
     mask = MaskFile(model=acts.model, networks=networks, source=source)
     save_mask_file(mask, out)
     if config.register:

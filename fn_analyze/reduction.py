@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fn_analyze.activations import Activations, read_sequences, read_shard
+from fn_analyze.preprocess import ALL_ROWS, Preprocessing, RowFilter, inverse_scales
 from shared.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,34 +58,48 @@ class Reduction:
         return float(self.eigenvalues[-1] / self.next_eigenvalue) if self.next_eigenvalue > 0 else float("inf")
 
     tolerance: float  # the subspace_change the iteration stopped at (or max_passes ran out)
+    n_rows: int  # token rows of the view that entered the reduction (after any row filter)
 
     @property
     def converged(self) -> bool:
         return self.subspace_change <= self.tolerance
 
 
-def _shard_blocks(shard: Shard, device: torch.device, splits: int) -> Iterator[tuple[torch.Tensor, list[Any]]]:
-    """A shard's token rows as float32 blocks on `device`, each with its views' row selections:
-    slice(None) for the whole data, then the rows of each split (record index modulo `splits`)."""
-    rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
+def _shard_blocks(
+    shard: Shard, device: torch.device, splits: int, rows: RowFilter, clip: np.ndarray | None
+) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """A shard's kept token rows (`rows`: all by default) as float32 blocks on `device`, each value
+    clipped to its column's [low, high] when `clip` is given, each block with its views' row
+    selections: slice(None) for the whole data, then the rows of each split (record index modulo `splits`)."""
+    block_rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
     split_of = read_sequences(shard.path) % splits if splits else None
+    keep = rows.keep(shard.path)
+    bounds = None if clip is None else torch.as_tensor(clip, dtype=torch.float32, device=device)
     start = 0
-    for block in read_shard(shard.path, shard.n_tokens, shard.n_columns, rows):
+    for block in read_shard(shard.path, shard.n_tokens, shard.n_columns, block_rows):
+        stop, part = start + len(block), None if split_of is None else split_of[start : start + len(block)]
+        if keep is not None:
+            block = block[keep[start:stop]]
+            part = None if part is None else part[keep[start:stop]]
+        start = stop
+        if not len(block):
+            continue
         views: list[Any] = [slice(None)]
-        if split_of is not None:
-            part = split_of[start : start + len(block)]
+        if part is not None:
             views += [torch.as_tensor(np.flatnonzero(part == s), device=device) for s in range(splits)]
-        start += len(block)
-        yield torch.from_numpy(block).to(device=device, dtype=torch.float32), views
+        x = torch.from_numpy(block).to(device=device, dtype=torch.float32)
+        yield (x if bounds is None else torch.clamp(x, bounds[0], bounds[1])), views
 
 
-def shard_moments(shard: Shard, splits: int, device: str) -> np.ndarray:
-    """(views, 3, neurons) float64: each view's row count, per-neuron sum and sum of squares."""
+def shard_moments(
+    shard: Shard, splits: int, device: str, rows: RowFilter = ALL_ROWS, clip: np.ndarray | None = None
+) -> np.ndarray:
+    """(views, 3, neurons) float64: each view's row count, per-neuron sum and sum of squares (kept, clipped rows)."""
     dev = torch.device(device)
     total = torch.zeros((1 + splits, 3, shard.n_columns), dtype=torch.float64, device=dev)
-    for block, views in _shard_blocks(shard, dev, splits):
-        for view, rows in enumerate(views):
-            x = block[rows]
+    for block, views in _shard_blocks(shard, dev, splits, rows, clip):
+        for view, selected in enumerate(views):
+            x = block[selected]
             total[view, 0] += len(x)
             total[view, 1] += x.sum(dim=0, dtype=torch.float64)
             total[view, 2] += (x * x).sum(dim=0, dtype=torch.float64)
@@ -99,6 +114,8 @@ def shard_products(
     bases: Sequence[Sequence[np.ndarray]],  # [group][view]
     splits: int,
     device: str,
+    rows: RowFilter = ALL_ROWS,
+    clip: np.ndarray | None = None,
 ) -> list[list[np.ndarray]]:
     """For each column group g and view v: sum over the shard's rows of view v of X_gv^T (X_gv basis_gv),
     X centered (and scaled) by the view's own moments; float32 products, float64 sums."""
@@ -107,9 +124,9 @@ def shard_products(
     scales_t = None if inv_scales is None else torch.as_tensor(inv_scales, dtype=torch.float32, device=dev)
     bases_t = [[torch.as_tensor(b, dtype=torch.float32, device=dev) for b in views] for views in bases]
     outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
-    for block, views in _shard_blocks(shard, dev, splits):
-        for view, rows in enumerate(views):
-            x = block[rows] - means_t[view]
+    for block, views in _shard_blocks(shard, dev, splits, rows, clip):
+        for view, selected in enumerate(views):
+            x = block[selected] - means_t[view]
             if scales_t is not None:
                 x *= scales_t[view]
             for g, (start, stop) in enumerate(groups):
@@ -206,7 +223,7 @@ def reduce(
     acts: Activations,
     groups: Sequence[tuple[int, int]],
     k: int,
-    standardize: bool,
+    prep: Preprocessing,
     seed: int,
     oversample: int,
     tol: float,
@@ -227,17 +244,19 @@ def reduce(
     property of the data, not of the random start, the thread count or the order of the sums;
     with a fixed number of passes it was not, and the networks moved with float rounding.
     `oversample` extra columns speed convergence: about lambda_{k+oversample+1} / lambda_k per pass.
+    `prep` (fn_analyze/preprocess.py) leaves token rows out, clips values and scales columns, in
+    every pass alike; its default changes nothing.
     """
     shards = shards_of(acts)
     views = 1 + splits
     with full_float32_matmul():
-        moments = sum_over_shards(shard_moments, shards, (splits, device), engine)
+        moments = sum_over_shards(shard_moments, shards, (splits, device, prep.rows, prep.clip), engine)
         counts = np.maximum(moments[:, 0, :1], 1.0)  # (views, 1)
         means = moments[:, 1] / counts
         stds = np.sqrt(np.maximum(moments[:, 2] / counts - means**2, 0.0))
-        # Dead neurons (zero variance) keep scale 1 so they stay zero instead of dividing by zero.
-        scales = np.where(stds > 0, stds, 1.0) if standardize else np.ones_like(stds)
-        inv_scales = 1.0 / scales if standardize else None
+        inv_scales = inverse_scales(stds, acts.intermediate_size, prep.scale, prep.set_aside)
+        # What each view's columns hold after scaling: their total variance is that of the scaled data.
+        scaled_stds = stds if inv_scales is None else stds * inv_scales
         rng = np.random.default_rng(seed)
         bases = [
             [
@@ -247,9 +266,10 @@ def reduce(
             for start, stop in groups
         ]
         fixed = (groups, means, inv_scales)
+        filters = (prep.rows, prep.clip)
         previous: list[list[np.ndarray]] | None = None
         for passes in range(1, max_passes + 1):
-            products = sum_over_shards(shard_products, shards, (*fixed, bases, splits, device), engine)
+            products = sum_over_shards(shard_products, shards, (*fixed, bases, splits, device, *filters), engine)
             ritz = [
                 [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
                 for bs, ps in zip(bases, products, strict=True)
@@ -271,7 +291,8 @@ def reduce(
                 maps=signed(ritz[g][v][1]),
                 eigenvalues=ritz[g][v][0][:k],
                 next_eigenvalue=float(ritz[g][v][0][k]) if len(ritz[g][v][0]) > k else 0.0,
-                total_variance=float(((stds[v, start:stop] / scales[v, start:stop]) ** 2).sum() * counts[v, 0]),
+                total_variance=float((scaled_stds[v, start:stop] ** 2).sum() * counts[v, 0]),
+                n_rows=int(moments[v, 0, 0]),
                 passes=passes,
                 subspace_change=float(changes[g][v]),
                 tolerance=tol,

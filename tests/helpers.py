@@ -28,14 +28,21 @@ def write_mask(model: nn.Module, networks: dict[int, dict[int, list[int]]], path
 
 
 def write_activations(
-    folder: Path, matrix, layers: list[int], intermediate_size: int, rows_per_shard: int = 1000
+    folder: Path,
+    matrix,
+    layers: list[int],
+    intermediate_size: int,
+    rows_per_shard: int = 1000,
+    positions=None,
+    token_ids=None,
 ) -> Path:
-    """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it."""
+    """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it;
+    each row's position and token id are 0 unless given."""
     from fn_analyze.activations import write_matrix
     from shared.models import ModelInfo
 
     info = ModelInfo("synthetic", "llama", max(layers) + 1, intermediate_size, 8, "sha256:synthetic")
-    return write_matrix(folder, matrix, info, layers, rows_per_shard)
+    return write_matrix(folder, matrix, info, layers, rows_per_shard, positions, token_ids)
 
 
 def record_results(monkeypatch, module, name: str) -> list:
