@@ -39,12 +39,29 @@ def _how_made(mask: MaskFile) -> str:
     requested = ica.get("n_components_requested")
     chosen = f" (chosen by auto: stable networks per k {ica.get('stable_per_k')})" if requested == "auto" else ""
     splits = f" and on each of its {ica['splits']} splits of the records" if ica.get("splits") else ""
-    return (
+    return _preprocessing_line(ica) + (
         f"{made}{chosen}\nconsensus of {ica['runs']} {ica.get('solver', '?')} runs"
         f"{' on bootstrap resamples' if ica.get('bootstrap') else ''} on the whole data{splits}"
         f"; a network is stable at quality >= "
         f"{ica.get('min_quality')} and share >= {ica.get('min_share')}"
     )
+
+
+def _preprocessing_line(ica: dict[str, Any]) -> str:
+    """What the ICA did to the data before it ("" for none, or a file older than the options)."""
+    parts = []
+    if ica.get("exclude_positions") or ica.get("exclude_token_ids"):
+        parts.append(
+            f"{ica.get('rows_kept', '?')} token rows kept (positions {ica.get('exclude_positions') or '-'} and "
+            f"token ids {ica.get('exclude_token_ids') or '-'} left out)"
+        )
+    if ica.get("clip_percentile") is not None:
+        parts.append(f"clipped at each neuron's {ica['clip_percentile']}th percentiles")
+    if ica.get("scale", "none") != "none":
+        parts.append(f"scale {ica['scale']}")
+    if ica.get("set_aside_top"):
+        parts.append(f"the {ica['set_aside_top']} largest-magnitude neurons set aside")
+    return f"preprocessing: {'; '.join(parts)}\n" if parts else ""
 
 
 def describe(mask: MaskFile) -> str:
@@ -77,6 +94,12 @@ def describe(mask: MaskFile) -> str:
         )
     lines.append("")
     lines.append(f"union: {len(union)} neurons ({100 * len(union) / total:.2f}% of {total})")
+    aside = mask.source.get("ica", {}).get("set_aside")
+    if aside:
+        profile = [len(aside.get("layers", {}).get(str(layer), ())) for layer in range(model.n_layers)]
+        lines.append(
+            f"set aside ({aside.get('size')} largest-magnitude neurons, in no network): |{layer_profile(profile)}|"
+        )
     left_out = mask.source.get("ica", {}).get("unstable", [])
     if left_out:
         lines.append(f"left out as unstable ({len(left_out)}; `fn-analyze ica --keep-unstable` emits them):")
