@@ -43,7 +43,7 @@ def test_sweep_runs_every_option_and_mode_and_resumes(
     best = sweep.main(argv)
     printed = capsys.readouterr().out
     lines = printed.strip().splitlines()
-    assert re.fullmatch(r"science_sweep: ratio=(\d+\.\d\d|n/a)", lines[-1]), lines[-1]
+    assert re.fullmatch(r"science_sweep: ratio=(-?\d+\.\d\d|n/a)", lines[-1]), lines[-1]
     rows = json.loads((out / "sweep.json").read_text())
     assert [(r["option"], r["mode"]) for r in rows] == [
         (option, mode) for option in ("none", "nopos0", "aside") for mode in ("zero", "mean")
