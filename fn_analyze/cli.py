@@ -88,9 +88,11 @@ def ica_command(
     n_components: Annotated[
         str, typer.Option(help="Independent components (k), or auto: the k with the most stable networks.")
     ] = "20",
-    threshold: Annotated[float, typer.Option(help="z-score a neuron needs in a map to join its network.")] = 3.0,
+    threshold: Annotated[
+        float, typer.Option(help="|z| a neuron needs in a map (either tail) to join its network.")
+    ] = 3.0,
     percentile: Annotated[
-        Optional[float], typer.Option(help="Instead of --threshold: keep neurons above this percentile of each map.")
+        Optional[float], typer.Option(help="Instead of --threshold: keep neurons above this percentile of each |map|.")
     ] = None,
     standardize: Annotated[
         bool,

@@ -54,10 +54,10 @@ class IcaConfig:
     out: Path | None = None  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
     # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
     n_components: int | str = 20
-    # Default z >= 3: in a pilot on SmolLM2-135M, z >= 3 networks (about 6% of neurons for 20
+    # Default |z| >= 3: in a pilot on SmolLM2-135M, z >= 3 networks (about 6% of neurons for 20
     # components) hurt the model 3.7x more than random neurons of the same per-layer counts.
     threshold: float = 3.0
-    percentile: float | None = None  # instead of z: keep neurons above this percentile of each map
+    percentile: float | None = None  # instead of |z|: keep neurons above this percentile of each map's |z|
     standardize: bool = False  # scale neurons to unit variance (the original tool; hurts, see DESIGN.md)
     # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py); none by default.
     scale: str = "none"  # none | neuron (unit variance: what standardize sets) | layer (each layer weighs the same)
@@ -154,11 +154,18 @@ def _parse_components(value: int | str) -> int | str:
 
 
 def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) -> list[np.ndarray]:
-    """Column indices of each map's network: z >= threshold, or above the map's percentile."""
+    """Column indices of each map's network: |z| >= threshold, or |z| above the map's percentile.
+
+    Both tails: an ICA map's sign is arbitrary, and a map with two tails of similar mass
+    (neurons that load strongly positive and strongly negative on one component) was read
+    from one tail with one seed and from the other with the next (IoU 0 between the two
+    networks, on the demo). Every neuron far from zero in either direction belongs to it.
+    """
+    magnitude = np.abs(z)
     if percentile is None:
-        return [np.flatnonzero(z[:, j] >= threshold) for j in range(z.shape[1])]
-    cuts = np.percentile(z, percentile, axis=0)
-    return [np.flatnonzero(z[:, j] > cuts[j]) for j in range(z.shape[1])]
+        return [np.flatnonzero(magnitude[:, j] >= threshold) for j in range(z.shape[1])]
+    cuts = np.percentile(magnitude, percentile, axis=0)
+    return [np.flatnonzero(magnitude[:, j] > cuts[j]) for j in range(z.shape[1])]
 
 
 def column_groups(acts: Activations, per_layer: bool) -> list[tuple[int, int]]:
@@ -308,7 +315,7 @@ def _networks(
                 "quality": round(float(result.quality[j]), 3),
                 "share": round(float(result.share[j]), 3),
                 "split_iou": None if (iou := _split_iou(result, j, config)) is None else round(iou, 3),
-                "peak_z": round(float(result.z[:, j].max()), 3),
+                "peak_z": round(float(np.abs(result.z[:, j]).max()), 3),
                 "component": j if len(reductions) == 1 else f"{group}:{j}",
                 "stable": bool(stable[j]),
             }
@@ -464,7 +471,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
             "n_components_requested": config.n_components,
             "stable_per_k": {str(c.k): c.stable_count(config) for c in tried},
             "oversample": config.oversample_for(max(c.k for c in tried)),
-            "threshold_rule": "percentile" if config.percentile is not None else "zscore",
+            "threshold_rule": "abs-percentile" if config.percentile is not None else "abs-zscore",
             "rows_kept": whole[0].n_rows,
             "explained_variance_ratio": round(float(explained), 4),
             "reduction": _reduction_record(reductions, chosen.k),

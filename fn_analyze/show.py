@@ -23,9 +23,12 @@ def _figure(value: Any) -> str:
 
 
 def _threshold_rule(ica: dict[str, Any]) -> str:
+    """Files before schema 2's consensus kept the positive tail only (rule "zscore"/"percentile")."""
+    both = str(ica.get("threshold_rule", "")).startswith("abs-")
+    value = "|z|" if both else "z"
     if ica.get("percentile") is not None:
-        return f"percentile {ica['percentile']}"
-    return f"z >= {ica.get('threshold', '?')}"
+        return f"{value} above percentile {ica['percentile']}"
+    return f"{value} >= {ica.get('threshold', '?')}"
 
 
 def _how_made(mask: MaskFile) -> str:
