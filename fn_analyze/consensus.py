@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -122,9 +122,8 @@ class Consensus:
     view_z: np.ndarray  # (views, neurons, clusters) the same per view (NaN where a view has no member)
     quality: np.ndarray  # (clusters,) ICASSO I_q
     share: np.ndarray  # (clusters,) share of all runs (every view's) with a map in the cluster
-    runs: int  # runs in all, over every view
-    converged_runs: int
     partial_clusters: int  # clusters that no run on the whole data found (left out)
+    converged_runs: int = 0  # runs whose solver stopped before max_iter (set by consensus_ica)
 
 
 def _mean_map(stacked: np.ndarray, members: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -141,7 +140,7 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
     np.fill_diagonal(similarity, 1.0)
     tree = linkage(squareform(1.0 - similarity, checks=False), method="average")
     labels = fcluster(tree, t=1.0 - CLUSTER_SIMILARITY, criterion="distance")
-    maps, view_maps, quality, share, partial = [], [], [], [], 0
+    view_maps, quality, share, partial = [], [], [], 0
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         inside = similarity[np.ix_(members, members)]
@@ -160,7 +159,6 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
         quality.append((within if len(members) > 1 else 1.0) - (outside.mean() if outside.size else 0.0))
         share.append(len(best_per_run) / runs)
         reference = stacked[:, centrotype]
-        maps.append(_mean_map(stacked, chosen[view_of[chosen] == 0], reference))
         view_maps.append(
             [
                 _mean_map(stacked, chosen[view_of[chosen] == v], reference)
@@ -171,8 +169,8 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
         )
     quality_arr, share_arr = np.array(quality), np.array(share)
     order = np.lexsort((-share_arr, -quality_arr))
-    z = zscore_and_flip(np.stack(maps, axis=1)[:, order])
-    by_view = np.stack(view_maps, axis=2)[:, :, order]  # (views, neurons, clusters)
+    by_view = np.stack(view_maps, axis=2)[:, :, order]  # (views, neurons, clusters); view 0: the whole data
+    z = zscore_and_flip(by_view[0])
     # Each view's map signed like the whole data's, not by its own peak: a map with two
     # tails of similar height could otherwise be read from its other tail.
     view_z = np.stack([zscore_and_flip(by_view[v]) for v in range(views)])
@@ -182,8 +180,6 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
         view_z=view_z,
         quality=quality_arr[order],
         share=share_arr[order],
-        runs=runs,
-        converged_runs=runs,
         partial_clusters=partial,
     )
 
@@ -208,6 +204,5 @@ def consensus_ica(
         warnings.filterwarnings("ignore", message="Picard did not converge")
         results = list(pool.map(lambda job: unmix_once(job[0], job[1], solver, max_iter, tol), jobs))
     stacked = np.concatenate([z for z, _ in results], axis=1)
-    result = cluster_maps(stacked, np.array(run_of), np.array(view_of), runs * len(views))
-    result.converged_runs = sum(converged for _, converged in results)
-    return result
+    clusters = cluster_maps(stacked, np.array(run_of), np.array(view_of), runs * len(views))
+    return replace(clusters, converged_runs=sum(converged for _, converged in results))

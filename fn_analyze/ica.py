@@ -338,7 +338,7 @@ def _reduction_record(reductions: list[list[Reduction]], k: int) -> dict[str, An
     """How the reduction ended; the eigen-gap is eigenvalue k over eigenvalue k+1, the smallest over groups
     (near 1: the k-th principal map is barely defined, so the k-dimensional subspace is fragile)."""
     every = [view for views in reductions for view in views]
-    gaps = [r.eigenvalues[k - 1] / r.eigenvalues[k] if len(r.eigenvalues) > k else r.eigen_gap for r in every]
+    gaps = [r.gap_at(k) for r in every]
     return {
         "passes": every[0].passes,
         "tolerance": every[0].tolerance,

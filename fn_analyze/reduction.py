@@ -52,13 +52,17 @@ class Reduction:
     total_variance: float  # trace of C
     passes: int  # products C Q computed (passes over the shards, the moments pass not counted)
     subspace_change: float  # sine of the largest principal angle between the last two iterates' maps
+    tolerance: float  # the subspace_change the iteration stopped at (or max_passes ran out)
+    n_rows: int  # token rows of the view that entered the reduction (after any row filter)
+
+    def gap_at(self, k: int) -> float:
+        """Eigenvalue k over eigenvalue k+1 (the Ritz value past the maps kept when k is all of them)."""
+        following = self.eigenvalues[k] if k < len(self.eigenvalues) else self.next_eigenvalue
+        return float(self.eigenvalues[k - 1] / following) if following > 0 else float("inf")
 
     @property
     def eigen_gap(self) -> float:
-        return float(self.eigenvalues[-1] / self.next_eigenvalue) if self.next_eigenvalue > 0 else float("inf")
-
-    tolerance: float  # the subspace_change the iteration stopped at (or max_passes ran out)
-    n_rows: int  # token rows of the view that entered the reduction (after any row filter)
+        return self.gap_at(len(self.eigenvalues))
 
     @property
     def converged(self) -> bool:
