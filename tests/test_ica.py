@@ -304,3 +304,24 @@ def test_fastica_solver_finds_the_planted_networks_and_is_recorded(tmp_path: Pat
         assert max(_iou(members, other) for other in found) >= 0.8
     with pytest.raises(UserError, match="unknown --solver 'jade'; use one of picard, fastica"):
         IcaConfig(activations=folder, solver="jade")
+
+
+def test_a_run_in_another_optimum_stays_out_of_the_consensus_map() -> None:
+    """Runs that land in one optimum agree; one run in another optimum (|corr| about 0.8 with them)
+    still joins their cluster but not their map: the map is the mean of the others alone."""
+    from fn_analyze.consensus import cluster_maps, zscore_and_flip
+
+    rng = np.random.default_rng(0)
+    n, runs = 5000, 6
+    source, other = rng.laplace(size=n), rng.laplace(size=n)
+    maps = [source + 0.05 * rng.normal(size=n) for _ in range(runs - 1)]
+    maps.append(0.8 * source + 0.6 * other)  # the same component, another optimum
+    unrelated = [rng.laplace(size=n) for _ in range(runs)]  # each run's second map, its own
+    stacked = zscore_and_flip(np.column_stack([m for pair in zip(maps, unrelated) for m in pair]))
+    run_of = np.repeat(np.arange(runs), 2)
+    result = cluster_maps(stacked, run_of, np.zeros(2 * runs, dtype=int), runs)
+
+    found = int(np.argmax(result.share))
+    assert result.share[found] == 1.0  # the run in another optimum is counted in the cluster...
+    expected = zscore_and_flip(stacked[:, 0 : 2 * (runs - 1) : 2].mean(axis=1, keepdims=True))[:, 0]
+    np.testing.assert_allclose(result.z[:, found], expected, atol=1e-12)  # ...but not averaged into its map
