@@ -8,14 +8,18 @@ each as its own process (`python -m fn_analyze.cli`), and one table:
     layer-matched and vs magnitude-matched random (ratio of extra loss), only the union kept
     vs the same (below 1: keeping the networks is better than keeping random neurons), and on
     multiple-choice data the accuracy lost with the union off, next to what the
-    magnitude-matched random sets lose.
+    magnitude-matched random sets lose; and whether the networks come back (issue "Networks
+    that come back"): `halves`, the share of networks whose two disjoint halves of the records
+    give the same neurons at IoU >= 0.5 (each mask file's `split_iou`), and with
+    `--seed-check` `seeds`, the share matched one to one at IoU >= 0.8 by a second `ica`
+    with `--seed 1` (one more `ica` per option).
 
 Options: none (centered only), nopos0 (`--exclude-positions 0`), layer (`--scale layer`),
 clip (`--clip-percentile P`), aside (`--set-aside N`). Extra `ica` flags go after `--`.
 
     python bench/science_sweep.py --activations runs/acts --dataset demo/sentiment.csv [--model smollm2-135m] \
         [--out runs/sweep] [--options none,nopos0,layer,clip,aside] [--modes zero,mean] \
-        [--limit 200] [--draws 5] [--network-draws 0] [-- --n-components 20]
+        [--limit 200] [--draws 5] [--network-draws 0] [--seed-check] [-- --n-components 20]
 
 Resumes: a mask file or results file already in --out is not made again (both are written
 atomically, so one that exists is whole); --out remembers the settings and refuses others.
@@ -32,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from fn_analyze.compare import iou_matrix, reproduced
+from shared.masks import load_mask_file
 
 OPTIONS = ("none", "nopos0", "layer", "clip", "aside")
 MODES = ("zero", "mean")
@@ -56,15 +63,34 @@ def fn_analyze(command: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def make_mask(option: str, args: argparse.Namespace) -> Path:
-    out = args.out / "masks" / f"{option}.json"
+def make_mask(option: str, args: argparse.Namespace, seed: int = 0) -> Path:
+    """The mask file of one option (ica `--seed`: 0, or 1 for the seed check)."""
+    name = option if seed == 0 else f"{option}-seed{seed}"
+    out = args.out / "masks" / f"{name}.json"
     if out.exists():
-        print(f"  ica {option}: done before, {out}", flush=True)
+        print(f"  ica {name}: done before, {out}", flush=True)
         return out
     command = ["ica", "--activations", str(args.activations), "--out", str(out), "--no-register", "--overwrite"]
-    seconds = fn_analyze([*command, *ica_flags(option, args), *args.ica_args])
-    print(f"  ica {option}: {seconds:.0f} s -> {out}", flush=True)
+    seconds = fn_analyze([*command, "--seed", str(seed), *ica_flags(option, args), *args.ica_args])
+    print(f"  ica {name}: {seconds:.0f} s -> {out}", flush=True)
     return out
+
+
+HALVES_AT, SEEDS_AT = 0.5, 0.8  # the IoU levels of issue "Networks that come back"
+
+
+def reproducibility(mask: Path, second_seed: Path | None) -> dict[str, float | None]:
+    """`halves`: the share of networks with split_iou >= HALVES_AT (None: no split computed);
+    `seeds`: the share matched one to one at IoU >= SEEDS_AT with the second seed's file."""
+    mask_file = load_mask_file(mask)
+    splits = [network.stats.get("split_iou") for network in mask_file.networks]
+    figures: dict[str, float | None] = {"halves": None, "seeds": None}
+    if splits and all(iou is not None for iou in splits):
+        figures["halves"] = sum(iou >= HALVES_AT for iou in splits) / len(splits)
+    if second_seed is not None:
+        matrix = iou_matrix(mask_file, load_mask_file(second_seed))
+        figures["seeds"] = float(reproduced(matrix, (SEEDS_AT,))[f"{SEEDS_AT:g}"]["share"])
+    return figures
 
 
 def run_evaluate(option: str, mode: str, mask: Path, args: argparse.Namespace) -> Path | None:
@@ -85,10 +111,13 @@ def run_evaluate(option: str, mode: str, mask: Path, args: argparse.Namespace) -
     return out
 
 
-def row_of(option: str, mode: str, mask: Path, results: Path | None) -> dict[str, Any]:
-    """One row of the table from a mask file and its results file (None: nothing measured)."""
+def row_of(
+    option: str, mode: str, mask: Path, results: Path | None, repro: dict[str, float | None]
+) -> dict[str, Any]:
+    """One row of the table from a mask file, its results file (None: nothing measured) and its
+    reproducibility figures."""
     networks = json.loads(mask.read_text(encoding="utf-8"))["networks"]
-    row: dict[str, Any] = {"option": option, "mode": mode, "networks": len(networks)}
+    row: dict[str, Any] = {"option": option, "mode": mode, "networks": len(networks), **repro}
     if results is None:
         return row
     data = json.loads(results.read_text(encoding="utf-8"))
@@ -116,7 +145,8 @@ def _fmt(value: Any, spec: str) -> str:
 def format_rows(rows: list[dict[str, Any]], top_n: int) -> str:
     header = (
         f"{'option':<8} {'mode':<5} {'nets':>4} {'neurons':>7} {f'top{top_n}':>6} "
-        f"{'off/layer':>9} {'off/mag':>8} {'kept/layer':>10} {'kept/mag':>9} {'acc':>6} {'drop':>6} {'drop mag':>8}"
+        f"{'off/layer':>9} {'off/mag':>8} {'kept/layer':>10} {'kept/mag':>9} {'acc':>6} {'drop':>6} {'drop mag':>8} "
+        f"{'halves':>6} {'seeds':>5}"
     )
     lines = [header]
     for row in rows:
@@ -125,12 +155,15 @@ def format_rows(rows: list[dict[str, Any]], top_n: int) -> str:
             f"{_fmt(row.get('top_held'), 'd'):>6} {_fmt(row.get('off_layer'), '.2f'):>9} "
             f"{_fmt(row.get('off_mag'), '.2f'):>8} {_fmt(row.get('kept_layer'), '.2f'):>10} "
             f"{_fmt(row.get('kept_mag'), '.2f'):>9} {_fmt(row.get('acc_base'), '.3f'):>6} "
-            f"{_fmt(row.get('acc_drop'), '.3f'):>6} {_fmt(row.get('acc_drop_mag'), '.3f'):>8}"
+            f"{_fmt(row.get('acc_drop'), '.3f'):>6} {_fmt(row.get('acc_drop_mag'), '.3f'):>8} "
+            f"{_fmt(row.get('halves'), '.2f'):>6} {_fmt(row.get('seeds'), '.2f'):>5}"
         )
     lines.append(
         "off: union of the networks switched off; kept: only the union kept. Ratios are extra loss over the random "
         "sets' (layer- or magnitude-matched); off above 1 and kept below 1 favour the networks. acc: baseline "
-        "accuracy; drop: accuracy lost with the union off; drop mag: lost by the magnitude-matched random sets."
+        "accuracy; drop: accuracy lost with the union off; drop mag: lost by the magnitude-matched random sets. "
+        f"halves: share of networks whose halves of the records agree at IoU >= {HALVES_AT}; seeds: share matched "
+        f"one to one at IoU >= {SEEDS_AT} by a second seed (--seed-check)."
     )
     return "\n".join(lines)
 
@@ -140,7 +173,7 @@ def check_settings(args: argparse.Namespace) -> None:
     settings = {
         key: str(value) if isinstance(value, Path) else value
         for key, value in vars(args).items()
-        if key not in ("out", "options", "modes")
+        if key not in ("out", "options", "modes", "seed_check")
     }
     path = args.out / SETTINGS_NAME
     if path.exists() and json.loads(path.read_text(encoding="utf-8")) != settings:
@@ -170,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-n", type=int, default=100, help="Largest-magnitude neurons counted in each set.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random sets.")
     parser.add_argument("--device", default="auto", help="evaluate's device.")
+    parser.add_argument("--seed-check", action="store_true", help="Also run each option's ica with --seed 1.")
     args = parser.parse_args(argv)
     args.ica_args = ica_args
     args.options = [o.strip() for o in args.options.split(",") if o.strip()]
@@ -186,8 +220,9 @@ def main(argv: list[str] | None = None) -> float | None:
     rows = []
     for option in args.options:
         mask = make_mask(option, args)
+        repro = reproducibility(mask, make_mask(option, args, seed=1) if args.seed_check else None)
         for mode in args.modes:
-            rows.append(row_of(option, mode, mask, run_evaluate(option, mode, mask, args)))
+            rows.append(row_of(option, mode, mask, run_evaluate(option, mode, mask, args), repro))
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     print(format_rows(rows, args.top_n))
     ratios = [row["off_mag"] for row in rows if row.get("off_mag") is not None]

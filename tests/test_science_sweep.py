@@ -36,7 +36,7 @@ def test_sweep_runs_every_option_and_mode_and_resumes(
     argv = [
         "--activations", str(acts), "--dataset", str(demo_dir / "sentiment.csv"), "--model", str(tiny_lm_dir),
         "--out", str(out), "--options", "none,nopos0,aside", "--modes", "zero,mean", "--limit", "6",
-        "--draws", "1", "--set-aside", "5", "--top-n", "5", "--device", "cpu",
+        "--draws", "1", "--set-aside", "5", "--top-n", "5", "--device", "cpu", "--seed-check",
         "--", "--n-components", "3", "--runs", "1", "--splits", "0", "--keep-unstable",
     ]  # fmt: skip
     sweep = _sweep_module()
@@ -51,12 +51,15 @@ def test_sweep_runs_every_option_and_mode_and_resumes(
     for row in rows:
         assert row["networks"] > 0 and "off_layer" in row and "kept_mag" in row
         assert 0.0 <= row["acc_base"] <= 1.0  # sentiment.csv is multiple choice: accuracy is reported
+        assert row["halves"] is None and 0.0 <= row["seeds"] <= 1.0  # no splits (--splits 0); a second seed
         assert re.search(rf"^{row['option']}\s+{row['mode']}\s+{row['networks']}\s", printed, re.M)
     ratios = [r["off_mag"] for r in rows if r["off_mag"] is not None]
     assert best == (max(ratios) if ratios else None)
     ica = {
-        name: json.loads((out / "masks" / f"{name}.json").read_text())["source"]["ica"] for name in ("nopos0", "aside")
+        name: json.loads((out / "masks" / f"{name}.json").read_text())["source"]["ica"]
+        for name in ("nopos0", "aside", "none-seed1")
     }
+    assert ica["none-seed1"]["seed"] == 1
     assert ica["nopos0"]["exclude_positions"] == [0] and ica["aside"]["set_aside"]["size"] == 5
     results = json.loads((out / "eval" / "aside-mean.json").read_text())
     assert results["ablation"]["mode"] == "mean"
@@ -68,7 +71,7 @@ def test_sweep_runs_every_option_and_mode_and_resumes(
     made.pop(out / sweep.SETTINGS_NAME)
     assert sweep.main(argv) == best
     again = capsys.readouterr().out
-    assert again.count("done before") == 3 + 6
+    assert again.count("done before") == 3 + 3 + 6  # ica of both seeds, evaluate
     assert again.strip().splitlines()[-len(rows) - 3 :] == lines[-len(rows) - 3 :]
     assert {path: path.stat().st_mtime_ns for path in made} == made
     # Other settings are refused in the same folder.
