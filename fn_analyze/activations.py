@@ -420,7 +420,7 @@ def open_activations(folder: Path) -> Activations:
     there, opens, has its rows and belongs to the same collect run (no hashing: see `verify_activations`)."""
     folder = Path(folder)
     acts = open_manifest(folder)
-    manifest, manifest_path = acts.manifest, folder / MANIFEST_NAME
+    manifest = acts.manifest
     named = [folder / s["file"] for s in manifest["shards"]]
     missing = [path.name for path in named if not path.is_file()]
     if missing:
@@ -470,6 +470,7 @@ def verify_activations(folder: Path) -> str:
     if not acts.checksummed:
         return (
             f"verify: {acts.folder} holds no checksums (written by an older collect): its {shards} shard(s) "
-            "open and read whole, but damage that still reads cannot be seen; re-run collect with --overwrite to add them"
+            "open and read whole, but damage that still reads cannot be seen; re-run collect with --overwrite "
+            "to add them"
         )
     return f"verify: the {shards} shard(s) of {acts.folder} ({acts.n_tokens} tokens) match their digests"

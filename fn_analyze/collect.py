@@ -397,9 +397,8 @@ def collect(config: CollectConfig) -> dict[str, Any]:
             if ranks.distributed:
                 raise UserError("re-record damaged shards in one process: run the same collect without torchrun")
             world_size = int(finished.manifest["world_size"])  # the folder's, as in its run key
-            return _repair(
-                config.out, finished, recorder, _run_key(config, info.fingerprint, dataset_digest, dtype, layers, world_size)
-            )
+            folder_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, world_size)
+            return _repair(config.out, finished, recorder, folder_key)
         run_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, ranks.world_size)
         n_columns = len(layers) * info.intermediate_size
         row_bytes = n_columns * 2
@@ -434,8 +433,9 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         try:
             with copier.installed(), torch.inference_mode(), stop_on_signals() as stop:
                 left = None if budget is None else budget - n_tokens
-                for rows, ids, record, position, cursor in recorder.batches(mine, cursor, len(mine), left):
-                    writer.write(rows, ids, record, position, next_record=cursor)
+                for rows, ids, record, position, after in recorder.batches(mine, cursor, len(mine), left):
+                    writer.write(rows, ids, record, position, next_record=after)
+                    cursor = after
                     n_tokens += len(rows)
                     progress.update(len(rows))
                     if stop:

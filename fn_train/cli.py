@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from shared.cli import setup_logging, handle_errors
+from shared.cli import handle_errors, setup_logging
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import UserError
 

@@ -93,7 +93,7 @@ class TrainConfig:
             raise UserError(f"--max_steps must be at least 1, or -1 to train --num_train_epochs, got {self.max_steps}")
         if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
             raise UserError(f"--num_train_epochs must be a positive number, got {self.num_train_epochs}")
-        if not (0 <= self.warmup_steps < 1 or float(self.warmup_steps).is_integer()):
+        if self.warmup_steps < 0 or not (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()):
             raise UserError(
                 f"--warmup_steps must be a whole number of steps or a share of the steps in [0, 1), "
                 f"got {self.warmup_steps}"
