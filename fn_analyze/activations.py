@@ -19,9 +19,11 @@ every shard. Folders written before the checksums read as before, unchecked.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from shared.paths import file_in_folder
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
 FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
+HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
 
 
 class ShardWriter:
@@ -122,9 +125,20 @@ class ShardWriter:
         if self._pending_bytes >= FLUSH_BYTES or self._rows + self._pending_rows >= self.rows_per_shard:
             self._flush()
 
+    def _check_room(self) -> None:
+        """Refuse a block the disk has no room for before HDF5 starts it: HDF5 failing mid-write
+        raises from its object destructors and can crash the process on exit."""
+        needed = self._pending_bytes * 3 // 2 + HDF5_MARGIN_BYTES  # the other datasets, checksums, metadata
+        free = shutil.disk_usage(self.folder).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC, f"No space left on device: the next block needs {needed} bytes, {free} are free"
+            )
+
     def _flush(self) -> None:
         if not self._pending:
             return
+        self._check_room()
         if self._file is None:
             self._open()
         assert self._file is not None
@@ -165,7 +179,7 @@ class ShardWriter:
         if self._file is not None:
             try:
                 self._file.close()
-            except OSError:  # the close's own writes fail on a full disk too
+            except Exception:  # the close's own writes fail on a full disk too (OSError or RuntimeError)
                 if not discard:
                     raise
             self._file = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -221,6 +222,16 @@ def _disk_full(output_dir: Path, exc: BaseException) -> UserError:
     return UserError(f"the disk holding {output_dir} is full ({' '.join(str(exc).split())}); {then}")
 
 
+def _no_room_for_a_checkpoint(output_dir: Path) -> bool:
+    """Whether the disk has less room than a checkpoint takes: torch's writer reports a full disk
+    as "unexpected pos", without the errno, so a failed save is judged by the space left."""
+    if not output_dir.is_dir():
+        return False
+    kept = latest_checkpoint(output_dir)
+    needed = sum(p.stat().st_size for p in kept.rglob("*") if p.is_file()) if kept else 2**20
+    return shutil.disk_usage(output_dir).free < needed
+
+
 def _train_and_save(
     trainer,
     config: TrainConfig,
@@ -247,9 +258,10 @@ def _train_and_save(
                 metrics.update(trainer.evaluate())
         saved = save_outputs(trainer, config, run_mask)
     except Exception as exc:
+        full = is_disk_full(exc) or _no_room_for_a_checkpoint(config.output_dir)
         if _rank() == 0:
             remove_incomplete_checkpoints(config.output_dir)
-        if is_disk_full(exc):
+        if full:
             raise _disk_full(config.output_dir, exc) from exc
         raise
     if saved:
