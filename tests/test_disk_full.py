@@ -63,7 +63,7 @@ def _user_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow  # two collect processes over 1,200 records
-def test_collect_on_a_full_disk_keeps_the_finished_shards_and_resumes(tiny_lm_dir, big_data, tmp_path) -> None:
+def test_collect_on_a_full_disk_keeps_the_finished_shards_and_resumes(tiny_lm_dir, big_data, tmp_path) -> None:  # noqa: F811
     out = tmp_path / "disk" / "acts"
     command = [sys.executable, "-m", "fn_analyze.cli", "collect", "--model", str(tiny_lm_dir), "--batch-size", "4"]
     command += ["--dataset", str(big_data), "--out", str(out), "--shard-size-mb", "1"]
