@@ -10,15 +10,22 @@ complete)::
     position        (tokens,) int32   position of the token in its sequence
     attrs           run_key (digest of what decides the rows), next_record (resume cursor)
 
-Uncompressed on purpose: float16 activations barely compress and gzip is ~40x slower.
+Uncompressed on purpose: float16 activations barely compress and gzip is ~40x slower. Every
+chunk carries a Fletcher-32 checksum that HDF5 checks on each read, and the manifest holds a
+digest of each whole shard: `open_activations` checks each shard opens (cheap: a cut file
+fails there), a damaged chunk fails the read that meets it, and `verify_activations` hashes
+every shard. Folders written before the checksums read as before, unchecked.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ from shared.constants import (
     SHARD_GLOB,
     TOKEN_IDS_DATASET,
 )
+from shared.digests import file_digest
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.models import ModelInfo
@@ -43,6 +51,7 @@ from shared.paths import file_in_folder
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
 FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
+HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
 
 
 class ShardWriter:
@@ -52,7 +61,8 @@ class ShardWriter:
     up to FLUSH_BYTES), and renamed when full or closed, so a reader never mistakes half a
     shard for data. Shards end on block boundaries and record in their attributes the run they belong to (`run_key`)
     and the cursor after their last block (`next_record`): an interrupted run resumes
-    from its completed shards (see `completed_shards`).
+    from its completed shards (see `completed_shards`). `completed` are the rank's shards
+    before the first one this writer writes.
     """
 
     def __init__(
@@ -87,9 +97,12 @@ class ShardWriter:
             maxshape=(None, self.n_columns),
             dtype="float16",
             chunks=chunk,
+            fletcher32=True,
         )
         for key, dtype in ((TOKEN_IDS_DATASET, "int32"), (SEQUENCE_DATASET, "int64"), (POSITION_DATASET, "int32")):
-            self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),))
+            self._file.create_dataset(
+                key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),), fletcher32=True
+            )
         self._file.attrs["run_key"] = self.run_key
         self._rows = 0
 
@@ -112,9 +125,20 @@ class ShardWriter:
         if self._pending_bytes >= FLUSH_BYTES or self._rows + self._pending_rows >= self.rows_per_shard:
             self._flush()
 
+    def _check_room(self) -> None:
+        """Refuse a block the disk has no room for before HDF5 starts it: HDF5 failing mid-write
+        raises from its object destructors and can crash the process on exit."""
+        needed = self._pending_bytes * 3 // 2 + HDF5_MARGIN_BYTES  # the other datasets, checksums, metadata
+        free = shutil.disk_usage(self.folder).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC, f"No space left on device: the next block needs {needed} bytes, {free} are free"
+            )
+
     def _flush(self) -> None:
         if not self._pending:
             return
+        self._check_room()
         if self._file is None:
             self._open()
         assert self._file is not None
@@ -137,16 +161,30 @@ class ShardWriter:
     def _finish(self) -> None:
         assert self._file is not None and self._path is not None
         self._file.close()
-        os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
-        self.completed.append({"file": self._path.name, "n_tokens": self._rows, "next_record": self._next_record})
         self._file = None
+        os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
+        self.completed.append(
+            {
+                "file": self._path.name,
+                "n_tokens": self._rows,
+                "next_record": self._next_record,
+                "digest": file_digest(self._path),
+            }
+        )
 
-    def abort(self) -> None:
-        """Close without finishing: the open shard keeps its `.partial` name and is never read."""
+    def abort(self, discard: bool = False) -> None:
+        """Close without finishing: the open shard keeps its `.partial` name and is never read;
+        `discard` deletes it (a full disk gets its space back). The finished shards stay."""
         self._pending.clear()
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except Exception:  # the close's own writes fail on a full disk too (OSError or RuntimeError)
+                if not discard:
+                    raise
             self._file = None
+            if discard:
+                Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
 
     def close(self) -> list[dict[str, Any]]:
         self._flush()
@@ -164,6 +202,17 @@ def shard_name(rank: int, index: int) -> str:
     return f"shard-r{rank:02d}-{index:05d}.h5"
 
 
+def shard_rank_and_index(name: str) -> tuple[int, int]:
+    """`shard-r01-00002.h5` -> (1, 2)."""
+    _, rank, index = Path(name).stem.split("-")
+    return int(rank[1:]), int(index)
+
+
+def manifest_entry(shard: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest keeps of a finished shard: its file, rows, resume cursor and digest."""
+    return {key: shard[key] for key in ("file", "n_tokens", "next_record", "digest")}
+
+
 def completed_shards(folder: Path, rank: int) -> list[dict[str, Any]]:
     """One rank's finished shards, in order, with the run they belong to and their cursor."""
     shards = []
@@ -179,6 +228,7 @@ def completed_shards(folder: Path, rank: int) -> list[dict[str, Any]]:
                         "n_tokens": int(handle[ACTIVATIONS_DATASET].shape[0]),
                         "next_record": int(handle.attrs["next_record"]),
                         "run_key": str(handle.attrs["run_key"]),
+                        "digest": file_digest(path),
                     }
                 )
         except (OSError, KeyError) as exc:
@@ -219,7 +269,7 @@ def write_matrix(
         "layers": list(layers),
         "n_tokens": len(matrix),
         "run_key": run_key,
-        "shards": [{"file": s["file"], "n_tokens": s["n_tokens"]} for s in writer.close()],
+        "shards": [manifest_entry(shard) for shard in writer.close()],
     }
     write_json_atomic(folder / MANIFEST_NAME, manifest)
     return folder
@@ -256,6 +306,11 @@ class Activations:
         """(layer, neuron) of an activations column."""
         return self.layers[column // self.intermediate_size], column % self.intermediate_size
 
+    @property
+    def checksummed(self) -> bool:
+        """Whether the manifest holds a digest of every shard (folders of older versions do not)."""
+        return all("digest" in shard for shard in self.manifest["shards"])
+
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         """Token-row blocks as float32 arrays, shard after shard, in manifest order."""
         for shard in self.manifest["shards"]:
@@ -263,10 +318,53 @@ class Activations:
                 yield block.astype(np.float32)
 
 
+def damaged_shard_message(path: Path, problem: str) -> str:
+    return (
+        f"activations shard {Path(path).name} in {Path(path).parent} {problem}; re-run the `fn-analyze collect` "
+        "command that wrote the folder (same arguments): it re-records only the damaged shards' records"
+    )
+
+
+@contextmanager
+def open_shard(path: str | Path) -> Iterator[h5py.File]:
+    """A shard opened for reading; a file HDF5 cannot open or read (cut short, a chunk whose
+    checksum fails) becomes one line naming the shard and the repair."""
+    try:
+        with h5py.File(path, "r") as handle:
+            yield handle
+    except OSError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(damaged_shard_message(Path(path), f"cannot be read ({reason})")) from exc
+
+
+def shard_problem(path: Path, entry: dict[str, Any], n_columns: int, full: bool) -> str | None:
+    """What is wrong with a shard the manifest lists, or None. Cheap: it opens and has the rows
+    the manifest says. `full`: also its digest (or, in a folder without digests, every chunk reads)."""
+    if not path.is_file():
+        return "is missing"
+    try:
+        with h5py.File(path, "r") as handle:
+            shape = handle[ACTIVATIONS_DATASET].shape
+            if shape != (entry["n_tokens"], n_columns):
+                return f"has shape {shape}, the manifest says ({entry['n_tokens']}, {n_columns})"
+            if full and "digest" not in entry:
+                for key in (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET):
+                    dataset = handle[key]
+                    for start in range(0, dataset.shape[0], 4096):
+                        dataset[start : start + 4096]
+    except OSError as exc:
+        return f"cannot be read ({' '.join(str(exc).split()) or type(exc).__name__})"
+    except KeyError as exc:
+        return f"lacks a dataset ({exc})"
+    if full and "digest" in entry and file_digest(path) != entry["digest"]:
+        return f"does not match its digest {entry['digest']} (the file changed after collect wrote it)"
+    return None
+
+
 def read_shard(path: str | Path, n_tokens: int, n_columns: int, block_rows: int) -> Iterator[np.ndarray]:
     """A shard's activations in float16 blocks of `block_rows` token rows, after checking its
     shape against what the manifest says."""
-    with h5py.File(path, "r") as handle:
+    with open_shard(path) as handle:
         data = handle[ACTIVATIONS_DATASET]
         if data.shape != (n_tokens, n_columns):
             raise UserError(
@@ -279,7 +377,7 @@ def read_shard(path: str | Path, n_tokens: int, n_columns: int, block_rows: int)
 
 def read_sequences(path: str | Path) -> np.ndarray:
     """A shard's record index of every token row (small: one integer a row)."""
-    with h5py.File(path, "r") as handle:
+    with open_shard(path) as handle:
         return handle[SEQUENCE_DATASET][:]
 
 
@@ -304,9 +402,8 @@ def _check_structure(manifest: Any, path: Path) -> None:
         raise UserError(f"{path} {problem}; the file was damaged: re-run `fn-analyze collect`")
 
 
-def open_activations(folder: Path) -> Activations:
-    """Read and check the manifest of an activations folder."""
-    folder = Path(folder)
+def open_manifest(folder: Path) -> Activations:
+    """The folder's manifest, read and checked; its shards are not looked at yet."""
     manifest_path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise UserError(f"activations folder {folder} does not exist; run `fn-analyze collect --out {folder}` first")
@@ -327,7 +424,18 @@ def open_activations(folder: Path) -> Activations:
             f"{MANIFEST_SCHEMA_VERSION}; re-run `fn-analyze collect`"
         )
     _check_structure(manifest, manifest_path)
-    named = [file_in_folder(folder, s["file"], str(manifest_path)) for s in manifest["shards"]]
+    for shard in manifest["shards"]:
+        file_in_folder(folder, shard["file"], str(manifest_path))
+    return Activations(folder, manifest)
+
+
+def open_activations(folder: Path) -> Activations:
+    """Read and check the manifest of an activations folder, and that each shard it names is
+    there, opens, has its rows and belongs to the same collect run (no hashing: see `verify_activations`)."""
+    folder = Path(folder)
+    acts = open_manifest(folder)
+    manifest = acts.manifest
+    named = [folder / s["file"] for s in manifest["shards"]]
     missing = [path.name for path in named if not path.is_file()]
     if missing:
         raise UserError(f"activations folder {folder} lacks shard {missing[0]} named in its manifest; re-run collect")
@@ -337,8 +445,11 @@ def open_activations(folder: Path) -> Activations:
             f"activations folder {folder} holds shard {strays[0]}, which its manifest does not name (left by "
             "another run?); move it out or re-run collect into an empty folder"
         )
-    for path in named:
-        with h5py.File(path, "r") as handle:
+    for path, entry in zip(named, manifest["shards"], strict=True):
+        problem = shard_problem(path, entry, acts.n_neurons, full=False)
+        if problem:
+            raise UserError(damaged_shard_message(path, problem))
+        with open_shard(path) as handle:
             run_key = str(handle.attrs.get("run_key", ""))
         if run_key != manifest["run_key"]:
             raise UserError(
@@ -347,4 +458,33 @@ def open_activations(folder: Path) -> Activations:
             )
     if manifest["n_tokens"] < 1:
         raise UserError(f"activations folder {folder} holds no token; collect on a non-empty dataset")
-    return Activations(folder, manifest)
+    return acts
+
+
+def damaged_shards(acts: Activations) -> list[tuple[dict[str, Any], str]]:
+    """Every shard of the folder whose digest (or, without digests, whose reading) fails, with why."""
+    found = []
+    for entry in acts.manifest["shards"]:
+        problem = shard_problem(acts.folder / entry["file"], entry, acts.n_neurons, full=True)
+        if problem:
+            found.append((entry, problem))
+    return found
+
+
+def verify_activations(folder: Path) -> str:
+    """`fn-analyze verify`: every shard of the folder read and checked against its digest.
+    Returns the line to print; a damaged shard is a UserError naming it and the repair."""
+    acts = open_manifest(Path(folder))
+    damaged = damaged_shards(acts)
+    if damaged:
+        entry, problem = damaged[0]
+        more = f" ({len(damaged) - 1} more shard(s) damaged too)" if len(damaged) > 1 else ""
+        raise UserError(damaged_shard_message(acts.folder / entry["file"], problem + more))
+    shards = len(acts.manifest["shards"])
+    if not acts.checksummed:
+        return (
+            f"verify: {acts.folder} holds no checksums (written by an older collect): its {shards} shard(s) "
+            "open and read whole, but damage that still reads cannot be seen; re-run collect with --overwrite "
+            "to add them"
+        )
+    return f"verify: the {shards} shard(s) of {acts.folder} ({acts.n_tokens} tokens) match their digests"

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from shared.cli import setup_logging, user_errors_exit
+from shared.cli import handle_errors, setup_logging
 from shared.constants import EMBEDDED_MODEL_NAME
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ def _root(
 
 
 @app.command("collect")
-@user_errors_exit
+@handle_errors("fn-analyze collect")
 def collect_command(
     dataset: Annotated[str, typer.Option(help="csv/json/jsonl/parquet file or HF dataset name.")],
     out: Annotated[Path, typer.Option(help="Activations folder to write (new or empty).")],
@@ -79,7 +79,7 @@ def collect_command(
 
 
 @app.command("ica")
-@user_errors_exit
+@handle_errors("fn-analyze ica")
 def ica_command(
     activations: Annotated[Path, typer.Option(help="Folder written by `fn-analyze collect`.")],
     out: Annotated[
@@ -164,8 +164,19 @@ def ica_command(
     run_ica(IcaConfig(**params))
 
 
+@app.command("verify")
+@handle_errors("fn-analyze verify")
+def verify_command(
+    activations: Annotated[Path, typer.Argument(help="Folder written by `fn-analyze collect`.")],
+) -> None:
+    """Read every shard of an activations folder and check it against the digest its manifest holds."""
+    from fn_analyze.activations import verify_activations
+
+    typer.echo(verify_activations(activations))
+
+
 @app.command("show")
-@user_errors_exit
+@handle_errors("fn-analyze show")
 def show_command(
     mask_file: Annotated[Path, typer.Argument(help="A mask file.")],
     plot: Annotated[
@@ -181,7 +192,7 @@ def show_command(
 
 
 @app.command("evaluate")
-@user_errors_exit
+@handle_errors("fn-analyze evaluate")
 def evaluate_command(
     mask_file: Annotated[Path, typer.Option(help="The mask file whose networks are measured.")],
     dataset: Annotated[str, typer.Option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")],
@@ -242,7 +253,7 @@ def evaluate_command(
 
 
 @app.command("compare")
-@user_errors_exit
+@handle_errors("fn-analyze compare")
 def compare_command(
     mask_a: Annotated[Path, typer.Argument(help="A mask file.")],
     mask_b: Annotated[Path, typer.Argument(help="Another mask file of the same model.")],
@@ -260,7 +271,7 @@ def compare_command(
 
 
 @app.command("demo-data")
-@user_errors_exit
+@handle_errors("fn-analyze demo-data")
 def demo_data_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo data files.")] = Path("demo"),
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fn_analyze.activations import ShardWriter, completed_shards
+from fn_analyze.activations import (
+    Activations,
+    ShardWriter,
+    completed_shards,
+    damaged_shards,
+    manifest_entry,
+    open_manifest,
+    shard_rank_and_index,
+)
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
 from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
@@ -23,10 +31,11 @@ from shared.data import check_answers_fit, detect_format, load_dataset_any, rend
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
 from shared.distributed import process_group, rank_device
-from shared.errors import UserError
+from shared.errors import Interrupted, UserError, is_disk_full
 from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.models import ModelInfo, check_model_reachable, load_causal_lm, load_tokenizer, model_info
+from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +98,10 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: Path, overwrite: bool) -> Activations | None:
     """Before any work: `out` must be a new folder, or one holding only what collect writes
-    and no finished run unless --overwrite."""
+    and no finished run unless --overwrite, or a finished run with damaged shards (returned:
+    this run re-records them)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the activations")
     if out.exists():
@@ -104,7 +114,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
         if foreign:
             raise UserError(f"--out {out} exists and holds {foreign[0]}, which is not ours; give a new or empty folder")
         if (out / MANIFEST_NAME).exists() and not overwrite:
-            raise UserError(f"--out {out} already holds activations; pass --overwrite or give another folder")
+            finished = open_manifest(out)
+            if damaged_shards(finished):
+                return finished
+            raise UserError(
+                f"--out {out} already holds activations (every shard whole); pass --overwrite or give another folder"
+            )
+    return None
 
 
 def _prepare_out(out: Path, overwrite: bool, run_key: str) -> None:
@@ -127,6 +143,13 @@ def _prepare_out(out: Path, overwrite: bool, run_key: str) -> None:
         finished = []
     for path in finished + unfinished + [out / MANIFEST_NAME]:
         path.unlink(missing_ok=True)
+
+
+def _disk_full(out: Path, exc: BaseException, kept: int) -> UserError:
+    return UserError(
+        f"the disk holding {out} is full ({' '.join(str(exc).split())}); the {kept} finished shard(s) are kept: "
+        "free some space and re-run the same command to resume"
+    )
 
 
 def _check_disk(out: Path, needed_bytes: float) -> None:
@@ -242,15 +265,105 @@ class RowCopier:
             self._rows = self._flat = None
 
 
+@dataclass
+class Recorder:
+    """The forward passes of collect: records' token ids in, their kept rows out."""
+
+    tokenizer: Any
+    sequences: list[list[int]]  # token ids of every record of the dataset
+    sample: TokenSample
+    copier: RowCopier
+    backbone: torch.nn.Module  # the transformer without the LM head: its logits are not needed
+    device: torch.device
+    batch_size: int
+
+    def batches(
+        self, mine: list[int], start: int, stop: int, budget: int | None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
+        """(activations, token ids, record, position, cursor) of the records mine[start:stop], batch
+        by batch, at most `budget` rows in all; `cursor` is where a resumed run continues after
+        the batch. Call inside `copier.installed()` and `torch.inference_mode()`."""
+        taken = 0
+        for first in range(start, stop, self.batch_size):
+            if budget is not None and taken >= budget:
+                return
+            chosen = mine[first : min(first + self.batch_size, stop)]
+            batch = self.tokenizer.pad({"input_ids": [self.sequences[i] for i in chosen]}, return_tensors="pt")
+            keep = self.sample.keep(batch["attention_mask"].numpy().astype(bool), chosen)
+            # Right padding: a kept token's column is its position in the sequence.
+            row_of, position = np.nonzero(keep)
+            whole = len(row_of)
+            if budget is not None:  # the first tokens up to the budget
+                row_of, position = row_of[: budget - taken], position[: budget - taken]
+            take = len(row_of)
+            flat = torch.from_numpy(row_of * keep.shape[1] + position).to(self.device)
+            rows = self.copier.run(
+                self.backbone, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), flat
+            )
+            record = np.asarray(chosen)[row_of]
+            cursor = first + len(chosen) if take == whole else mine.index(int(record[-1])) + 1
+            taken += take
+            ids = batch["input_ids"].numpy()[row_of, position].astype(np.int32)
+            yield rows.cpu().numpy(), ids, record, position.astype(np.int32), cursor
+
+
+def _repair(out: Path, finished: Activations, recorder: Recorder, run_key: str) -> dict[str, Any]:
+    """Re-record the damaged shards of a finished folder, each from the records it held (from the
+    cursor of the rank's shard before it to its own), and write the manifest with their new digests."""
+    manifest = finished.manifest
+    if manifest["run_key"] != run_key:
+        raise UserError(
+            f"--out {out} was written by collect with other arguments; re-run the command that wrote it "
+            "to re-record its damaged shards, or pass --overwrite to start again"
+        )
+    damaged = damaged_shards(finished)
+    print(f"collect: re-recording {len(damaged)} damaged shard(s) of {out}: {', '.join(e['file'] for e, _ in damaged)}")
+    n_records = len(recorder.sequences)
+    for entry, _problem in damaged:
+        if "next_record" not in entry:
+            raise UserError(
+                f"shard {entry['file']} in {out} is damaged and its folder was written by an older collect, which "
+                "did not record where each shard starts; pass --overwrite to record the folder again"
+            )
+        rank, index = shard_rank_and_index(entry["file"])
+        before = [s for s in manifest["shards"] if shard_rank_and_index(s["file"]) in {(rank, i) for i in range(index)}]
+        mine = list(range(rank, n_records, int(manifest["world_size"])))
+        writer = ShardWriter(out, finished.n_neurons, entry["n_tokens"], rank, run_key, before)
+        try:
+            with recorder.copier.installed(), torch.inference_mode():
+                start = before[-1]["next_record"] if before else 0
+                for rows, ids, record, position, cursor in recorder.batches(
+                    mine, start, entry["next_record"], entry["n_tokens"]
+                ):
+                    writer.write(rows, ids, record, position, next_record=cursor)
+            again = writer.close()[-1]
+        except BaseException as exc:
+            writer.abort(discard=is_disk_full(exc))
+            if is_disk_full(exc):
+                raise _disk_full(out, exc, len(manifest["shards"]) - len(damaged)) from exc
+            raise
+        if (again["file"], again["n_tokens"]) != (entry["file"], entry["n_tokens"]):
+            raise UserError(
+                f"re-recording {entry['file']} gave {again['n_tokens']} rows, not {entry['n_tokens']}; "
+                "the data or model changed since: pass --overwrite to record the folder again"
+            )
+        entry.update(manifest_entry(again))
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    print(f"collect: {out} is whole again ({len(damaged)} shard(s) re-recorded)")
+    return manifest
+
+
 def collect(config: CollectConfig) -> dict[str, Any]:
     """Run the model over the dataset and write the activations folder; returns the manifest.
 
     Under `torchrun`/`accelerate launch` each rank records every world_size-th record into
     its own shards and rank 0 writes one manifest naming all of them. Re-running the same
-    command after an interruption continues from the finished shards.
+    command after an interruption continues from the finished shards; re-running it on a
+    finished folder with a damaged shard re-records that shard. On SIGTERM or Ctrl-C the batch
+    in flight is written and the shard closed, then `Interrupted` is raised.
     """
     check_model_reachable(config.model)
-    _check_out(config.out, config.overwrite)
+    finished = _check_out(config.out, config.overwrite)
     dataset = load_dataset_any(config.dataset, config.split)
     split = config.split or ("train" if "train" in dataset else next(iter(dataset)))
     records = dataset[split]
@@ -275,12 +388,20 @@ def collect(config: CollectConfig) -> dict[str, Any]:
         projections = find_down_projections(model)
         info = model_info(model, config.model, projections)
         layers = parse_layers(config.layers, len(projections))
-        run_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, ranks.world_size)
-        n_columns = len(layers) * info.intermediate_size
-        row_bytes = n_columns * 2
         # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
         sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
         sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed)
+        copier = RowCopier(projections, layers, info.intermediate_size)
+        recorder = Recorder(tokenizer, sequences, sample, copier, model.base_model, device, config.batch_size)
+        if finished is not None:
+            if ranks.distributed:
+                raise UserError("re-record damaged shards in one process: run the same collect without torchrun")
+            world_size = int(finished.manifest["world_size"])  # the folder's, as in its run key
+            folder_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, world_size)
+            return _repair(config.out, finished, recorder, folder_key)
+        run_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, ranks.world_size)
+        n_columns = len(layers) * info.intermediate_size
+        row_bytes = n_columns * 2
         expected = sum(sample.expected(len(ids)) for ids in sequences)
         total = min(expected, config.max_tokens or expected)
         if ranks.is_main:
@@ -309,41 +430,30 @@ def collect(config: CollectConfig) -> dict[str, Any]:
             desc="collect",
             disable=not ranks.is_main,
         )
-        backbone = model.base_model  # the transformer without the LM head: its logits are not needed
-        copier = RowCopier(projections, layers, info.intermediate_size)
         try:
-            with copier.installed(), torch.inference_mode():
-                for start in range(cursor, len(mine), config.batch_size):
-                    if budget is not None and n_tokens >= budget:
+            with copier.installed(), torch.inference_mode(), stop_on_signals() as stop:
+                left = None if budget is None else budget - n_tokens
+                for rows, ids, record, position, after in recorder.batches(mine, cursor, len(mine), left):
+                    writer.write(rows, ids, record, position, next_record=after)
+                    cursor = after
+                    n_tokens += len(rows)
+                    progress.update(len(rows))
+                    if stop:
                         break
-                    chosen = mine[start : start + config.batch_size]
-                    batch = tokenizer.pad({"input_ids": [sequences[i] for i in chosen]}, return_tensors="pt")
-                    keep = sample.keep(batch["attention_mask"].numpy().astype(bool), chosen)
-                    # Right padding: a kept token's column is its position in the sequence.
-                    row_of, position = np.nonzero(keep)
-                    whole = len(row_of)
-                    if budget is not None:  # the first tokens up to the budget
-                        row_of, position = row_of[: budget - n_tokens], position[: budget - n_tokens]
-                    take = len(row_of)
-                    flat = torch.from_numpy(row_of * keep.shape[1] + position).to(device)
-                    rows = copier.run(backbone, batch["input_ids"].to(device), batch["attention_mask"].to(device), flat)
-                    record = np.asarray(chosen)[row_of]
-                    cursor = start + len(chosen) if take == whole else mine.index(int(record[-1])) + 1
-                    writer.write(
-                        rows.cpu().numpy(),
-                        batch["input_ids"].numpy()[row_of, position].astype(np.int32),
-                        record,
-                        position.astype(np.int32),
-                        next_record=cursor,
-                    )
-                    n_tokens += take
-                    progress.update(take)
             shards = writer.close()
-        except BaseException:
-            writer.abort()
+        except BaseException as exc:
+            writer.abort(discard=is_disk_full(exc))
+            if is_disk_full(exc):
+                raise _disk_full(config.out, exc, len(writer.completed)) from exc
             raise
         finally:
             progress.close()
+        if stop.signal_number is not None:
+            raise Interrupted(
+                f"collect wrote the batch in flight and kept {len(shards)} finished shard(s) ({n_tokens} tokens) "
+                f"in {config.out}; re-run the same command to resume",
+                stop.signal_number,
+            )
         per_rank = ranks.gather({"shards": shards, "n_tokens": n_tokens, "n_sequences": cursor})
         manifest = _manifest(
             config, info, layers, split, fmt.value, template, len(texts), dataset_digest, run_key, per_rank
@@ -352,7 +462,12 @@ def collect(config: CollectConfig) -> dict[str, Any]:
             if manifest["n_tokens"] == 0:
                 shutil.rmtree(config.out, ignore_errors=True)
                 raise UserError(f"dataset {config.dataset} gave no token to record; check that its records hold text")
-            write_json_atomic(config.out / MANIFEST_NAME, manifest)
+            try:
+                write_json_atomic(config.out / MANIFEST_NAME, manifest)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise _disk_full(config.out, exc, len(manifest["shards"])) from exc
+                raise
             print(
                 f"collect: wrote {manifest['n_tokens']} tokens from {manifest['n_sequences']} sequences "
                 f"in {len(manifest['shards'])} shard(s) to {config.out}"
@@ -393,5 +508,5 @@ def _manifest(
             "n_records": n_records,
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "shards": [{"file": s["file"], "n_tokens": s["n_tokens"]} for part in per_rank for s in part["shards"]],
+        "shards": [manifest_entry(shard) for part in per_rank for shard in part["shards"]],
     }

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from shared.cli import setup_logging, user_errors_exit
+from shared.cli import handle_errors, setup_logging
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import UserError
 
@@ -114,6 +114,9 @@ def run(
     per_device_eval_batch_size: Annotated[int, flag("per_device_eval_batch_size", "Evaluation batch per device.")] = 4,
     gradient_accumulation_steps: Annotated[int, flag("gradient_accumulation_steps", "Batches per optimizer step.")] = 1,
     learning_rate: Annotated[float, flag("learning_rate", "Peak learning rate.")] = 2e-4,
+    warmup_steps: Annotated[
+        float, flag("warmup_steps", "Linear warmup: a number of steps, or a share of all steps in (0, 1).")
+    ] = 0.0,
     weight_decay: Annotated[float, flag("weight_decay", "AdamW weight decay.")] = 0.0,
     max_grad_norm: Annotated[float, flag("max_grad_norm", "Gradient clipping norm.")] = 1.0,
     logging_steps: Annotated[int, flag("logging_steps", "Log every N steps.")] = 10,
@@ -197,7 +200,7 @@ def run(
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command(help=run.__doc__)(user_errors_exit(run))
+app.command(help=run.__doc__)(handle_errors("fn-train")(run))
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class TrainConfig:
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4  # a LoRA rate; use ~1e-5 with --no_peft
+    warmup_steps: float = 0.0  # linear warmup: a whole number of steps, or a share of all steps in (0, 1)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     logging_steps: int = 10
@@ -81,6 +83,26 @@ class TrainConfig:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise UserError(f"--eval_steps must be at least 1, got {self.eval_steps}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """What the optimizer and scheduler would refuse only after the model loaded."""
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"--learning_rate must be a positive number such as 2e-4, got {self.learning_rate}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise UserError(f"--max_steps must be at least 1, or -1 to train --num_train_epochs, got {self.max_steps}")
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise UserError(f"--num_train_epochs must be a positive number, got {self.num_train_epochs}")
+        if self.warmup_steps < 0 or not (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()):
+            raise UserError(
+                f"--warmup_steps must be a whole number of steps or a share of the steps in [0, 1), "
+                f"got {self.warmup_steps}"
+            )
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 
     def _check_mask_flags(self) -> None:
         if self.mask_file is not None:

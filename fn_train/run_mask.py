@@ -4,6 +4,7 @@ the check that refuses to resume a checkpoint made with another mask."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,13 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if path.name[len(CHECKPOINT_PREFIX) :].isdigit() and (path / TRAINER_STATE_NAME).is_file()
     ]
     return max(complete)[1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: Path) -> None:
+    """Delete the checkpoint folders a failed save left without trainer_state.json (written last)."""
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        if path.is_dir() and not (path / TRAINER_STATE_NAME).is_file():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_checkpoint(requested: str, output_dir: Path) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -20,6 +22,8 @@ from fn_train.run_mask import (
     MaskRecordInCheckpoints,
     RunMask,
     check_same_mask,
+    latest_checkpoint,
+    remove_incomplete_checkpoints,
     resolve_checkpoint,
     resolve_run_mask,
 )
@@ -28,11 +32,12 @@ from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.constants import ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
-from shared.errors import UserError
+from shared.errors import Interrupted, UserError, is_disk_full
 from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, MaskMode, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.signals import StopRequest, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +71,9 @@ def check_report_to(report_to: str) -> None:
 
 
 def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: bool):
-    from trl import SFTConfig
+    from fn_train.tracking import MaskedSFTConfig
 
-    return SFTConfig(
+    return MaskedSFTConfig(
         output_dir=str(config.output_dir),
         num_train_epochs=config.num_train_epochs,
         max_steps=config.max_steps,
@@ -76,6 +81,7 @@ def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: boo
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
@@ -206,9 +212,67 @@ def _install_mask(trainer, run_mask: RunMask) -> contextlib.AbstractContextManag
     return masked_down_projections(projections, layer_masks)
 
 
+def _disk_full(output_dir: Path, exc: BaseException) -> UserError:
+    kept = latest_checkpoint(output_dir) if output_dir.is_dir() else None
+    then = (
+        f"{kept.name} is kept: free some space and re-run with --resume_from_checkpoint last"
+        if kept
+        else "no checkpoint was complete: free some space and re-run the same command"
+    )
+    return UserError(f"the disk holding {output_dir} is full ({' '.join(str(exc).split())}); {then}")
+
+
+def _no_room_for_a_checkpoint(output_dir: Path) -> bool:
+    """Whether the disk has less room than a checkpoint takes: torch's writer reports a full disk
+    as "unexpected pos", without the errno, so a failed save is judged by the space left."""
+    if not output_dir.is_dir():
+        return False
+    kept = latest_checkpoint(output_dir)
+    needed = sum(p.stat().st_size for p in kept.rglob("*") if p.is_file()) if kept else 2**20
+    return shutil.disk_usage(output_dir).free < needed
+
+
+def _train_and_save(
+    trainer,
+    config: TrainConfig,
+    run_mask: RunMask | None,
+    masking: contextlib.AbstractContextManager,
+    checkpoint: Path | None,
+    stop: StopRequest,
+) -> dict[str, Any]:
+    """Train and evaluate with the mask hooked, then save without the hooks; on a stop request,
+    end after the checkpoint of the current step. A full disk (or any failure) leaves no
+    incomplete checkpoint behind; the complete ones stay."""
+    try:
+        with masking:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            if stop.signal_number is not None:
+                step = trainer.state.global_step
+                raise Interrupted(
+                    f"fn-train saved {config.output_dir / f'checkpoint-{step}'} at the end of step {step}; "
+                    "re-run the same command with --resume_from_checkpoint last to continue",
+                    stop.signal_number,
+                )
+            metrics = dict(result.metrics)
+            if trainer.eval_dataset is not None:
+                metrics.update(trainer.evaluate())
+        saved = save_outputs(trainer, config, run_mask)
+    except Exception as exc:
+        full = is_disk_full(exc) or _no_room_for_a_checkpoint(config.output_dir)
+        if _rank() == 0:
+            remove_incomplete_checkpoints(config.output_dir)
+        if full:
+            raise _disk_full(config.output_dir, exc) from exc
+        raise
+    if saved:
+        _say(f"saved {saved} to {config.output_dir}")
+    return metrics
+
+
 def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     """Fine-tune with the mask on (see `_install_mask`); `callbacks` are extra TrainerCallbacks.
-    Returns the trainer's final metrics.
+    Returns the trainer's final metrics. On SIGTERM or Ctrl-C after the model loaded, the run
+    saves a checkpoint at the end of the current step and raises `Interrupted`.
 
     Everything that can be checked without a model is checked before anything is written:
     the output folder, the checkpoint to resume and the mask it was made with, the mask file
@@ -226,8 +290,10 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     run_mask = resolve_run_mask(config.mask_file, mode, networks, ablation) if config.mask_file is not None else None
     if checkpoint is not None and not config.ica_on_the_fly and config.ablation != "mean":
         check_same_mask(checkpoint, run_mask)
+    from fn_train.tracking import SaveAndStopOnSignal, track_mask
+
     main_process = _rank() == 0
-    with removed_on_failure(config.output_dir, main_process):
+    with removed_on_failure(config.output_dir, main_process), contextlib.ExitStack() as stack:
         if main_process:  # first into the folder: it marks the folder as fn-train's
             write_json_atomic(config.output_dir / RUN_CONFIG_NAME, config.to_dict())
         if config.ica_on_the_fly:
@@ -239,6 +305,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
             if checkpoint is not None and config.ablation != "mean":
                 check_same_mask(checkpoint, run_mask)
         trainer = build_trainer(config, run_mask.mask if run_mask else None, callbacks)
+        stop = stack.enter_context(stop_on_signals())
+        trainer.add_callback(SaveAndStopOnSignal(stop))  # before the mask's callbacks: see its docstring
         masking: contextlib.AbstractContextManager = contextlib.nullcontext()
         if run_mask is not None and config.ablation == "mean":
             run_mask = run_mask.with_ablation(Ablation("mean", means=training_means(trainer, config, run_mask)))
@@ -248,15 +316,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
             check_bakeable(trainer.model, run_mask.layer_masks)
         if run_mask is not None:
             masking = _install_mask(trainer, run_mask)
+            track_mask(trainer.args, run_mask)
             _say(run_mask.describe())
         if checkpoint is not None:
             _say(f"resuming from {checkpoint}")
-        with masking:
-            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-            metrics = dict(result.metrics)
-            if trainer.eval_dataset is not None:
-                metrics.update(trainer.evaluate())
-        saved = save_outputs(trainer, config, run_mask)
-    if saved:
-        _say(f"saved {saved} to {config.output_dir}")
-    return metrics
+        return _train_and_save(trainer, config, run_mask, masking, checkpoint, stop)

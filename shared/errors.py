@@ -1,4 +1,9 @@
-"""The one exception type a user is meant to read."""
+"""The exception types a user is meant to read, and the one failure we recognise by its cause."""
+
+from __future__ import annotations
+
+import errno
+import signal
 
 
 class UserError(Exception):
@@ -7,3 +12,36 @@ class UserError(Exception):
     The CLIs print the message as a single line and exit with code 2, without a
     traceback. The message names the problem and the fix.
     """
+
+
+class Interrupted(Exception):
+    """A run stopped on request (SIGTERM from a scheduler, Ctrl-C) after leaving resumable work.
+
+    The CLIs print the message as a single line and exit with 128 + the signal's number
+    (143 for SIGTERM, 130 for SIGINT), as a process killed by it would.
+    """
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal_number).name
+
+
+# How the libraries that write our files report a full disk when they drop the errno:
+# HDF5's error stack ("errno = 28") and the C library's message.
+_DISK_FULL_TEXT = ("No space left on device", "errno = 28")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a full disk (ENOSPC)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -134,3 +134,45 @@ def test_console_scripts_are_installed_and_fnsft_is_fn_train() -> None:
     same = [" ".join(text.replace("fn-train", "fnsft").split()) for text in helps]
     assert same[0] == same[1]
     assert all(flag in helps[0] for flag in ("--model_name_or_path", "--mask-file", "--max_grad_norm", "--no_peft"))
+
+
+def test_an_unexpected_failure_is_one_line_naming_it_and_its_log(tmp_path: Path, monkeypatch) -> None:
+    """Any exception no check anticipated: exit 1, one line (command, exception, where), the
+    traceback in a log file of the temp folder; --verbose prints it too."""
+    import tempfile
+
+    import fn_analyze.show
+
+    def broken(*args, **kwargs):
+        raise ValueError("the library\nbroke")
+
+    monkeypatch.setattr(fn_analyze.show, "show", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = runner.invoke(analyze_app, ["show", "any.json"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith("error: fn-analyze show failed: ValueError: the library broke (in test_cli.py:")
+    logs = list(tmp_path.glob("fn-error-*.log"))
+    assert len(logs) == 1 and f"full traceback in {logs[0]}; pass --verbose to print it" in lines[0]
+    assert "Traceback (most recent call last)" in logs[0].read_text() and "ValueError" in logs[0].read_text()
+
+    verbose = runner.invoke(analyze_app, ["--verbose", "show", "any.json"])
+    assert verbose.exit_code == 1 and "Traceback (most recent call last)" in verbose.output
+    assert verbose.output.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_learning_rate_minus_one_is_refused_before_the_model_loads(tmp_path: Path, monkeypatch) -> None:
+    """The measured case: it used to fail in the optimizer, with a traceback, after loading."""
+    import shared.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(shared.models, "load_causal_lm", no_loading)
+    out = tmp_path / "o"
+    result = runner.invoke(
+        train_app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(out), "--learning_rate", "-1"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == "error: --learning_rate must be a positive number such as 2e-4, got -1.0"
+    assert not out.exists()

@@ -92,6 +92,41 @@ def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
     assert not list(out.glob("*.partial"))
 
 
+@pytest.mark.slow  # about 40 s: three collect processes over 1,200 records
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_closes_the_shard_exits_without_traceback_and_the_run_resumes(
+    tiny_lm_dir: Path, big_data: Path, tmp_path: Path, stop: signal.Signals
+) -> None:
+    args = ["--dataset", str(big_data), "--model", str(tiny_lm_dir), "--batch-size", "1", "--shard-size-mb", "1"]
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(
+        _cli([*args, "--out", str(out)]), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "shard-r00-00001.h5.partial").exists():  # one shard finished, the second being written
+        assert process.poll() is None and time.monotonic() < deadline, "collect ended before it could be stopped"
+        time.sleep(0.02)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + stop, stderr[-2000:]
+    # What the user reads after the progress bar and the data's warning: one line.
+    lines = [line for line in stderr.splitlines() if line.startswith(("stopped by", "error:"))]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr[-2000:]
+    assert lines[0].startswith(f"stopped by {stop.name}: collect wrote the batch in flight and kept 2 finished")
+    assert lines[0].endswith(f"in {out}; re-run the same command to resume")
+    assert sorted(p.name for p in out.iterdir()) == ["shard-r00-00000.h5", "shard-r00-00001.h5"]  # the second closed
+    if stop == signal.SIGINT:
+        return
+    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from 2 finished shard(s)" in resumed.stdout
+    collect(CollectConfig(dataset=str(big_data), out=tmp_path / "whole", model=str(tiny_lm_dir), shard_size_mb=1))
+    after, whole = _rows(out), _rows(tmp_path / "whole")
+    for key in ("token_ids", "sequence_index", "position"):
+        np.testing.assert_array_equal(after[key], whole[key])
+    np.testing.assert_allclose(after["activations"], whole["activations"], rtol=1e-3, atol=1e-3)
+
+
 def test_tokens_per_sequence_records_a_seeded_subset_of_the_full_rows(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
 ) -> None:

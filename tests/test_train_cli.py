@@ -119,6 +119,15 @@ def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
         (["--use-8bit", "--no_peft"], "--use_8bit freezes the base weights in quantized form; drop --no_peft"),
         (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere is not a complete checkpoint"),
         (["--report_to", "carrier-pigeon"], "--report_to 'carrier-pigeon' is unknown"),
+        (["--learning_rate", "-1"], "--learning_rate must be a positive number such as 2e-4, got -1.0"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+        (["--warmup_steps", "2.5"], "--warmup_steps must be a whole number of steps or a share of the steps in [0, 1)"),
+        (["--warmup_steps", "-3"], "--warmup_steps must be a whole number of steps or a share"),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be a positive number, got 0.0"),
+        (["--max_steps", "0"], "--max_steps must be at least 1, or -1 to train --num_train_epochs, got 0"),
+        (["--max_seq_length", "0"], "--max_seq_length must be at least 1, got 0"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be 0 or more, got -0.1"),
+        (["--lora_dropout", "1"], "--lora_dropout must lie in [0, 1), got 1.0"),
     ],
 )
 def test_contradictory_or_bad_flags_exit_2_and_create_nothing(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -142,3 +142,48 @@ def test_ica_on_the_fly_saves_a_reusable_mask(tiny_lm_dir, demo_dir, tmp_path) -
     # The saved mask is a mask file like any other: a second run uses it with --mask-file.
     train(small_run(tiny_lm_dir, demo_dir, tmp_path / "again", out / "fn_ica_mask.json", networks="0", max_steps=1))
     assert json.loads((tmp_path / "again" / "fn_mask.json").read_text())["digest"] == record["digest"]
+
+
+@pytest.mark.slow  # about 40 s: two processes that each import torch, transformers and TRL
+def test_sigterm_saves_a_checkpoint_with_its_mask_exits_143_and_resumes(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    """A scheduler's SIGTERM: the run ends its current step, saves checkpoint-<step> with
+    fn_mask.json (no checkpoint was due: --save_steps 1000), says so in one line and exits 143."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask)]
+    command += ["--max_steps", "400", "--save_steps", "1000"]
+    first = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    for line in first.stdout:  # printed once the stop handler is in place, just before training
+        if "neurons switched off" in line:
+            break
+    time.sleep(1.0)  # into the training loop
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr[-3000:]
+    # What the user reads after the data's and the libraries' warnings: one line.
+    lines = [line for line in stderr.splitlines() if line.startswith(("stopped by", "error:"))]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, checkpoints
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 400
+    assert lines[0] == (
+        f"stopped by SIGTERM: fn-train saved {checkpoints[0]} at the end of step {step}; "
+        "re-run the same command with --resume_from_checkpoint last to continue"
+    )
+    assert json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"] == step
+    assert json.loads((checkpoints[0] / "fn_mask.json").read_text())["networks"] == [0, 1]
+    assert not (out / "model.safetensors").exists()
+
+    resumed = subprocess.run(
+        [*command[:-4], "--max_steps", str(step + 2), "--save_steps", "1000", "--resume_from_checkpoint", "last"],
+        env=_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[0]}" in resumed.stdout
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
+    state = json.loads((out / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
+    assert state["global_step"] == step + 2
