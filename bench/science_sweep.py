@@ -19,7 +19,7 @@ clip (`--clip-percentile P`), aside (`--set-aside N`). Extra `ica` flags go afte
 
     python bench/science_sweep.py --activations runs/acts --dataset demo/sentiment.csv [--model smollm2-135m] \
         [--out runs/sweep] [--options none,nopos0,layer,clip,aside] [--modes zero,mean] \
-        [--limit 200] [--draws 5] [--network-draws 0] [--seed-check] [-- --n-components 20]
+        [--limit 200] [--draws 5] [--seed-check] [-- --n-components 20]
 
 Resumes: a mask file or results file already in --out is not made again (both are written
 atomically, so one that exists is whole); --out remembers the settings and refuses others.
@@ -104,7 +104,7 @@ def run_evaluate(option: str, mode: str, mask: Path, args: argparse.Namespace) -
         return None
     command = ["evaluate", "--mask-file", str(mask), "--dataset", args.dataset, "--model", args.model]
     command += ["--activations", str(args.activations), "--ablation", mode, "--out", str(out)]
-    command += ["--limit", str(args.limit), "--draws", str(args.draws), "--network-draws", str(args.network_draws)]
+    command += ["--limit", str(args.limit), "--draws", str(args.draws), "--union-only"]
     command += ["--seed", str(args.seed), "--top-n", str(args.top_n), "--device", args.device]
     seconds = fn_analyze(command)
     print(f"  evaluate {option} {mode}: {seconds:.0f} s -> {out}", flush=True)
@@ -199,7 +199,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set-aside", type=int, default=100, help="N of the aside option.")
     parser.add_argument("--limit", type=int, default=200, help="Records evaluated.")
     parser.add_argument("--draws", type=int, default=5, help="Random sets per control for the union rows.")
-    parser.add_argument("--network-draws", type=int, default=0, help="Random sets per control for each network.")
     parser.add_argument("--top-n", type=int, default=100, help="Largest-magnitude neurons counted in each set.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random sets.")
     parser.add_argument("--device", default="auto", help="evaluate's device.")

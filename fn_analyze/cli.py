@@ -213,6 +213,10 @@ def evaluate_command(
     network_draws: Annotated[
         int, typer.Option(help="Random sets per control for each network's own row (0: no control).")
     ] = 1,
+    per_network: Annotated[
+        bool,
+        typer.Option("--per-network/--union-only", help="Also each network switched off on its own."),
+    ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the random sets.")] = 0,
     activations: Annotated[
         Optional[Path],

@@ -74,6 +74,7 @@ class EvaluateConfig:
     # Random sets per control for each network's own row. Every draw is a pass over the data,
     # and a mask file has many networks: one draw each keeps the demo to minutes on 2 CPU cores.
     network_draws: int = 1
+    per_network: bool = True  # each network's own row; False: the union rows only (a sweep's table needs no more)
     seed: int = 0
     activations: Path | None = None  # magnitudes from these activations; default: a pass over the eval data
     top_n: int = 100  # the largest-magnitude neurons counted in each network (and left out with exclude_top)
@@ -167,7 +168,7 @@ def _conditions(
         Condition(name, "union", "key", ids, without(everything, excluded), held, config.draws, 0),
         Condition(name, "union", "complement", ids, without(everything, excluded), held, config.draws, 1),
     ]
-    if len(selected) > 1:
+    if len(selected) > 1 and config.per_network:
         for network in selected:
             neurons = union([network])
             conditions.append(

@@ -101,6 +101,17 @@ def test_random_sets_match_each_network_per_layer_and_magnitude_bin(
     assert results["conditions"][2]["controls"]["magnitude_matched"]["draws"] == 1
 
 
+def test_union_only_measures_the_union_rows_alone_and_the_same(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path, record_draws
+) -> None:
+    every = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "a.json"))
+    drawn_with_networks = len(record_draws)
+    unions = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "b.json", per_network=False))
+    assert [(c["kind"], c["mode"]) for c in unions["conditions"]] == [("union", "key"), ("union", "complement")]
+    assert len(record_draws) - drawn_with_networks == 2 * 2 * 2  # no network's own draws
+    assert unions["conditions"] == every["conditions"][:2]  # each condition's draws are its own stream
+
+
 def test_seed_makes_evaluation_deterministic(
     tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path
 ) -> None:
