@@ -133,9 +133,12 @@ def ica_command(
         float, typer.Option(help="Cluster quality (ICASSO I_q) a network needs to be emitted.")
     ] = 0.8,
     min_share: Annotated[float, typer.Option(help="Share of the runs that must find a network.")] = 0.9,
+    min_run_iou: Annotated[
+        float, typer.Option(help="Median IoU of the whole data's runs' networks with the network, needed.")
+    ] = 0.9,
     keep_unstable: Annotated[
         bool,
-        typer.Option("--keep-unstable/--stable-only", help="Also emit clusters below --min-quality/--min-share."),
+        typer.Option("--keep-unstable/--stable-only", help="Also emit the clusters below the --min-* levels."),
     ] = False,
     per_layer: Annotated[
         bool,

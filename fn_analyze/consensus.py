@@ -130,6 +130,7 @@ class Consensus:
     view_z: np.ndarray  # (views, neurons, clusters) the same per view (NaN where a view has no member)
     quality: np.ndarray  # (clusters,) ICASSO I_q
     share: np.ndarray  # (clusters,) share of all runs (every view's) with a map in the cluster
+    run_z: np.ndarray  # (runs, neurons, clusters) each whole-data run's own map (NaN: the run has none)
     partial_clusters: int  # clusters that no run on the whole data found (left out)
     converged_runs: int = 0  # runs whose solver stopped before max_iter (set by consensus_ica)
 
@@ -152,7 +153,8 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
     np.fill_diagonal(similarity, 1.0)
     tree = linkage(squareform(1.0 - similarity, checks=False), method="average")
     labels = fcluster(tree, t=1.0 - CLUSTER_SIMILARITY, criterion="distance")
-    view_maps, quality, share, partial = [], [], [], 0
+    whole_runs = runs // views  # runs per view; the whole data's are numbered 0 .. whole_runs - 1
+    view_maps, run_maps, quality, share, partial = [], [], [], [], 0
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
         inside = similarity[np.ix_(members, members)]
@@ -171,6 +173,11 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
         quality.append((within if len(members) > 1 else 1.0) - (outside.mean() if outside.size else 0.0))
         share.append(len(best_per_run) / runs)
         reference = stacked[:, centrotype]
+        own = np.full((whole_runs, n), np.nan)
+        for run, member in best_per_run.items():
+            if view_of[member] == 0:
+                own[run] = stacked[:, member]
+        run_maps.append(own)
         view_maps.append(
             [
                 _core_mean(stacked, chosen[view_of[chosen] == v], reference)
@@ -192,6 +199,7 @@ def cluster_maps(stacked: np.ndarray, run_of: np.ndarray, view_of: np.ndarray, r
         view_z=view_z,
         quality=quality_arr[order],
         share=share_arr[order],
+        run_z=np.stack(run_maps, axis=2)[:, :, order],
         partial_clusters=partial,
     )
 

@@ -76,6 +76,10 @@ class IcaConfig:
     # A network is emitted when its cluster is tight (ICASSO I_q) and found by most runs.
     min_quality: float = 0.8
     min_share: float = 0.9
+    # ...and when its own runs agree on its neurons: the median IoU of each whole-data run's
+    # network with the consensus network (a network that its own runs place differently cannot
+    # come back at IoU 0.9 from another seed or machine).
+    min_run_iou: float = 0.9
     keep_unstable: bool = False  # emit every cluster, stable or not (each still carries its figures)
     max_iter: int = 5000
     tol: float | None = None  # the solver's tolerance; default TOLERANCES[solver], far below the libraries' own
@@ -117,7 +121,11 @@ class IcaConfig:
             raise UserError(f"unknown --solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
         if self.tol is None:
             self.tol = TOLERANCES[self.solver]
-        for name, value in (("--min-quality", self.min_quality), ("--min-share", self.min_share)):
+        for name, value in (
+            ("--min-quality", self.min_quality),
+            ("--min-share", self.min_share),
+            ("--min-run-iou", self.min_run_iou),
+        ):
             if not 0 <= value <= 1:
                 raise UserError(f"{name} must lie between 0 and 1, got {value}")
         if self.percentile is not None and not 0 < self.percentile < 100:
@@ -250,8 +258,28 @@ def _reduction_device(requested: str) -> str:
     return str(device) if device.type == "cuda" else "cpu"
 
 
+def run_agreement(result: Consensus, config: IcaConfig) -> np.ndarray:
+    """Per cluster, the median over the whole data's runs of the IoU between the run's own network
+    (its map thresholded as the consensus map is) and the consensus network; 0 where no run has one."""
+    agreement = np.zeros(result.z.shape[1])
+    for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
+        network = set(members.tolist())
+        own = [m for m in result.run_z[:, :, j] if not np.isnan(m).any()]
+        ious = [
+            len(network & (found := set(threshold_maps(m[:, None], config.threshold, config.percentile)[0].tolist())))
+            / max(len(network | found), 1)
+            for m in own
+        ]
+        agreement[j] = float(np.median(ious)) if ious else 0.0
+    return agreement
+
+
 def _is_stable(result: Consensus, config: IcaConfig) -> np.ndarray:
-    return (result.quality >= config.min_quality) & (result.share >= config.min_share)
+    return (
+        (result.quality >= config.min_quality)
+        & (result.share >= config.min_share)
+        & (run_agreement(result, config) >= config.min_run_iou)
+    )
 
 
 @dataclass
@@ -307,6 +335,7 @@ def _networks(
     found, unstable = [], []
     for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
         stable = _is_stable(result, config)
+        agreement = run_agreement(result, config)
         offset = views[0].columns[0]
         for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
             if set_aside:
@@ -314,6 +343,7 @@ def _networks(
             stats = {
                 "quality": round(float(result.quality[j]), 3),
                 "share": round(float(result.share[j]), 3),
+                "run_iou": round(float(agreement[j]), 3),
                 "split_iou": None if (iou := _split_iou(result, j, config)) is None else round(iou, 3),
                 "peak_z": round(float(np.abs(result.z[:, j]).max()), 3),
                 "component": j if len(reductions) == 1 else f"{group}:{j}",
@@ -493,8 +523,9 @@ def run_ica(config: IcaConfig) -> MaskFile:
         print(f"ica: --n-components auto chose k={chosen.k}, the most stable networks ({counts})")
     print(
         f"ica: {len(networks)} networks covering {covered} neurons ({100 * covered / acts.n_neurons:.1f}%); "
-        f"{len(unstable)} unstable component(s) left out (quality < {config.min_quality} or share < "
-        f"{config.min_share}; --keep-unstable emits them); PCA kept {100 * explained:.1f}% of the variance "
+        f"{len(unstable)} unstable component(s) left out (quality < {config.min_quality}, share < "
+        f"{config.min_share} or run IoU < {config.min_run_iou}; --keep-unstable emits them); "
+        f"PCA kept {100 * explained:.1f}% of the variance "
         f"({whole[0].passes} reduction passes); wrote {out}"
     )
     return mask

@@ -46,7 +46,8 @@ def _how_made(mask: MaskFile) -> str:
         f"{made}{chosen}\nconsensus of {ica['runs']} {ica.get('solver', '?')} runs"
         f"{' on bootstrap resamples' if ica.get('bootstrap') else ''} on the whole data{splits}"
         f"; a network is stable at quality >= "
-        f"{ica.get('min_quality')} and share >= {ica.get('min_share')}"
+        f"{ica.get('min_quality')}, share >= {ica.get('min_share')}"
+        + (f" and run IoU >= {ica['min_run_iou']}" if "min_run_iou" in ica else "")
     )
 
 
@@ -78,7 +79,7 @@ def describe(mask: MaskFile) -> str:
         _how_made(mask),
         f"{len(mask.networks)} networks; per-layer profile: one column per layer, 0 to {model.n_layers - 1}",
         "",
-        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5}  profile",
+        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5} {'runs':>5}  profile",
     ]
     union: set[tuple[int, int]] = set()
     for network in mask.networks:
@@ -93,7 +94,8 @@ def describe(mask: MaskFile) -> str:
         unstable = "" if stats.get("stable", True) else "  (unstable, kept by --keep-unstable)"
         lines.append(
             f"{network.id:>4} {network.size:>6} {100 * network.size / total:>5.2f}% {len(network.layers):>6} "
-            f"{_figure(figures[0]):>5} {_figure(figures[1]):>5}  |{layer_profile(counts)}|{unstable}"
+            f"{_figure(figures[0]):>5} {_figure(figures[1]):>5} {_figure(stats.get('run_iou')):>5}  "
+            f"|{layer_profile(counts)}|{unstable}"
         )
     lines.append("")
     lines.append(f"union: {len(union)} neurons ({100 * len(union) / total:.2f}% of {total})")
@@ -108,7 +110,7 @@ def describe(mask: MaskFile) -> str:
         lines.append(f"left out as unstable ({len(left_out)}; `fn-analyze ica --keep-unstable` emits them):")
         lines.extend(
             f"  component {c.get('component')}: size {c.get('size')}, quality {_figure(c.get('quality'))}, "
-            f"share {_figure(c.get('share'))}"
+            f"share {_figure(c.get('share'))}, run IoU {_figure(c.get('run_iou'))}"
             for c in left_out
         )
     return "\n".join(lines)

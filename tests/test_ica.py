@@ -136,11 +136,14 @@ def test_consensus_figures_are_stored_and_unstable_components_left_out(tmp_path:
         stats = mask.networks[best].stats
         assert stats["share"] == 1.0 and stats["quality"] >= 0.9 and stats["stable"] is True
         assert stats["split_iou"] >= 0.8  # the even and the odd tokens' runs find it alike
-        assert f"{stats['quality']:.2f}  1.00  |" in describe(mask).splitlines()[6 + best]  # shown by `show`
+        assert stats["run_iou"] >= 0.9  # each run on the whole data finds its neurons alike
+        row = describe(mask).splitlines()[6 + best]  # shown by `show`
+        assert f"{stats['quality']:.2f}  1.00  {stats['run_iou']:.2f}  |" in row
     # 5 sources, 8 components: the 3 others are noise, clustered loosely, and not emitted.
     assert len(mask.networks) == len(planted)
     unstable = mask.source["ica"]["unstable"]
-    assert len(unstable) == 3 and all(c["quality"] < 0.8 or c["share"] < 0.9 for c in unstable)
+    assert len(unstable) == 3
+    assert all(c["quality"] < 0.8 or c["share"] < 0.9 or c["run_iou"] < 0.9 for c in unstable)
     assert "left out as unstable (3;" in describe(mask)
     kept = run_ica(
         IcaConfig(
@@ -325,3 +328,30 @@ def test_a_run_in_another_optimum_stays_out_of_the_consensus_map() -> None:
     assert result.share[found] == 1.0  # the run in another optimum is counted in the cluster...
     expected = zscore_and_flip(stacked[:, 0 : 2 * (runs - 1) : 2].mean(axis=1, keepdims=True))[:, 0]
     np.testing.assert_allclose(result.z[:, found], expected, atol=1e-12)  # ...but not averaged into its map
+
+
+def test_a_network_its_own_runs_place_differently_is_not_emitted() -> None:
+    """Quality and share high, but the runs' own networks differ from the consensus network: the
+    median run IoU (a hand count) is below --min-run-iou, so the cluster is unstable."""
+    from fn_analyze.consensus import Consensus
+    from fn_analyze.ica import _is_stable, run_agreement
+
+    n = 1000
+    consensus = np.zeros((n, 1))
+    consensus[:20, 0] = 5.0  # the network: neurons 0-19
+    runs = np.zeros((4, n, 1))
+    for run, start in enumerate((0, 0, 4, 10)):  # runs find 0-19, 0-19, 4-23, 10-29
+        runs[run, start : start + 20, 0] = 5.0
+    result = Consensus(
+        z=consensus,
+        view_z=consensus[None],
+        quality=np.array([0.95]),
+        share=np.array([1.0]),
+        run_z=runs,
+        partial_clusters=0,
+    )
+    config = IcaConfig(activations=Path("unused"), register=False)
+    hand = np.median([1.0, 1.0, 16 / 24, 10 / 30])
+    np.testing.assert_allclose(run_agreement(result, config), [hand])
+    assert not _is_stable(result, config)[0]
+    assert _is_stable(result, IcaConfig(activations=Path("unused"), register=False, min_run_iou=0.8))[0]
