@@ -73,13 +73,14 @@ def describe(mask: MaskFile) -> str:
     total = model.n_layers * model.intermediate_size
     one_run = "runs" not in mask.source.get("ica", {})
     first, second = ("stab.", "reap.") if one_run else ("qual.", "share")
+    runs_header = "" if one_run else f" {'runs':>5}"  # run IoU: consensus files only
     lines = [
         f"model: {model.name} ({model.model_type}, {model.n_layers} layers x {model.intermediate_size} neurons, "
         f"fingerprint {model.fingerprint})",
         _how_made(mask),
         f"{len(mask.networks)} networks; per-layer profile: one column per layer, 0 to {model.n_layers - 1}",
         "",
-        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5} {'runs':>5}  profile",
+        f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5}{runs_header}  profile",
     ]
     union: set[tuple[int, int]] = set()
     for network in mask.networks:
@@ -92,10 +93,10 @@ def describe(mask: MaskFile) -> str:
             else (stats.get("quality"), stats.get("share"))
         )
         unstable = "" if stats.get("stable", True) else "  (unstable, kept by --keep-unstable)"
+        run_iou = "" if one_run else f" {_figure(stats.get('run_iou')):>5}"
         lines.append(
             f"{network.id:>4} {network.size:>6} {100 * network.size / total:>5.2f}% {len(network.layers):>6} "
-            f"{_figure(figures[0]):>5} {_figure(figures[1]):>5} {_figure(stats.get('run_iou')):>5}  "
-            f"|{layer_profile(counts)}|{unstable}"
+            f"{_figure(figures[0]):>5} {_figure(figures[1]):>5}{run_iou}  |{layer_profile(counts)}|{unstable}"
         )
     lines.append("")
     lines.append(f"union: {len(union)} neurons ({100 * len(union) / total:.2f}% of {total})")
