@@ -7,9 +7,12 @@ forward, copying hooks, every float16 HDF5 write up to closing the last shard), 
 sides share. Runs alternate, best of --repeats each.
 
     python bench/collect_vs_forward.py [--records 60] [--tiny-records 2000] [--tiny-batch-sizes 8,64]
+        [--model smollm2-135m] [--device cpu] [--dtype float32]
 
-Prints tokens/s for the embedded model and a tiny model; ends with one line
-`collect_vs_forward: ratio=X` (recording over bare throughput, embedded model).
+Prints tokens/s for the model (`--model`, default the embedded one) and a tiny model
+(`--tiny-batch-sizes ""` leaves it out); ends with one line `collect_vs_forward: ratio=X`
+(recording over bare throughput, the `--model`). On CUDA both sides synchronize before
+reading the clock.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import fn_analyze.collect as collect_module
 from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.demo_data import write_demo_data
 from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
+from shared.device import choose_device, choose_dtype
 from shared.models import load_causal_lm, load_tokenizer
 
 
@@ -46,14 +50,22 @@ def bare_forward(config: CollectConfig, model: torch.nn.Module) -> tuple[int, fl
     sequences = token_ids(config)
     tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
     tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(sequences), config.batch_size):
             batch = tokenizer.pad({"input_ids": sequences[first : first + config.batch_size]}, return_tensors="pt")
-            model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             tokens += int(batch["attention_mask"].sum())
+    synchronize(device)
     return tokens, time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so the clock reads finished work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def recorded(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]:
@@ -64,6 +76,7 @@ def recorded(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]
 
     @contextmanager
     def timed_installed(copier):
+        synchronize(next(model.parameters()).device)
         moments["start"] = time.perf_counter()
         with installed(copier) as hooked:
             yield hooked
@@ -125,24 +138,35 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="embedded model")
     parser.add_argument("--tiny-batch-sizes", default="8,64", help="tiny model; its per-batch cost is tiny too")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m", help="the model of the closing ratio")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--dtype", default="float32", help="float32, float16, bfloat16, auto")
     args = parser.parse_args()
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device.type)
     work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     try:
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
         ratios = {}
-        tiny = str(tiny_model_dir(work / "tiny"))
-        runs = [(f"tiny, batch {b}", tiny, args.tiny_records, int(b)) for b in args.tiny_batch_sizes.split(",")]
-        runs.append(("embedded", "smollm2-135m", args.records, args.batch_size))
+        sizes = [int(b) for b in args.tiny_batch_sizes.split(",") if b.strip()]
+        tiny = str(tiny_model_dir(work / "tiny")) if sizes else ""
+        runs = [(f"tiny, batch {b}", tiny, args.tiny_records, b) for b in sizes]
+        runs.append((args.model, args.model, args.records, args.batch_size))
         for name, model_name, records, batch_size in runs:
             data = write_demo_data(work / "data", seed=0, n_collect=records, n_train=1, n_eval=1)["collect"]
-            model = load_causal_lm(model_name, torch.float32, torch.device("cpu"))
+            model = load_causal_lm(model_name, dtype, device)
             config = CollectConfig(
-                dataset=str(data), out=work / "acts", model=model_name, batch_size=batch_size, device="cpu"
+                dataset=str(data),
+                out=work / "acts",
+                model=model_name,
+                batch_size=batch_size,
+                device=str(device),
+                dtype=str(dtype).removeprefix("torch."),
             )
             ratios[name] = measure(name, config, model, args.repeats)
         for name, ratio in ratios.items():
             print(f"{name}: {ratio:.3f} of bare")
-        print(f"collect_vs_forward: ratio={ratios['embedded']:.3f}")
+        print(f"collect_vs_forward: ratio={ratios[args.model]:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -47,6 +47,8 @@ from scipy.spatial.distance import squareform
 from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 
+from fn_analyze.reduction import single_threaded_blas
+
 SOLVERS = ("picard", "fastica")
 # Each solver's tolerance: Picard's is on the gradient norm, FastICA's on the change of the
 # unmixing matrix; both are far below the libraries' defaults, which stop before the optimum.
@@ -206,10 +208,13 @@ def consensus_ica(
             run_of += [view * runs + run] * maps.shape[1]
             view_of += [view] * maps.shape[1]
     # The runs are independent; numpy releases the GIL in the solvers' array work, so threads
-    # run them in parallel. Each run's result depends on its seed alone, not on the scheduling.
-    # Warning filters are global, not per thread: set once around the pool. Convergence is
-    # counted from the solvers' iteration counts instead (Consensus.converged_runs).
-    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+    # run them in parallel, one BLAS thread each (see single_threaded_blas: with OpenBLAS's own
+    # threads on top, the runs took 70 times as long). Each run's result depends on its seed
+    # alone, not on the scheduling. Warning filters and BLAS limits are global, not per thread:
+    # set once around the pool. Convergence is counted from the solvers' iteration counts
+    # instead (Consensus.converged_runs).
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with warnings.catch_warnings(), single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
         warnings.simplefilter("ignore", ConvergenceWarning)  # FastICA's
         warnings.filterwarnings("ignore", message="Picard did not converge")
         results = list(pool.map(lambda job: unmix_once(job[0], job[1], solver, max_iter, tol), jobs))
