@@ -33,7 +33,8 @@ if ((SMOKE)); then
     DEVICE=cpu
     python bench/gpu_check.py tiny-model "$WORK/tiny" >"$WORK/logs/tiny.log" 2>&1
     MODEL="$WORK/tiny"
-    BENCH_RECORDS=20 EVAL_LIMIT=10 DRAWS=1 TRAIN_STEPS=3 OVERHEAD="--rounds 1 --steps 3 --warmup 1"
+    BENCH_RECORDS=20 REPEATS=1 COMPONENTS=5 EVAL_LIMIT=10 DRAWS=1 NETWORKS="--networks 0,1" TRAIN_STEPS=3
+    OVERHEAD="--rounds 1 --steps 3 --warmup 1"
 else
     DEVICE=cuda
     python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
@@ -41,7 +42,7 @@ else
         exit 2
     }
     MODEL=smollm2-135m
-    BENCH_RECORDS=400 EVAL_LIMIT=100 DRAWS=3 TRAIN_STEPS=20 OVERHEAD="--rounds 2"
+    BENCH_RECORDS=400 REPEATS=2 COMPONENTS=20 EVAL_LIMIT=100 DRAWS=3 NETWORKS="" TRAIN_STEPS=20 OVERHEAD="--rounds 2"
 fi
 echo "device: $DEVICE"
 echo "model: $MODEL"
@@ -62,7 +63,7 @@ seconds_since() { python -c "import sys, time; print(f'{time.time() - float(sys.
 
 for dtype in float16 bfloat16; do
     run "collect_bench_$dtype" python bench/collect_vs_forward.py --model "$MODEL" --device "$DEVICE" \
-        --dtype "$dtype" --tiny-batch-sizes "" --records "$BENCH_RECORDS" --batch-size 16 --repeats 2
+        --dtype "$dtype" --tiny-batch-sizes "" --records "$BENCH_RECORDS" --batch-size 16 --repeats "$REPEATS"
     echo "collect_vs_forward_$dtype: $(value "collect_bench_$dtype" 'collect_vs_forward: ratio')"
 done
 
@@ -72,24 +73,27 @@ run collect python -m fn_analyze.cli collect --model "$MODEL" --dataset "$WORK/d
     --out "$WORK/acts" --device "$DEVICE" --dtype bfloat16 --overwrite
 echo "collect_bfloat16_seconds: $(seconds_since "$start")"
 
-for device in "$DEVICE" cpu; do
+# The whole `ica` command with its reduction on the device, then on the CPU: the difference is the reduction's.
+for side in device cpu; do
     start=$(date +%s.%N)
-    run "ica_$device" python -m fn_analyze.cli ica --activations "$WORK/acts" --n-components 20 \
-        --device "$device" --out "$WORK/masks/ica-$device.json" --keep-unstable --overwrite
-    echo "ica_${device}_seconds: $(seconds_since "$start")"
+    run "ica_$side" python -m fn_analyze.cli ica --activations "$WORK/acts" --n-components "$COMPONENTS" \
+        --device "$([[ $side == device ]] && echo "$DEVICE" || echo cpu)" --out "$WORK/masks/ica-$side.json" \
+        --keep-unstable --overwrite
+    echo "ica_reduction_on_${side}_seconds: $(seconds_since "$start")"
 done
-run same_networks python bench/gpu_check.py same-networks "$WORK/masks/ica-$DEVICE.json" "$WORK/masks/ica-cpu.json"
-echo "ica_${DEVICE}_vs_cpu_identical_networks: $(value same_networks identical_networks)"
+run same_networks python bench/gpu_check.py same-networks "$WORK/masks/ica-device.json" "$WORK/masks/ica-cpu.json"
+echo "ica_device_vs_cpu_identical_networks: $(value same_networks identical_networks)"
 
 start=$(date +%s.%N)
-run evaluate python -m fn_analyze.cli evaluate --model "$MODEL" --mask-file "$WORK/masks/ica-$DEVICE.json" \
+# shellcheck disable=SC2086  # NETWORKS is empty or one flag and its value
+run evaluate python -m fn_analyze.cli evaluate --model "$MODEL" --mask-file "$WORK/masks/ica-device.json" \
     --dataset "$WORK/demo/eval.csv" --activations "$WORK/acts" --limit "$EVAL_LIMIT" --draws "$DRAWS" \
-    --network-draws 0 --device "$DEVICE" --out "$WORK/eval/eval.json"
+    --network-draws 0 --device "$DEVICE" --out "$WORK/eval/eval.json" $NETWORKS
 echo "evaluate_seconds: $(seconds_since "$start")"
 
 start=$(date +%s.%N)
 run qlora python -m fn_train.cli --model_name_or_path "$MODEL" --dataset_name_or_path "$WORK/demo/train.csv" \
-    --output_dir "$WORK/ft" --mask-file "$WORK/masks/ica-$DEVICE.json" --mask-mode key --networks 0 \
+    --output_dir "$WORK/ft" --mask-file "$WORK/masks/ica-device.json" --mask-mode key --networks 0 \
     --use_4bit --max_steps "$TRAIN_STEPS" --per_device_train_batch_size 4 --device "$DEVICE"
 echo "qlora_${TRAIN_STEPS}_steps_seconds: $(seconds_since "$start")"
 run masked_adapter python bench/gpu_check.py masked-adapter "$WORK/ft"
@@ -98,5 +102,5 @@ echo "qlora_open_parameters_trained: $(value masked_adapter open_parameters_trai
 
 # shellcheck disable=SC2086  # OVERHEAD holds several flags
 run mask_overhead python bench/mask_overhead.py --model "$MODEL" --data "$WORK/demo/train.csv" \
-    --mask-file "$WORK/masks/ica-$DEVICE.json" --device "$DEVICE" $OVERHEAD
+    --mask-file "$WORK/masks/ica-device.json" --device "$DEVICE" $OVERHEAD
 echo "mask_overhead: $(value mask_overhead 'mask_overhead: ratio')"

@@ -24,9 +24,15 @@ def test_smoke_mode_runs_every_step_and_prints_one_figure_a_line(tmp_path: Path)
     assert figures["device"] == "cpu"
     for name in ("collect_vs_forward_float16", "collect_vs_forward_bfloat16", "mask_overhead"):
         assert float(figures[name]) > 0
-    for name in ("collect_bfloat16_seconds", "ica_cpu_seconds", "evaluate_seconds", "qlora_3_steps_seconds"):
+    for name in (
+        "collect_bfloat16_seconds",
+        "ica_reduction_on_device_seconds",
+        "ica_reduction_on_cpu_seconds",
+        "evaluate_seconds",
+        "qlora_3_steps_seconds",
+    ):
         assert float(figures[name]) > 0
-    identical, total = map(int, figures["ica_cpu_vs_cpu_identical_networks"].split("/"))
+    identical, total = map(int, figures["ica_device_vs_cpu_identical_networks"].split("/"))
     assert identical == total > 0  # the same device twice: the same networks
     assert figures["qlora_masked_parameters_unchanged"] == "true"
     assert figures["qlora_open_parameters_trained"] == "true"
