@@ -56,7 +56,11 @@ def bare_forward(config: CollectConfig, model: torch.nn.Module) -> tuple[int, fl
     with torch.inference_mode():
         for first in range(0, len(sequences), config.batch_size):
             batch = tokenizer.pad({"input_ids": sequences[first : first + config.batch_size]}, return_tensors="pt")
-            model.base_model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            model.base_model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,  # as collect runs it
+            )
             tokens += int(batch["attention_mask"].sum())
     synchronize(device)
     return tokens, time.perf_counter() - start

@@ -212,6 +212,9 @@ def evaluate_command(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N records.")] = 200,
     max_length: Annotated[int, typer.Option(help="Truncate records to this many tokens.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Records per forward pass.")] = 16,
+    conditions_per_pass: Annotated[
+        int, typer.Option(help="Masks scored together in one forward pass (each on its own copy of the batch).")
+    ] = 4,
     draws: Annotated[int, typer.Option(help="Random sets per control for the union rows.")] = 5,
     network_draws: Annotated[
         int, typer.Option(help="Random sets per control for each network's own row (0: no control).")

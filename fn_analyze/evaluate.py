@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from shared.constants import EMBEDDED_MODEL_NAME
 from shared.device import choose_device, choose_dtype
 from shared.digests import file_digest
 from shared.errors import UserError
-from shared.hooks import masked_down_projections
+from shared.hooks import stacked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.masks import (
     MaskFile,
@@ -70,6 +71,10 @@ class EvaluateConfig:
     limit: int | None = 200  # records evaluated (the first ones); None: all
     max_length: int = 512
     batch_size: int = 16
+    # Masks scored in one forward pass, each on its own copy of the batch's rows (per-row masks,
+    # shared.hooks.stacked_down_projections): the same losses to float rounding, in fewer, larger
+    # passes. 1: one mask a pass.
+    conditions_per_pass: int = 4
     draws: int = 5  # random sets per control for the union rows
     # Random sets per control for each network's own row. Every draw is a pass over the data,
     # and a mask file has many networks: one draw each keeps the demo to minutes on 2 CPU cores.
@@ -98,7 +103,13 @@ class EvaluateConfig:
             self.activations = Path(self.activations)
         if self.out.suffix != ".json":
             raise UserError(f"--out {self.out} must end in .json (the plot is written beside it as .png)")
-        for name, least in (("draws", 1), ("network_draws", 0), ("batch_size", 1), ("max_length", 2)):
+        for name, least in (
+            ("draws", 1),
+            ("network_draws", 0),
+            ("batch_size", 1),
+            ("conditions_per_pass", 1),
+            ("max_length", 2),
+        ):
             if getattr(self, name) < least:
                 raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
         for name in ("limit", "top_n", "max_new_tokens"):
@@ -140,20 +151,39 @@ class Evaluator:
         max_new_tokens: int,
         ablation: Ablation | None = None,
         choices: tuple[ChoiceSet, list[Batch]] | None = None,
+        per_pass: int = 1,
     ) -> None:
         self.model, self.tokenizer, self.projections, self.mask = model, tokenizer, projections, mask
         self.batches, self.exact_match, self.max_new_tokens = batches, exact_match, max_new_tokens
-        self.ablation, self.choices = ablation or Ablation(), choices
+        self.ablation, self.choices, self.per_pass = ablation or Ablation(), choices, per_pass
+
+    def _score(self, copies: int) -> list[Score]:
+        return score(
+            self.model, self.tokenizer, self.batches, self.exact_match, self.max_new_tokens, self.choices, copies
+        )
 
     def baseline(self) -> Score:
-        return score(self.model, self.tokenizer, self.batches, self.exact_match, self.max_new_tokens, self.choices)
+        return self._score(1)[0]
 
-    def masked(self, neurons: NeuronSet, mode: MaskMode) -> tuple[Score, tuple[int, ...]]:
-        """The score with `neurons` intervened on (key) or alone left as they are (complement),
-        and the layers where every neuron is intervened on."""
-        layer_masks = self.ablation.apply(build_layer_masks(self.mask, [Network(-1, neurons)], mode))
-        with masked_down_projections(self.projections, layer_masks):
-            return self.baseline(), layer_masks.fully_closed_layers
+    def masked(
+        self, sets: Sequence[tuple[NeuronSet, MaskMode]], progress: Any = None
+    ) -> list[tuple[Score, tuple[int, ...]]]:
+        """For each (neurons, mode): the score with `neurons` intervened on (key) or alone left as they
+        are (complement), and the layers where every neuron is intervened on. `per_pass` sets share
+        a forward pass, each on its own copy of the rows; `progress` advances by one per set."""
+        results: list[tuple[Score, tuple[int, ...]]] = []
+        for start in range(0, len(sets), self.per_pass):
+            chunk = sets[start : start + self.per_pass]
+            masks = [
+                self.ablation.apply(build_layer_masks(self.mask, [Network(-1, neurons)], mode))
+                for neurons, mode in chunk
+            ]
+            with stacked_down_projections(self.projections, masks):
+                scores = self._score(len(chunk))
+            results += [(scored, masks.fully_closed_layers) for scored, masks in zip(scores, masks, strict=True)]
+            if progress is not None:
+                progress.update(len(chunk))
+        return results
 
 
 def _conditions(
@@ -304,47 +334,50 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     skipped = [c for c in conditions if not c.neurons]
     conditions = [c for c in conditions if c.neurons]
     evaluator = Evaluator(
-        model, tokenizer, projections, mask, batches, with_exact_match, config.max_new_tokens, ablation, choices
+        model,
+        tokenizer,
+        projections,
+        mask,
+        batches,
+        with_exact_match,
+        config.max_new_tokens,
+        ablation,
+        choices,
+        config.conditions_per_pass,
     )
     total = 1 + sum(1 + len(CONTROLS) * c.draws for c in conditions)
     total += config.draws if config.random_fraction is not None else 0
-    progress = tqdm(total=total, unit="pass", desc="evaluate")
+    progress = tqdm(total=total, unit="mask", desc="evaluate")
     base = evaluator.baseline()
     progress.update()
-    rows = []
     try:
-        for condition in conditions:
-            result, closed = evaluator.masked(condition.neurons, condition.mode)
-            progress.update()
-            own = pairs(condition.neurons)
-            controls = {}
-            for index, control in enumerate(CONTROLS):
-                scores, overlaps = [], []
-                for draw in range(condition.draws):
-                    rng = np.random.default_rng([config.seed, condition.stream, index, draw])
-                    drawn = draw_matched(condition.neurons, strata[control], allowed, rng)
-                    scores.append(evaluator.masked(drawn, condition.mode)[0])
-                    overlaps.append(len(pairs(drawn) & own) / len(own))
-                    progress.update()
-                if scores:
-                    controls[control] = _summary(scores, overlaps, result, base)
-            rows.append(
-                {
-                    "name": condition.name,
-                    "kind": condition.kind,
-                    "mode": condition.mode,
-                    "networks": list(condition.networks),
-                    "neurons": set_size(condition.neurons),
-                    "layers": len(condition.neurons),
-                    "top_magnitude_held": condition.top_held,
-                    "closed_layers": list(closed),
-                    **_score_dict(result),
-                    "controls": controls,
-                }
-            )
+        # Every condition's neuron sets (its own, then each control's draws) first, so that the
+        # forward passes can score several of them at once.
+        draws = [
+            {
+                control: [
+                    draw_matched(
+                        condition.neurons,
+                        strata[control],
+                        allowed,
+                        np.random.default_rng([config.seed, condition.stream, index, draw]),
+                    )
+                    for draw in range(condition.draws)
+                ]
+                for index, control in enumerate(CONTROLS)
+            }
+            for condition in conditions
+        ]
+        sets = [
+            (neurons, condition.mode)
+            for condition, drawn in zip(conditions, draws, strict=True)
+            for neurons in [condition.neurons, *(d for control in CONTROLS for d in drawn[control])]
+        ]
+        scored = iter(evaluator.masked(sets, progress))
+        rows = [_row(condition, drawn, scored, base) for condition, drawn in zip(conditions, draws, strict=True)]
         random_fraction = None
         if config.random_fraction is not None:
-            random_fraction = _random_fraction(evaluator, config, allowed, magnitude.measured_layers(), base, progress)
+            random_fraction = _random_fraction(evaluator, config, allowed, magnitude.measured_layers(), progress)
     finally:
         progress.close()
 
@@ -387,8 +420,33 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
+def _row(condition: Condition, drawn: dict[str, list[NeuronSet]], scored: Iterator, base: Score) -> dict[str, Any]:
+    """One condition's row of the results: its score, then each control's draws' (taken from
+    `scored` in the order the sets were listed)."""
+    result, closed = next(scored)
+    own = pairs(condition.neurons)
+    controls = {}
+    for control in CONTROLS:
+        scores = [next(scored)[0] for _ in drawn[control]]
+        overlaps = [len(pairs(neurons) & own) / len(own) for neurons in drawn[control]]
+        if scores:
+            controls[control] = _summary(scores, overlaps, result, base)
+    return {
+        "name": condition.name,
+        "kind": condition.kind,
+        "mode": condition.mode,
+        "networks": list(condition.networks),
+        "neurons": set_size(condition.neurons),
+        "layers": len(condition.neurons),
+        "top_magnitude_held": condition.top_held,
+        "closed_layers": list(closed),
+        **_score_dict(result),
+        "controls": controls,
+    }
+
+
 def _random_fraction(
-    evaluator: Evaluator, config: EvaluateConfig, allowed: np.ndarray, layers: list[int], base: Score, progress
+    evaluator: Evaluator, config: EvaluateConfig, allowed: np.ndarray, layers: list[int], progress
 ) -> dict[str, Any]:
     """Liu et al.'s control: `random_fraction` of all (measured, allowed) neurons, drawn uniformly, off."""
     assert config.random_fraction is not None
@@ -397,7 +455,7 @@ def _random_fraction(
     candidates = np.flatnonzero(pool)
     count = max(1, round(config.random_fraction * len(candidates)))
     width = allowed.shape[1]
-    scores = []
+    sets: list[tuple[NeuronSet, MaskMode]] = []
     for draw in range(config.draws):
         rng = np.random.default_rng([config.seed, 1_000_003, draw])  # a stream no condition uses
         chosen = np.sort(rng.choice(candidates, size=count, replace=False))
@@ -405,8 +463,8 @@ def _random_fraction(
         for flat in chosen.tolist():
             neurons.setdefault(flat // width, ())
             neurons[flat // width] += (flat % width,)
-        scores.append(evaluator.masked(neurons, "key")[0])
-        progress.update()
+        sets.append((neurons, "key"))
+    scores = [scored for scored, _ in evaluator.masked(sets, progress)]
     losses = [s.loss for s in scores]
     summary: dict[str, Any] = {
         "fraction": config.random_fraction,

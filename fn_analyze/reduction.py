@@ -96,6 +96,17 @@ def _shard_blocks(
         yield (x if bounds is None else torch.clamp(x, bounds[0], bounds[1])), views
 
 
+def _selected(block: torch.Tensor, selected: Any) -> torch.Tensor:
+    """A view's rows of a block: the block itself, or the selected rows gathered."""
+    return block if isinstance(selected, slice) else block.index_select(0, selected)
+
+
+def _centered(block: torch.Tensor, selected: Any, mean: torch.Tensor) -> torch.Tensor:
+    """A view's rows of a block minus the view's means, in one new tensor (indexing, then
+    subtracting, made two)."""
+    return block - mean if isinstance(selected, slice) else block.index_select(0, selected).sub_(mean)
+
+
 def shard_moments(
     shard: Shard, splits: int, device: str, rows: RowFilter = ALL_ROWS, clip: np.ndarray | None = None
 ) -> np.ndarray:
@@ -104,7 +115,7 @@ def shard_moments(
     total = torch.zeros((1 + splits, 3, shard.n_columns), dtype=torch.float64, device=dev)
     for block, views in _shard_blocks(shard, dev, splits, rows, clip):
         for view, selected in enumerate(views):
-            x = block[selected]
+            x = _selected(block, selected)
             total[view, 0] += len(x)
             total[view, 1] += x.sum(dim=0, dtype=torch.float64)
             total[view, 2] += (x * x).sum(dim=0, dtype=torch.float64)
@@ -131,7 +142,7 @@ def shard_products(
     outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
     for block, views in _shard_blocks(shard, dev, splits, rows, clip):
         for view, selected in enumerate(views):
-            x = block[selected] - means_t[view]
+            x = _centered(block, selected, means_t[view])
             if scales_t is not None:
                 x *= scales_t[view]
             for g, (start, stop) in enumerate(groups):

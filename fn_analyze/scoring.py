@@ -241,13 +241,16 @@ def _forward_parameter(model: nn.Module, *names: str) -> str | None:
     return next((name for name in names if name in parameters), None)
 
 
-def _answer_logits(model: nn.Module, batches: list[Batch]) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
+def _answer_logits(
+    model: nn.Module, batches: list[Batch], copies: int = 1
+) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
     """(batch, logits, targets) per batch: the logits that predict each label position, and the
     labels (-100 outside the answers).
 
     The prefix every row shares (a chat template's system prompt: half the tokens of short
     records) is run once per call, under whatever mask is in place, and its key/value cache
-    reused by every batch.
+    reused by every batch. With `copies` > 1 every batch (and the prefix) runs as that many
+    copies of its rows, copy-major, one per condition of `shared.hooks.stacked_down_projections`.
     """
     device = next(model.parameters()).device
     keep = _forward_parameter(model, "logits_to_keep")
@@ -255,7 +258,7 @@ def _answer_logits(model: nn.Module, batches: list[Batch]) -> Iterator[tuple[Bat
     prefix = batches[0].shared_prefix if cache_name else 0
     with torch.inference_mode():
         if prefix:
-            out = model(input_ids=batches[0].input_ids[:1, :prefix].to(device), use_cache=True)
+            out = model(input_ids=batches[0].input_ids[:1, :prefix].repeat(copies, 1).to(device), use_cache=True)
             prefix_cache = out.cache if hasattr(out, "cache") else out.past_key_values
         for batch in batches:
             width = batch.input_ids.shape[1]
@@ -268,32 +271,47 @@ def _answer_logits(model: nn.Module, batches: list[Batch]) -> Iterator[tuple[Bat
                 cache.batch_repeat_interleave(batch.input_ids.shape[0])
                 kwargs[cache_name] = cache
             logits = model(
-                input_ids=batch.input_ids[:, prefix:].to(device),
-                attention_mask=batch.attention_mask.to(device),
+                input_ids=batch.input_ids[:, prefix:].repeat(copies, 1).to(device),
+                attention_mask=batch.attention_mask.repeat(copies, 1).to(device),
                 **kwargs,
             ).logits[:, -n_keep:-1]
-            yield batch, logits, batch.labels[:, width - n_keep + 1 :].to(device)
+            yield batch, logits, batch.labels[:, width - n_keep + 1 :].repeat(copies, 1).to(device)
+
+
+def answer_losses(model: nn.Module, batches: list[Batch], copies: int = 1) -> list[float]:
+    """Mean negative log-likelihood per answer token, over all batches (token-weighted), of each copy."""
+    totals, count = [0.0] * copies, 0
+    for batch, logits, targets in _answer_logits(model, batches, copies):
+        rows = len(batch.input_ids)
+        for c in range(copies):
+            part, wanted = logits[c * rows : (c + 1) * rows], targets[c * rows : (c + 1) * rows]
+            loss = F.cross_entropy(part.float().transpose(1, 2), wanted, ignore_index=-100, reduction="sum")
+            totals[c] += float(loss)
+        count += int((targets[:rows] != -100).sum())
+    return [total / count for total in totals]
 
 
 def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
     """Mean negative log-likelihood per answer token, over all batches (token-weighted)."""
-    total, count = 0.0, 0
-    for _batch, logits, targets in _answer_logits(model, batches):
-        total += float(F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"))
-        count += int((targets != -100).sum())
-    return total / count
+    return answer_losses(model, batches)[0]
 
 
 def answer_logprobs(model: nn.Module, batches: list[Batch]) -> dict[int, float]:
     """Summed log-probability of each row's answer tokens, by the row's index (`Batch.index`)."""
-    sums: dict[int, float] = {}
-    for batch, logits, targets in _answer_logits(model, batches):
+    return copies_logprobs(model, batches)[0]
+
+
+def copies_logprobs(model: nn.Module, batches: list[Batch], copies: int = 1) -> list[dict[int, float]]:
+    """`answer_logprobs` of each copy of the rows."""
+    sums: list[dict[int, float]] = [{} for _ in range(copies)]
+    for batch, logits, targets in _answer_logits(model, batches, copies):
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         answer = targets != -100
         picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        per_row = torch.where(answer, picked, torch.zeros_like(picked)).double().sum(dim=1)
-        for index, value in zip(batch.index, per_row.tolist(), strict=True):
-            sums[index] = value
+        per_row = torch.where(answer, picked, torch.zeros_like(picked)).double().sum(dim=1).tolist()
+        for c in range(copies):
+            for i, index in enumerate(batch.index):
+                sums[c][index] = per_row[c * len(batch.index) + i]
     return sums
 
 
@@ -301,17 +319,26 @@ def choice_accuracy(model: nn.Module, choices: ChoiceSet, batches: list[Batch]) 
     """(acc, acc_norm) over the multiple-choice records, as lm-evaluation-harness computes them:
     the right choice has the highest summed log-probability (acc), or the highest per character
     of the choice (acc_norm); ties go to the first choice."""
-    logprobs = answer_logprobs(model, batches)
+    return choice_accuracies(model, choices, batches)[0]
+
+
+def choice_accuracies(
+    model: nn.Module, choices: ChoiceSet, batches: list[Batch], copies: int = 1
+) -> list[tuple[float, float]]:
+    """`choice_accuracy` of each copy of the rows."""
     per_record: list[list[int]] = [[] for _ in choices.gold]
     for row, record in enumerate(choices.record):
         per_record[record].append(row)
-    hits = hits_norm = 0
-    for record, rows in enumerate(per_record):
-        scores = [logprobs[row] for row in rows]
-        normed = [logprobs[row] / max(choices.chars[row], 1) for row in rows]
-        hits += int(max(range(len(rows)), key=lambda i: (scores[i], -i)) == choices.gold[record])
-        hits_norm += int(max(range(len(rows)), key=lambda i: (normed[i], -i)) == choices.gold[record])
-    return hits / len(per_record), hits_norm / len(per_record)
+    results = []
+    for logprobs in copies_logprobs(model, batches, copies):
+        hits = hits_norm = 0
+        for record, rows in enumerate(per_record):
+            scores = [logprobs[row] for row in rows]
+            normed = [logprobs[row] / max(choices.chars[row], 1) for row in rows]
+            hits += int(max(range(len(rows)), key=lambda i: (scores[i], -i)) == choices.gold[record])
+            hits_norm += int(max(range(len(rows)), key=lambda i: (normed[i], -i)) == choices.gold[record])
+        results.append((hits / len(per_record), hits_norm / len(per_record)))
+    return results
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -331,14 +358,17 @@ def answer_contained(generated: str, answer: str) -> bool:
 
 def exact_match(model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int) -> float:
     """Share of rows whose greedy answer (at most `max_new_tokens`) equals the reference, normalized."""
-    return generation_scores(model, tokenizer, batches, max_new_tokens)[0]
+    return generation_scores(model, tokenizer, batches, max_new_tokens)[0][0]
 
 
-def generation_scores(model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int) -> tuple[float, float]:
-    """(exact match, answer contained) of the greedy answers (at most `max_new_tokens`), normalized."""
+def generation_scores(
+    model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int, copies: int = 1
+) -> list[tuple[float, float]]:
+    """(exact match, answer contained) of the greedy answers (at most `max_new_tokens`), normalized,
+    of each copy (copy-major rows, as `_answer_logits`)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    hits, contained, count = 0, 0, 0
+    hits, contained, count = [0] * copies, [0] * copies, 0
     with torch.inference_mode():
         for batch in batches:
             width = max(len(p) for p in batch.prompts)
@@ -350,18 +380,19 @@ def generation_scores(model: nn.Module, tokenizer, batches: list[Batch], max_new
                     ids[i, width - len(prompt) :] = torch.tensor(prompt)
                     mask[i, width - len(prompt) :] = 1
             out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=ids.repeat(copies, 1).to(device),
+                attention_mask=mask.repeat(copies, 1).to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
             )
-            for generated, answer in zip(out[:, width:], batch.answers, strict=True):
+            for row, generated in enumerate(out[:, width:]):
+                answer = batch.answers[row % len(batch.answers)] or ""
                 text = tokenizer.decode(generated, skip_special_tokens=True)
-                hits += int(normalize_answer(text) == normalize_answer(answer or ""))
-                contained += int(answer_contained(text, answer or ""))
-                count += 1
-    return hits / count, contained / count
+                hits[row // len(batch.answers)] += int(normalize_answer(text) == normalize_answer(answer))
+                contained[row // len(batch.answers)] += int(answer_contained(text, answer))
+            count += len(batch.answers)
+    return [(hit / count, inside / count) for hit, inside in zip(hits, contained, strict=True)]
 
 
 def score(
@@ -371,13 +402,19 @@ def score(
     with_exact_match: bool,
     max_new_tokens: int,
     choices: tuple[ChoiceSet, list[Batch]] | None = None,
-) -> Score:
+    copies: int = 1,
+) -> list[Score]:
     """The answer loss; greedy exact match and containment when asked; acc and acc_norm
-    when `choices` (the choice set and its batches) are given."""
-    loss = answer_loss(model, batches)
-    em = contains = acc = acc_norm = None
-    if with_exact_match:
-        em, contains = generation_scores(model, tokenizer, batches, max_new_tokens)
-    if choices is not None:
-        acc, acc_norm = choice_accuracy(model, *choices)
-    return Score(loss, em, contains, acc, acc_norm)
+    when `choices` (the choice set and its batches) are given: one Score per copy (one per
+    condition of `shared.hooks.stacked_down_projections`)."""
+    losses = answer_losses(model, batches, copies)
+    generated = generation_scores(model, tokenizer, batches, max_new_tokens, copies) if with_exact_match else None
+    accuracies = choice_accuracies(model, *choices, copies) if choices is not None else None
+    return [
+        Score(
+            loss,
+            *(generated[c] if generated else (None, None)),
+            *(accuracies[c] if accuracies else (None, None)),
+        )
+        for c, loss in enumerate(losses)
+    ]

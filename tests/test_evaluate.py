@@ -290,3 +290,47 @@ def test_magnitude_matched_draw_keeps_a_lone_massive_neuron_and_respects_exclusi
     assert draw_matched(neurons, bins, allowed, np.random.default_rng(1)) == draw_matched(
         neurons, bins, allowed, np.random.default_rng(1)
     )
+
+
+def _figures(results: dict) -> list[tuple[str, float]]:
+    """Every loss and accuracy of a results dict, by where it sits (baseline, conditions, their draws)."""
+    found = []
+    fields = ("loss", "exact_match", "contains", "accuracy", "accuracy_norm")
+    for where, scored in [("baseline", results["baseline"])] + [
+        (c["name"] + c["mode"], c) for c in results["conditions"]
+    ]:
+        found += [(f"{where}.{name}", scored[name]) for name in fields if name in scored]
+        for control, summary in scored.get("controls", {}).items():
+            found += [(f"{where}.{control}.{i}", loss) for i, loss in enumerate(summary["losses"])]
+            found += [(f"{where}.{control}.{name}", summary[name]) for name in fields[1:] if name in summary]
+    if results["random_fraction"] is not None:
+        found += [(f"random.{i}", loss) for i, loss in enumerate(results["random_fraction"]["losses"])]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("dataset", "options"),
+    [
+        ("eval.csv", dict(ablation="zero", exact_match=True, max_new_tokens=3)),
+        ("sentiment.csv", dict(ablation="mean", random_fraction=0.15)),
+        ("eval.csv", dict(ablation="scale")),
+    ],
+)
+def test_masks_scored_together_give_what_one_mask_a_pass_gives(
+    tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path, dataset: str, options: dict
+) -> None:
+    results = {}
+    for per_pass in (1, 3):  # 3: the chunks cut across conditions and their controls
+        config = _config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / f"{per_pass}.json", conditions_per_pass=per_pass)
+        config.dataset, config.limit = str(demo_dir / dataset), 12
+        for name, value in options.items():
+            setattr(config, name, value)
+        config.__post_init__()
+        results[per_pass] = evaluate(config)
+    alone, together = _figures(results[1]), _figures(results[3])
+    assert [name for name, _ in alone] == [name for name, _ in together] and len(alone) >= 20
+    for (name, one), (_, three) in zip(alone, together, strict=True):
+        assert three == pytest.approx(one, rel=1e-5, abs=1e-6), name  # float rounding of larger products only
+    assert [c["closed_layers"] for c in results[1]["conditions"]] == [
+        c["closed_layers"] for c in results[3]["conditions"]
+    ]

@@ -1,0 +1,38 @@
+"""bench/gpu_check.sh in its CPU smoke mode: every step runs on a tiny model and prints its figure."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow  # about a minute: ten processes, each importing torch
+def test_smoke_mode_runs_every_step_and_prints_one_figure_a_line(tmp_path: Path) -> None:
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert os.access(script, os.X_OK)
+    env = {**os.environ, "FN_CACHE_DIR": str(tmp_path / "cache"), "WORK": str(tmp_path / "work")}
+    done = subprocess.run([str(script), "--smoke"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert all(re.fullmatch(r"[a-z0-9_]+", name) for name in figures), done.stdout
+    assert figures["device"] == "cpu"
+    for name in ("collect_vs_forward_float16", "collect_vs_forward_bfloat16", "mask_overhead"):
+        assert float(figures[name]) > 0
+    for name in (
+        "collect_bfloat16_seconds",
+        "ica_reduction_on_device_seconds",
+        "ica_reduction_on_cpu_seconds",
+        "evaluate_seconds",
+        "qlora_3_steps_seconds",
+    ):
+        assert float(figures[name]) > 0
+    identical, total = map(int, figures["ica_device_vs_cpu_identical_networks"].split("/"))
+    assert identical == total > 0  # the same device twice: the same networks
+    assert figures["qlora_masked_parameters_unchanged"] == "true"
+    assert figures["qlora_open_parameters_trained"] == "true"
