@@ -111,9 +111,7 @@ def run_evaluate(option: str, mode: str, mask: Path, args: argparse.Namespace) -
     return out
 
 
-def row_of(
-    option: str, mode: str, mask: Path, results: Path | None, repro: dict[str, float | None]
-) -> dict[str, Any]:
+def row_of(option: str, mode: str, mask: Path, results: Path | None, repro: dict[str, float | None]) -> dict[str, Any]:
     """One row of the table from a mask file, its results file (None: nothing measured) and its
     reproducibility figures."""
     networks = json.loads(mask.read_text(encoding="utf-8"))["networks"]

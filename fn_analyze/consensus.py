@@ -15,10 +15,11 @@ CLUSTER_SIMILARITY), and each cluster that a run on the whole data found gives:
 - `share`: the share of all runs that put a map in the cluster. Near 1: every run of every
   view finds it, so it is in every part of the data, whatever the seed.
 - its map: the mean of the whole data's core members (one per run, sign-aligned to the
-  cluster's centrotype, the member most similar to the others; core: |corr| with the
-  centrotype >= CORE_SIMILARITY), z-scored over neurons and flipped so its heavier tail is
-  positive; and the same per view. Averaging over runs is what makes the map, and so the
-  thresholded network, come back with another seed, thread count or summation order.
+  cluster's centrotype, the member most similar to the others; core: |corr| >=
+  CORE_SIMILARITY with the view's member nearest the centrotype), z-scored over neurons and
+  flipped so its heavier tail is positive; and the same per view. Averaging over runs is what
+  makes the map, and so the thresholded network, come back with another seed, thread count or
+  summation order.
   Averaging only the core is what keeps one run's other optimum out of it: on the demo, two
   processes differing only in BLAS threads (reduced data equal to 1e-14) sent one Picard run
   of the same seed to a map at |corr| 0.79 from its cluster's centrotype instead of 0.999;
@@ -119,7 +120,7 @@ def unmix_once(maps: np.ndarray, spec: RunSpec, solver: str, max_iter: int, tol:
 
 
 CLUSTER_SIMILARITY = 0.5  # average |corr| at which the dendrogram is cut into clusters
-CORE_SIMILARITY = 0.9  # |corr| with the centrotype of the members averaged into the map
+CORE_SIMILARITY = 0.9  # |corr| with the view's member nearest the centrotype, of the members averaged
 
 
 @dataclass

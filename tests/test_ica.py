@@ -320,7 +320,7 @@ def test_a_run_in_another_optimum_stays_out_of_the_consensus_map() -> None:
     maps = [source + 0.05 * rng.normal(size=n) for _ in range(runs - 1)]
     maps.append(0.8 * source + 0.6 * other)  # the same component, another optimum
     unrelated = [rng.laplace(size=n) for _ in range(runs)]  # each run's second map, its own
-    stacked = zscore_and_flip(np.column_stack([m for pair in zip(maps, unrelated) for m in pair]))
+    stacked = zscore_and_flip(np.column_stack([m for pair in zip(maps, unrelated, strict=True) for m in pair]))
     run_of = np.repeat(np.arange(runs), 2)
     result = cluster_maps(stacked, run_of, np.zeros(2 * runs, dtype=int), runs)
 
