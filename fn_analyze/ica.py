@@ -258,27 +258,30 @@ def _reduction_device(requested: str) -> str:
     return str(device) if device.type == "cuda" else "cpu"
 
 
+def _network_of(z_map: np.ndarray, config: IcaConfig) -> set[int]:
+    """The columns of one map's network, thresholded as every map is."""
+    return set(threshold_maps(z_map[:, None], config.threshold, config.percentile)[0].tolist())
+
+
+def _iou(a: set[int], b: set[int]) -> float:
+    return len(a & b) / max(len(a | b), 1)
+
+
 def run_agreement(result: Consensus, config: IcaConfig) -> np.ndarray:
     """Per cluster, the median over the whole data's runs of the IoU between the run's own network
     (its map thresholded as the consensus map is) and the consensus network; 0 where no run has one."""
     agreement = np.zeros(result.z.shape[1])
-    for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
-        network = set(members.tolist())
-        own = [m for m in result.run_z[:, :, j] if not np.isnan(m).any()]
-        ious = [
-            len(network & (found := set(threshold_maps(m[:, None], config.threshold, config.percentile)[0].tolist())))
-            / max(len(network | found), 1)
-            for m in own
-        ]
+    for j in range(result.z.shape[1]):
+        network = _network_of(result.z[:, j], config)
+        ious = [_iou(network, _network_of(m, config)) for m in result.run_z[:, :, j] if not np.isnan(m).any()]
         agreement[j] = float(np.median(ious)) if ious else 0.0
     return agreement
 
 
-def _is_stable(result: Consensus, config: IcaConfig) -> np.ndarray:
+def _is_stable(result: Consensus, agreement: np.ndarray, config: IcaConfig) -> np.ndarray:
+    """Which clusters are emitted; `agreement`: run_agreement(result, config)."""
     return (
-        (result.quality >= config.min_quality)
-        & (result.share >= config.min_share)
-        & (run_agreement(result, config) >= config.min_run_iou)
+        (result.quality >= config.min_quality) & (result.share >= config.min_share) & (agreement >= config.min_run_iou)
     )
 
 
@@ -290,7 +293,7 @@ class Candidate:
     results: list[Consensus]
 
     def stable_count(self, config: IcaConfig) -> int:
-        return int(sum(_is_stable(result, config).sum() for result in self.results))
+        return int(sum(_is_stable(result, run_agreement(result, config), config).sum() for result in self.results))
 
 
 def _consensus_at(reductions: list[list[Reduction]], k: int, config: IcaConfig) -> Candidate:
@@ -318,9 +321,8 @@ def _split_iou(result: Consensus, j: int, config: IcaConfig) -> float | None:
     parts = result.view_z[1:, :, j]
     if len(parts) < 2 or np.isnan(parts).any():
         return None
-    sets = [set(threshold_maps(part[:, None], config.threshold, config.percentile)[0].tolist()) for part in parts]
-    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
-    return float(np.mean([len(a & b) / max(len(a | b), 1) for a, b in pairs]))
+    sets = [_network_of(part, config) for part in parts]
+    return float(np.mean([_iou(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]))
 
 
 def _networks(
@@ -334,8 +336,8 @@ def _networks(
     no network holds a set-aside column (their maps are flat there, this makes it certain)."""
     found, unstable = [], []
     for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
-        stable = _is_stable(result, config)
         agreement = run_agreement(result, config)
+        stable = _is_stable(result, agreement, config)
         offset = views[0].columns[0]
         for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
             if set_aside:
