@@ -2,7 +2,7 @@
 # The GPU check: on a CUDA machine, on the embedded model (SmolLM2-135M), in one go:
 #   1. the recording benchmark (bench/collect_vs_forward.py) in float16 and in bfloat16;
 #   2. collect of the demo data, then `fn-analyze ica` with its reduction on CUDA and on the
-#      CPU over the same shards: both times, and whether the networks are identical;
+#      CPU over the same shards: both times, and whether the stable networks come back (IoU >= 0.9);
 #   3. `fn-analyze evaluate` of the CUDA mask file (a few draws, on part of the eval data);
 #   4. `fn-train --use_4bit` for 20 steps with network 0 switched off, then a check that every
 #      masked neuron's LoRA entries stayed zero (its parameters did not move) and open ones trained;
@@ -47,16 +47,22 @@ fi
 echo "device: $DEVICE"
 echo "model: $MODEL"
 
-# Runs a step with its output in $WORK/logs/NAME.log; on failure shows the log's tail and stops.
+# Runs a step with its output in $WORK/logs/NAME.log. On failure it shows the log's tail and the
+# check goes on (a GPU lease is too short to lose every step after one failure): the step's
+# figures read `failed`, and the script exits 1 at the end.
+FAILED=0 STEP_OK=1
 run() {
     local name="$1"
     shift
+    STEP_OK=1
     if ! "$@" >"$WORK/logs/$name.log" 2>&1; then
         echo "error: step $name failed; the end of its log:" >&2
         tail -n 30 "$WORK/logs/$name.log" >&2
-        exit 1
+        FAILED=1 STEP_OK=0
     fi
 }
+# Prints `NAME: VALUE`, or `NAME: failed` when the last step failed.
+figure() { if ((STEP_OK)); then echo "$1: $2"; else echo "$1: failed"; fi; }
 # The value after `KEY: ` (or `KEY=`) on the last line of a step's log that holds KEY.
 value() { grep -E "$2" "$WORK/logs/$1.log" | tail -n 1 | sed -E "s/.*$2[:=] ?//"; }
 seconds_since() { python -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$1"; }
@@ -64,14 +70,14 @@ seconds_since() { python -c "import sys, time; print(f'{time.time() - float(sys.
 for dtype in float16 bfloat16; do
     run "collect_bench_$dtype" python bench/collect_vs_forward.py --model "$MODEL" --device "$DEVICE" \
         --dtype "$dtype" --tiny-batch-sizes "" --records "$BENCH_RECORDS" --batch-size 16 --repeats "$REPEATS"
-    echo "collect_vs_forward_$dtype: $(value "collect_bench_$dtype" 'collect_vs_forward: ratio')"
+    figure "collect_vs_forward_$dtype" "$(value "collect_bench_$dtype" 'collect_vs_forward: ratio')"
 done
 
 run demo_data python -m fn_analyze.cli demo-data --out "$WORK/demo"
 start=$(date +%s.%N)
 run collect python -m fn_analyze.cli collect --model "$MODEL" --dataset "$WORK/demo/data.jsonl" \
     --out "$WORK/acts" --device "$DEVICE" --dtype bfloat16 --overwrite
-echo "collect_bfloat16_seconds: $(seconds_since "$start")"
+figure "collect_bfloat16_seconds" "$(seconds_since "$start")"
 
 # The whole `ica` command with its reduction on the device, then on the CPU: the difference is the reduction's.
 for side in device cpu; do
@@ -79,28 +85,30 @@ for side in device cpu; do
     run "ica_$side" python -m fn_analyze.cli ica --activations "$WORK/acts" --n-components "$COMPONENTS" \
         --device "$([[ $side == device ]] && echo "$DEVICE" || echo cpu)" --out "$WORK/masks/ica-$side.json" \
         --keep-unstable --overwrite
-    echo "ica_reduction_on_${side}_seconds: $(seconds_since "$start")"
+    figure "ica_reduction_on_${side}_seconds" "$(seconds_since "$start")"
 done
 run same_networks python bench/gpu_check.py same-networks "$WORK/masks/ica-device.json" "$WORK/masks/ica-cpu.json"
-echo "ica_device_vs_cpu_identical_networks: $(value same_networks identical_networks)"
+figure "ica_device_vs_cpu_identical_networks" "$(value same_networks identical_networks)"
+figure "ica_device_vs_cpu_stable_networks_matched" "$(value same_networks stable_networks_matched)"
 
 start=$(date +%s.%N)
 # shellcheck disable=SC2086  # NETWORKS is empty or one flag and its value
 run evaluate python -m fn_analyze.cli evaluate --model "$MODEL" --mask-file "$WORK/masks/ica-device.json" \
     --dataset "$WORK/demo/eval.csv" --activations "$WORK/acts" --limit "$EVAL_LIMIT" --draws "$DRAWS" \
     --network-draws 0 --device "$DEVICE" --out "$WORK/eval/eval.json" $NETWORKS
-echo "evaluate_seconds: $(seconds_since "$start")"
+figure "evaluate_seconds" "$(seconds_since "$start")"
 
 start=$(date +%s.%N)
 run qlora python -m fn_train.cli --model_name_or_path "$MODEL" --dataset_name_or_path "$WORK/demo/train.csv" \
     --output_dir "$WORK/ft" --mask-file "$WORK/masks/ica-device.json" --mask-mode key --networks 0 \
     --use_4bit --max_steps "$TRAIN_STEPS" --per_device_train_batch_size 4 --device "$DEVICE"
-echo "qlora_${TRAIN_STEPS}_steps_seconds: $(seconds_since "$start")"
+figure "qlora_${TRAIN_STEPS}_steps_seconds" "$(seconds_since "$start")"
 run masked_adapter python bench/gpu_check.py masked-adapter "$WORK/ft"
-echo "qlora_masked_parameters_unchanged: $(value masked_adapter masked_parameters_unchanged)"
-echo "qlora_open_parameters_trained: $(value masked_adapter open_parameters_trained)"
+figure "qlora_masked_parameters_unchanged" "$(value masked_adapter masked_parameters_unchanged)"
+figure "qlora_open_parameters_trained" "$(value masked_adapter open_parameters_trained)"
 
 # shellcheck disable=SC2086  # OVERHEAD holds several flags
 run mask_overhead python bench/mask_overhead.py --model "$MODEL" --data "$WORK/demo/train.csv" \
     --mask-file "$WORK/masks/ica-device.json" --device "$DEVICE" $OVERHEAD
-echo "mask_overhead: $(value mask_overhead 'mask_overhead: ratio')"
+figure "mask_overhead" "$(value mask_overhead 'mask_overhead: ratio')"
+exit "$FAILED"

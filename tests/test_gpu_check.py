@@ -34,5 +34,7 @@ def test_smoke_mode_runs_every_step_and_prints_one_figure_a_line(tmp_path: Path)
         assert float(figures[name]) > 0
     identical, total = map(int, figures["ica_device_vs_cpu_identical_networks"].split("/"))
     assert identical == total > 0  # the same device twice: the same networks
+    matched, stable = map(int, figures["ica_device_vs_cpu_stable_networks_matched"].split("/"))
+    assert matched == stable > 0
     assert figures["qlora_masked_parameters_unchanged"] == "true"
     assert figures["qlora_open_parameters_trained"] == "true"
