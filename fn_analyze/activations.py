@@ -46,7 +46,7 @@ from shared.constants import (
 from shared.digests import file_digest
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
-from shared.models import ModelInfo
+from shared.masks import ModelInfo
 from shared.paths import file_in_folder
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks

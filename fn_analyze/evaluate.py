@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fn_analyze.magnitude import activation_stats, stats_from_forward
-from fn_analyze.neuron_sets import NeuronSet, draw_matched, pairs, set_size, union, without
+from fn_analyze.neuron_sets import draw_matched, pairs, set_size, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
 from shared.ablation import Ablation, check_ablation
@@ -44,11 +44,13 @@ from shared.masks import (
     MaskFile,
     MaskMode,
     Network,
+    NeuronSet,
     build_layer_masks,
     check_compatible,
     load_mask_file,
     parse_network_ids,
     select_networks,
+    union,
 )
 from shared.models import load_causal_lm, load_tokenizer, model_info
 

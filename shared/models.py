@@ -10,7 +10,6 @@ import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,23 +19,9 @@ from shared.arch import DownProjection, config_of, find_down_projections, hidden
 from shared.constants import CACHE_DIR_ENV, EMBEDDED_MODEL_GGUF, EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE
 from shared.digests import bytes_digest
 from shared.errors import UserError
+from shared.masks import ModelInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a mask file records of the model it was made for."""
-
-    name: str
-    model_type: str
-    n_layers: int
-    intermediate_size: int
-    hidden_size: int
-    fingerprint: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def model_info(model: nn.Module, name: str, projections: list[DownProjection] | None = None) -> ModelInfo:
