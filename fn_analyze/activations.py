@@ -41,6 +41,7 @@ from shared.constants import (
     POSITION_DATASET,
     SEQUENCE_DATASET,
     SHARD_GLOB,
+    SHARD_NAME,
     TOKEN_IDS_DATASET,
 )
 from shared.digests import file_digest
@@ -199,7 +200,7 @@ class ShardWriter:
 
 
 def shard_name(rank: int, index: int) -> str:
-    return f"shard-r{rank:02d}-{index:05d}.h5"
+    return SHARD_NAME.format(rank=rank, index=index)
 
 
 def shard_rank_and_index(name: str) -> tuple[int, int]:

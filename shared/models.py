@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from shared.arch import DownProjection, config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
-from shared.constants import CACHE_DIR_ENV, EMBEDDED_MODEL_GGUF, EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE
+from shared.constants import (
+    CACHE_DIR_ENV,
+    EMBEDDED_MODEL_GGUF,
+    EMBEDDED_MODEL_NAME,
+    EMBEDDED_MODEL_PACKAGE,
+    MODEL_CONFIG_NAME,
+)
 from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.masks import ModelInfo
@@ -79,7 +85,7 @@ def embedded_model_dir() -> Path:
     The conversion writes to a temporary folder and renames it, so a crash leaves no half copy.
     """
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    if (target / MODEL_CONFIG_NAME).is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +106,7 @@ def embedded_model_dir() -> Path:
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
+            if not (target / MODEL_CONFIG_NAME).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,7 +143,7 @@ def check_model_reachable(name: str | None) -> None:
     if not constants.is_offline_mode():
         return
     try:
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, MODEL_CONFIG_NAME)
     except ValueError as exc:  # not a valid repository name
         raise UserError(_load_failure(name, exc)) from exc
     if not isinstance(cached, str):
