@@ -59,7 +59,7 @@ class IcaConfig:
     # components) hurt the model 3.7x more than random neurons of the same per-layer counts.
     threshold: float = 3.0
     percentile: float | None = None  # instead of |z|: keep neurons above this percentile of each map's |z|
-    standardize: bool = False  # scale neurons to unit variance (the original tool; hurts, see DESIGN.md)
+    standardize: bool = False  # scale neurons to unit variance (the original tool; its networks hurt less than random)
     # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py); none by default.
     scale: str = "none"  # none | neuron (unit variance: what standardize sets) | layer (each layer weighs the same)
     exclude_positions: list[int] = field(default_factory=list)  # token positions left out, e.g. [0]: the first
