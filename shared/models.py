@@ -23,6 +23,7 @@ from shared.constants import (
     EMBEDDED_MODEL_PACKAGE,
     MODEL_CONFIG_NAME,
 )
+from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.masks import ModelInfo
@@ -169,9 +170,15 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
 
 
 def load_causal_lm(
-    name: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, **kwargs
+    name: str | None,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "auto",
+    trust_remote_code: bool = False,
+    **kwargs,
 ) -> nn.Module:
-    """A causal LM on `device`, in eval mode.
+    """A causal LM on `device`, in eval mode. `dtype` and `device` may be spelled as the CLIs'
+    `--dtype` and `--device` are, `auto` included (`shared.device`): `load_causal_lm("smollm2-135m")`
+    gives the embedded model on the best device there is.
 
     Code shipped with the model runs only with `trust_remote_code`. Weights are read from
     safetensors, or from a pickle with torch.load(weights_only=True) (transformers' default):
@@ -179,6 +186,8 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    device = choose_device(device) if isinstance(device, str) else device
+    dtype = choose_dtype(dtype, device.type) if isinstance(dtype, str) else dtype
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
