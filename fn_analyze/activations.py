@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import itertools
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ from shared.constants import (
 )
 from shared.digests import file_digest
 from shared.errors import UserError
-from shared.jsonio import write_json_atomic
+from shared.jsonio import replace_durably, write_json_atomic
 from shared.masks import ModelInfo
 from shared.paths import file_in_folder
 
@@ -163,7 +162,7 @@ class ShardWriter:
         assert self._file is not None and self._path is not None
         self._file.close()
         self._file = None
-        os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
+        replace_durably(Path(str(self._path) + PARTIAL_SUFFIX), self._path)
         self.completed.append(
             {
                 "file": self._path.name,
