@@ -15,17 +15,15 @@ import re
 import sys
 from pathlib import Path
 
-from collect_vs_forward import tiny_model_dir
 import numpy as np
+from collect_vs_forward import tiny_model_dir
 from safetensors.torch import load_file
 
 from fn_analyze.compare import iou_matrix
-
 from fn_train.run_mask import run_mask_from_record
-from shared.constants import RUN_MASK_NAME
+from shared.constants import ADAPTER_WEIGHTS_NAME, RUN_MASK_NAME
 from shared.masks import load_mask_file
 
-ADAPTER_NAME = "adapter_model.safetensors"
 # LoRA matrices of LLaMA-style MLPs (the embedded model and the tiny one): layer, module, A or B.
 MATCH_IOU = 0.9
 LORA_KEY = re.compile(r"layers\.(\d+)\.mlp\.(down_proj|up_proj|gate_proj)\.lora_([AB])\.weight$")
@@ -58,7 +56,7 @@ def masked_adapter(output_dir: Path) -> bool:
     vectors = run_mask_from_record(record, str(output_dir)).layer_masks.vectors
     masked = {layer: (vector == 0).nonzero().flatten() for layer, vector in vectors.items()}
     checked, moved, failures = 0, False, []
-    for key, weight in load_file(output_dir / ADAPTER_NAME).items():
+    for key, weight in load_file(output_dir / ADAPTER_WEIGHTS_NAME).items():
         found = LORA_KEY.search(key)
         if found is None:
             continue

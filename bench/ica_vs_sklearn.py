@@ -27,7 +27,7 @@ from sklearn.decomposition import FastICA
 from fn_analyze.activations import open_activations, write_matrix
 from fn_analyze.consensus import zscore_and_flip
 from fn_analyze.ica import IcaConfig, run_ica, unmix_activations
-from shared.models import ModelInfo
+from shared.masks import ModelInfo
 
 
 def planted(tokens: int, neurons: int, k: int, seed: int) -> tuple[np.ndarray, list[set[int]]]:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from fn_analyze.compare import REPRODUCED_AT, format_reproduced, iou_matrix, reproduced
+from shared.constants import MANIFEST_NAME
 from shared.masks import load_mask_file
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -81,7 +82,7 @@ def main() -> None:
     parts = []
     for half in halves(args.dataset, args.work):
         acts = args.work / f"acts-{half.stem}"
-        if not (acts / "manifest.json").exists():
+        if not (acts / MANIFEST_NAME).exists():
             collect = ["collect", "--model", args.model, "--dataset", str(half), "--out", str(acts), "--overwrite"]
             print(f"  collect {half.name}: {fn_analyze(collect, 2):.0f} s", flush=True)
         parts.append(ica(acts, args.work / f"{half.stem}.json", 0, 2, args.extra))

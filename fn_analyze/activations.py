@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import itertools
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,12 +40,13 @@ from shared.constants import (
     POSITION_DATASET,
     SEQUENCE_DATASET,
     SHARD_GLOB,
+    SHARD_NAME,
     TOKEN_IDS_DATASET,
 )
 from shared.digests import file_digest
 from shared.errors import UserError
-from shared.jsonio import write_json_atomic
-from shared.models import ModelInfo
+from shared.jsonio import replace_durably, write_json_atomic
+from shared.masks import ModelInfo
 from shared.paths import file_in_folder
 
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
@@ -162,7 +162,7 @@ class ShardWriter:
         assert self._file is not None and self._path is not None
         self._file.close()
         self._file = None
-        os.replace(str(self._path) + PARTIAL_SUFFIX, self._path)
+        replace_durably(Path(str(self._path) + PARTIAL_SUFFIX), self._path)
         self.completed.append(
             {
                 "file": self._path.name,
@@ -199,7 +199,7 @@ class ShardWriter:
 
 
 def shard_name(rank: int, index: int) -> str:
-    return f"shard-r{rank:02d}-{index:05d}.h5"
+    return SHARD_NAME.format(rank=rank, index=index)
 
 
 def shard_rank_and_index(name: str) -> tuple[int, int]:

@@ -34,7 +34,8 @@ from shared.distributed import process_group, rank_device
 from shared.errors import Interrupted, UserError, is_disk_full
 from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
-from shared.models import ModelInfo, check_model_reachable, load_causal_lm, load_tokenizer, model_info
+from shared.masks import ModelInfo
+from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, model_info
 from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)

@@ -17,11 +17,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from shared import __version__
+from shared.constants import COMPARISON_SCHEMA_VERSION
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, load_mask_file
-
-RESULTS_SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -118,7 +117,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
     matching = [{"a": ids_a[r], "b": ids_b[c], "iou": iou} for r, c, iou in matched_one_to_one(matrix)]
     best_a, best_b = best(matrix, ids_a, ids_b), best(matrix.T, ids_b, ids_a)
     result = {
-        "schema_version": RESULTS_SCHEMA_VERSION,
+        "schema_version": COMPARISON_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
         "a": {"file": str(config.mask_a), "networks": ids_a, "sizes": [n.size for n in a.networks]},
         "b": {"file": str(config.mask_b), "networks": ids_b, "sizes": [n.size for n in b.networks]},

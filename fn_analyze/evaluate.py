@@ -29,12 +29,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fn_analyze.magnitude import activation_stats, stats_from_forward
-from fn_analyze.neuron_sets import NeuronSet, draw_matched, pairs, set_size, union, without
+from fn_analyze.neuron_sets import draw_matched, pairs, set_size, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
 from shared.ablation import Ablation, check_ablation
 from shared.arch import DownProjection, find_down_projections
-from shared.constants import EMBEDDED_MODEL_NAME
+from shared.constants import EMBEDDED_MODEL_NAME, EVALUATION_SCHEMA_VERSION
 from shared.device import choose_device, choose_dtype
 from shared.digests import file_digest
 from shared.errors import UserError
@@ -44,17 +44,18 @@ from shared.masks import (
     MaskFile,
     MaskMode,
     Network,
+    NeuronSet,
     build_layer_masks,
     check_compatible,
     load_mask_file,
     parse_network_ids,
     select_networks,
+    union,
 )
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
 log = logging.getLogger(__name__)
 
-RESULTS_SCHEMA_VERSION = 1
 CONTROLS: tuple[str, ...] = ("layer_matched", "magnitude_matched")
 
 
@@ -382,7 +383,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         progress.close()
 
     results = {
-        "schema_version": RESULTS_SCHEMA_VERSION,
+        "schema_version": EVALUATION_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
         "model": config.model,
         "mask_file": str(config.mask_file),

@@ -22,6 +22,7 @@ import numpy as np
 
 from fn_analyze.activations import Activations, open_activations
 from fn_analyze.consensus import SOLVERS, TOLERANCES, Consensus, consensus_ica
+from fn_analyze.neuron_sets import set_size
 from fn_analyze.preprocess import (
     SAMPLE_ROWS,
     SCALES,
@@ -39,7 +40,7 @@ from shared.device import choose_device
 from shared.digests import file_digest
 from shared.errors import UserError
 from shared.mask_index import check_mask_out, register_mask
-from shared.masks import MaskFile, Network, save_mask_file
+from shared.masks import MaskFile, Network, save_mask_file, union
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class IcaConfig:
     # components) hurt the model 3.7x more than random neurons of the same per-layer counts.
     threshold: float = 3.0
     percentile: float | None = None  # instead of |z|: keep neurons above this percentile of each map's |z|
-    standardize: bool = False  # scale neurons to unit variance (the original tool; hurts, see DESIGN.md)
+    standardize: bool = False  # scale neurons to unit variance (the original tool; its networks hurt less than random)
     # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py); none by default.
     scale: str = "none"  # none | neuron (unit variance: what standardize sets) | layer (each layer weighs the same)
     exclude_positions: list[int] = field(default_factory=list)  # token positions left out, e.g. [0]: the first
@@ -519,7 +520,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
     save_mask_file(mask, out)
     if config.register:
         register_mask(out, mask)
-    covered = len({(layer, n) for network in networks for layer, ns in network.layers.items() for n in ns})
+    covered = set_size(union(networks))
     if config.n_components == AUTO:
         counts = ", ".join(f"k={c.k}: {c.stable_count(config)}" for c in tried)
         print(f"ica: --n-components auto chose k={chosen.k}, the most stable networks ({counts})")

@@ -11,8 +11,6 @@ it is read once) or from a forward pass over data.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,9 @@ from shared.constants import MANIFEST_NAME
 from shared.digests import file_digest
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs
-from shared.models import ModelInfo, cache_dir
+from shared.jsonio import atomic_file
+from shared.masks import ModelInfo
+from shared.models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +99,13 @@ def activation_stats(
             if name in missing:
                 full = np.full((model.n_layers, model.intermediate_size), np.nan)
                 full[acts.layers] = flat.reshape(len(acts.layers), acts.intermediate_size)
-                _save_npy(cached[name], full)
+                with atomic_file(cached[name]) as handle:
+                    np.save(handle, full)
                 found[name] = full
     source = f"activations {folder} ({acts.n_tokens} tokens)"
     magnitude = NeuronMagnitude(found["max_abs"], source, acts.n_tokens) if want_magnitude else None
     means = NeuronMeans(found["mean"].astype(np.float32), source, acts.n_tokens) if want_means else None
     return magnitude, means
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Write to a temporary file and rename: a reader never loads half an array."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def magnitude_from_forward(

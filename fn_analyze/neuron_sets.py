@@ -10,21 +10,9 @@ stratum the set fills entirely (a lone massive neuron) is drawn as it is.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
-from shared.masks import Network
-
-NeuronSet = dict[int, tuple[int, ...]]  # layer -> sorted neuron indices, no empty layer
-
-
-def union(networks: Iterable[Network]) -> NeuronSet:
-    merged: dict[int, set[int]] = {}
-    for network in networks:
-        for layer, neurons in network.layers.items():
-            merged.setdefault(layer, set()).update(neurons)
-    return {layer: tuple(sorted(ns)) for layer, ns in sorted(merged.items()) if ns}
+from shared.masks import NeuronSet
 
 
 def set_size(neurons: NeuronSet) -> int:
@@ -38,12 +26,6 @@ def pairs(neurons: NeuronSet) -> set[tuple[int, int]]:
 def without(neurons: NeuronSet, excluded: set[tuple[int, int]]) -> NeuronSet:
     kept = {layer: tuple(n for n in ns if (layer, n) not in excluded) for layer, ns in neurons.items()}
     return {layer: ns for layer, ns in kept.items() if ns}
-
-
-def iou(a: NeuronSet, b: NeuronSet) -> float:
-    """Intersection over union of two sets of (layer, neuron); 0 when both are empty."""
-    pa, pb = pairs(a), pairs(b)
-    return len(pa & pb) / len(pa | pb) if pa or pb else 0.0
 
 
 def draw_matched(neurons: NeuronSet, strata: np.ndarray, allowed: np.ndarray, rng: np.random.Generator) -> NeuronSet:

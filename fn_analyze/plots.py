@@ -1,18 +1,21 @@
-"""PNG figures of evaluations, mask comparisons and networks (matplotlib, Agg backend: no screen needed)."""
+"""PNG figures of evaluations, mask comparisons and networks.
+
+The figures are matplotlib `Figure`s drawn on their own Agg canvas, never through pyplot:
+no screen is needed, and the caller's backend (a notebook's inline one) is left as it was.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # files only; must precede pyplot
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from shared.masks import MaskFile  # noqa: E402
+from shared.jsonio import atomic_file
+from shared.masks import MaskFile
 
 NETWORK_COLOR = "#1f4e79"
 LAYER_COLOR = "#9e9e9e"
@@ -20,17 +23,16 @@ MAGNITUDE_COLOR = "#e08214"
 ANNOTATE_LIMIT = 30  # cells are labelled with their value up to this many rows and columns
 
 
-def _save(fig, path: Path) -> None:
-    """Write the PNG under a temporary name, then rename: no half-written figure is left behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+def _figure(**kwargs: Any) -> Figure:
+    """A figure on its own Agg canvas (pyplot's figure manager and backend are not involved)."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
 
 
 def plot_evaluation(results: dict[str, Any], path: Path) -> None:
@@ -42,14 +44,8 @@ def plot_evaluation(results: dict[str, Any], path: Path) -> None:
     ]
     panels = [p for p in panels if any((r["kind"], r["mode"]) == p[:2] for r in results["conditions"])]
     heights = [1 + sum((r["kind"], r["mode"]) == p[:2] for r in results["conditions"]) for p in panels]
-    fig, axes = plt.subplots(
-        len(panels),
-        1,
-        figsize=(10, 1.6 + 0.6 * sum(heights)),
-        gridspec_kw={"height_ratios": heights},
-        squeeze=False,
-        layout="constrained",
-    )
+    fig = _figure(figsize=(10, 1.6 + 0.6 * sum(heights)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
     base = results["baseline"]["loss"]
     series = (
         (None, NETWORK_COLOR, "the networks' neurons"),
@@ -89,7 +85,8 @@ def plot_evaluation(results: dict[str, Any], path: Path) -> None:
 
 def plot_iou(matrix: np.ndarray, ids_a: list[int], ids_b: list[int], name_a: str, name_b: str, path: Path) -> None:
     """Heatmap of the IoU of every pair of networks, each row's best match outlined."""
-    fig, ax = plt.subplots(figsize=(2 + 0.4 * len(ids_b), 1.5 + 0.35 * len(ids_a)))
+    fig = _figure(figsize=(2 + 0.4 * len(ids_b), 1.5 + 0.35 * len(ids_a)))
+    ax = fig.subplots()
     image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="IoU of the two networks' neurons")
     ax.set_xticks(range(len(ids_b)), [str(i) for i in ids_b], fontsize=7)
@@ -99,7 +96,7 @@ def plot_iou(matrix: np.ndarray, ids_a: list[int], ids_b: list[int], name_a: str
     if matrix.size:
         for row, col in enumerate(matrix.argmax(axis=1)):
             if matrix[row, col] > 0:
-                ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
     if max(matrix.shape) <= ANNOTATE_LIMIT:
         for (row, col), value in np.ndenumerate(matrix):
             if value >= 0.05:
@@ -115,13 +112,8 @@ def plot_networks(mask: MaskFile, path: Path) -> None:
     counts = np.array(
         [[len(network.layers.get(layer, ())) for layer in range(n_layers)] for network in mask.networks], dtype=float
     ).reshape(len(mask.networks), n_layers)
-    fig, (ax, side) = plt.subplots(
-        1,
-        2,
-        figsize=(3 + 0.3 * n_layers, 1.5 + 0.3 * max(len(mask.networks), 1)),
-        gridspec_kw={"width_ratios": [max(n_layers, 1), 6]},
-        sharey=True,
-    )
+    fig = _figure(figsize=(3 + 0.3 * n_layers, 1.5 + 0.3 * max(len(mask.networks), 1)))
+    ax, side = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(n_layers, 1), 6]}, sharey=True)
     shown = np.where(counts > 0, counts, np.nan)  # empty cells stay blank
     image = ax.imshow(shown, cmap="magma_r", aspect="auto", vmin=0, vmax=max(counts.max(initial=0), 1))
     fig.colorbar(image, ax=side, label="neurons in the layer", location="right")

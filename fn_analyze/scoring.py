@@ -69,7 +69,6 @@ class EvalSet:
     split: str
     data_format: str
     template: str
-    n_records: int  # records read (rows whose answer was truncated away are left out)
     choices: ChoiceSet | None = None  # multiple-choice data: the records' choices, for accuracy
 
     @property
@@ -153,7 +152,7 @@ def load_eval_set(
     choices = None
     if choice_rows:
         choices = ChoiceSet(tuple(choice_rows), tuple(choice_record), tuple(choice_chars), tuple(gold))
-    return EvalSet(tuple(rows), source, split, fmt.value, template, len(records), choices)
+    return EvalSet(tuple(rows), source, split, fmt.value, template, choices)
 
 
 def _choice_rows(

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shared.masks import MaskFile, load_mask_file
+from fn_analyze.neuron_sets import set_size
+from shared.masks import MaskFile, load_mask_file, union
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -82,10 +83,8 @@ def describe(mask: MaskFile) -> str:
         "",
         f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5}{runs_header}  profile",
     ]
-    union: set[tuple[int, int]] = set()
     for network in mask.networks:
         counts = [len(network.layers.get(layer, ())) for layer in range(model.n_layers)]
-        union.update((layer, n) for layer, ns in network.layers.items() for n in ns)
         stats = network.stats
         figures = (
             (stats.get("stability"), stats.get("reappearance"))
@@ -98,8 +97,9 @@ def describe(mask: MaskFile) -> str:
             f"{network.id:>4} {network.size:>6} {100 * network.size / total:>5.2f}% {len(network.layers):>6} "
             f"{_figure(figures[0]):>5} {_figure(figures[1]):>5}{run_iou}  |{layer_profile(counts)}|{unstable}"
         )
+    covered = set_size(union(mask.networks))
     lines.append("")
-    lines.append(f"union: {len(union)} neurons ({100 * len(union) / total:.2f}% of {total})")
+    lines.append(f"union: {covered} neurons ({100 * covered / total:.2f}% of {total})")
     aside = mask.source.get("ica", {}).get("set_aside")
     if aside:
         profile = [len(aside.get("layers", {}).get(str(layer), ())) for layer in range(model.n_layers)]

@@ -3,7 +3,6 @@ fn-analyze's own `collect` and `run_ica`, and keep the mask file in the output f
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.ica import IcaConfig, run_ica
 from fn_train.config import TrainConfig
 from shared.constants import ICA_MASK_NAME
+from shared.distributed import ranks_from_env
 from shared.errors import UserError
 
 
@@ -30,7 +30,7 @@ def mask_from_training_data(config: TrainConfig, resuming: bool) -> Path:
                 "resume with the same --output_dir as the first part of the run"
             )
         return out
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if ranks_from_env().distributed:
         raise UserError(
             "--ica-on-the-fly runs in a single process; compute the mask first (one process, or fn-analyze) "
             "and pass it to the multi-process run with --mask-file"

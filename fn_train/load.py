@@ -21,12 +21,10 @@ from torch import nn
 
 from fn_train.run_mask import run_mask_from_record
 from shared.arch import find_down_projections
-from shared.constants import RUN_MASK_NAME
+from shared.constants import ADAPTER_CONFIG_NAME, RUN_MASK_NAME
 from shared.hooks import masked_down_projections
 from shared.masks import check_compatible
 from shared.models import load_causal_lm, model_info
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
 def load_trained(

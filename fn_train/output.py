@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME
+from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME, STAGING_NAME
 from shared.errors import UserError
 
-STAGING_NAME = ".fn-train-save.partial"
 KEPT_ACROSS_SAVES = {RUN_CONFIG_NAME, ICA_MASK_NAME}  # written before training, not by the final save
 
 

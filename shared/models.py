@@ -10,33 +10,25 @@ import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from shared.arch import DownProjection, config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
-from shared.constants import CACHE_DIR_ENV, EMBEDDED_MODEL_GGUF, EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE
+from shared.constants import (
+    CACHE_DIR_ENV,
+    EMBEDDED_MODEL_GGUF,
+    EMBEDDED_MODEL_NAME,
+    EMBEDDED_MODEL_PACKAGE,
+    MODEL_CONFIG_NAME,
+)
+from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest
 from shared.errors import UserError
+from shared.masks import ModelInfo
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a mask file records of the model it was made for."""
-
-    name: str
-    model_type: str
-    n_layers: int
-    intermediate_size: int
-    hidden_size: int
-    fingerprint: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def model_info(model: nn.Module, name: str, projections: list[DownProjection] | None = None) -> ModelInfo:
@@ -94,7 +86,7 @@ def embedded_model_dir() -> Path:
     The conversion writes to a temporary folder and renames it, so a crash leaves no half copy.
     """
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
+    if (target / MODEL_CONFIG_NAME).is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +107,7 @@ def embedded_model_dir() -> Path:
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
+            if not (target / MODEL_CONFIG_NAME).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,7 +144,7 @@ def check_model_reachable(name: str | None) -> None:
     if not constants.is_offline_mode():
         return
     try:
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, MODEL_CONFIG_NAME)
     except ValueError as exc:  # not a valid repository name
         raise UserError(_load_failure(name, exc)) from exc
     if not isinstance(cached, str):
@@ -178,9 +170,15 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
 
 
 def load_causal_lm(
-    name: str | None, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, **kwargs
+    name: str | None,
+    dtype: torch.dtype | str = "auto",
+    device: torch.device | str = "auto",
+    trust_remote_code: bool = False,
+    **kwargs,
 ) -> nn.Module:
-    """A causal LM on `device`, in eval mode.
+    """A causal LM on `device`, in eval mode. `dtype` and `device` may be spelled as the CLIs'
+    `--dtype` and `--device` are, `auto` included (`shared.device`): `load_causal_lm("smollm2-135m")`
+    gives the embedded model on the best device there is.
 
     Code shipped with the model runs only with `trust_remote_code`. Weights are read from
     safetensors, or from a pickle with torch.load(weights_only=True) (transformers' default):
@@ -188,6 +186,8 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
+    device = choose_device(device) if isinstance(device, str) else device
+    dtype = choose_dtype(dtype, device.type) if isinstance(dtype, str) else dtype
     path = resolve_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)

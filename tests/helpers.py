@@ -39,7 +39,7 @@ def write_activations(
     """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it;
     each row's position and token id are 0 unless given."""
     from fn_analyze.activations import write_matrix
-    from shared.models import ModelInfo
+    from shared.masks import ModelInfo
 
     info = ModelInfo("synthetic", "llama", max(layers) + 1, intermediate_size, 8, "sha256:synthetic")
     return write_matrix(folder, matrix, info, layers, rows_per_shard, positions, token_ids)

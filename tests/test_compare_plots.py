@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,34 @@ def test_compare_and_show_plot_commands_write_pngs(model, tmp_path: Path) -> Non
     assert_png(tmp_path / "nets.png")
     bad = runner.invoke(app, ["compare", str(a), str(tmp_path / "missing.json")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+KEEPS_BACKEND = """
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("svg")  # the caller's own backend, e.g. a notebook's inline one
+import fn_analyze.compare, fn_analyze.evaluate, fn_analyze.show  # noqa: E401
+from fn_analyze.plots import plot_iou, plot_networks
+from shared.masks import MaskFile, ModelInfo, Network
+
+mask = MaskFile(ModelInfo("tiny", "llama", 2, 8, 4, "sha256:tiny"), (Network(0, {0: (1, 2), 1: (3,)}),))
+plot_networks(mask, Path(sys.argv[1]) / "networks.png")
+plot_iou(np.eye(2), [0, 1], [0, 1], "a", "b", Path(sys.argv[1]) / "iou.png")
+print(matplotlib.get_backend())
+"""
+
+
+def test_drawing_a_figure_leaves_the_callers_matplotlib_backend_alone(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", KEEPS_BACKEND, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+    assert_png(tmp_path / "networks.png")
+    assert_png(tmp_path / "iou.png")

@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 from fn_analyze.activations import open_activations
 from fn_analyze.cli import app as analyze_app
 from fn_analyze.ica import IcaConfig, run_ica
+from fn_analyze.neuron_sets import pairs
 from fn_analyze.preprocess import Preprocessing, RowFilter, clip_bounds, inverse_scales, sample_rows
 from fn_analyze.reduction import reduce, shard_moments, shards_of, sum_over_shards
 from fn_analyze.show import describe
+from shared.masks import union
 from tests.helpers import refused, write_activations
 
 runner = CliRunner()
@@ -167,10 +169,10 @@ def test_set_aside_neurons_never_enter_a_network_and_are_listed(tmp_path: Path, 
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=400)
     common = dict(n_components=K, runs=1, register=False)
     mask = run_ica(IcaConfig(activations=folder, out=tmp_path / "a.json", **common))
-    held = {(layer, n) for network in mask.networks for layer, ns in network.layers.items() for n in ns}
+    held = pairs(union(mask.networks))
     assert {(1, int(c) - WIDTH) for c in massive} <= held
     aside = run_ica(IcaConfig(activations=folder, out=tmp_path / "b.json", set_aside_top=3, **common))
-    held = {(layer, n) for network in aside.networks for layer, ns in network.layers.items() for n in ns}
+    held = pairs(union(aside.networks))
     assert not held & {(1, int(c) - WIDTH) for c in massive}
     record = aside.source["ica"]["set_aside"]
     assert record["size"] == 3 and record["layers"] == {"1": [int(c) - WIDTH for c in massive]}
