@@ -46,14 +46,15 @@ SETTINGS_NAME = "sweep_settings.json"
 
 
 def ica_flags(option: str, args: argparse.Namespace) -> list[str]:
-    """The `ica` flags of one preprocessing option."""
-    return {
+    """The `ica` flags of one preprocessing option, or of several joined by `+` (`layer+aside`)."""
+    flags = {
         "none": [],
         "nopos0": ["--exclude-positions", "0"],
         "layer": ["--scale", "layer"],
         "clip": ["--clip-percentile", str(args.clip_percentile)],
         "aside": ["--set-aside", str(args.set_aside)],
-    }[option]
+    }
+    return [flag for part in option.split("+") for flag in flags[part]]
 
 
 def fn_analyze(command: list[str]) -> float:
@@ -191,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="Held-out data for evaluate (multiple choice: accuracy).")
     parser.add_argument("--model", default="smollm2-135m", help="The activations' model.")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="Folder of mask and results files.")
-    parser.add_argument("--options", default=",".join(OPTIONS), help=f"Subset of {','.join(OPTIONS)}.")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"Subset of {','.join(OPTIONS)}; `a+b` combines two.")
     parser.add_argument("--modes", default=",".join(MODES), help="Ablation modes: zero, mean, scale.")
     parser.add_argument("--clip-percentile", type=float, default=99.0, help="P of the clip option.")
     parser.add_argument("--set-aside", type=int, default=100, help="N of the aside option.")
@@ -205,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.ica_args = ica_args
     args.options = [o.strip() for o in args.options.split(",") if o.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [o for o in args.options if o not in OPTIONS]
+    unknown = [o for o in args.options if any(part not in OPTIONS for part in o.split("+"))]
     if unknown:
         parser.error(f"unknown option {unknown[0]!r}; use some of {', '.join(OPTIONS)}")
     return args

@@ -77,3 +77,14 @@ def test_sweep_runs_every_option_and_mode_and_resumes(
     # Other settings are refused in the same folder.
     with pytest.raises(SystemExit, match="holds a sweep of other settings"):
         sweep.main([*argv[: argv.index("--")], "--draws", "2", *argv[argv.index("--") :]])
+
+
+def test_options_joined_by_plus_combine_their_ica_flags_and_unknown_parts_are_refused(capsys) -> None:
+    sweep = _sweep_module()
+    args = sweep.parse_args(["--activations", "a", "--dataset", "d", "--options", "layer+aside,none"])
+    assert args.options == ["layer+aside", "none"]
+    assert sweep.ica_flags("layer+aside", args) == ["--scale", "layer", "--set-aside", "100"]
+    assert sweep.ica_flags("none", args) == []
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--activations", "a", "--dataset", "d", "--options", "layer+bogus"])
+    assert "unknown option 'layer+bogus'" in capsys.readouterr().err
