@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from fn_train import config as train_config
-from shared.cli import config_options, handle_errors, setup_logging
+from shared.cli import config_options, handle_errors, library_warnings, setup_logging
 
 
 @config_options(train_config.TrainConfig, both_spellings=True, config_file="fn-train")
@@ -27,7 +27,8 @@ def run(
     check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
     from fn_train.trainer import train
 
-    train(train_config.TrainConfig(**settings))
+    with library_warnings(verbose):
+        train(train_config.TrainConfig(**settings))
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

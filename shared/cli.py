@@ -13,7 +13,9 @@ import tempfile
 import time
 import traceback
 import typing
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 
@@ -60,6 +62,17 @@ def setup_logging(verbose: bool = False) -> None:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def library_warnings(verbose: bool) -> Iterator[None]:
+    """The libraries' FutureWarnings (deprecations addressed to their callers, such as TRL,
+    not to our users) only with --verbose; the filter holds for the block, not the process."""
+    with warnings.catch_warnings():
+        if not verbose:
+            for name in QUIET_LIBRARIES:
+                warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{name}(\.|$)")
+        yield
 
 
 def _one_line(text: str) -> str:

@@ -1,11 +1,12 @@
 """Commands built from config dataclasses (shared.cli.config_options): each option's flags,
 help text and default come from its field, so the command line and the config cannot
-disagree; --config files."""
+disagree; --config files; the libraries' FutureWarnings only with --verbose."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +19,7 @@ from fn_analyze.cli import app as analyze_app
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
 from fn_train.cli import app as train_app
 from fn_train.config import TrainConfig
-from shared.cli import config_options
+from shared.cli import config_options, library_warnings
 from shared.options import option, option_spec
 
 runner = CliRunner()
@@ -160,3 +161,20 @@ def test_building_the_command_lines_imports_no_heavy_library() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_library_future_warnings_only_with_verbose() -> None:
+    def warn(module: str) -> None:
+        warnings.warn_explicit(module, FutureWarning, "lib.py", 1, module=module)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with library_warnings(verbose=False):
+            warn("transformers.training_args")
+            warn("trl.trainer")
+            warn("fn_train.trainer")  # ours: still shown
+        with library_warnings(verbose=True):
+            warn("transformers.modeling_utils")
+        warn("transformers.trainer")  # after the block: shown as before it
+    shown = [str(w.message) for w in caught]
+    assert shown == ["fn_train.trainer", "transformers.modeling_utils", "transformers.trainer"]
