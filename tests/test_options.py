@@ -1,9 +1,12 @@
 """Commands built from config dataclasses (shared.cli.config_options): each option's flags,
 help text and default come from its field, so the command line and the config cannot
-disagree; --config files; the libraries' FutureWarnings only with --verbose."""
+disagree; --config files; messages name the flags of the tool the user runs; the
+libraries' FutureWarnings only with --verbose."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -161,6 +164,29 @@ def test_building_the_command_lines_imports_no_heavy_library() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def _flags_of(command: Any) -> set[str]:
+    return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
+
+
+@pytest.mark.parametrize("tool", ["fn-analyze collect", "fn-train"])
+def test_the_template_message_names_a_flag_of_the_tool_run(tool, tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
+    model = shutil.copytree(tiny_lm_dir, tmp_path / "no-chat-template")
+    (model / "chat_template.jinja").unlink()
+    out = str(tmp_path / "out")
+    if tool == "fn-train":
+        app, command = train_app, typer.main.get_command(train_app)
+        args = ["--model_name_or_path", str(model), "--dataset_name_or_path", str(demo_dir / "train.csv")]
+        args += ["--output_dir", out, "--template_format", "chat", "--device", "cpu"]
+    else:
+        app, command = analyze_app, typer.main.get_command(analyze_app).commands["collect"]
+        args = ["collect", "--model", str(model), "--dataset", str(demo_dir / "data.jsonl"), "--out", out]
+        args += ["--template-format", "chat", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "the tokenizer has no chat template" in result.output, result.output
+    named = set(re.findall(r"--[a-z][a-z0-9_-]*", result.output))
+    assert named and named <= _flags_of(command), named - _flags_of(command)
 
 
 def test_library_future_warnings_only_with_verbose() -> None:
