@@ -192,7 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="Held-out data for evaluate (multiple choice: accuracy).")
     parser.add_argument("--model", default="smollm2-135m", help="The activations' model.")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="Folder of mask and results files.")
-    parser.add_argument("--options", default=",".join(OPTIONS), help=f"Subset of {','.join(OPTIONS)}; `a+b` combines two.")
+    parser.add_argument(
+        "--options", default=",".join(OPTIONS), help=f"Subset of {','.join(OPTIONS)}; `a+b` combines two."
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="Ablation modes: zero, mean, scale.")
     parser.add_argument("--clip-percentile", type=float, default=99.0, help="P of the clip option.")
     parser.add_argument("--set-aside", type=int, default=100, help="N of the aside option.")

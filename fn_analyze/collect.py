@@ -24,9 +24,10 @@ from fn_analyze.activations import (
     open_manifest,
     shard_rank_and_index,
 )
+from fn_analyze.config import CollectConfig
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
-from shared.constants import EMBEDDED_MODEL_NAME, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
+from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
 from shared.data import check_answers_fit, detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
@@ -39,43 +40,6 @@ from shared.models import check_model_reachable, load_causal_lm, load_tokenizer,
 from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CollectConfig:
-    dataset: str
-    out: Path
-    model: str = EMBEDDED_MODEL_NAME
-    split: str | None = None  # default: "train" when the dataset has it, else its first split
-    data_format: str = "auto"
-    template_format: str = "auto"  # rendered as training renders it (see shared.data)
-    layers: str | None = None  # e.g. "0,2:5,8"; default every layer
-    max_tokens: int | None = None
-    max_length: int = 256
-    batch_size: int = 8
-    dtype: str = "auto"
-    device: str = "auto"
-    shard_size_mb: int = 512
-    # Token subsampling, so a large corpus fits a disk budget: at most N tokens of each
-    # sequence, or each token with probability r; drawn from `seed` and the record index.
-    tokens_per_sequence: int | None = None
-    token_rate: float | None = None
-    seed: int = 0
-    overwrite: bool = False
-    trust_remote_code: bool = False  # run Python code shipped with the model (off: such models are refused)
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        for name in ("max_length", "batch_size", "shard_size_mb"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "tokens_per_sequence"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.token_rate is not None and not 0 < self.token_rate <= 1:
-            raise UserError(f"--token-rate must lie in (0, 1], got {self.token_rate}")
-        if self.token_rate is not None and self.tokens_per_sequence is not None:
-            raise UserError("--tokens-per-sequence and --token-rate both subsample tokens; give only one")
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:

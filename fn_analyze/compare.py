@@ -9,38 +9,18 @@ stable across runs has a match with IoU near 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from fn_analyze.config import CompareConfig
 from shared import __version__
 from shared.constants import COMPARISON_SCHEMA_VERSION
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, load_mask_file
-
-
-@dataclass
-class CompareConfig:
-    mask_a: Path
-    mask_b: Path
-    out: Path | None = None  # results JSON (default runs/compare/<a>-vs-<b>.json); the heatmap beside it as .png
-
-    def __post_init__(self) -> None:
-        self.mask_a, self.mask_b = Path(self.mask_a), Path(self.mask_b)
-        if self.out is None:
-            self.out = Path("runs") / "compare" / f"{self.mask_a.stem}-vs-{self.mask_b.stem}.json"
-        self.out = Path(self.out)
-        if self.out.suffix != ".json":
-            raise UserError(f"--out {self.out} must end in .json (the heatmap is written beside it as .png)")
-
-    @property
-    def plot_path(self) -> Path:
-        assert self.out is not None
-        return self.out.with_suffix(".png")
 
 
 def membership(mask: MaskFile) -> np.ndarray:

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from fn_analyze.config import EvaluateConfig
 from fn_analyze.magnitude import activation_stats, stats_from_forward
 from fn_analyze.neuron_sets import draw_matched, pairs, set_size, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
-from shared.ablation import Ablation, check_ablation
+from shared.ablation import Ablation
 from shared.arch import DownProjection, find_down_projections
-from shared.constants import EMBEDDED_MODEL_NAME, EVALUATION_SCHEMA_VERSION
+from shared.constants import EVALUATION_SCHEMA_VERSION
 from shared.device import choose_device, choose_dtype
 from shared.digests import file_digest
 from shared.errors import UserError
@@ -57,73 +58,6 @@ from shared.models import load_causal_lm, load_tokenizer, model_info
 log = logging.getLogger(__name__)
 
 CONTROLS: tuple[str, ...] = ("layer_matched", "magnitude_matched")
-
-
-@dataclass
-class EvaluateConfig:
-    mask_file: Path
-    dataset: str
-    model: str = EMBEDDED_MODEL_NAME
-    networks: str | None = None  # "0,3,5-7"; default every network
-    out: Path | None = None  # results JSON (default runs/eval/<mask>.json); the plot is written beside it as .png
-    split: str | None = None  # default: a validation/test split when there is one, else train
-    data_format: str = "auto"
-    template_format: str = "auto"
-    limit: int | None = 200  # records evaluated (the first ones); None: all
-    max_length: int = 512
-    batch_size: int = 16
-    # Masks scored in one forward pass, each on its own copy of the batch's rows (per-row masks,
-    # shared.hooks.stacked_down_projections): the same losses to float rounding, in fewer, larger
-    # passes. 1: one mask a pass.
-    conditions_per_pass: int = 4
-    draws: int = 5  # random sets per control for the union rows
-    # Random sets per control for each network's own row. Every draw is a pass over the data,
-    # and a mask file has many networks: one draw each keeps the demo to minutes on 2 CPU cores.
-    network_draws: int = 1
-    per_network: bool = True  # each network's own row; False: the union rows only (a sweep's table needs no more)
-    seed: int = 0
-    activations: Path | None = None  # magnitudes from these activations; default: a pass over the eval data
-    top_n: int = 100  # the largest-magnitude neurons counted in each network (and left out with exclude_top)
-    exclude_top: bool = False  # leave the top_n neurons out of every network and random set
-    bin_width: float = 0.1  # width of the magnitude bins, in decades of max |activation| (0.1: a factor 1.26)
-    exact_match: bool = False  # greedy generation per condition and draw: several times the cost of the loss
-    max_new_tokens: int = 16
-    ablation: str = "zero"  # what every condition and control does to its neurons: zero, mean, scale
-    scale_factor: float | None = None  # with ablation scale (default 2.0)
-    random_fraction: float | None = None  # also: this share of all neurons, drawn uniformly, off (Liu et al.: 0.15)
-    dtype: str = "auto"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.scale_factor = check_ablation(self.ablation, self.scale_factor)
-        if self.random_fraction is not None and not 0 < self.random_fraction < 1:
-            raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
-        self.mask_file = Path(self.mask_file)
-        self.out = Path(self.out) if self.out is not None else Path("runs") / "eval" / f"{self.mask_file.stem}.json"
-        if self.activations is not None:
-            self.activations = Path(self.activations)
-        if self.out.suffix != ".json":
-            raise UserError(f"--out {self.out} must end in .json (the plot is written beside it as .png)")
-        for name, least in (
-            ("draws", 1),
-            ("network_draws", 0),
-            ("batch_size", 1),
-            ("conditions_per_pass", 1),
-            ("max_length", 2),
-        ):
-            if getattr(self, name) < least:
-                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
-        for name in ("limit", "top_n", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if not self.bin_width > 0:
-            raise UserError(f"--bin-width must be positive (decades of magnitude), got {self.bin_width}")
-
-    @property
-    def plot_path(self) -> Path:
-        assert self.out is not None
-        return self.out.with_suffix(".png")
 
 
 @dataclass(frozen=True)

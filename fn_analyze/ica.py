@@ -14,27 +14,24 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fn_analyze.activations import Activations, open_activations
-from fn_analyze.consensus import SOLVERS, TOLERANCES, Consensus, consensus_ica
+from fn_analyze.config import AUTO, IcaConfig
+from fn_analyze.consensus import Consensus, consensus_ica
 from fn_analyze.neuron_sets import set_size
 from fn_analyze.preprocess import (
-    SAMPLE_ROWS,
-    SCALES,
     Preprocessing,
-    RowFilter,
     clip_bounds,
     kept_rows,
-    parse_int_list,
     sample_rows,
     set_aside_columns,
 )
-from fn_analyze.reduction import ENGINES, Reduction, engine_session, reduce
+from fn_analyze.reduction import Reduction, engine_session, reduce
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
 from shared.digests import file_digest
@@ -45,121 +42,7 @@ from shared.masks import MaskFile, Network, save_mask_file, union
 log = logging.getLogger(__name__)
 
 
-AUTO = "auto"
 AUTO_CANDIDATES = (5, 10, 15, 20, 30, 40)  # the k that `--n-components auto` tries
-
-
-@dataclass
-class IcaConfig:
-    activations: Path
-    out: Path | None = None  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
-    # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
-    n_components: int | str = 20
-    # Default |z| >= 3: in a pilot on SmolLM2-135M, z >= 3 networks (about 6% of neurons for 20
-    # components) hurt the model 3.7x more than random neurons of the same per-layer counts.
-    threshold: float = 3.0
-    percentile: float | None = None  # instead of |z|: keep neurons above this percentile of each map's |z|
-    standardize: bool = False  # scale neurons to unit variance (the original tool; its networks hurt less than random)
-    # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py); none by default.
-    scale: str = "none"  # none | neuron (unit variance: what standardize sets) | layer (each layer weighs the same)
-    exclude_positions: list[int] = field(default_factory=list)  # token positions left out, e.g. [0]: the first
-    exclude_token_ids: list[int] = field(default_factory=list)  # token ids left out, e.g. the special tokens'
-    clip_percentile: float | None = None  # clip each neuron to its [100-P, P] percentiles (estimated on a sample)
-    clip_sample_rows: int = SAMPLE_ROWS  # token rows sampled (seeded) for the clipping percentiles
-    set_aside_top: int = 0  # the N largest-magnitude neurons: scale 0, listed in source.ica.set_aside
-    seed: int = 0
-    # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole
-    # data and on each of `splits` disjoint parts of the records (0: the whole data only).
-    runs: int = 6
-    splits: int = 2
-    bootstrap: bool = False  # also resample the neurons of each run but the first
-    solver: str = "picard"  # or "fastica": see fn_analyze/consensus.py for the comparison
-    # A network is emitted when its cluster is tight (ICASSO I_q) and found by most runs.
-    min_quality: float = 0.8
-    min_share: float = 0.9
-    # ...and when its own runs agree on its neurons: the median IoU of each whole-data run's
-    # network with the consensus network (a network that its own runs place differently cannot
-    # come back at IoU 0.9 from another seed or machine).
-    min_run_iou: float = 0.9
-    keep_unstable: bool = False  # emit every cluster, stable or not (each still carries its figures)
-    max_iter: int = 5000
-    tol: float | None = None  # the solver's tolerance; default TOLERANCES[solver], far below the libraries' own
-    oversample: int | None = None  # extra columns of the reduction (default k, at least 10)
-    reduction_tol: float = 1e-6  # the reduction stops when its top-k subspace moves less than this (sine)
-    max_passes: int = 40
-    per_layer: bool = False  # one ICA per layer (n_components each) instead of one over all layers
-    engine: str = "local"  # or "dask": the reduction's sum over shards as dask tasks (see reduction.py)
-    dask_scheduler: str | None = None  # address of a dask.distributed scheduler (default: dask's local one)
-    device: str = "auto"  # where the reduction's products run: CUDA when present, else CPU
-    register: bool = True  # add the mask file to the index of its folder
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        self.activations = Path(self.activations)
-        if self.out is not None:
-            self.out = Path(self.out)
-        self.n_components = _parse_components(self.n_components)
-        self.exclude_positions = parse_int_list(self.exclude_positions, "--exclude-positions")
-        self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "--exclude-token-ids")
-        if self.scale not in SCALES:
-            raise UserError(f"unknown --scale {self.scale!r}; use one of {', '.join(SCALES)}")
-        if self.standardize and self.scale not in ("none", "neuron"):
-            raise UserError(f"--standardize is --scale neuron; give one of --standardize or --scale {self.scale}")
-        if self.standardize:
-            self.scale = "neuron"
-        self.standardize = self.scale == "neuron"  # the old field, recorded as before
-        if self.clip_percentile is not None and not 50 < self.clip_percentile < 100:
-            raise UserError(f"--clip-percentile must lie strictly between 50 and 100, got {self.clip_percentile}")
-        if self.clip_sample_rows < 100:
-            raise UserError(f"--clip-sample-rows must be at least 100, got {self.clip_sample_rows}")
-        if self.set_aside_top < 0:
-            raise UserError(f"--set-aside must be at least 0, got {self.set_aside_top}")
-        if self.runs < 1:
-            raise UserError(f"--runs must be at least 1, got {self.runs}")
-        if self.splits < 0 or self.splits == 1:
-            raise UserError(f"--splits must be 0 (the whole data only) or at least 2, got {self.splits}")
-        if self.solver not in SOLVERS:
-            raise UserError(f"unknown --solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
-        if self.tol is None:
-            self.tol = TOLERANCES[self.solver]
-        for name, value in (
-            ("--min-quality", self.min_quality),
-            ("--min-share", self.min_share),
-            ("--min-run-iou", self.min_run_iou),
-        ):
-            if not 0 <= value <= 1:
-                raise UserError(f"{name} must lie between 0 and 1, got {value}")
-        if self.percentile is not None and not 0 < self.percentile < 100:
-            raise UserError(f"--percentile must lie strictly between 0 and 100, got {self.percentile}")
-        if self.threshold <= 0:
-            raise UserError(f"--threshold must be a positive z-score, got {self.threshold}")
-        if self.oversample is not None and self.oversample < 0:
-            raise UserError(f"--oversample must be at least 0, got {self.oversample}")
-        if self.engine not in ENGINES:
-            raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
-        if self.dask_scheduler is not None and self.engine != "dask":
-            raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
-
-    @property
-    def row_filter(self) -> RowFilter:
-        return RowFilter(tuple(self.exclude_positions), tuple(self.exclude_token_ids))
-
-    def oversample_for(self, k: int) -> int:
-        """Extra columns of the reduction: as many as k (at least 10), so convergence goes as
-        lambda_{2k+1} / lambda_k per pass, unless set."""
-        return self.oversample if self.oversample is not None else max(10, k)
-
-
-def _parse_components(value: int | str) -> int | str:
-    if isinstance(value, str) and value.strip().lower() == AUTO:
-        return AUTO
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--n-components must be an integer or auto, got {value!r}") from None
-    if k < 1:
-        raise UserError(f"--n-components must be at least 1, got {k}")
-    return k
 
 
 def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) -> list[np.ndarray]:

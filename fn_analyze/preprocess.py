@@ -36,7 +36,6 @@ from shared.constants import POSITION_DATASET, TOKEN_IDS_DATASET
 from shared.errors import UserError
 
 SCALES = ("none", "neuron", "layer")
-SAMPLE_ROWS = 4096  # token rows read for the clipping percentiles: (rows x neurons) float16 in memory
 SAMPLE_COLUMNS = 4096  # neurons per block when the percentiles are computed, to bound float32 copies
 
 

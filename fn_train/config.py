@@ -1,4 +1,6 @@
-"""The configuration of one training run; flags keep the seed tool's underscore spelling."""
+"""The configuration of one training run, and fn-train's options: each field's default and help
+text are the command line's (fn_train/cli.py builds the command from them); flags keep the seed
+tool's underscore spelling."""
 
 from __future__ import annotations
 
@@ -7,60 +9,85 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.ablation import check_ablation
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import UserError
-from shared.masks import MASK_MODES
+from shared.options import option
 
 
 @dataclass
 class TrainConfig:
-    dataset_name_or_path: str
-    output_dir: Path
-    model_name_or_path: str = EMBEDDED_MODEL_NAME
-    data_format: str = "auto"
-    template_format: str = "auto"  # auto: the tokenizer's chat template when it has one, else plain
-    completion_only_loss: bool = True  # loss on the answer tokens (and EOS) only; False: on every token
-    validation_split: float = 0.0  # used only when the dataset has no validation/test split
-    max_seq_length: int = 512
-    num_train_epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4  # a LoRA rate; use ~1e-5 with --no_peft
-    warmup_steps: float = 0.0  # linear warmup: a whole number of steps, or a share of all steps in (0, 1)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
-    eval_steps: int | None = None  # None: evaluate once per epoch when there is validation data
-    save_steps: int = 500
-    seed: int = 42
-    torch_dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False  # never run a model folder's own code unless asked
-    use_peft: bool = True  # LoRA through peft; --no_peft trains every weight
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"  # peft resolves it per architecture (every linear layer but the head)
-    use_4bit: bool = False  # QLoRA: base weights in 4-bit NF4 (bitsandbytes), LoRA on top
-    use_8bit: bool = False
-    merge_adapter: bool = False  # save the base with the LoRA update merged in, instead of the adapter
-    mask_file: Path | None = None
-    mask_mode: str | None = None  # key (default with a mask) or complement
-    networks: str | None = None  # e.g. "0,3,5-7"; default every network of the file
-    ablation: str = "zero"  # what the mask does to its neurons: zero, mean (their mean activation), scale
-    scale_factor: float | None = None  # with --ablation scale (default 2.0: amplify)
+    dataset_name_or_path: str = option(help="csv/json/jsonl/parquet file or HF dataset name.")
+    output_dir: Path = option(help="Where the adapter/model, fn_mask.json and checkpoints go.")
+    model_name_or_path: str = option(EMBEDDED_MODEL_NAME, help="HF name, local path, or the embedded model.")
+    data_format: str = option(
+        "auto", help="auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text"
+    )
+    # auto: the tokenizer's chat template when it has one, else plain
+    template_format: str = option("auto", help="auto|chat|alpaca|plain")
+    completion_only_loss: bool = option(
+        True, off="no_completion_only_loss", help="Loss on the answer tokens and EOS only, or on all."
+    )
+    validation_split: float = option(  # used only when the dataset has no validation/test split
+        0.0, help="Share held out for evaluation when the data has no validation split."
+    )
+    max_seq_length: int = option(512, help="Truncate examples to this many tokens.")
+    num_train_epochs: float = option(1.0, help="Epochs over the training set.")
+    max_steps: int = option(-1, help="If > 0, stop after this many steps.")  # overrides num_train_epochs
+    per_device_train_batch_size: int = option(4, help="Training batch per device.")
+    per_device_eval_batch_size: int = option(4, help="Evaluation batch per device.")
+    gradient_accumulation_steps: int = option(1, help="Batches per optimizer step.")
+    learning_rate: float = option(2e-4, help="Peak learning rate.")  # a LoRA rate; use ~1e-5 with --no_peft
+    warmup_steps: float = option(0.0, help="Linear warmup: a number of steps, or a share of all steps in (0, 1).")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    max_grad_norm: float = option(1.0, help="Gradient clipping norm.")
+    logging_steps: int = option(10, help="Log every N steps.")
+    # None: evaluate once per epoch when there is validation data
+    eval_steps: int | None = option(None, help="Evaluate every N steps (default: each epoch).")
+    save_steps: int = option(500, help="Checkpoint every N steps.")
+    seed: int = option(42, help="Seed of data split, initialisation and order.")
+    torch_dtype: str = option("auto", help="auto|float32|float16|bfloat16")
+    device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
+    trust_remote_code: bool = option(  # never run a model folder's own code unless asked
+        False, off="no_trust_remote_code", help="Run the model folder's own code (off by default)."
+    )
+    use_peft: bool = option(True, off="no_peft", help="LoRA through peft (default) or full fine-tuning.")
+    lora_r: int = option(16, help="LoRA rank.")
+    lora_alpha: int = option(32, help="LoRA alpha.")
+    lora_dropout: float = option(0.05, help="LoRA dropout.")
+    # peft resolves all-linear per architecture (every linear layer but the head)
+    lora_target_modules: str = option("all-linear", help="all-linear or comma-separated module names.")
+    use_4bit: bool = option(False, off="no_4bit", help="QLoRA: base weights in 4-bit NF4 (bitsandbytes).")
+    use_8bit: bool = option(False, off="no_8bit", help="Base weights in 8-bit (bitsandbytes).")
+    merge_adapter: bool = option(
+        False, off="no_merge_adapter", help="Save the base with LoRA merged in, not the adapter."
+    )
+    mask_file: Path | None = option(None, help="Mask file written by `fn-analyze ica`.")
+    mask_mode: str | None = option(  # key is the default when there is a mask
+        None, help="key: switch the networks off; complement: keep only them."
+    )
+    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7 (default all).")
+    ablation: str = option("zero", help="What the mask does to its neurons: zero, mean (their mean activation), scale.")
+    scale_factor: float | None = option(None, help="With --ablation scale: the factor (default 2.0).")
     # With --ablation mean: an activations folder of the model to take the means from; default: a pass of the
     # base model over the first MEANS_MAX_TOKENS tokens of the training data, as training renders it.
-    means_from: Path | None = None
-    ica_on_the_fly: bool = False  # compute the mask from the training data first (fn-analyze collect + ica)
-    ica_components: int = 20
-    ica_max_tokens: int = 20000  # tokens of training data the on-the-fly ICA sees
-    bake_mask: bool = False  # write masked neurons' down-projection columns as zeros: no hook needed to load
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "last" (the latest complete one)
-    report_to: str = "none"  # the Trainer's trackers: none, tensorboard, wandb, ... (comma-separated)
+    means_from: Path | None = option(
+        None, help="With --ablation mean: activations folder of the means (default: the training data)."
+    )
+    ica_on_the_fly: bool = option(  # fn-analyze collect + ica on the training data
+        False, off="no_ica_on_the_fly", help="Compute the mask from the training data first (saved in output)."
+    )
+    ica_components: int = option(20, help="ICA components for --ica-on-the-fly.")
+    ica_max_tokens: int = option(20000, help="Training tokens --ica-on-the-fly records.")
+    bake_mask: bool = option(  # masked neurons' down-projection columns written as zeros: no hook needed to load
+        False,
+        off="no_bake_mask",
+        help="Write the mask into the saved weights (zero/scaled columns; means as bias).",
+    )
+    resume_from_checkpoint: str | None = option(  # "last": the latest complete checkpoint
+        None, help="A checkpoint folder, or last; its mask must be this run's."
+    )
+    # The Trainer's trackers, comma-separated
+    report_to: str = option("none", help="none, wandb, tensorboard, ...")
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -105,6 +132,10 @@ class TrainConfig:
             raise UserError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 
     def _check_mask_flags(self) -> None:
+        # Imported here: both modules import torch, which the command line must not wait for.
+        from shared.ablation import check_ablation
+        from shared.masks import MASK_MODES
+
         if self.mask_file is not None:
             self.mask_file = Path(self.mask_file)
             if self.ica_on_the_fly:

@@ -1,22 +1,29 @@
-"""What the command-line layers share: logging set-up and the one handler of every failure."""
+"""What the command-line layers share: logging set-up, the one handler of every failure, and
+the commands built from config dataclasses (their options, --config files)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import logging
 import os
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import typing
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 
 import typer
 
 from shared.errors import Interrupted, UserError
 from shared.jsonio import write_text_atomic
+from shared.options import OptionSpec, option_spec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,6 +62,17 @@ def setup_logging(verbose: bool = False) -> None:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def library_warnings(verbose: bool) -> Iterator[None]:
+    """The libraries' FutureWarnings (deprecations addressed to their callers, such as TRL,
+    not to our users) only with --verbose; the filter holds for the block, not the process."""
+    with warnings.catch_warnings():
+        if not verbose:
+            for name in QUIET_LIBRARIES:
+                warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{name}(\.|$)")
+        yield
 
 
 def _one_line(text: str) -> str:
@@ -108,3 +126,142 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return wrapper
 
     return decorate
+
+
+def config_options(
+    config: type, *, both_spellings: bool = False, config_file: str | None = None
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """A typer command whose options are the fields of the dataclass `config` declared with
+    `shared.options.option`, in field order, then the decorated function's own options (its
+    parameters after the first), then, when `config_file` names the tool, `--config FILE`.
+
+    Flags are the fields' names hyphenated (`--max-length`); with `both_spellings`, the
+    underscore spelling first and the hyphenated one beside it (`--max_length`,
+    `--max-length`). A boolean is an on/off pair (`--overwrite/--no-overwrite`). The
+    function gets the fields' values as a dict, its first argument, and builds the config
+    from it itself: it chooses when (fn-train checks the model first) and from which module."""
+
+    def decorate(body: Callable[..., R]) -> Callable[..., R]:
+        hints = typing.get_type_hints(config)
+        specs = {
+            field.name: (field, spec)
+            for field in dataclasses.fields(config)
+            if (spec := option_spec(field)) is not None
+        }
+        parameters = [
+            _option_parameter(field, spec, hints[name], both_spellings) for name, (field, spec) in specs.items()
+        ]
+        own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
+        parameters += [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in own]
+        if config_file is not None:
+            parameters.append(_config_file_parameter(config_file))
+
+        @functools.wraps(body)
+        def command(**values: Any) -> R:
+            values.pop("config", None)  # already read: its settings arrived as the other options' values
+            settings = {name: values.pop(name) for name in specs}
+            return body(settings, **values)
+
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return command
+
+    return decorate
+
+
+def _spelled(name: str, both_spellings: bool) -> list[str]:
+    """`max_length` -> [max-length], or with both spellings [max_length, max-length]."""
+    hyphenated = name.replace("_", "-")
+    return [name, hyphenated] if both_spellings else [hyphenated]
+
+
+def _option_parameter(field: dataclasses.Field, spec: OptionSpec, hint: Any, both_spellings: bool) -> inspect.Parameter:
+    """The typer parameter of one config field: its flags, help text, type and default."""
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = None  # a list or the like: not given on the command line unless asked for
+    else:
+        default = inspect.Parameter.empty  # a required option
+    if spec.text:
+        hint = Optional[str] if default is None else str
+    name = spec.flag or field.name
+    if spec.argument:
+        info = typer.Argument(help=spec.help)
+    elif hint is bool:
+        ons = dict.fromkeys(f"--{on}" for on in _spelled(name, both_spellings))
+        offs = dict.fromkeys(f" /--{off}" for off in _spelled(spec.off or f"no_{name}", both_spellings))
+        info = typer.Option(*ons, *offs, help=spec.help)  # " /--off": an off-switch alone (click's syntax)
+    else:
+        info = typer.Option(*dict.fromkeys(f"--{flag}" for flag in _spelled(name, both_spellings)), help=spec.help)
+    return inspect.Parameter(
+        field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info]
+    )
+
+
+def _config_file_parameter(tool: str) -> inspect.Parameter:
+    """`--config FILE`: a YAML (or JSON) file of flag: value settings, read before the other
+    options, whose values they become unless given on the command line too."""
+
+    def load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, ctx.command, tool)}
+            except UserError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=2) from None
+        return value
+
+    info = typer.Option(
+        "--config",
+        help="YAML file of flag: value settings; flags given here override it.",
+        is_eager=True,  # runs before the other options are read, so the file's settings become their defaults
+        callback=load_config,
+    )
+    return inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[Path], info]
+    )
+
+
+def _config_keys(command: Any) -> dict[str, tuple[str, bool]]:
+    """Every spelling of every option, as a config-file key (`mask-file`, `mask_file`,
+    `no_peft`, ...) -> (parameter name, whether the key means the value as given
+    (False: an off-switch such as `no_peft: true`, which sets use_peft to false))."""
+    keys: dict[str, tuple[str, bool]] = {}
+    for param in command.params:
+        if param.param_type_name != "option" or param.name == "config":
+            continue
+        for opts, as_given in ((param.opts, True), (param.secondary_opts, False)):
+            for opt in opts:
+                key = opt.lstrip("-")
+                keys[key] = keys[key.replace("-", "_")] = (str(param.name), as_given)
+    return keys
+
+
+def read_config_file(path: Path, command: Any, tool: str) -> dict[str, Any]:
+    """The settings of a YAML (or JSON) file as click's defaults: flags on the command line
+    override them. Keys are flag names in either spelling."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"--config {path} does not exist; give a YAML file of flag: value lines")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path} must hold flag: value lines (a mapping), not a {type(raw).__name__}")
+    keys = _config_keys(command)
+    defaults: dict[str, Any] = {}
+    for key, value in raw.items():
+        if str(key) not in keys:
+            raise UserError(f"--config {path}: unknown setting {key!r}; use the flag names of {tool} --help")
+        name, as_given = keys[str(key)]
+        if not as_given:
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {key} must be true or false, got {value!r}")
+            value = not value
+        defaults[name] = value
+    return defaults

@@ -226,7 +226,7 @@ def resolve_template(template: str, tokenizer) -> str:
     if template == "auto":
         return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise UserError("--template_format chat: the tokenizer has no chat template; use plain or alpaca")
+        raise UserError("--template-format chat: the tokenizer has no chat template; use plain or alpaca")
     return template
 
 

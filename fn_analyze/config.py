@@ -1,0 +1,325 @@
+"""The configurations of fn-analyze's stages, and their options: each field's default and help
+text are the command line's (fn_analyze/cli.py builds the commands from them).
+
+This module imports nothing heavy, so that the command line starts at once: the checks
+that need a stage's own names (its solvers, engines, ...) import them when they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shared.constants import EMBEDDED_MODEL_NAME
+from shared.errors import UserError
+from shared.options import option
+
+if TYPE_CHECKING:
+    from fn_analyze.preprocess import RowFilter
+
+AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, the most stable kept
+
+_DATA_FORMAT_HELP = "auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text"
+_MODEL_HELP = "HF name, local path, or the embedded model."
+
+
+@dataclass
+class CollectConfig:
+    dataset: str = option(help="csv/json/jsonl/parquet file or HF dataset name.")
+    out: Path = option(help="Activations folder to write (new or empty).")
+    model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
+    split: str | None = option(None, help="Dataset split (default: train, else the first).")
+    data_format: str = option("auto", help=_DATA_FORMAT_HELP)
+    # rendered as training renders it (see shared.data)
+    template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
+    layers: str | None = option(None, help="Layers to record, e.g. 0,2:5,8 (default all).")
+    max_tokens: int | None = option(None, help="Stop after this many tokens.")
+    max_length: int = option(256, help="Truncate sequences to this many tokens.")
+    batch_size: int = option(8, help="Sequences per forward pass.")
+    dtype: str = option("auto", help="auto|float32|float16|bfloat16")
+    device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
+    shard_size_mb: int = option(512, help="Size of one HDF5 shard.")
+    # Token subsampling, so a large corpus fits a disk budget: at most N tokens of each
+    # sequence, or each token with probability r; drawn from `seed` and the record index.
+    tokens_per_sequence: int | None = option(
+        None, help="Record at most this many tokens of each sequence, drawn at random."
+    )
+    token_rate: float | None = option(None, help="Instead: record each token with this probability (0 < r <= 1).")
+    seed: int = option(0, help="Seed of the token subsampling.")
+    overwrite: bool = option(
+        False, help="Replace what --out holds (default: resume an interrupted run of the same arguments)."
+    )
+    trust_remote_code: bool = option(  # off: models that ship Python code are refused
+        False, help="Run Python code shipped with the model (off: refused)."
+    )
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("max_length", "batch_size", "shard_size_mb"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_tokens", "tokens_per_sequence"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.token_rate is not None and not 0 < self.token_rate <= 1:
+            raise UserError(f"--token-rate must lie in (0, 1], got {self.token_rate}")
+        if self.token_rate is not None and self.tokens_per_sequence is not None:
+            raise UserError("--tokens-per-sequence and --token-rate both subsample tokens; give only one")
+
+
+@dataclass
+class IcaConfig:
+    activations: Path = option(help="Folder written by `fn-analyze collect`.")
+    out: Path | None = option(  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
+        None, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
+    )
+    # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
+    n_components: int | str = option(
+        20, text=True, help="Independent components (k), or auto: the k with the most stable networks."
+    )
+    # Default |z| >= 3: in a pilot on SmolLM2-135M, z >= 3 networks (about 6% of neurons for 20
+    # components) hurt the model 3.7x more than random neurons of the same per-layer counts.
+    threshold: float = option(3.0, help="|z| a neuron needs in a map (either tail) to join its network.")
+    percentile: float | None = option(
+        None, help="Instead of --threshold: keep neurons above this percentile of each |map|."
+    )
+    standardize: bool = option(  # unit variance (the original tool; its networks hurt less than random)
+        False, help="Scale neurons to unit variance first (off: centered only)."
+    )
+    # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py); none by default.
+    scale: str = option(  # neuron: what standardize sets; layer: each layer weighs the same
+        "none", help="none (centered only), neuron (unit variance), layer (each layer's variance equal)."
+    )
+    exclude_positions: list[int] = option(  # e.g. [0]: the first token
+        default_factory=list, text=True, help="Leave out token rows at these positions, e.g. 0 (the first token)."
+    )
+    exclude_token_ids: list[int] = option(
+        default_factory=list, text=True, help="Leave out token rows of these token ids, e.g. the special tokens'."
+    )
+    clip_percentile: float | None = option(
+        None, help="Clip each neuron to its [100-P, P] percentiles (estimated on a sample)."
+    )
+    clip_sample_rows: int = option(  # read as (rows x neurons) float16 in memory
+        4096, help="Token rows sampled (seeded) to estimate the clipping percentiles."
+    )
+    set_aside_top: int = option(  # scale 0, listed in source.ica.set_aside
+        0, flag="set_aside", help="Keep the N largest-magnitude neurons out of every network; listed apart."
+    )
+    seed: int = option(0, help="Seed of the reduction's start and of the consensus runs.")
+    # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole
+    # data and on each of `splits` disjoint parts of the records (0: the whole data only).
+    runs: int = option(6, help="Seeded ICA runs of the consensus, on the data and on each split.")
+    splits: int = option(2, help="Disjoint splits of the records (index modulo N) the consensus also runs on; 0: none.")
+    bootstrap: bool = option(False, help="Also resample the neurons of each run but the first.")
+    solver: str = option(  # see fn_analyze/consensus.py for the comparison
+        "picard", help="picard (python-picard) or fastica (scikit-learn)."
+    )
+    # A network is emitted when its cluster is tight (ICASSO I_q) and found by most runs.
+    min_quality: float = option(0.8, help="Cluster quality (ICASSO I_q) a network needs to be emitted.")
+    min_share: float = option(0.9, help="Share of the runs that must find a network.")
+    # ...and when its own runs agree on its neurons: the median IoU of each whole-data run's
+    # network with the consensus network (a network that its own runs place differently cannot
+    # come back at IoU 0.9 from another seed or machine).
+    min_run_iou: float = option(0.9, help="Median IoU of the whole data's runs' networks with the network, needed.")
+    keep_unstable: bool = option(  # each emitted cluster still carries its figures
+        False, off="stable_only", help="Also emit the clusters below the --min-* levels."
+    )
+    max_iter: int = 5000
+    tol: float | None = None  # the solver's tolerance; default TOLERANCES[solver], far below the libraries' own
+    oversample: int | None = None  # extra columns of the reduction (default k, at least 10)
+    reduction_tol: float = 1e-6  # the reduction stops when its top-k subspace moves less than this (sine)
+    max_passes: int = 40
+    per_layer: bool = option(
+        False, off="whole_model", help="One ICA per layer (n-components each) or one over all layers."
+    )
+    engine: str = option(  # dask: see fn_analyze/reduction.py
+        "local", help="local, or dask: the reduction's sum over shards as dask tasks."
+    )
+    dask_scheduler: str | None = option(  # default: dask's local one
+        None, help="Address of a dask.distributed scheduler (with --engine dask)."
+    )
+    device: str = option("auto", help="Where the reduction runs: auto (CUDA if present), cpu, cuda:N.")
+    register: bool = option(True, help="Add the file to its folder's index.json.")
+    overwrite: bool = option(False, help="Replace an existing mask file.")
+
+    def __post_init__(self) -> None:
+        # The stages' modules import torch and scikit-learn: imported when a config is made.
+        from fn_analyze.consensus import SOLVERS, TOLERANCES
+        from fn_analyze.preprocess import SCALES, parse_int_list
+        from fn_analyze.reduction import ENGINES
+
+        self.activations = Path(self.activations)
+        if self.out is not None:
+            self.out = Path(self.out)
+        self.n_components = _parse_components(self.n_components)
+        self.exclude_positions = parse_int_list(self.exclude_positions, "--exclude-positions")
+        self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "--exclude-token-ids")
+        if self.scale not in SCALES:
+            raise UserError(f"unknown --scale {self.scale!r}; use one of {', '.join(SCALES)}")
+        if self.standardize and self.scale not in ("none", "neuron"):
+            raise UserError(f"--standardize is --scale neuron; give one of --standardize or --scale {self.scale}")
+        if self.standardize:
+            self.scale = "neuron"
+        self.standardize = self.scale == "neuron"  # the old field, recorded as before
+        if self.clip_percentile is not None and not 50 < self.clip_percentile < 100:
+            raise UserError(f"--clip-percentile must lie strictly between 50 and 100, got {self.clip_percentile}")
+        if self.clip_sample_rows < 100:
+            raise UserError(f"--clip-sample-rows must be at least 100, got {self.clip_sample_rows}")
+        if self.set_aside_top < 0:
+            raise UserError(f"--set-aside must be at least 0, got {self.set_aside_top}")
+        if self.runs < 1:
+            raise UserError(f"--runs must be at least 1, got {self.runs}")
+        if self.splits < 0 or self.splits == 1:
+            raise UserError(f"--splits must be 0 (the whole data only) or at least 2, got {self.splits}")
+        if self.solver not in SOLVERS:
+            raise UserError(f"unknown --solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
+        if self.tol is None:
+            self.tol = TOLERANCES[self.solver]
+        for name, value in (
+            ("--min-quality", self.min_quality),
+            ("--min-share", self.min_share),
+            ("--min-run-iou", self.min_run_iou),
+        ):
+            if not 0 <= value <= 1:
+                raise UserError(f"{name} must lie between 0 and 1, got {value}")
+        if self.percentile is not None and not 0 < self.percentile < 100:
+            raise UserError(f"--percentile must lie strictly between 0 and 100, got {self.percentile}")
+        if self.threshold <= 0:
+            raise UserError(f"--threshold must be a positive z-score, got {self.threshold}")
+        if self.oversample is not None and self.oversample < 0:
+            raise UserError(f"--oversample must be at least 0, got {self.oversample}")
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
+        if self.dask_scheduler is not None and self.engine != "dask":
+            raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
+
+    @property
+    def row_filter(self) -> RowFilter:
+        from fn_analyze.preprocess import RowFilter
+
+        return RowFilter(tuple(self.exclude_positions), tuple(self.exclude_token_ids))
+
+    def oversample_for(self, k: int) -> int:
+        """Extra columns of the reduction: as many as k (at least 10), so convergence goes as
+        lambda_{2k+1} / lambda_k per pass, unless set."""
+        return self.oversample if self.oversample is not None else max(10, k)
+
+
+def _parse_components(value: int | str) -> int | str:
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--n-components must be an integer or auto, got {value!r}") from None
+    if k < 1:
+        raise UserError(f"--n-components must be at least 1, got {k}")
+    return k
+
+
+@dataclass
+class EvaluateConfig:
+    mask_file: Path = option(help="The mask file whose networks are measured.")
+    dataset: str = option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")
+    model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
+    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7 (default all).")
+    out: Path | None = option(  # the plot is written beside it as .png
+        None, help="Results JSON (default runs/eval/<mask>.json); the plot goes beside it."
+    )
+    split: str | None = option(None, help="Dataset split (default validation/test, else train).")
+    data_format: str = option("auto", help=_DATA_FORMAT_HELP)
+    template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
+    limit: int | None = option(200, help="Evaluate the first N records.")  # None: all
+    max_length: int = option(512, help="Truncate records to this many tokens.")
+    batch_size: int = option(16, help="Records per forward pass.")
+    # Masks scored in one forward pass, each on its own copy of the batch's rows (per-row masks,
+    # shared.hooks.stacked_down_projections): the same losses to float rounding, in fewer, larger
+    # passes. 1: one mask a pass.
+    conditions_per_pass: int = option(
+        4, help="Masks scored together in one forward pass (each on its own copy of the batch)."
+    )
+    draws: int = option(5, help="Random sets per control for the union rows.")
+    # Every draw is a pass over the data, and a mask file has many networks: one draw each keeps
+    # the demo to minutes on 2 CPU cores.
+    network_draws: int = option(1, help="Random sets per control for each network's own row (0: no control).")
+    per_network: bool = option(  # False: the union rows only (a sweep's table needs no more)
+        True, off="union_only", help="Also each network switched off on its own."
+    )
+    seed: int = option(0, help="Seed of the random sets.")
+    activations: Path | None = option(
+        None, help="Activations folder for neuron magnitudes (default: a pass over the eval data)."
+    )
+    top_n: int = option(100, help="Largest-magnitude neurons counted in each network.")
+    exclude_top: bool = option(  # out of every network and random set
+        False, off="include_top", help="Leave the --top-n neurons out of every set."
+    )
+    bin_width: float = option(  # 0.1: a factor 1.26
+        0.1, help="Magnitude bin width, in decades of max |activation|."
+    )
+    exact_match: bool = option(  # a greedy generation per condition and draw: several times the cost of the loss
+        False, help="Also greedy-generate answers (slower)."
+    )
+    max_new_tokens: int = option(16, help="Tokens generated per answer for exact match.")
+    ablation: str = option("zero", help="What each set's neurons get: zero, mean (their mean activation), scale.")
+    scale_factor: float | None = option(None, help="With --ablation scale: the factor (default 2.0).")
+    random_fraction: float | None = option(  # Liu et al.: 0.15
+        None, help="Also mask this share of all neurons, drawn uniformly (--draws times), e.g. 0.15."
+    )
+    dtype: str = option("auto", help="auto|float32|float16|bfloat16")
+    device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
+
+    def __post_init__(self) -> None:
+        from shared.ablation import check_ablation  # imports torch
+
+        self.scale_factor = check_ablation(self.ablation, self.scale_factor)
+        if self.random_fraction is not None and not 0 < self.random_fraction < 1:
+            raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
+        self.mask_file = Path(self.mask_file)
+        self.out = Path(self.out) if self.out is not None else Path("runs") / "eval" / f"{self.mask_file.stem}.json"
+        if self.activations is not None:
+            self.activations = Path(self.activations)
+        if self.out.suffix != ".json":
+            raise UserError(f"--out {self.out} must end in .json (the plot is written beside it as .png)")
+        for name, least in (
+            ("draws", 1),
+            ("network_draws", 0),
+            ("batch_size", 1),
+            ("conditions_per_pass", 1),
+            ("max_length", 2),
+        ):
+            if getattr(self, name) < least:
+                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+        for name in ("limit", "top_n", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.bin_width > 0:
+            raise UserError(f"--bin-width must be positive (decades of magnitude), got {self.bin_width}")
+
+    @property
+    def plot_path(self) -> Path:
+        assert self.out is not None
+        return self.out.with_suffix(".png")
+
+
+@dataclass
+class CompareConfig:
+    mask_a: Path = option(argument=True, help="A mask file.")
+    mask_b: Path = option(argument=True, help="Another mask file of the same model.")
+    out: Path | None = option(  # the heatmap is written beside it as .png
+        None, help="Results JSON (default runs/compare/<a>-vs-<b>.json); the heatmap goes beside it."
+    )
+
+    def __post_init__(self) -> None:
+        self.mask_a, self.mask_b = Path(self.mask_a), Path(self.mask_b)
+        if self.out is None:
+            self.out = Path("runs") / "compare" / f"{self.mask_a.stem}-vs-{self.mask_b.stem}.json"
+        self.out = Path(self.out)
+        if self.out.suffix != ".json":
+            raise UserError(f"--out {self.out} must end in .json (the heatmap is written beside it as .png)")
+
+    @property
+    def plot_path(self) -> Path:
+        assert self.out is not None
+        return self.out.with_suffix(".png")
