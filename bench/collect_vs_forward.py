@@ -2,9 +2,10 @@
 
 Both sides run the same loaded model over the same padded batches (same batch size,
 sequence length, dtype, device). The bare side pads each batch and runs the backbone
-forward; the recording side is `collect()` itself, timed over its batch loop (padding,
-forward, copying hooks, every float16 HDF5 write up to closing the last shard), not over loading the data, which both
-sides share. Runs alternate, best of --repeats each.
+forward; the recording side is collect's own record stage (`record_shards`: readying the
+folder, padding, forward, copying hooks, every float16 HDF5 write up to closing the last
+shard), not its data and model stages, whose results both sides share. Runs alternate,
+best of --repeats each.
 
     python bench/collect_vs_forward.py [--records 60] [--tiny-records 2000] [--tiny-batch-sizes 8,64]
         [--model smollm2-135m] [--device cpu] [--dtype float32]
@@ -21,41 +22,26 @@ import argparse
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import fn_analyze.collect as collect_module
-from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.collect import CollectConfig, CollectPlan, Recording, load_recording, plan_collection, record_shards
 from fn_analyze.demo_data import write_demo_data
-from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.device import choose_device, choose_dtype
 from shared.models import load_causal_lm, load_tokenizer
 
 
-def token_ids(config: CollectConfig) -> list[list[int]]:
-    """The sequences collect runs, rendered and tokenized as collect does."""
-    records = load_dataset_any(config.dataset)["train"]
-    fmt = detect_format(records.column_names)
-    tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config.template_format, tokenizer)
-    texts = [render_text(to_example(record, fmt), template, tokenizer) for record in records]
-    return tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
-
-
-def bare_forward(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]:
+def bare_forward(plan: CollectPlan, model: torch.nn.Module) -> tuple[int, float]:
     """(tokens, seconds) of padding and running the backbone over collect's batches."""
-    sequences = token_ids(config)
-    tokenizer = load_tokenizer(config.model)
-    tokenizer.padding_side = "right"
+    sequences, batch_size = plan.sequences, plan.config.batch_size
     device = next(model.parameters()).device
     tokens = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        for first in range(0, len(sequences), config.batch_size):
-            batch = tokenizer.pad({"input_ids": sequences[first : first + config.batch_size]}, return_tensors="pt")
+        for first in range(0, len(sequences), batch_size):
+            batch = plan.tokenizer.pad({"input_ids": sequences[first : first + batch_size]}, return_tensors="pt")
             model.base_model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
@@ -72,42 +58,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def recorded(config: CollectConfig, model: torch.nn.Module) -> tuple[int, float]:
-    """(tokens, seconds) of collect's batch loop, from installing its copying hooks to the
-    writer's last flush and close: everything but the data loading both sides share."""
-    moments: dict[str, float] = {}
-    installed, close = collect_module.RowCopier.installed, collect_module.ShardWriter.close
-
-    @contextmanager
-    def timed_installed(copier):
-        synchronize(next(model.parameters()).device)
-        moments["start"] = time.perf_counter()
-        with installed(copier) as hooked:
-            yield hooked
-
-    def timed_close(writer):
-        shards = close(writer)
-        moments["end"] = time.perf_counter()
-        return shards
-
-    original_load = collect_module.load_causal_lm
-    collect_module.load_causal_lm = lambda *args, **kwargs: model  # time the recording, not the loading
-    collect_module.RowCopier.installed, collect_module.ShardWriter.close = timed_installed, timed_close
+def recorded(plan: CollectPlan, recording: Recording) -> tuple[int, float]:
+    """(tokens, seconds) of collect's record stage, into a folder removed afterwards."""
+    synchronize(recording.recorder.device)
+    start = time.perf_counter()
     try:
-        tokens = collect(config)["n_tokens"]
+        tokens = record_shards(plan, recording).n_tokens
+        seconds = time.perf_counter() - start
     finally:
-        collect_module.load_causal_lm = original_load
-        collect_module.RowCopier.installed, collect_module.ShardWriter.close = installed, close
-        shutil.rmtree(config.out, ignore_errors=True)
-    return tokens, moments["end"] - moments["start"]
+        shutil.rmtree(plan.config.out, ignore_errors=True)
+    return tokens, seconds
 
 
 def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: int) -> float:
+    plan = plan_collection(config)  # the data, rendered and tokenized once, as collect does
+    recording = load_recording(plan, model)
+    sides = {"bare": lambda: bare_forward(plan, model), "record": lambda: recorded(plan, recording)}
     best = {"bare": float("inf"), "record": float("inf")}
     tokens = {}
     for _ in range(repeats):
-        for side, run in (("bare", bare_forward), ("record", recorded)):
-            tokens[side], seconds = run(config, model)
+        for side, run in sides.items():
+            tokens[side], seconds = run()
             best[side] = min(best[side], seconds)
     assert tokens["bare"] == tokens["record"], tokens
     bare, record = tokens["bare"] / best["bare"], tokens["record"] / best["record"]

@@ -86,7 +86,8 @@ def show_command(
 def evaluate_command(settings: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
     (answer-token loss; accuracy on multiple-choice data)."""
-    from fn_analyze.evaluate import evaluate, format_table
+    from fn_analyze.eval_table import format_table
+    from fn_analyze.evaluate import evaluate
 
     config = EvaluateConfig(**settings)
     typer.echo(format_table(evaluate(config)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from fn_analyze.activations import (
@@ -28,11 +29,12 @@ from fn_analyze.config import CollectConfig
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
 from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
-from shared.data import check_answers_fit, detect_format, load_dataset_any, render_text, resolve_template, to_example
+from shared.data import check_answers_fit, render_text
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
-from shared.distributed import process_group, rank_device
+from shared.distributed import Ranks, process_group, rank_device
 from shared.errors import Interrupted, UserError, is_disk_full
+from shared.examples import Examples, load_examples
 from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.masks import ModelInfo
@@ -124,35 +126,6 @@ def _check_disk(out: Path, needed_bytes: float) -> None:
             f"collect needs about {needed_bytes / 2**30:.2f} GiB but {out} has {free / 2**30:.2f} GiB free; "
             "lower --max-tokens or record fewer tokens per sequence (--tokens-per-sequence, --token-rate)"
         )
-
-
-def _run_key(
-    config: CollectConfig,
-    info_fingerprint: str,
-    dataset_digest: str | None,
-    dtype: torch.dtype,
-    layers: list[int],
-    world_size: int,
-) -> str:
-    """Digest of everything that decides the recorded rows (not batch size, device or budget),
-    so a resumed run only continues shards made by the same arguments."""
-    decisive = {
-        "model": config.model,
-        "fingerprint": info_fingerprint,
-        "dataset": config.dataset,
-        "dataset_digest": dataset_digest,
-        "split": config.split,
-        "data_format": config.data_format,
-        "template_format": config.template_format,
-        "layers": layers,
-        "max_length": config.max_length,
-        "dtype": str(dtype),
-        "tokens_per_sequence": config.tokens_per_sequence,
-        "token_rate": config.token_rate,
-        "seed": config.seed,
-        "world_size": world_size,
-    }
-    return bytes_digest(json.dumps(decisive, sort_keys=True).encode())
 
 
 class TokenSample:
@@ -273,206 +246,318 @@ class Recorder:
             yield rows.cpu().numpy(), ids, record, position.astype(np.int32), cursor
 
 
-def _repair(out: Path, finished: Activations, recorder: Recorder, run_key: str) -> dict[str, Any]:
-    """Re-record the damaged shards of a finished folder, each from the records it held (from the
-    cursor of the rank's shard before it to its own), and write the manifest with their new digests."""
-    manifest = finished.manifest
-    if manifest["run_key"] != run_key:
+@dataclass(frozen=True)
+class CollectPlan:
+    """What a collect run records, settled before any model loads: the checked output folder,
+    the data rendered and tokenized as training sees it, and the device and dtype to load on."""
+
+    config: CollectConfig
+    tokenizer: Any  # padding on the right
+    data: Examples
+    sequences: list[list[int]]  # token ids of every record, truncated to max_length
+    sample: TokenSample
+    dataset_digest: str | None  # of a local dataset file: part of the run key and the manifest
+    device: torch.device
+    dtype: torch.dtype
+    finished: Activations | None  # a finished folder with damaged shards, which this run re-records
+
+    @property
+    def expected_tokens(self) -> float:
+        """The tokens the run records: every kept token, or max_tokens of them."""
+        expected = sum(self.sample.expected(len(ids)) for ids in self.sequences)
+        return min(expected, self.config.max_tokens or expected)
+
+
+def plan_collection(config: CollectConfig, tokenizer: Any = None) -> CollectPlan:
+    """Check the output folder, then read, render and tokenize the data with `tokenizer` (default:
+    the model's own, loaded here), whose padding side is set to the right."""
+    finished = _check_out(config.out, config.overwrite)
+    if tokenizer is None:
+        # The tokenizer before the data: a model refused (its own code without --trust-remote-code)
+        # is then the only line printed, before any warning about the data's columns.
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    # Right padding keeps every real token at its true position (models derive positions
+    # from the cache position, not the attention mask, so left padding would shift them).
+    tokenizer.padding_side = "right"
+    data = load_examples(
+        config.dataset, tokenizer, config.split, data_format=config.data_format, template_format=config.template_format
+    )
+    examples, template = list(data), data.template
+    check_answers_fit(examples, template, tokenizer, config.max_length, "--max-length", f"dataset {config.dataset}")
+    texts = [render_text(example, template, tokenizer) for example in examples]
+    # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
+    sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
+    dataset_digest = file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None
+    sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed)
+    device = choose_device(config.device)
+    dtype = choose_dtype(config.dtype, device.type)
+    return CollectPlan(config, tokenizer, data, sequences, sample, dataset_digest, device, dtype, finished)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """The model side of a collect run, in one process of it: what the manifest says of the
+    model, the layers recorded, the forward passes that record them, and the run key."""
+
+    info: ModelInfo
+    layers: list[int]
+    dtype: torch.dtype  # the model's: it decides the recorded values
+    recorder: Recorder
+    ranks: Ranks  # which process of the run this is
+    run_key: str
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.layers) * self.info.intermediate_size
+
+
+def load_recording(plan: CollectPlan, model: nn.Module | None = None, ranks: Ranks | None = None) -> Recording:
+    """Ready the forward passes that record `model` (default: the model the config names, loaded
+    on this process's device in the plan's dtype) as the process `ranks` (default: the only one)."""
+    config, ranks = plan.config, ranks if ranks is not None else Ranks()
+    if model is None:
+        device, dtype = rank_device(plan.device, ranks), plan.dtype
+        model = load_causal_lm(config.model, dtype, device, trust_remote_code=config.trust_remote_code)
+    else:
+        weight = next(model.parameters())
+        device, dtype = weight.device, weight.dtype
+    projections = find_down_projections(model)
+    info = model_info(model, config.model, projections)
+    layers = parse_layers(config.layers, len(projections))
+    copier = RowCopier(projections, layers, info.intermediate_size)
+    recorder = Recorder(
+        plan.tokenizer, plan.sequences, plan.sample, copier, model.base_model, device, config.batch_size
+    )
+    key = _run_key(plan, info.fingerprint, dtype, layers, ranks.world_size)
+    return Recording(info, layers, dtype, recorder, ranks, key)
+
+
+def _run_key(plan: CollectPlan, fingerprint: str, dtype: torch.dtype, layers: list[int], world_size: int) -> str:
+    """Digest of everything that decides the recorded rows (not batch size, device or budget),
+    so a resumed run only continues shards made by the same arguments."""
+    config = plan.config
+    decisive = {
+        "model": config.model,
+        "fingerprint": fingerprint,
+        "dataset": config.dataset,
+        "dataset_digest": plan.dataset_digest,
+        "split": config.split,
+        "data_format": config.data_format,
+        "template_format": config.template_format,
+        "layers": layers,
+        "max_length": config.max_length,
+        "dtype": str(dtype),
+        "tokens_per_sequence": config.tokens_per_sequence,
+        "token_rate": config.token_rate,
+        "seed": config.seed,
+        "world_size": world_size,
+    }
+    return bytes_digest(json.dumps(decisive, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class RankShards:
+    """What one process recorded: its shards, its tokens and the records it went through."""
+
+    shards: list[dict[str, Any]]
+    n_tokens: int
+    n_sequences: int
+
+
+def record_shards(plan: CollectPlan, recording: Recording) -> RankShards:
+    """Ready the output folder (resuming an interrupted run of the same arguments), say what will
+    be recorded, and record this process's share of the records into its shards. On SIGTERM or
+    Ctrl-C the batch in flight is written and the shard closed, then `Interrupted` is raised."""
+    config, ranks = plan.config, recording.ranks
+    if ranks.is_main:
+        _prepare_out(config.out, config.overwrite, recording.run_key)
+        _announce(plan, recording)
+    ranks.barrier()
+    return _record_share(plan, recording)
+
+
+def _announce(plan: CollectPlan, recording: Recording) -> None:
+    """Refuse a run the disk cannot hold, and print its size."""
+    config, ranks = plan.config, recording.ranks
+    total, row_bytes = plan.expected_tokens, recording.n_columns * 2
+    _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
+    print(
+        f"collect: {len(plan.sequences)} sequences, {'about ' if plan.sample.subsamples else 'up to '}{total:.0f} "
+        f"tokens x {recording.n_columns} neurons ({len(recording.layers)} layers) -> about "
+        f"{total * row_bytes / 2**30:.2f} GiB of float16 in {config.out}"
+        + (f" from {ranks.world_size} processes" if ranks.distributed else "")
+    )
+
+
+def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
+    """This process's records (every world_size-th), from where its finished shards end, up to its
+    share of max_tokens."""
+    config, ranks, recorder = plan.config, recording.ranks, recording.recorder
+    mine = list(range(ranks.rank, len(plan.sequences), ranks.world_size))
+    budget = None
+    if config.max_tokens is not None:
+        budget = config.max_tokens // ranks.world_size + (ranks.rank < config.max_tokens % ranks.world_size)
+    done = completed_shards(config.out, ranks.rank)
+    rows_per_shard = max(1, config.shard_size_mb * 2**20 // (recording.n_columns * 2))
+    writer = ShardWriter(config.out, recording.n_columns, rows_per_shard, ranks.rank, recording.run_key, done)
+    cursor = done[-1]["next_record"] if done else 0
+    n_tokens = sum(shard["n_tokens"] for shard in done)
+    progress = tqdm(
+        total=budget or round(sum(plan.sample.expected(len(plan.sequences[i])) for i in mine)),
+        initial=n_tokens,
+        unit="tok",
+        desc="collect",
+        disable=not ranks.is_main,
+    )
+    with progress, _aborted_on_failure(writer, config.out, lambda: len(writer.completed)):
+        with recorder.copier.installed(), torch.inference_mode(), stop_on_signals() as stop:
+            left = None if budget is None else budget - n_tokens
+            for rows, ids, record, position, after in recorder.batches(mine, cursor, len(mine), left):
+                writer.write(rows, ids, record, position, next_record=after)
+                cursor = after
+                n_tokens += len(rows)
+                progress.update(len(rows))
+                if stop:
+                    break
+        shards = writer.close()
+    if stop.signal_number is not None:
+        raise Interrupted(
+            f"collect wrote the batch in flight and kept {len(shards)} finished shard(s) ({n_tokens} tokens) "
+            f"in {config.out}; re-run the same command to resume",
+            stop.signal_number,
+        )
+    return RankShards(shards, n_tokens, cursor)
+
+
+@contextmanager
+def _aborted_on_failure(writer: ShardWriter, out: Path, kept: Callable[[], int]) -> Iterator[None]:
+    """On any failure, abort `writer` (dropping its unfinished shard when the disk is full, to give
+    the space back); a full disk becomes one line saying that the `kept()` finished shards stay."""
+    try:
+        yield
+    except BaseException as exc:
+        writer.abort(discard=is_disk_full(exc))
+        if is_disk_full(exc):
+            raise _disk_full(out, exc, kept()) from exc
+        raise
+
+
+def write_manifest(plan: CollectPlan, recording: Recording, part: RankShards) -> dict[str, Any]:
+    """Gather every process's shards and, in the main one, write the manifest that names them (the
+    folder is complete from then on); returns the manifest."""
+    config, ranks = plan.config, recording.ranks
+    manifest = _manifest(plan, recording, ranks.gather(part))
+    if ranks.is_main:
+        if manifest["n_tokens"] == 0:
+            shutil.rmtree(config.out, ignore_errors=True)
+            raise UserError(f"dataset {config.dataset} gave no token to record; check that its records hold text")
+        try:
+            write_json_atomic(config.out / MANIFEST_NAME, manifest)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise _disk_full(config.out, exc, len(manifest["shards"])) from exc
+            raise
+        print(
+            f"collect: wrote {manifest['n_tokens']} tokens from {manifest['n_sequences']} sequences "
+            f"in {len(manifest['shards'])} shard(s) to {config.out}"
+        )
+    ranks.barrier()
+    return manifest
+
+
+def collect(config: CollectConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Run the model over the dataset and write the activations folder; returns the manifest.
+
+    The stages, public for notebooks and benchmarks: `plan_collection` (the data and the folder),
+    `load_recording` (the model), `record_shards`, `write_manifest`. A `model` and `tokenizer`
+    given are used instead of loading the ones `config.model` names (the manifest still names the
+    model so). Under `torchrun`/`accelerate launch` each rank records every world_size-th record
+    into its own shards and rank 0 writes one manifest naming all of them. Re-running the same
+    command after an interruption continues from the finished shards; re-running it on a
+    finished folder with a damaged shard re-records that shard. On SIGTERM or Ctrl-C the batch
+    in flight is written and the shard closed, then `Interrupted` is raised.
+    """
+    if model is None or tokenizer is None:
+        check_model_reachable(config.model)
+    plan = plan_collection(config, tokenizer)
+    with process_group(plan.device if model is None else next(model.parameters()).device) as ranks:
+        recording = load_recording(plan, model, ranks)
+        if plan.finished is not None:
+            return _repair(plan, plan.finished, recording)
+        return write_manifest(plan, recording, record_shards(plan, recording))
+
+
+def _repair(plan: CollectPlan, finished: Activations, recording: Recording) -> dict[str, Any]:
+    """Re-record the damaged shards of a finished folder and write the manifest with their new digests."""
+    out, manifest = plan.config.out, finished.manifest
+    if recording.ranks.distributed:
+        raise UserError("re-record damaged shards in one process: run the same collect without torchrun")
+    world_size = int(manifest["world_size"])  # the folder's, as in its run key
+    if manifest["run_key"] != _run_key(plan, recording.info.fingerprint, recording.dtype, recording.layers, world_size):
         raise UserError(
             f"--out {out} was written by collect with other arguments; re-run the command that wrote it "
             "to re-record its damaged shards, or pass --overwrite to start again"
         )
     damaged = damaged_shards(finished)
     print(f"collect: re-recording {len(damaged)} damaged shard(s) of {out}: {', '.join(e['file'] for e, _ in damaged)}")
-    n_records = len(recorder.sequences)
+    kept = len(manifest["shards"]) - len(damaged)
     for entry, _problem in damaged:
-        if "next_record" not in entry:
-            raise UserError(
-                f"shard {entry['file']} in {out} is damaged and its folder was written by an older collect, which "
-                "did not record where each shard starts; pass --overwrite to record the folder again"
-            )
-        rank, index = shard_rank_and_index(entry["file"])
-        before = [s for s in manifest["shards"] if shard_rank_and_index(s["file"]) in {(rank, i) for i in range(index)}]
-        mine = list(range(rank, n_records, int(manifest["world_size"])))
-        writer = ShardWriter(out, finished.n_neurons, entry["n_tokens"], rank, run_key, before)
-        try:
-            with recorder.copier.installed(), torch.inference_mode():
-                start = before[-1]["next_record"] if before else 0
-                for rows, ids, record, position, cursor in recorder.batches(
-                    mine, start, entry["next_record"], entry["n_tokens"]
-                ):
-                    writer.write(rows, ids, record, position, next_record=cursor)
-            again = writer.close()[-1]
-        except BaseException as exc:
-            writer.abort(discard=is_disk_full(exc))
-            if is_disk_full(exc):
-                raise _disk_full(out, exc, len(manifest["shards"]) - len(damaged)) from exc
-            raise
-        if (again["file"], again["n_tokens"]) != (entry["file"], entry["n_tokens"]):
-            raise UserError(
-                f"re-recording {entry['file']} gave {again['n_tokens']} rows, not {entry['n_tokens']}; "
-                "the data or model changed since: pass --overwrite to record the folder again"
-            )
-        entry.update(manifest_entry(again))
+        entry.update(manifest_entry(_rerecord(finished, entry, recording.recorder, kept)))
     write_json_atomic(out / MANIFEST_NAME, manifest)
     print(f"collect: {out} is whole again ({len(damaged)} shard(s) re-recorded)")
     return manifest
 
 
-def collect(config: CollectConfig) -> dict[str, Any]:
-    """Run the model over the dataset and write the activations folder; returns the manifest.
-
-    Under `torchrun`/`accelerate launch` each rank records every world_size-th record into
-    its own shards and rank 0 writes one manifest naming all of them. Re-running the same
-    command after an interruption continues from the finished shards; re-running it on a
-    finished folder with a damaged shard re-records that shard. On SIGTERM or Ctrl-C the batch
-    in flight is written and the shard closed, then `Interrupted` is raised.
-    """
-    check_model_reachable(config.model)
-    finished = _check_out(config.out, config.overwrite)
-    dataset = load_dataset_any(config.dataset, config.split)
-    split = config.split or ("train" if "train" in dataset else next(iter(dataset)))
-    records = dataset[split]
-    # The tokenizer first: a model refused (its own code without --trust-remote-code) is then the
-    # only line printed, before any warning about the data's columns.
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    fmt = detect_format(records.column_names, config.data_format, source=f"dataset {config.dataset}")
-    # Right padding keeps every real token at its true position (models derive positions
-    # from the cache position, not the attention mask, so left padding would shift them).
-    tokenizer.padding_side = "right"
-    template = resolve_template(config.template_format, tokenizer)
-    examples = [to_example(record, fmt) for record in records]
-    check_answers_fit(examples, template, tokenizer, config.max_length, "--max-length", f"dataset {config.dataset}")
-    texts = [render_text(example, template, tokenizer) for example in examples]
-    dataset_digest = file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None
-
-    device = choose_device(config.device)
-    dtype = choose_dtype(config.dtype, device.type)
-    with process_group(device) as ranks:
-        device = rank_device(device, ranks)
-        model = load_causal_lm(config.model, dtype, device, trust_remote_code=config.trust_remote_code)
-        projections = find_down_projections(model)
-        info = model_info(model, config.model, projections)
-        layers = parse_layers(config.layers, len(projections))
-        # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
-        sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
-        sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed)
-        copier = RowCopier(projections, layers, info.intermediate_size)
-        recorder = Recorder(tokenizer, sequences, sample, copier, model.base_model, device, config.batch_size)
-        if finished is not None:
-            if ranks.distributed:
-                raise UserError("re-record damaged shards in one process: run the same collect without torchrun")
-            world_size = int(finished.manifest["world_size"])  # the folder's, as in its run key
-            folder_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, world_size)
-            return _repair(config.out, finished, recorder, folder_key)
-        run_key = _run_key(config, info.fingerprint, dataset_digest, dtype, layers, ranks.world_size)
-        n_columns = len(layers) * info.intermediate_size
-        row_bytes = n_columns * 2
-        expected = sum(sample.expected(len(ids)) for ids in sequences)
-        total = min(expected, config.max_tokens or expected)
-        if ranks.is_main:
-            _prepare_out(config.out, config.overwrite, run_key)
-            _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
-            print(
-                f"collect: {len(texts)} sequences, {'about ' if sample.subsamples else 'up to '}{total:.0f} tokens "
-                f"x {n_columns} neurons ({len(layers)} layers) -> about {total * row_bytes / 2**30:.2f} GiB "
-                f"of float16 in {config.out}" + (f" from {ranks.world_size} processes" if ranks.distributed else "")
-            )
-        ranks.barrier()
-
-        mine = list(range(ranks.rank, len(sequences), ranks.world_size))
-        budget = None
-        if config.max_tokens is not None:
-            budget = config.max_tokens // ranks.world_size + (ranks.rank < config.max_tokens % ranks.world_size)
-        done = completed_shards(config.out, ranks.rank)
-        rows_per_shard = max(1, config.shard_size_mb * 2**20 // row_bytes)
-        writer = ShardWriter(config.out, n_columns, rows_per_shard, ranks.rank, run_key, done)
-        cursor = done[-1]["next_record"] if done else 0
-        n_tokens = sum(shard["n_tokens"] for shard in done)
-        progress = tqdm(
-            total=budget or round(sum(sample.expected(len(sequences[i])) for i in mine)),
-            initial=n_tokens,
-            unit="tok",
-            desc="collect",
-            disable=not ranks.is_main,
+def _rerecord(finished: Activations, entry: dict[str, Any], recorder: Recorder, kept: int) -> dict[str, Any]:
+    """One damaged shard recorded again from the records it held: from the cursor of its rank's
+    shard before it to its own."""
+    out, manifest = finished.folder, finished.manifest
+    if "next_record" not in entry:
+        raise UserError(
+            f"shard {entry['file']} in {out} is damaged and its folder was written by an older collect, which "
+            "did not record where each shard starts; pass --overwrite to record the folder again"
         )
-        try:
-            with copier.installed(), torch.inference_mode(), stop_on_signals() as stop:
-                left = None if budget is None else budget - n_tokens
-                for rows, ids, record, position, after in recorder.batches(mine, cursor, len(mine), left):
-                    writer.write(rows, ids, record, position, next_record=after)
-                    cursor = after
-                    n_tokens += len(rows)
-                    progress.update(len(rows))
-                    if stop:
-                        break
-            shards = writer.close()
-        except BaseException as exc:
-            writer.abort(discard=is_disk_full(exc))
-            if is_disk_full(exc):
-                raise _disk_full(config.out, exc, len(writer.completed)) from exc
-            raise
-        finally:
-            progress.close()
-        if stop.signal_number is not None:
-            raise Interrupted(
-                f"collect wrote the batch in flight and kept {len(shards)} finished shard(s) ({n_tokens} tokens) "
-                f"in {config.out}; re-run the same command to resume",
-                stop.signal_number,
-            )
-        per_rank = ranks.gather({"shards": shards, "n_tokens": n_tokens, "n_sequences": cursor})
-        manifest = _manifest(
-            config, info, layers, split, fmt.value, template, len(texts), dataset_digest, run_key, per_rank
+    rank, index = shard_rank_and_index(entry["file"])
+    before = [s for s in manifest["shards"] if shard_rank_and_index(s["file"]) in {(rank, i) for i in range(index)}]
+    mine = list(range(rank, len(recorder.sequences), int(manifest["world_size"])))
+    writer = ShardWriter(out, finished.n_neurons, entry["n_tokens"], rank, manifest["run_key"], before)
+    start = before[-1]["next_record"] if before else 0
+    with _aborted_on_failure(writer, out, lambda: kept):
+        with recorder.copier.installed(), torch.inference_mode():
+            for rows, ids, record, position, cursor in recorder.batches(
+                mine, start, entry["next_record"], entry["n_tokens"]
+            ):
+                writer.write(rows, ids, record, position, next_record=cursor)
+        again = writer.close()[-1]
+    if (again["file"], again["n_tokens"]) != (entry["file"], entry["n_tokens"]):
+        raise UserError(
+            f"re-recording {entry['file']} gave {again['n_tokens']} rows, not {entry['n_tokens']}; "
+            "the data or model changed since: pass --overwrite to record the folder again"
         )
-        if ranks.is_main:
-            if manifest["n_tokens"] == 0:
-                shutil.rmtree(config.out, ignore_errors=True)
-                raise UserError(f"dataset {config.dataset} gave no token to record; check that its records hold text")
-            try:
-                write_json_atomic(config.out / MANIFEST_NAME, manifest)
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise _disk_full(config.out, exc, len(manifest["shards"])) from exc
-                raise
-            print(
-                f"collect: wrote {manifest['n_tokens']} tokens from {manifest['n_sequences']} sequences "
-                f"in {len(manifest['shards'])} shard(s) to {config.out}"
-            )
-        ranks.barrier()
-    return manifest
+    return again
 
 
-def _manifest(
-    config: CollectConfig,
-    info: ModelInfo,
-    layers: list[int],
-    split: str,
-    data_format: str,
-    template: str,
-    n_records: int,
-    dataset_digest: str | None,
-    run_key: str,
-    per_rank: list[dict[str, Any]],
-) -> dict[str, Any]:
+def _manifest(plan: CollectPlan, recording: Recording, per_rank: list[RankShards]) -> dict[str, Any]:
+    config = plan.config
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
-        "model": info.to_dict(),
-        "layers": layers,
+        "model": recording.info.to_dict(),
+        "layers": recording.layers,
         "columns": "layer-major: column = position_in_layers * intermediate_size + neuron",
         "dtype": "float16",
-        "n_tokens": sum(part["n_tokens"] for part in per_rank),
-        "n_sequences": sum(part["n_sequences"] for part in per_rank),
+        "n_tokens": sum(part.n_tokens for part in per_rank),
+        "n_sequences": sum(part.n_sequences for part in per_rank),
         "world_size": len(per_rank),
-        "run_key": run_key,
+        "run_key": recording.run_key,
         "dataset": {
             "source": config.dataset,
-            "digest": dataset_digest,
-            "split": split,
-            "format": data_format,
-            "template": template,
-            "n_records": n_records,
+            "digest": plan.dataset_digest,
+            "split": plan.data.split,
+            "format": plan.data.data_format.value,
+            "template": plan.data.template,
+            "n_records": len(plan.sequences),
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "shards": [manifest_entry(shard) for part in per_rank for shard in part["shards"]],
+        "shards": [manifest_entry(shard) for part in per_rank for shard in part.shards],
     }

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 from tqdm.auto import tqdm
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.magnitude import activation_stats, stats_from_forward
+from fn_analyze.magnitude import NeuronMagnitude, activation_stats, stats_from_forward
 from fn_analyze.neuron_sets import draw_matched, pairs, set_size, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
-from shared.ablation import Ablation
+from shared.ablation import Ablation, NeuronMeans
 from shared.arch import DownProjection, find_down_projections
 from shared.constants import EVALUATION_SCHEMA_VERSION
 from shared.device import choose_device, choose_dtype
@@ -201,31 +202,31 @@ def _held_out(mask: MaskFile, dataset: str) -> bool | None:
     return file_digest(Path(dataset)) != found_on
 
 
-def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Measure every condition and its controls; write the results JSON and the plot; return the results."""
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What an evaluation measures, read before any model loads: the mask file and the networks
+    selected, the eval data, and (from --activations) the neurons' magnitudes and means."""
+
+    config: EvaluateConfig
+    mask: MaskFile
+    selected: list[Network]
+    tokenizer: Any  # padding on the right
+    eval_set: EvalSet
+    with_exact_match: bool
+    magnitude: NeuronMagnitude | None  # None: measured by a pass over the eval data once the model is loaded
+    means: NeuronMeans | None
+
+
+def plan_evaluation(config: EvaluateConfig, tokenizer: Any = None) -> EvaluationPlan:
+    """Read the mask file, the magnitudes of --activations and the eval data (tokenized with
+    `tokenizer`, default the model's own, loaded here; its padding side is set to the right)."""
     mask = load_mask_file(config.mask_file)
     selected = select_networks(mask, parse_network_ids(config.networks))
-    # Read from activations first (before the model loads), else measured on the eval data below.
     magnitude, means = None, None
-    if config.activations is not None:
-        magnitude, means = activation_stats(config.activations, mask.model, want_means=config.ablation == "mean")
-        assert magnitude is not None
-        missing = sorted(set(union(selected)) - set(magnitude.measured_layers()))
-        if missing:
-            raise UserError(
-                f"activations {config.activations} lack layer {missing[0]}, where the selected networks have "
-                "neurons; give activations of every layer, or leave out --activations to measure magnitudes "
-                "on the eval data"
-            )
-        unmeasured = sorted(set(range(mask.model.n_layers)) - set(magnitude.measured_layers()))
-        if config.ablation == "mean" and unmeasured:
-            raise UserError(
-                f"activations {config.activations} lack layer {unmeasured[0]}, but --ablation mean needs every "
-                "layer's means (keeping only the networks sets every other neuron to its mean); give activations "
-                "of every layer, or leave out --activations to measure the means on the eval data"
-            )
-    tokenizer = load_tokenizer(config.model)
+    if config.activations is not None:  # read before the model loads, so unfit activations fail fast
+        magnitude, means = _stats_from_activations(config, config.activations, mask, selected)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"
     eval_set = load_eval_set(
         config.dataset,
@@ -236,17 +237,64 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         config.limit,
         config.max_length,
     )
-    with_exact_match = config.exact_match and eval_set.has_answers
     if config.exact_match and not eval_set.has_answers:
         log.warning(
             "exact match needs answers; dataset %s has plain text, so only the loss is measured", config.dataset
         )
+    with_exact_match = config.exact_match and eval_set.has_answers
+    return EvaluationPlan(config, mask, selected, tokenizer, eval_set, with_exact_match, magnitude, means)
 
-    device = choose_device(config.device)
-    model = load_causal_lm(config.model, choose_dtype(config.dtype, device.type), device)
+
+def _stats_from_activations(
+    config: EvaluateConfig, folder: Path, mask: MaskFile, selected: list[Network]
+) -> tuple[NeuronMagnitude, NeuronMeans | None]:
+    """The neurons' magnitudes (and, for --ablation mean, means) from an activations folder that
+    holds every layer they are needed for."""
+    magnitude, means = activation_stats(folder, mask.model, want_means=config.ablation == "mean")
+    assert magnitude is not None
+    missing = sorted(set(union(selected)) - set(magnitude.measured_layers()))
+    if missing:
+        raise UserError(
+            f"activations {folder} lack layer {missing[0]}, where the selected networks have "
+            "neurons; give activations of every layer, or leave out --activations to measure magnitudes "
+            "on the eval data"
+        )
+    unmeasured = sorted(set(range(mask.model.n_layers)) - set(magnitude.measured_layers()))
+    if config.ablation == "mean" and unmeasured:
+        raise UserError(
+            f"activations {folder} lack layer {unmeasured[0]}, but --ablation mean needs every "
+            "layer's means (keeping only the networks sets every other neuron to its mean); give activations "
+            "of every layer, or leave out --activations to measure the means on the eval data"
+        )
+    return magnitude, means
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What an evaluation measured: the baseline, a row per condition (its score and its
+    controls'), the random-fraction control, and the magnitudes and ablation it used."""
+
+    base: Score
+    rows: list[dict[str, Any]]
+    random_fraction: dict[str, Any] | None
+    skipped: list[Condition]  # conditions left without a neuron by --exclude-top
+    magnitude: NeuronMagnitude
+    top: set[tuple[int, int]]  # the top_n largest-magnitude neurons
+    ablation: Ablation
+
+
+def measure_conditions(plan: EvaluationPlan, model: nn.Module | None = None) -> Measurements:
+    """Score the baseline, every condition and its random controls with `model` (default: the
+    model the config names, loaded here), which must be the mask file's model."""
+    config, mask, eval_set = plan.config, plan.mask, plan.eval_set
+    if model is None:
+        device = choose_device(config.device)
+        model = load_causal_lm(config.model, choose_dtype(config.dtype, device.type), device)
     projections = find_down_projections(model)
     check_compatible(mask, model_info(model, config.model, projections))
-    batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
+    pad_id = plan.tokenizer.pad_token_id
+    batches = make_batches(eval_set, config.batch_size, pad_id)
+    magnitude, means = plan.magnitude, plan.means
     if magnitude is None:
         magnitude, means = stats_from_forward(
             model.base_model, projections, batches, mask.model.intermediate_size, f"a pass over {config.dataset}"
@@ -254,8 +302,35 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     ablation = Ablation(config.ablation, config.scale_factor, means if config.ablation == "mean" else None)
     choices = None
     if eval_set.choices is not None:
-        choices = (eval_set.choices, make_batches(eval_set.choices, config.batch_size, tokenizer.pad_token_id))
+        choices = (eval_set.choices, make_batches(eval_set.choices, config.batch_size, pad_id))
+    evaluator = Evaluator(
+        model,
+        plan.tokenizer,
+        projections,
+        mask,
+        batches,
+        plan.with_exact_match,
+        config.max_new_tokens,
+        ablation,
+        choices,
+        config.conditions_per_pass,
+    )
     top = magnitude.top(config.top_n)
+    conditions = _conditions(mask, plan.selected, top, config)
+    skipped = [c for c in conditions if not c.neurons]
+    measured = [c for c in conditions if c.neurons]
+    base, rows, random_fraction = _score_conditions(evaluator, measured, magnitude, top, config)
+    return Measurements(base, rows, random_fraction, skipped, magnitude, top, ablation)
+
+
+def _score_conditions(
+    evaluator: Evaluator,
+    conditions: list[Condition],
+    magnitude: NeuronMagnitude,
+    top: set[tuple[int, int]],
+    config: EvaluateConfig,
+) -> tuple[Score, list[dict[str, Any]], dict[str, Any] | None]:
+    """(baseline, a row per condition, the random-fraction control or None)."""
     allowed = np.ones(magnitude.max_abs.shape, dtype=bool)
     if config.exclude_top:
         for layer, neuron in top:
@@ -264,28 +339,11 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "layer_matched": np.zeros(magnitude.max_abs.shape, dtype=np.int64),
         "magnitude_matched": magnitude.bins(config.bin_width),
     }
-
-    conditions = _conditions(mask, selected, top, config)
-    skipped = [c for c in conditions if not c.neurons]
-    conditions = [c for c in conditions if c.neurons]
-    evaluator = Evaluator(
-        model,
-        tokenizer,
-        projections,
-        mask,
-        batches,
-        with_exact_match,
-        config.max_new_tokens,
-        ablation,
-        choices,
-        config.conditions_per_pass,
-    )
     total = 1 + sum(1 + len(CONTROLS) * c.draws for c in conditions)
     total += config.draws if config.random_fraction is not None else 0
-    progress = tqdm(total=total, unit="mask", desc="evaluate")
-    base = evaluator.baseline()
-    progress.update()
-    try:
+    with tqdm(total=total, unit="mask", desc="evaluate") as progress:
+        base = evaluator.baseline()
+        progress.update()
         # Every condition's neuron sets (its own, then each control's draws) first, so that the
         # forward passes can score several of them at once.
         draws = [
@@ -313,22 +371,25 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         random_fraction = None
         if config.random_fraction is not None:
             random_fraction = _random_fraction(evaluator, config, allowed, magnitude.measured_layers(), progress)
-    finally:
-        progress.close()
+    return base, rows, random_fraction
 
-    results = {
+
+def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: float) -> dict[str, Any]:
+    """The results JSON: every figure of the table (see `fn_analyze.eval_table`) and what it was measured on."""
+    config, magnitude, ablation = plan.config, measured.magnitude, measured.ablation
+    return {
         "schema_version": EVALUATION_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
         "model": config.model,
         "mask_file": str(config.mask_file),
         "mask_digest": file_digest(config.mask_file),
-        "dataset": _dataset_dict(eval_set, _held_out(mask, config.dataset)),
+        "dataset": _dataset_dict(plan.eval_set, _held_out(plan.mask, config.dataset)),
         "magnitude": {
             "statistic": "max |activation| over tokens",
             "source": magnitude.source,
             "top_n": config.top_n,
             "top_largest": float(np.nanmax(magnitude.max_abs)),
-            "top_smallest": float(min(magnitude.max_abs[layer, n] for layer, n in top)),
+            "top_smallest": float(min(magnitude.max_abs[layer, n] for layer, n in measured.top)),
             "excluded": config.exclude_top,
             "bin_width_decades": config.bin_width,
         },
@@ -338,20 +399,38 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "scale_factor": ablation.scale_factor,
             "means_source": ablation.means.source if ablation.means is not None else None,
         },
-        "accuracy_metric": _accuracy_metric(base),
-        "baseline": _score_dict(base),
-        "conditions": rows,
-        "random_fraction": random_fraction,
+        "accuracy_metric": _accuracy_metric(measured.base),
+        "baseline": _score_dict(measured.base),
+        "conditions": measured.rows,
+        "random_fraction": measured.random_fraction,
         "skipped": [
             {"name": c.name, "mode": c.mode, "reason": f"all its neurons are among the {config.top_n} left out"}
-            for c in skipped
+            for c in measured.skipped
         ],
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": seconds,
     }
+
+
+def write_results(config: EvaluateConfig, results: dict[str, Any]) -> None:
+    """The results JSON at `config.out` and its plot beside it."""
     write_json_atomic(config.out, results)
     from fn_analyze.plots import plot_evaluation  # matplotlib is imported only when a plot is drawn
 
     plot_evaluation(results, config.plot_path)
+
+
+def evaluate(config: EvaluateConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Measure every condition and its controls; write the results JSON and the plot; return the results.
+
+    The stages, public for notebooks and benchmarks: `plan_evaluation` (mask, magnitudes, data),
+    `measure_conditions` (the model's scores), `assemble_results`, `write_results`. A `model` and
+    `tokenizer` given are used instead of loading the ones `config.model` names.
+    """
+    started = time.perf_counter()
+    plan = plan_evaluation(config, tokenizer)
+    measured = measure_conditions(plan, model)
+    results = assemble_results(plan, measured, seconds=round(time.perf_counter() - started, 1))
+    write_results(config, results)
     return results
 
 
@@ -443,161 +522,3 @@ def _dataset_dict(eval_set: EvalSet, held_out: bool | None) -> dict[str, Any]:
         "choice_records": eval_set.choices.n_records if eval_set.choices is not None else 0,
         "held_out": held_out,
     }
-
-
-def _fmt_control(control: dict[str, Any] | None) -> tuple[str, str]:
-    if control is None:
-        return "-", "-"
-    ratio = "n/a" if control["ratio"] is None else f"{control['ratio']:.2f}x"
-    if control["draws"] == 1:  # no spread to show
-        return f"{control['mean']:.3f} (1)", ratio
-    return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})", ratio
-
-
-def _fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """The printed report; every figure in it is a field of `results`."""
-    data, base, magnitude = results["dataset"], results["baseline"], results["magnitude"]
-    em = "exact_match" in base
-    metric = results.get("accuracy_metric")  # accuracy (multiple choice), contains (generation) or None
-    top = f"top{magnitude['top_n']}"
-    ablation = results.get("ablation", {"mode": "zero"})
-    how = {
-        "zero": "switched off (zeroed)",
-        "mean": f"set to their mean activation (means from {ablation.get('means_source')})",
-        "scale": f"scaled by {ablation.get('scale_factor')}",
-    }[ablation["mode"]]
-    accuracy_text = ""
-    if "accuracy" in base:
-        accuracy_text = (
-            f", accuracy {base['accuracy']:.3f} (acc_norm {base['accuracy_norm']:.3f}; "
-            f"{data['choice_records']} multiple-choice records)"
-        )
-    lines = [
-        f"answer-token loss of {results['model']} on {data['source']} ({data['split']}, {data['rows']} rows, "
-        f"{data['answer_tokens']} answer tokens)",
-        f"baseline: loss {base['loss']:.3f}, perplexity {base['perplexity']:.2f}"
-        + (f", exact match {base['exact_match']:.3f}, answer contained {base['contains']:.3f}" if em else "")
-        + accuracy_text,
-        f"ablation: the neurons of each condition and random set are {how}",
-        f"magnitude: {magnitude['statistic']} from {magnitude['source']}; the {magnitude['top_n']} largest range "
-        f"{magnitude['top_smallest']:.1f} to {magnitude['top_largest']:.1f}"
-        + (" and are left out of every set" if magnitude["excluded"] else ""),
-        "ratio: extra loss over the random sets' mean extra loss; layer-matched random sets have the same count "
-        "per layer, magnitude-matched ones the same count per layer and magnitude bin (shared: share of them "
-        "that is the condition's own neurons)",
-    ]
-    if metric is not None:
-        name = "acc (log-likelihood of each choice)" if metric == "accuracy" else "answer contained in the generation"
-        lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
-    if data["held_out"] is False:
-        lines.append("warning: this is the data the networks were found on, not held-out data")
-    lines.append("")
-    acc_head = f" {'acc':>5}" if metric else ""
-    control_acc_head = f" {'acc':>5} {'drop':>7}" if metric else ""
-    header = (
-        f"{'condition':<24} {'mode':<10} {'neurons':>7} {top:>6} {'loss':>7}"
-        + (f" {'EM':>5}" if em else "")
-        + acc_head
-        + f" | {'layer-matched':<22} {'ratio':>7}"
-        + (f" {'EM':>5}" if em else "")
-        + control_acc_head
-        + f" | {'magnitude-matched':<22} {'ratio':>7} {'shared':>6}"
-        + (f" {'EM':>5}" if em else "")
-        + control_acc_head
-    )
-    lines.append(header)
-    lines.append("-" * len(header))
-
-    def control_accuracy(control: dict[str, Any] | None) -> str:
-        if not metric:
-            return ""
-        if control is None:
-            return f" {'-':>5} {'-':>7}"
-        return f" {control[metric]:>5.3f} {_fmt_ratio(control.get('accuracy_ratio')):>7}"
-
-    for row in results["conditions"]:
-        layer, mag = row["controls"].get("layer_matched"), row["controls"].get("magnitude_matched")
-        layer_text, layer_ratio = _fmt_control(layer)
-        mag_text, mag_ratio = _fmt_control(mag)
-        line = (
-            f"{row['name']:<24} {row['mode']:<10} {row['neurons']:>7} {row['top_magnitude_held']:>6} "
-            f"{row['loss']:>7.3f}"
-        )
-        if em:
-            line += f" {row['exact_match']:>5.3f}"
-        if metric:
-            line += f" {row[metric]:>5.3f}"
-        line += f" | {layer_text:<22} {layer_ratio:>7}"
-        if em:
-            line += f" {layer['exact_match']:>5.3f}" if layer else f" {'-':>5}"
-        line += control_accuracy(layer)
-        line += f" | {mag_text:<22} {mag_ratio:>7} " + (f"{100 * mag['overlap']:>5.0f}%" if mag else f"{'-':>6}")
-        if em:
-            line += f" {mag['exact_match']:>5.3f}" if mag else f" {'-':>5}"
-        line += control_accuracy(mag)
-        lines.append(line)
-    for row in results["skipped"]:
-        lines.append(f"{row['name']:<24} {row['mode']:<10} skipped: {row['reason']}")
-    closed = next((row["closed_layers"] for row in results["conditions"] if row["closed_layers"]), None)
-    if closed:
-        effect = {"zero": "their MLP is off", "mean": "all their neurons are at their means"}.get(
-            ablation["mode"], "all their neurons are scaled"
-        )
-        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; {effect}")
-    random = results.get("random_fraction")
-    if random is not None:
-        lines.append(
-            f"random {100 * random['fraction']:.0f}% of all neurons ({random['neurons']}) masked: loss "
-            f"{random['mean']:.3f} ± {random['std']:.3f} ({random['draws']})"
-            + (f", {metric} {random[metric]:.3f}" if metric else "")
-        )
-    if metric:
-        lines += ["", *_accuracy_table(results, metric)]
-    return "\n".join(lines)
-
-
-def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
-    """Liu et al.'s SST-2 table: accuracy at baseline, with the networks masked, with random
-    neurons masked, and with only the networks kept."""
-    base = results["baseline"]
-    norm = "accuracy_norm" in base
-    header = f"{'accuracy (as Liu et al.’s SST-2 table)':<46} {'neurons':>7} {metric[:8]:>8}" + (
-        f" {'acc_norm':>8}" if norm else ""
-    )
-    lines = [header, "-" * len(header)]
-
-    def line(label: str, neurons: Any, scored: dict[str, Any], spread: str = "") -> str:
-        text = f"{label:<46} {neurons!s:>7} {scored[metric]:>8.3f}" + (
-            f" {scored['accuracy_norm']:>8.3f}" if norm else ""
-        )
-        return text + spread
-
-    lines.append(line("baseline (nothing masked)", 0, base))
-    unions = {row["mode"]: row for row in results["conditions"] if row["kind"] == "union"}
-    if "key" in unions:
-        row = unions["key"]
-        lines.append(line(f"{row['name']} masked", row["neurons"], row))
-        for control, label in (("layer_matched", "layer-matched"), ("magnitude_matched", "magnitude-matched")):
-            if control in row["controls"]:
-                summary = row["controls"][control]
-                lines.append(line(f"  random, {label}, masked (mean of {summary['draws']})", row["neurons"], summary))
-    random = results.get("random_fraction")
-    if random is not None:
-        lines.append(
-            line(
-                f"random {100 * random['fraction']:.0f}% of neurons masked (mean of {random['draws']})",
-                random["neurons"],
-                random,
-            )
-        )
-    if "complement" in unions:
-        row = unions["complement"]
-        lines.append(line(f"{row['name']} kept, all else masked", row["neurons"], row))
-        if "layer_matched" in row["controls"]:
-            summary = row["controls"]["layer_matched"]
-            lines.append(line(f"  random, layer-matched, kept (mean of {summary['draws']})", row["neurons"], summary))
-    return lines

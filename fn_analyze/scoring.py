@@ -28,16 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.data import (
-    VALIDATION_SPLITS,
-    detect_format,
-    load_dataset_any,
-    render_prompt,
-    render_text,
-    resolve_template,
-    to_example,
-)
+from shared.data import render_prompt, render_text
 from shared.errors import UserError
+from shared.examples import load_examples
 
 
 @dataclass(frozen=True)
@@ -98,11 +91,6 @@ class Score:
         return math.exp(min(self.loss, 700.0))  # exp overflows float64 past ~709
 
 
-def default_eval_split(splits: list[str]) -> str:
-    """A held-out split when the dataset has one (validation, test, ...), else train, else the first."""
-    return next((s for s in VALIDATION_SPLITS if s in splits), "train" if "train" in splits else splits[0])
-
-
 def load_eval_set(
     source: str,
     tokenizer,
@@ -112,21 +100,16 @@ def load_eval_set(
     limit: int | None = None,
     max_length: int = 512,
 ) -> EvalSet:
-    """The first `limit` records of the split, tokenized with their answer boundary."""
-    loaded = load_dataset_any(source, split)
-    split = split or default_eval_split(list(loaded))
-    records = loaded[split]
-    fmt = detect_format(records.column_names, data_format, source=f"dataset {source}")
-    template = resolve_template(template_format, tokenizer)
-    if limit is not None:
-        records = records.select(range(min(limit, len(records))))
+    """The first `limit` records of the split (by default a held-out one: see
+    `shared.examples.load_examples`), tokenized with their answer boundary."""
+    data = load_examples(source, tokenizer, split, "evaluate", data_format, template_format).head(limit)
+    template = data.template
     rows = []
     choice_rows: list[EvalRow] = []
     choice_record: list[int] = []
     choice_chars: list[int] = []
     gold: list[int] = []
-    for record in records:
-        example = to_example(record, fmt)
+    for example in data:
         text = render_text(example, template, tokenizer)
         if example.text is None and template != "chat":
             text += tokenizer.eos_token or ""  # TRL appends EOS to a string completion and learns it
@@ -137,7 +120,7 @@ def load_eval_set(
         if len(ids) <= max(n_prompt, 1):  # no answer token left after truncation
             continue
         rows.append(EvalRow(tuple(ids), n_prompt, example.answer if example.text is None else None))
-        if example.choices is not None:
+        if example.choices is not None and prompt is not None:
             scored = _choice_rows(example.choices, prompt, prompt_ids, tokenizer, max_length)
             if scored is not None:
                 choice_rows.extend(scored)
@@ -146,13 +129,13 @@ def load_eval_set(
                 gold.append(int(example.gold or 0))
     if not rows:
         raise UserError(
-            f"dataset {source} (split {split}) gave no record with an answer token within --max-length {max_length}; "
-            "raise --max-length or check the data"
+            f"dataset {source} (split {data.split}) gave no record with an answer token within "
+            f"--max-length {max_length}; raise --max-length or check the data"
         )
     choices = None
     if choice_rows:
         choices = ChoiceSet(tuple(choice_rows), tuple(choice_record), tuple(choice_chars), tuple(gold))
-    return EvalSet(tuple(rows), source, split, fmt.value, template, choices)
+    return EvalSet(tuple(rows), source, data.split, data.data_format.value, template, choices)
 
 
 def _choice_rows(

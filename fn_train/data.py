@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import datasets
 
-from shared.data import (
-    VALIDATION_SPLITS,
-    check_answers_fit,
-    detect_format,
-    load_dataset_any,
-    prompt_completion,
-    resolve_template,
-    to_example,
-)
+from shared.data import check_answers_fit, prompt_completion, to_example
 from shared.errors import UserError
+from shared.examples import load_examples
 
 
 def build_datasets(
@@ -25,19 +18,15 @@ def build_datasets(
     seed: int,
     max_length: int | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
-    """(train, eval or None, template used). An existing validation split is used as it is;
-    otherwise `validation_split` > 0 holds out a seeded, shuffled share of the training rows.
-    With `max_length`, training data whose every prompt fills it is refused."""
-    loaded = load_dataset_any(source)
-    train_name = "train" if "train" in loaded else next(iter(loaded))
-    train = loaded[train_name]
-    fmt = detect_format(train.column_names, data_format, source=f"dataset {source}")
-    template = resolve_template(template_format, tokenizer)
+    """(train, eval or None, template used). The splits are `shared.examples.load_examples`'s:
+    a held-out split of the dataset is used as it is; without one, `validation_split` > 0
+    holds out a seeded, shuffled share of the training rows. With `max_length`, training data
+    whose every prompt fills it is refused."""
+    data = load_examples(source, tokenizer, data_format=data_format, template_format=template_format)
+    fmt, template = data.data_format, data.template
     if max_length is not None:
-        examples = [to_example(record, fmt) for record in train]
-        check_answers_fit(examples, template, tokenizer, max_length, "--max_seq_length", f"dataset {source}")
-    eval_name = next((name for name in VALIDATION_SPLITS if name in loaded and name != train_name), None)
-    evaluation = loaded[eval_name] if eval_name else None
+        check_answers_fit(list(data), template, tokenizer, max_length, "--max_seq_length", f"dataset {source}")
+    train, evaluation = data.records, data.held_out
     if evaluation is None and validation_split > 0:
         if len(train) < 2:
             raise UserError(f"dataset {source} has {len(train)} row(s), too few for --validation_split")

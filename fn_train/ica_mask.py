@@ -4,6 +4,7 @@ fn-analyze's own `collect` and `run_ica`, and keep the mask file in the output f
 from __future__ import annotations
 
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from fn_analyze.collect import CollectConfig, collect
@@ -12,6 +13,26 @@ from fn_train.config import TrainConfig
 from shared.constants import ICA_MASK_NAME
 from shared.distributed import ranks_from_env
 from shared.errors import UserError
+
+# The training settings collect takes under another name (TrainConfig's -> CollectConfig's).
+RENAMED_FOR_COLLECT = {
+    "dataset_name_or_path": "dataset",
+    "model_name_or_path": "model",
+    "max_seq_length": "max_length",
+    "torch_dtype": "dtype",
+    "ica_max_tokens": "max_tokens",
+}
+
+
+def collect_config(config: TrainConfig, out: Path) -> CollectConfig:
+    """The collect run of --ica-on-the-fly: every setting the two configs share is carried over,
+    those of the same name (data and template format, device, seed, trust_remote_code, and any
+    added later) and those renamed (RENAMED_FOR_COLLECT), so collect reads the training data and
+    loads the model exactly as training does; the others keep collect's defaults."""
+    names = {field.name for field in fields(CollectConfig)}
+    settings = {field.name: getattr(config, field.name) for field in fields(TrainConfig) if field.name in names}
+    settings.update({ours: getattr(config, theirs) for theirs, ours in RENAMED_FOR_COLLECT.items()})
+    return CollectConfig(out=out, **settings)
 
 
 def ica_mask_path(config: TrainConfig) -> Path:
@@ -38,19 +59,7 @@ def mask_from_training_data(config: TrainConfig, resuming: bool) -> Path:
     print(f"fn-train: computing the mask from up to {config.ica_max_tokens} tokens of {config.dataset_name_or_path}")
     with tempfile.TemporaryDirectory(prefix="fn-train-acts-") as scratch:
         activations = Path(scratch) / "activations"
-        collect(
-            CollectConfig(
-                dataset=config.dataset_name_or_path,
-                out=activations,
-                model=config.model_name_or_path,
-                data_format=config.data_format,
-                template_format=config.template_format,
-                max_tokens=config.ica_max_tokens,
-                max_length=config.max_seq_length,
-                dtype=config.torch_dtype,
-                device=config.device,
-            )
-        )
+        collect(collect_config(config, activations))
         run_ica(
             IcaConfig(
                 activations=activations,

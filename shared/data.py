@@ -19,7 +19,6 @@ from shared.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-VALIDATION_SPLITS = ("validation", "valid", "val", "test", "eval")  # held-out splits, by these names
 
 
 class DataFormat(str, Enum):
@@ -255,11 +254,12 @@ def prompt_completion(example: Example, template: str) -> dict[str, Any]:
     return {"prompt": prompt, "completion": example.answer or ""}
 
 
-def render_prompt(example: Example, template: str, tokenizer) -> str:
-    """What comes before the answer in `render_text`, up to the assistant turn's opening ("" for plain text)."""
+def render_prompt(example: Example, template: str, tokenizer) -> str | None:
+    """What comes before the answer in `render_text`, up to the assistant turn's opening; None
+    for a plain-text record, every token of which is learned."""
     record = prompt_completion(example, template)
     if "text" in record:
-        return ""
+        return None
     if template == "chat":
         return tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
     return record["prompt"]
@@ -275,17 +275,6 @@ def render_text(example: Example, template: str, tokenizer) -> str:
     return record["prompt"] + record["completion"]
 
 
-def prompt_text(example: Example, template: str, tokenizer) -> str | None:
-    """The rendered example up to where its answer starts; None for a plain-text record,
-    every token of which is learned."""
-    record = prompt_completion(example, template)
-    if "text" in record:
-        return None
-    if template == "chat":
-        return tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
-    return record["prompt"]
-
-
 def check_answers_fit(
     examples: list[Example], template: str, tokenizer, max_length: int, flag: str, source: str
 ) -> None:
@@ -293,7 +282,7 @@ def check_answers_fit(
     answer token: training would have nothing to learn (TRL drops such rows) and collect
     would record prompts only. Some rows like that get a warning. Plain text is truncated
     as it is: its first `max_length` tokens are the signal."""
-    prompts = [text for text in (prompt_text(e, template, tokenizer) for e in examples) if text is not None]
+    prompts = [text for text in (render_prompt(e, template, tokenizer) for e in examples) if text is not None]
     if not prompts:
         return
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
+from fn_analyze.eval_table import format_table
+from fn_analyze.evaluate import EvaluateConfig, evaluate
 from fn_analyze.scoring import answer_contained, answer_logprobs, choice_accuracy, load_eval_set, make_batches
 from shared.data import DataFormat, render_prompt, resolve_template, to_example
 from shared.models import load_causal_lm, load_tokenizer

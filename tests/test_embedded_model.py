@@ -105,7 +105,8 @@ def test_embedded_model_evaluate_mean_ablation_with_accuracy(demo_dir: Path, tmp
     """`fn-analyze evaluate --ablation mean` on the demo's sentiment classification rows:
     accuracy is measured (the instruct model does better than chance at baseline) and the
     networks' neurons are set to their means, taken from activations of the same model."""
-    from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
+    from fn_analyze.eval_table import format_table
+    from fn_analyze.evaluate import EvaluateConfig, evaluate
     from shared.masks import MaskFile, Network, save_mask_file
     from shared.models import model_info
 

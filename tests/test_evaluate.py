@@ -12,7 +12,8 @@ import torch
 
 import fn_analyze.evaluate as evaluate_module
 from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.evaluate import EvaluateConfig, evaluate, format_table
+from fn_analyze.eval_table import format_table
+from fn_analyze.evaluate import EvaluateConfig, evaluate
 from fn_analyze.magnitude import magnitude_from_activations
 from fn_analyze.neuron_sets import draw_matched, pairs
 from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer

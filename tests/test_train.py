@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,31 @@ def test_mask_for_another_model_is_refused_before_training(tiny_lm_dir, demo_dir
 def test_contradictory_settings_are_refused(settings: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings)
+
+
+def test_ica_on_the_fly_collects_with_every_setting_training_shares(monkeypatch, tmp_path) -> None:
+    """--ica-on-the-fly's collect gets every setting its config shares with training, under either
+    name (it once dropped --trust_remote_code, so collect refused a model that training accepts)."""
+    import fn_train.ica_mask as ica_mask_module
+    from fn_analyze.collect import CollectConfig
+
+    config = TrainConfig(
+        dataset_name_or_path="data.csv", output_dir=tmp_path / "out", model_name_or_path="org/model",
+        data_format="qa", template_format="plain", max_seq_length=77, torch_dtype="float32", device="cpu",
+        trust_remote_code=True, seed=3, ica_on_the_fly=True, ica_max_tokens=123,
+    )  # fmt: skip
+    collected: list[CollectConfig] = []
+    monkeypatch.setattr(ica_mask_module, "collect", collected.append)
+    monkeypatch.setattr(ica_mask_module, "run_ica", lambda ica_config: None)
+    ica_mask_module.mask_from_training_data(config, resuming=False)
+
+    same_name = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(CollectConfig)}
+    assert {"trust_remote_code", "data_format", "template_format", "device"} <= same_name
+    assert {name: getattr(collected[0], name) for name in same_name} == {
+        name: getattr(config, name) for name in same_name
+    }
+    renamed = {"dataset": "data.csv", "model": "org/model", "max_length": 77, "dtype": "float32", "max_tokens": 123}
+    assert {name: getattr(collected[0], name) for name in renamed} == renamed
 
 
 @pytest.fixture

@@ -1,0 +1,163 @@
+"""The printed report of `fn-analyze evaluate`: every figure in it is a field of the results JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_control(control: dict[str, Any] | None) -> tuple[str, str]:
+    if control is None:
+        return "-", "-"
+    ratio = "n/a" if control["ratio"] is None else f"{control['ratio']:.2f}x"
+    if control["draws"] == 1:  # no spread to show
+        return f"{control['mean']:.3f} (1)", ratio
+    return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})", ratio
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The printed report; every figure in it is a field of `results`."""
+    data, base, magnitude = results["dataset"], results["baseline"], results["magnitude"]
+    em = "exact_match" in base
+    metric = results.get("accuracy_metric")  # accuracy (multiple choice), contains (generation) or None
+    top = f"top{magnitude['top_n']}"
+    ablation = results.get("ablation", {"mode": "zero"})
+    how = {
+        "zero": "switched off (zeroed)",
+        "mean": f"set to their mean activation (means from {ablation.get('means_source')})",
+        "scale": f"scaled by {ablation.get('scale_factor')}",
+    }[ablation["mode"]]
+    accuracy_text = ""
+    if "accuracy" in base:
+        accuracy_text = (
+            f", accuracy {base['accuracy']:.3f} (acc_norm {base['accuracy_norm']:.3f}; "
+            f"{data['choice_records']} multiple-choice records)"
+        )
+    lines = [
+        f"answer-token loss of {results['model']} on {data['source']} ({data['split']}, {data['rows']} rows, "
+        f"{data['answer_tokens']} answer tokens)",
+        f"baseline: loss {base['loss']:.3f}, perplexity {base['perplexity']:.2f}"
+        + (f", exact match {base['exact_match']:.3f}, answer contained {base['contains']:.3f}" if em else "")
+        + accuracy_text,
+        f"ablation: the neurons of each condition and random set are {how}",
+        f"magnitude: {magnitude['statistic']} from {magnitude['source']}; the {magnitude['top_n']} largest range "
+        f"{magnitude['top_smallest']:.1f} to {magnitude['top_largest']:.1f}"
+        + (" and are left out of every set" if magnitude["excluded"] else ""),
+        "ratio: extra loss over the random sets' mean extra loss; layer-matched random sets have the same count "
+        "per layer, magnitude-matched ones the same count per layer and magnitude bin (shared: share of them "
+        "that is the condition's own neurons)",
+    ]
+    if metric is not None:
+        name = "acc (log-likelihood of each choice)" if metric == "accuracy" else "answer contained in the generation"
+        lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
+    if data["held_out"] is False:
+        lines.append("warning: this is the data the networks were found on, not held-out data")
+    lines.append("")
+    acc_head = f" {'acc':>5}" if metric else ""
+    control_acc_head = f" {'acc':>5} {'drop':>7}" if metric else ""
+    header = (
+        f"{'condition':<24} {'mode':<10} {'neurons':>7} {top:>6} {'loss':>7}"
+        + (f" {'EM':>5}" if em else "")
+        + acc_head
+        + f" | {'layer-matched':<22} {'ratio':>7}"
+        + (f" {'EM':>5}" if em else "")
+        + control_acc_head
+        + f" | {'magnitude-matched':<22} {'ratio':>7} {'shared':>6}"
+        + (f" {'EM':>5}" if em else "")
+        + control_acc_head
+    )
+    lines.append(header)
+    lines.append("-" * len(header))
+
+    def control_accuracy(control: dict[str, Any] | None) -> str:
+        if not metric:
+            return ""
+        if control is None:
+            return f" {'-':>5} {'-':>7}"
+        return f" {control[metric]:>5.3f} {_fmt_ratio(control.get('accuracy_ratio')):>7}"
+
+    for row in results["conditions"]:
+        layer, mag = row["controls"].get("layer_matched"), row["controls"].get("magnitude_matched")
+        layer_text, layer_ratio = _fmt_control(layer)
+        mag_text, mag_ratio = _fmt_control(mag)
+        line = (
+            f"{row['name']:<24} {row['mode']:<10} {row['neurons']:>7} {row['top_magnitude_held']:>6} "
+            f"{row['loss']:>7.3f}"
+        )
+        if em:
+            line += f" {row['exact_match']:>5.3f}"
+        if metric:
+            line += f" {row[metric]:>5.3f}"
+        line += f" | {layer_text:<22} {layer_ratio:>7}"
+        if em:
+            line += f" {layer['exact_match']:>5.3f}" if layer else f" {'-':>5}"
+        line += control_accuracy(layer)
+        line += f" | {mag_text:<22} {mag_ratio:>7} " + (f"{100 * mag['overlap']:>5.0f}%" if mag else f"{'-':>6}")
+        if em:
+            line += f" {mag['exact_match']:>5.3f}" if mag else f" {'-':>5}"
+        line += control_accuracy(mag)
+        lines.append(line)
+    for row in results["skipped"]:
+        lines.append(f"{row['name']:<24} {row['mode']:<10} skipped: {row['reason']}")
+    closed = next((row["closed_layers"] for row in results["conditions"] if row["closed_layers"]), None)
+    if closed:
+        effect = {"zero": "their MLP is off", "mean": "all their neurons are at their means"}.get(
+            ablation["mode"], "all their neurons are scaled"
+        )
+        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; {effect}")
+    random = results.get("random_fraction")
+    if random is not None:
+        lines.append(
+            f"random {100 * random['fraction']:.0f}% of all neurons ({random['neurons']}) masked: loss "
+            f"{random['mean']:.3f} ± {random['std']:.3f} ({random['draws']})"
+            + (f", {metric} {random[metric]:.3f}" if metric else "")
+        )
+    if metric:
+        lines += ["", *_accuracy_table(results, metric)]
+    return "\n".join(lines)
+
+
+def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
+    """Liu et al.'s SST-2 table: accuracy at baseline, with the networks masked, with random
+    neurons masked, and with only the networks kept."""
+    base = results["baseline"]
+    norm = "accuracy_norm" in base
+    header = f"{'accuracy (as Liu et al.’s SST-2 table)':<46} {'neurons':>7} {metric[:8]:>8}" + (
+        f" {'acc_norm':>8}" if norm else ""
+    )
+    lines = [header, "-" * len(header)]
+
+    def line(label: str, neurons: Any, scored: dict[str, Any], spread: str = "") -> str:
+        text = f"{label:<46} {neurons!s:>7} {scored[metric]:>8.3f}" + (
+            f" {scored['accuracy_norm']:>8.3f}" if norm else ""
+        )
+        return text + spread
+
+    lines.append(line("baseline (nothing masked)", 0, base))
+    unions = {row["mode"]: row for row in results["conditions"] if row["kind"] == "union"}
+    if "key" in unions:
+        row = unions["key"]
+        lines.append(line(f"{row['name']} masked", row["neurons"], row))
+        for control, label in (("layer_matched", "layer-matched"), ("magnitude_matched", "magnitude-matched")):
+            if control in row["controls"]:
+                summary = row["controls"][control]
+                lines.append(line(f"  random, {label}, masked (mean of {summary['draws']})", row["neurons"], summary))
+    random = results.get("random_fraction")
+    if random is not None:
+        lines.append(
+            line(
+                f"random {100 * random['fraction']:.0f}% of neurons masked (mean of {random['draws']})",
+                random["neurons"],
+                random,
+            )
+        )
+    if "complement" in unions:
+        row = unions["complement"]
+        lines.append(line(f"{row['name']} kept, all else masked", row["neurons"], row))
+        if "layer_matched" in row["controls"]:
+            summary = row["controls"]["layer_matched"]
+            lines.append(line(f"  random, layer-matched, kept (mean of {summary['draws']})", row["neurons"], summary))
+    return lines
