@@ -1,4 +1,4 @@
-"""Shared fixtures: offline mode, seeding, a tiny causal LM folder with its own tokenizer."""
+"""Shared fixtures: offline mode, seeding, demo data, tiny causal LM folders with their own tokenizer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fn_analyze.demo_data import write_demo_data
-from tests.tiny_models import tiny_model
+from tests.helpers import tiny_model
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -36,6 +36,25 @@ def demo_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("demo")
     write_demo_data(folder, seed=0, n_collect=60, n_train=32, n_eval=16)
     return folder
+
+
+@pytest.fixture(scope="session")
+def big_data(tmp_path_factory) -> Path:
+    """1,200 demo records: enough for a collect with 1 MB shards to be stopped mid-run."""
+    folder = tmp_path_factory.mktemp("big")
+    write_demo_data(folder, seed=1, n_collect=1200, n_train=2, n_eval=2)
+    return folder / "data.jsonl"
+
+
+@pytest.fixture(scope="session")
+def big_data_collected(tmp_path_factory, tiny_lm_dir: Path, big_data: Path) -> Path:
+    """The activations of an uninterrupted collect of `big_data` (1 MB shards) on the tiny LLaMA:
+    what an interrupted and resumed run must end with."""
+    from fn_analyze.collect import CollectConfig, collect
+
+    out = tmp_path_factory.mktemp("big-collected") / "acts"
+    collect(CollectConfig(dataset=str(big_data), out=out, model=str(tiny_lm_dir), shard_size_mb=1))
+    return out
 
 
 def _train_tokenizer(texts: list[str]):

@@ -19,13 +19,16 @@ from shared.ablation import Ablation, NeuronMeans, check_ablation
 from shared.arch import find_down_projections
 from shared.errors import UserError
 from shared.hooks import apply_mask, count_hooks, pre_hooks, resolve_mask
-from tests.helpers import make_mask, write_mask
-from tests.tiny_models import intermediate_size, tiny_model
-
-
-def _networks(model) -> dict[int, dict[int, list[int]]]:
-    size = intermediate_size(model.config)
-    return {0: {0: list(range(0, size, 3)), 1: list(range(1, size, 5))}, 1: {1: [2, 4, 6]}}
+from tests.helpers import (
+    forward_logits,
+    intermediate_size,
+    make_mask,
+    perturbed_inputs,
+    random_ids,
+    spread_networks,
+    tiny_model,
+    write_mask,
+)
 
 
 def _means(model) -> np.ndarray:
@@ -33,15 +36,6 @@ def _means(model) -> np.ndarray:
     size = intermediate_size(model.config)
     rng = np.random.default_rng(0)
     return rng.normal(0.0, 3.0, size=(model.config.num_hidden_layers, size)).astype(np.float32)
-
-
-def _ids(model) -> torch.Tensor:
-    return torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
 
 
 @contextmanager
@@ -64,29 +58,29 @@ def _replaced(model, replacement: dict[int, tuple[list[int], torch.Tensor]]):
 @pytest.mark.parametrize(("model_type", "mode"), [("llama", "key"), ("gpt2", "key"), ("llama", "complement")])
 def test_mean_ablation_replaces_the_input_by_the_stored_means_bit_for_bit(model_type: str, mode: str) -> None:
     model = tiny_model(model_type)
-    mask = make_mask(model, _networks(model))
+    mask = make_mask(model, spread_networks(model))
     means = _means(model)
     size = intermediate_size(model.config)
-    ids = _ids(model)
+    ids = random_ids(model)
     with apply_mask(model, mask, mode, networks=[0], ablation="mean", means=means) as layer_masks:
-        hooked = _logits(model, ids)
+        hooked = forward_logits(model, ids)
     assert count_hooks(model) == 0 and layer_masks.ablation == "mean"
     selected = {layer: list(neurons) for layer, neurons in mask.networks[0].layers.items()}
     if mode == "complement":
         selected = {layer: [n for n in range(size) if n not in selected.get(layer, [])] for layer in (0, 1)}
     by_hand = {layer: (neurons, torch.from_numpy(means[layer][neurons])) for layer, neurons in selected.items()}
     with _replaced(model, by_hand):
-        expected = _logits(model, ids)
+        expected = forward_logits(model, ids)
     assert torch.equal(hooked, expected)
     with apply_mask(model, mask, mode, networks=[0]):
-        zeroed = _logits(model, ids)
+        zeroed = forward_logits(model, ids)
     assert not torch.equal(hooked, zeroed)  # mean is not zero
 
 
 def test_scale_ablation_multiplies_the_selected_neurons() -> None:
     model = tiny_model("llama")
-    mask = make_mask(model, _networks(model))
-    ids = _ids(model)
+    mask = make_mask(model, spread_networks(model))
+    ids = random_ids(model)
     neurons = mask.networks[1].layers[1]
 
     def scaled(module, args):
@@ -95,15 +89,15 @@ def test_scale_ablation_multiplies_the_selected_neurons() -> None:
         return (x, *args[1:])
 
     with apply_mask(model, mask, "key", networks=[1], ablation="scale", scale_factor=3.0):
-        hooked = _logits(model, ids)
+        hooked = forward_logits(model, ids)
     with pre_hooks([(find_down_projections(model)[1].module, scaled)]):
-        expected = _logits(model, ids)
+        expected = forward_logits(model, ids)
     assert torch.equal(hooked, expected)
-    assert not torch.equal(hooked, _logits(model, ids))
+    assert not torch.equal(hooked, forward_logits(model, ids))
     with apply_mask(model, mask, "key", networks=[1], ablation="scale", scale_factor=0.0):
-        zero_scaled = _logits(model, ids)
+        zero_scaled = forward_logits(model, ids)
     with apply_mask(model, mask, "key", networks=[1]):
-        assert torch.equal(zero_scaled, _logits(model, ids))  # a factor of 0 is zero ablation
+        assert torch.equal(zero_scaled, forward_logits(model, ids))  # a factor of 0 is zero ablation
 
 
 @pytest.mark.parametrize(
@@ -118,27 +112,27 @@ def test_scale_ablation_multiplies_the_selected_neurons() -> None:
 )
 def test_baked_ablation_equals_the_hooked_one(model_type: str, mode: str, ablation: str) -> None:
     model = tiny_model(model_type)
-    mask = make_mask(model, _networks(model))
-    ids = _ids(model)
+    mask = make_mask(model, spread_networks(model))
+    ids = random_ids(model)
     settings = dict(means=NeuronMeans(_means(model), "test", 1)) if ablation == "mean" else dict(scale_factor=2.5)
     with apply_mask(model, mask, mode, [0], ablation, settings.get("scale_factor"), settings.get("means")):
-        hooked = _logits(model, ids)
+        hooked = forward_logits(model, ids)
     baked = copy.deepcopy(model)
     bake_mask(baked, resolve_mask(baked, mask, [0], mode, Ablation(ablation, **settings))[1])
     assert count_hooks(baked) == 0
     # Weight x mean summed into the bias is not the hooked order of sums: equal up to float rounding.
-    torch.testing.assert_close(_logits(baked, ids), hooked, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(_logits(model, ids), hooked, atol=1e-3)
+    torch.testing.assert_close(forward_logits(baked, ids), hooked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(forward_logits(model, ids), hooked, atol=1e-3)
 
 
 def test_baked_mean_ablation_of_a_llama_without_mlp_bias_loads_plainly(tmp_path) -> None:
     model = tiny_model("llama")
     assert model.config.mlp_bias is False and model.model.layers[0].mlp.down_proj.bias is None
-    mask = make_mask(model, _networks(model))
+    mask = make_mask(model, spread_networks(model))
     means = NeuronMeans(_means(model), "test", 1)
-    ids = _ids(model)
+    ids = random_ids(model)
     with apply_mask(model, mask, "key", [0, 1], "mean", means=means):
-        hooked = _logits(model, ids)
+        hooked = forward_logits(model, ids)
     baked = copy.deepcopy(model)
     bake_mask(baked, resolve_mask(baked, mask, [0, 1], "key", Ablation("mean", means=means))[1])
     baked.save_pretrained(tmp_path / "baked")
@@ -146,12 +140,12 @@ def test_baked_mean_ablation_of_a_llama_without_mlp_bias_loads_plainly(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "baked")
     assert plain.model.layers[0].mlp.down_proj.bias is not None
     assert torch.count_nonzero(plain.model.layers[0].mlp.up_proj.bias) == 0  # added as zeros
-    torch.testing.assert_close(_logits(plain, ids), hooked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(forward_logits(plain, ids), hooked, atol=1e-5, rtol=1e-5)
 
 
 def test_baking_a_mean_into_a_model_that_cannot_load_a_bias_is_refused() -> None:
     model = tiny_model("qwen2")  # no MLP bias and no config setting for one
-    mask = make_mask(model, _networks(model))
+    mask = make_mask(model, spread_networks(model))
     layer_masks = resolve_mask(model, mask, [0], "key", Ablation("mean", means=NeuronMeans(_means(model), "t", 1)))[1]
     with pytest.raises(UserError, match="qwen2's down-projection has none and its config cannot turn one on"):
         bake_mask(model, layer_masks)
@@ -159,7 +153,7 @@ def test_baking_a_mean_into_a_model_that_cannot_load_a_bias_is_refused() -> None
 
 def test_mean_ablation_needs_means_for_every_intervened_layer() -> None:
     model = tiny_model("llama")
-    mask = make_mask(model, _networks(model))
+    mask = make_mask(model, spread_networks(model))
     partial = _means(model)
     partial[1] = np.nan  # layer 1 not measured
     with pytest.raises(UserError, match="lack layer 1, where the mask intervenes"):
@@ -187,7 +181,7 @@ def test_bad_ablation_settings_are_refused(mode: str, factor, message: str) -> N
 
 def test_run_record_reproduces_the_mean_ablation_exactly(tmp_path) -> None:
     model = tiny_model("llama")
-    path = write_mask(model, _networks(model), tmp_path / "mask.json")
+    path = write_mask(model, spread_networks(model), tmp_path / "mask.json")
     means = NeuronMeans(_means(model) * np.float32(1 / 3), "a pass over x", 7)  # values with long decimals
     run_mask = resolve_run_mask(path, "complement", [1], Ablation("mean", means=means))
     record = json.loads(json.dumps(run_mask.record()))
@@ -209,18 +203,18 @@ def test_loader_reapplies_a_recorded_mean_ablation(tiny_lm_dir, tmp_path) -> Non
     """A saved model folder with an fn_mask.json of a mean ablation: load_masked_model
     intervenes exactly as the run did."""
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    path = write_mask(model, _networks(model), tmp_path / "mask.json")
+    path = write_mask(model, spread_networks(model), tmp_path / "mask.json")
     means = NeuronMeans(_means(model), "test", 1)
     run_mask = resolve_run_mask(path, "key", [0], Ablation("mean", means=means))
     out = tmp_path / "out"
     model.save_pretrained(out)
     (out / "fn_mask.json").write_text(json.dumps(run_mask.record()))
-    ids = _ids(model)
+    ids = random_ids(model)
     with apply_mask(model, path, "key", [0], "mean", means=means):
-        expected = _logits(model, ids)
+        expected = forward_logits(model, ids)
     with load_masked_model(out) as loaded:
         assert count_hooks(loaded) == 2
-        assert torch.equal(_logits(loaded, ids), expected)
+        assert torch.equal(forward_logits(loaded, ids), expected)
     assert count_hooks(loaded) == 0
 
 
@@ -230,17 +224,16 @@ def test_lora_on_the_down_projection_sees_the_ablated_input(ablation: str) -> No
     changes nothing, LoRA branch included; under scale the branch sees the scaled input."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.test_hooks import _perturbed
-
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
-    mask = make_mask(model, _networks(model))
+    mask = make_mask(model, spread_networks(model))
     means = _means(model)
-    ids = _ids(model)
+    ids = random_ids(model)
     settings = dict(means=means) if ablation == "mean" else dict(scale_factor=2.0)
     with apply_mask(model, mask, "key", [0], ablation, **settings):
-        clean = _logits(model, ids)
+        clean = forward_logits(model, ids)
         assert len(find_down_projections(model)[0].module._forward_pre_hooks) == 1
-    with _perturbed(model, {0: mask.networks[0].layers[0]}), apply_mask(model, mask, "key", [0], ablation, **settings):
-        perturbed = _logits(model, ids)
+    noise = perturbed_inputs(model, {0: mask.networks[0].layers[0]})
+    with noise, apply_mask(model, mask, "key", [0], ablation, **settings):
+        perturbed = forward_logits(model, ids)
     assert torch.equal(perturbed, clean) == (ablation == "mean")
     assert count_hooks(model) == 0

@@ -4,7 +4,6 @@ answer containment; evaluate reports accuracy and its drop ratios beside the los
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from fn_analyze.evaluate import EvaluateConfig, evaluate
 from fn_analyze.scoring import answer_contained, answer_logprobs, choice_accuracy, load_eval_set, make_batches
 from shared.data import DataFormat, render_prompt, resolve_template, to_example
 from shared.models import load_causal_lm, load_tokenizer
-from tests.helpers import write_mask
+from tests.helpers import assert_every_printed_figure_is_stored, write_mask
 
 CHOICES = ["negative", "positive", "mixed feelings"]
 
@@ -125,27 +124,7 @@ def test_evaluate_reports_accuracy_with_its_controls(
         assert results["ablation"]["scale_factor"] == 2.0
     table = format_table(results)
     assert "accuracy (as Liu et al.’s SST-2 table)" in table and "random 15% of neurons masked" in table
-    _assert_every_printed_figure_is_stored(results, table)
-
-
-def _assert_every_printed_figure_is_stored(results: dict, table: str) -> None:
-    def leaves(value) -> list:
-        if isinstance(value, dict):
-            return [leaf for v in value.values() for leaf in leaves(v)]
-        if isinstance(value, list):
-            return [leaf for v in value for leaf in leaves(v)]
-        return [value]
-
-    stored = [float(v) for v in leaves(results) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    for text in sorted((v for v in leaves(results) if isinstance(v, str) and v), key=len, reverse=True):
-        table = table.replace(text, " ")
-    printed = re.findall(r"(?<![\w.-])-?\d+(?:\.\d+)?", table.replace("SST-2", " "))
-    assert len(printed) > 40
-    for text in printed:
-        decimals = len(text.split(".")[1]) if "." in text else 0
-        value = float(text)
-        matched = any(round(f, decimals) == value or round(100 * f, decimals) == value for f in stored)
-        assert matched, f"{text} is printed but is not a figure of the results JSON"
+    assert_every_printed_figure_is_stored(results, table)
 
 
 def test_bad_evaluate_settings_are_refused(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from transformers import PretrainedConfig
 import shared.arch as arch
 from shared.arch import DownProjection, base_layer, find_down_projections
 from shared.errors import UserError
-from tests.tiny_models import ATTENTION_PROJ, EXPECTED_DOWN_PROJ, MODEL_TYPES, intermediate_size, tiny_model
+from tests.helpers import ATTENTION_PROJ, EXPECTED_DOWN_PROJ, MODEL_TYPES, intermediate_size, tiny_model
 
 N_LAYERS = 2
 

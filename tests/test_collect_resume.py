@@ -3,36 +3,22 @@ several processes under torchrun write per-rank shards that ica reads as one."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 
 from fn_analyze.activations import open_activations
 from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.demo_data import write_demo_data
 from fn_analyze.ica import IcaConfig, run_ica
 from shared.errors import UserError
-
-
-def _rows(folder: Path) -> dict[str, np.ndarray]:
-    """Every dataset of an activations folder, concatenated in manifest order."""
-    acts = open_activations(folder)
-    parts: dict[str, list[np.ndarray]] = {}
-    for shard in acts.manifest["shards"]:
-        with h5py.File(folder / shard["file"], "r") as handle:
-            for key in ("activations", "token_ids", "sequence_index", "position"):
-                parts.setdefault(key, []).append(handle[key][:])
-    return {key: np.concatenate(values) for key, values in parts.items()}
+from tests.helpers import assert_same_rows, shard_rows, stop_line, subprocess_env, wait_for_file
 
 
 def _by_token(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,34 +27,23 @@ def _by_token(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: values[order] for key, values in rows.items()}
 
 
-@pytest.fixture(scope="module")
-def big_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("big")
-    write_demo_data(folder, seed=1, n_collect=1200, n_train=2, n_eval=2)
-    return folder / "data.jsonl"
-
-
 def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "fn_analyze.cli", "collect", *args]
 
 
-def _env() -> dict[str, str]:
-    root = str(Path(__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = subprocess_env(OMP_NUM_THREADS="1")
 
 
+@pytest.mark.slow  # about 40 s: two collect processes over 1,200 records
 def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
-    tiny_lm_dir: Path, big_data: Path, tmp_path: Path
+    tiny_lm_dir: Path, big_data: Path, big_data_collected: Path, tmp_path: Path
 ) -> None:
     args = ["--dataset", str(big_data), "--model", str(tiny_lm_dir), "--batch-size", "1", "--shard-size-mb", "1"]
     out = tmp_path / "killed"
     process = subprocess.Popen(
-        _cli([*args, "--out", str(out)]), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cli([*args, "--out", str(out)]), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.monotonic() + 120
-    while not (out / "shard-r00-00002.h5.partial").exists():  # two shards finished, the third being written
-        assert process.poll() is None and time.monotonic() < deadline, "collect ended before it could be killed"
-        time.sleep(0.02)
+    wait_for_file(out / "shard-r00-00002.h5.partial", process, created=True)  # two shards finished, the third begun
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "manifest.json").exists()
@@ -77,54 +52,42 @@ def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
     with pytest.raises(UserError, match="unfinished collect with other arguments"):
         collect(CollectConfig(dataset=str(big_data), out=out, model=str(tiny_lm_dir), max_length=64, shard_size_mb=1))
 
-    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert re.search(r"resuming from [23] finished shard\(s\)", resumed.stdout)
-    collect(CollectConfig(dataset=str(big_data), out=tmp_path / "whole", model=str(tiny_lm_dir), shard_size_mb=1))
 
-    after, whole = _rows(out), _rows(tmp_path / "whole")
-    assert open_activations(out).n_tokens == open_activations(tmp_path / "whole").n_tokens == len(whole["position"])
+    after, whole = shard_rows(out), shard_rows(big_data_collected)
+    assert open_activations(out).n_tokens == open_activations(big_data_collected).n_tokens == len(whole["position"])
     pairs = set(zip(after["sequence_index"].tolist(), after["position"].tolist(), strict=True))
     assert len(pairs) == len(after["position"])  # no duplicate row
-    for key in ("token_ids", "sequence_index", "position"):
-        np.testing.assert_array_equal(after[key], whole[key])
-    np.testing.assert_allclose(after["activations"], whole["activations"], rtol=1e-3, atol=1e-3)
+    assert_same_rows(after, whole)
     assert not list(out.glob("*.partial"))
 
 
 @pytest.mark.slow  # about 40 s: three collect processes over 1,200 records
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_a_stop_signal_closes_the_shard_exits_without_traceback_and_the_run_resumes(
-    tiny_lm_dir: Path, big_data: Path, tmp_path: Path, stop: signal.Signals
+    tiny_lm_dir: Path, big_data: Path, big_data_collected: Path, tmp_path: Path, stop: signal.Signals
 ) -> None:
     args = ["--dataset", str(big_data), "--model", str(tiny_lm_dir), "--batch-size", "1", "--shard-size-mb", "1"]
     out = tmp_path / "stopped"
     process = subprocess.Popen(
-        _cli([*args, "--out", str(out)]), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        _cli([*args, "--out", str(out)]), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 120
-    while not (out / "shard-r00-00001.h5.partial").exists():  # one shard finished, the second being written
-        assert process.poll() is None and time.monotonic() < deadline, "collect ended before it could be stopped"
-        time.sleep(0.02)
+    wait_for_file(out / "shard-r00-00001.h5.partial", process, created=True)  # one shard finished, the second begun
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + stop, stderr[-2000:]
-    # What the user reads after the progress bar and the data's warning: one line.
-    lines = [line for line in stderr.splitlines() if line.startswith(("stopped by", "error:"))]
-    assert "Traceback" not in stderr and len(lines) == 1, stderr[-2000:]
-    assert lines[0].startswith(f"stopped by {stop.name}: collect wrote the batch in flight and kept 2 finished")
-    assert lines[0].endswith(f"in {out}; re-run the same command to resume")
+    line = stop_line(stderr)  # what the user reads after the progress bar and the data's warning
+    assert line.startswith(f"stopped by {stop.name}: collect wrote the batch in flight and kept 2 finished")
+    assert line.endswith(f"in {out}; re-run the same command to resume")
     assert sorted(p.name for p in out.iterdir()) == ["shard-r00-00000.h5", "shard-r00-00001.h5"]  # the second closed
     if stop == signal.SIGINT:
         return
-    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from 2 finished shard(s)" in resumed.stdout
-    collect(CollectConfig(dataset=str(big_data), out=tmp_path / "whole", model=str(tiny_lm_dir), shard_size_mb=1))
-    after, whole = _rows(out), _rows(tmp_path / "whole")
-    for key in ("token_ids", "sequence_index", "position"):
-        np.testing.assert_array_equal(after[key], whole[key])
-    np.testing.assert_allclose(after["activations"], whole["activations"], rtol=1e-3, atol=1e-3)
+    assert_same_rows(shard_rows(out), shard_rows(big_data_collected))
 
 
 def test_tokens_per_sequence_records_a_seeded_subset_of_the_full_rows(
@@ -134,8 +97,8 @@ def test_tokens_per_sequence_records_a_seeded_subset_of_the_full_rows(
     collect(CollectConfig(dataset=data, out=tmp_path / "full", model=str(tiny_lm_dir)))
     for name in ("a", "b"):
         collect(CollectConfig(dataset=data, out=tmp_path / name, model=str(tiny_lm_dir), tokens_per_sequence=5))
-    full, sample = _rows(tmp_path / "full"), _rows(tmp_path / "a")
-    np.testing.assert_array_equal(sample["position"], _rows(tmp_path / "b")["position"])  # seeded
+    full, sample = shard_rows(tmp_path / "full"), shard_rows(tmp_path / "a")
+    np.testing.assert_array_equal(sample["position"], shard_rows(tmp_path / "b")["position"])  # seeded
     counts = np.bincount(sample["sequence_index"], minlength=60)
     assert counts.max() == 5 and counts.min() >= 1
     full_index = {
@@ -183,6 +146,7 @@ def _planted_model(tiny_lm_dir: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # about 25 s: two ranks and a collect, then two ica runs
 def test_torchrun_two_processes_write_per_rank_shards_that_ica_reads_as_one(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
 ) -> None:
@@ -192,14 +156,14 @@ def test_torchrun_two_processes_write_per_rank_shards_that_ica_reads_as_one(
     data = str(demo_dir / "data.jsonl")
     command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "fn_analyze.cli", "collect"]
     args = ["--dataset", data, "--model", model, "--device", "cpu", "--out", str(tmp_path / "ranks")]
-    done = subprocess.run(command + args, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command + args, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     collect(CollectConfig(dataset=data, out=tmp_path / "single", model=model))
 
     ranks = open_activations(tmp_path / "ranks")
     assert {shard["file"][:9] for shard in ranks.manifest["shards"]} == {"shard-r00", "shard-r01"}
     assert ranks.manifest["world_size"] == 2
-    multi, single = _by_token(_rows(tmp_path / "ranks")), _by_token(_rows(tmp_path / "single"))
+    multi, single = _by_token(shard_rows(tmp_path / "ranks")), _by_token(shard_rows(tmp_path / "single"))
     np.testing.assert_array_equal(multi["sequence_index"], single["sequence_index"])
     np.testing.assert_array_equal(multi["position"], single["position"])
     np.testing.assert_allclose(multi["activations"], single["activations"], rtol=1e-3, atol=1e-3)

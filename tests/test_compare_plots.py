@@ -16,8 +16,7 @@ from fn_analyze.cli import app
 from fn_analyze.compare import CompareConfig, compare, format_comparison, iou_matrix
 from shared.errors import UserError
 from shared.masks import load_mask_file
-from tests.test_evaluate import assert_png
-from tests.tiny_models import tiny_model
+from tests.helpers import assert_png, tiny_model, write_mask
 
 runner = CliRunner()
 DISJOINT = {0: {0: [1, 2, 3], 1: [7]}, 1: {1: [8, 9]}, 2: {0: [50]}}
@@ -28,14 +27,8 @@ def model():
     return tiny_model("llama")
 
 
-def _write(model, networks, path: Path) -> Path:
-    from tests.helpers import write_mask
-
-    return write_mask(model, networks, path)
-
-
 def test_iou_of_a_file_with_itself_is_the_identity(model, tmp_path: Path) -> None:
-    path = _write(model, DISJOINT, tmp_path / "a.json")
+    path = write_mask(model, DISJOINT, tmp_path / "a.json")
     result = compare(CompareConfig(path, path, tmp_path / "out" / "self.json"))
     np.testing.assert_array_equal(np.array(result["iou"]), np.eye(3))
     assert [m["match"] for m in result["best_match_a_in_b"]] == [0, 1, 2]
@@ -45,10 +38,10 @@ def test_iou_of_a_file_with_itself_is_the_identity(model, tmp_path: Path) -> Non
 
 
 def test_iou_values_best_matches_and_one_to_one_matching(model, tmp_path: Path) -> None:
-    a = _write(model, {0: {0: [1, 2, 3, 4]}, 1: {1: [10, 11]}}, tmp_path / "a.json")
+    a = write_mask(model, {0: {0: [1, 2, 3, 4]}, 1: {1: [10, 11]}}, tmp_path / "a.json")
     # B0 shares 2 of A0's 4 neurons and has 1 of its own: IoU 2/5. B1 holds A0's neurons 3, 4 and A1's 10:
     # IoU 2/5 with A0, 1/4 with A1. B2 is A1.
-    b = _write(model, {0: {0: [1, 2, 9]}, 1: {0: [3, 4], 1: [10]}, 2: {1: [10, 11]}}, tmp_path / "b.json")
+    b = write_mask(model, {0: {0: [1, 2, 9]}, 1: {0: [3, 4], 1: [10]}, 2: {1: [10, 11]}}, tmp_path / "b.json")
     matrix = iou_matrix(load_mask_file(a), load_mask_file(b))
     np.testing.assert_allclose(matrix, [[2 / 5, 2 / 5, 0.0], [0.0, 1 / 4, 1.0]])
     result = compare(CompareConfig(a, b, tmp_path / "ab.json"))
@@ -68,15 +61,15 @@ def test_iou_values_best_matches_and_one_to_one_matching(model, tmp_path: Path) 
 
 
 def test_masks_of_different_models_are_refused(model, tmp_path: Path) -> None:
-    a = _write(model, DISJOINT, tmp_path / "a.json")
-    b = _write(tiny_model("qwen2"), {0: {0: [1]}}, tmp_path / "b.json")
+    a = write_mask(model, DISJOINT, tmp_path / "a.json")
+    b = write_mask(tiny_model("qwen2"), {0: {0: [1]}}, tmp_path / "b.json")
     with pytest.raises(UserError, match="made for different models"):
         compare(CompareConfig(a, b, tmp_path / "ab.json"))
     assert not (tmp_path / "ab.json").exists()
 
 
 def test_compare_and_show_plot_commands_write_pngs(model, tmp_path: Path) -> None:
-    a = _write(model, DISJOINT, tmp_path / "a.json")
+    a = write_mask(model, DISJOINT, tmp_path / "a.json")
     out = runner.invoke(app, ["compare", str(a), str(a), "--out", str(tmp_path / "cmp.json")])
     assert out.exit_code == 0, out.output
     assert "mean best IoU" in out.output

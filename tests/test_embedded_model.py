@@ -14,18 +14,25 @@ from fn_train.config import TrainConfig
 from fn_train.trainer import train
 from shared.hooks import apply_mask, count_hooks
 from shared.models import load_causal_lm, load_tokenizer
+from tests.helpers import subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
-def test_embedded_model_collect_ica_mask_train(demo_dir: Path, tmp_path: Path) -> None:
-    manifest = collect(
-        CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", max_tokens=300, device="cpu")
-    )
+@pytest.fixture(scope="module")
+def embedded_acts(demo_dir: Path, tmp_path_factory) -> Path:
+    """300 tokens of the demo data's activations, collected with the default (embedded) model."""
+    out = tmp_path_factory.mktemp("embedded") / "acts"
+    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=out, max_tokens=300, device="cpu"))
+    return out
+
+
+def test_embedded_model_collect_ica_mask_train(demo_dir: Path, embedded_acts: Path, tmp_path: Path) -> None:
+    manifest = json.loads((embedded_acts / "manifest.json").read_text())
     assert manifest["model"]["n_layers"] == 30 and manifest["model"]["intermediate_size"] == 1536
     assert manifest["n_tokens"] == 300
     mask = run_ica(
-        IcaConfig(activations=tmp_path / "acts", out=tmp_path / "smol.json", n_components=8, runs=2, register=False)
+        IcaConfig(activations=embedded_acts, out=tmp_path / "smol.json", n_components=8, runs=2, register=False)
     )
     assert mask.networks and mask.model.name == "smollm2-135m"
 
@@ -69,7 +76,6 @@ def test_the_seed_command_line_runs_unchanged(tmp_path: Path) -> None:
     """The user's reference fnsft command line, model and data paths aside, on a 4-row csv
     (3 training rows and 1 held out by --validation_split 0.05: 2 steps per epoch)."""
     import csv
-    import os
     import subprocess
     import sys
 
@@ -84,11 +90,10 @@ def test_the_seed_command_line_runs_unchanged(tmp_path: Path) -> None:
         "--torch_dtype float32 --validation_split 0.05 --max_seq_length 128 --eval_steps 40 "
         "--logging_steps 40 --save_steps 150 --max_grad_norm 2"
     )
-    root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-m", "fn_train.cli", *seed_command.split()],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"},
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -101,7 +106,9 @@ def test_the_seed_command_line_runs_unchanged(tmp_path: Path) -> None:
     assert any("eval_loss" in entry for entry in state["log_history"])  # the held-out row was evaluated
 
 
-def test_embedded_model_evaluate_mean_ablation_with_accuracy(demo_dir: Path, tmp_path: Path) -> None:
+def test_embedded_model_evaluate_mean_ablation_with_accuracy(
+    demo_dir: Path, embedded_acts: Path, tmp_path: Path
+) -> None:
     """`fn-analyze evaluate --ablation mean` on the demo's sentiment classification rows:
     accuracy is measured (the instruct model does better than chance at baseline) and the
     networks' neurons are set to their means, taken from activations of the same model."""
@@ -110,7 +117,6 @@ def test_embedded_model_evaluate_mean_ablation_with_accuracy(demo_dir: Path, tmp
     from shared.masks import MaskFile, Network, save_mask_file
     from shared.models import model_info
 
-    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", max_tokens=300, device="cpu"))
     model = load_causal_lm("smollm2-135m", torch.float32, torch.device("cpu"))
     network = Network(0, {layer: tuple(range(0, 1536, 16)) for layer in range(20, 30)})  # 960 neurons
     mask = MaskFile(model_info(model, "smollm2-135m"), (network,), {"method": "test"})
@@ -120,7 +126,7 @@ def test_embedded_model_evaluate_mean_ablation_with_accuracy(demo_dir: Path, tmp
             mask_file=tmp_path / "mask.json",
             dataset=str(demo_dir / "sentiment.csv"),
             out=tmp_path / "r.json",
-            activations=tmp_path / "acts",
+            activations=embedded_acts,
             ablation="mean",
             limit=12,
             draws=1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,9 @@ from fn_analyze.neuron_sets import draw_matched, pairs
 from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer
 from shared.errors import UserError
 from shared.models import load_causal_lm, load_tokenizer, model_info
-from tests.helpers import write_activations, write_mask
+from tests.helpers import assert_every_printed_figure_is_stored, assert_png, write_activations, write_mask
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NETWORKS = {0: {0: list(range(0, 30))}, 1: {0: [100, 101], 1: list(range(40, 60))}, 2: {1: [5, 6, 7]}}
-
-
-def assert_png(path: Path) -> None:
-    import matplotlib.image
-
-    assert path.read_bytes()[:8] == PNG_SIGNATURE
-    image = matplotlib.image.imread(path)
-    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
 
 
 @pytest.fixture
@@ -75,6 +65,7 @@ def _cell_counts(neurons: dict, strata: np.ndarray) -> dict[tuple[int, int], int
     return counts
 
 
+@pytest.mark.slow  # about 8 s: an evaluation with every network's controls
 def test_random_sets_match_each_network_per_layer_and_magnitude_bin(
     tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path, record_draws
 ) -> None:
@@ -113,6 +104,7 @@ def test_union_only_measures_the_union_rows_alone_and_the_same(
     assert unions["conditions"] == every["conditions"][:2]  # each condition's draws are its own stream
 
 
+@pytest.mark.slow  # about 20 s: three evaluations
 def test_seed_makes_evaluation_deterministic(
     tiny_lm_dir: Path, demo_dir: Path, tiny_mask: Path, tmp_path: Path
 ) -> None:
@@ -132,26 +124,7 @@ def test_json_holds_every_figure_the_table_prints(
     out = tmp_path / "eval" / "res.json"
     results = evaluate(_config(tiny_lm_dir, demo_dir, tiny_mask, out, exact_match=True, max_new_tokens=3))
     assert json.loads(out.read_text()) == results
-    table = format_table(results)
-
-    def leaves(value) -> list:
-        if isinstance(value, dict):
-            return [leaf for v in value.values() for leaf in leaves(v)]
-        if isinstance(value, list):
-            return [leaf for v in value for leaf in leaves(v)]
-        return [value]
-
-    stored = [float(v) for v in leaves(results) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    # Strings of the results (names, paths, sources) may hold digits: they are not figures.
-    for text in sorted((v for v in leaves(results) if isinstance(v, str) and v), key=len, reverse=True):
-        table = table.replace(text, " ")
-    printed = re.findall(r"(?<![\w.-])-?\d+(?:\.\d+)?", table)
-    assert len(printed) > 40
-    for text in printed:
-        decimals = len(text.split(".")[1]) if "." in text else 0
-        value = float(text)
-        matched = any(round(f, decimals) == value or round(100 * f, decimals) == value for f in stored)
-        assert matched, f"{text} is printed but is not a figure of the results JSON"
+    assert_every_printed_figure_is_stored(results, format_table(results))
     assert_png(out.with_suffix(".png"))
     assert "exact_match" in results["baseline"]
     assert "exact_match" in results["conditions"][0]["controls"]["magnitude_matched"]
@@ -312,8 +285,9 @@ def _figures(results: dict) -> list[tuple[str, float]]:
 @pytest.mark.parametrize(
     ("dataset", "options"),
     [
-        ("eval.csv", dict(ablation="zero", exact_match=True, max_new_tokens=3)),
-        ("sentiment.csv", dict(ablation="mean", random_fraction=0.15)),
+        # about 10 s each: with generation, and with accuracy on every choice
+        pytest.param("eval.csv", dict(ablation="zero", exact_match=True, max_new_tokens=3), marks=pytest.mark.slow),
+        pytest.param("sentiment.csv", dict(ablation="mean", random_fraction=0.15), marks=pytest.mark.slow),
         ("eval.csv", dict(ablation="scale")),
     ],
 )

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, subprocess_env
 
 
 @pytest.mark.slow  # about a minute: ten processes, each importing torch
 def test_smoke_mode_runs_every_step_and_prints_one_figure_a_line(tmp_path: Path) -> None:
     script = ROOT / "bench" / "gpu_check.sh"
     assert os.access(script, os.X_OK)
-    env = {**os.environ, "FN_CACHE_DIR": str(tmp_path / "cache"), "WORK": str(tmp_path / "work")}
+    env = subprocess_env(FN_CACHE_DIR=str(tmp_path / "cache"), WORK=str(tmp_path / "work"))
     done = subprocess.run([str(script), "--smoke"], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     figures = dict(line.split(": ", 1) for line in done.stdout.splitlines())

@@ -160,6 +160,7 @@ def test_consensus_figures_are_stored_and_unstable_components_left_out(tmp_path:
     assert sum(not network.stats["stable"] for network in kept.networks) == len(kept.networks) - len(planted)
 
 
+@pytest.mark.slow  # about 12 s: two consensus runs
 def test_two_seeds_give_the_same_networks(tmp_path: Path) -> None:
     data, _ = _planted()
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1500)
@@ -171,6 +172,7 @@ def test_two_seeds_give_the_same_networks(tmp_path: Path) -> None:
         assert max(_iou(members, other) for other in second) >= 0.95
 
 
+@pytest.mark.slow  # about 30 s: several consensus runs
 def test_float16_rounding_and_block_size_do_not_move_the_networks(tmp_path: Path, monkeypatch) -> None:
     """The same planted data, stored after a perturbation that only changes float16 rounding
     (about 1 in 4 values moves by one unit in the last place), and reduced with another block
@@ -222,6 +224,7 @@ def test_auto_components_chooses_the_k_with_the_most_stable_networks(tmp_path: P
         IcaConfig(activations=folder, n_components="many")
 
 
+@pytest.mark.slow  # about 15 s: a dask LocalCluster starts and stops
 def test_dask_engine_gives_the_local_engines_networks(tmp_path: Path) -> None:
     from distributed import Client, LocalCluster
 

@@ -19,8 +19,7 @@ from shared.masks import (
     select_networks,
 )
 from shared.models import model_info
-from tests.helpers import make_mask
-from tests.tiny_models import tiny_model
+from tests.helpers import make_mask, tiny_model
 
 NETWORKS = {0: {0: [3, 1, 2], 1: [5]}, 1: {1: [7, 8]}, 2: {0: [100]}}
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from fn_analyze.collect import CollectConfig, collect
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _sweep_module():

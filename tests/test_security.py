@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,65 +18,24 @@ from typer.testing import CliRunner
 
 from fn_analyze.cli import app as analyze_app
 from fn_train.cli import app as train_app
-from tests.helpers import refused, write_activations
+from tests.helpers import ROOT, model_with_its_own_code, refused, subprocess_env, write_activations
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "fn_analyze", "fn_train")
 
-CUSTOM_CODE = """
-import os
-from pathlib import Path
 
-from transformers import LlamaConfig, LlamaForCausalLM
-
-Path(os.environ["FN_TEST_MARKER"]).write_text("the model's own code ran")
-
-
-class CustomLlamaConfig(LlamaConfig):
-    model_type = "custom-llama"
-
-
-class CustomLlamaForCausalLM(LlamaForCausalLM):
-    config_class = CustomLlamaConfig
-"""
-
-
-def _model_with_its_own_code(tiny_lm_dir: Path, folder: Path) -> Path:
-    shutil.copytree(tiny_lm_dir, folder)
-    (folder / "custom_llama.py").write_text(CUSTOM_CODE)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(
-        model_type="custom-llama",
-        architectures=["CustomLlamaForCausalLM"],
-        auto_map={
-            "AutoConfig": "custom_llama.CustomLlamaConfig",
-            "AutoModelForCausalLM": "custom_llama.CustomLlamaForCausalLM",
-        },
-    )
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
+@pytest.mark.slow  # about 15 s: two collect processes
 def test_model_code_runs_only_with_trust_remote_code(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
-    model = _model_with_its_own_code(tiny_lm_dir, tmp_path / "custom")
+    model = model_with_its_own_code(tiny_lm_dir, tmp_path / "custom")
     marker, acts = tmp_path / "marker.txt", tmp_path / "acts"
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-        "FN_TEST_MARKER": str(marker),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),  # where transformers copies the model's code
-    }
+    # HF_MODULES_CACHE: where transformers copies the model's code
+    env = subprocess_env(FN_TEST_MARKER=str(marker), HF_MODULES_CACHE=str(tmp_path / "modules"))
     args = [sys.executable, "-m", "fn_analyze.cli", "collect", "--model", str(model)]
     args += ["--dataset", str(demo_dir / "data.jsonl"), "--out", str(acts), "--max-tokens", "50"]
 
     # stdin=DEVNULL: the refusal must not depend on a prompt nobody answers.
     done = subprocess.run(args, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
-    assert "ships its own Python code, which is not run by default; pass --trust-remote-code" in lines[0]
-    print(f"REFUSED {lines[0]}")
+    refused(done, "ships its own Python code, which is not run by default; pass --trust-remote-code")
     assert not marker.exists() and not acts.exists()
 
     done = subprocess.run([*args, "--trust-remote-code"], capture_output=True, text=True, env=env, timeout=120)

@@ -9,8 +9,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from fn_train.trainer import train
-from tests.helpers import write_mask
-from tests.train_helpers import MASKED, small_run
+from tests.helpers import MASKED, small_run, write_mask
 
 
 def _masked_run(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, report_to: str) -> tuple[Path, dict]:

@@ -15,14 +15,16 @@ from fn_train.freeze import KeepMaskedNeuronsFrozen
 from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import count_hooks
-from tests.helpers import record_results, write_mask
-from tests.tiny_models import tiny_model
-from tests.train_helpers import (
+from tests.helpers import (
     MASKED,
     assert_masked_frozen_and_open_moved,
     masked_by_layer,
     neuron_parameters,
+    record_results,
     small_run,
+    tiny_model,
+    train_masked_and_check,
+    write_mask,
 )
 
 
@@ -57,23 +59,8 @@ def test_masked_neurons_stay_bit_identical_under_weight_decay_and_clipping(
     """AdamW's decoupled decay shrinks every weight, gradient or not: without the restore
     after each optimizer step (fn_train.freeze) the full fine-tuning cases fail."""
     model_dir = request.getfixturevalue(model_fixture)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    config = small_run(
-        model_dir,
-        demo_dir,
-        tmp_path / "out",
-        mask,
-        use_peft=use_peft,
-        merge_adapter=use_peft,  # the saved model is then the full one, LoRA merged in
-        lora_dropout=0.0,
-        weight_decay=0.5,
-        max_grad_norm=0.01,  # far below the gradients' norm: every step is clipped
-        networks="0,1",
-    )
-    train(config)
-    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
+    # max_grad_norm far below the gradients' norm: every step is clipped
+    train_masked_and_check(model_dir, demo_dir, tmp_path, use_peft=use_peft, max_grad_norm=0.01)
 
 
 def test_without_the_restore_weight_decay_moves_masked_neurons(tiny_lm_dir, demo_dir, tmp_path, monkeypatch) -> None:

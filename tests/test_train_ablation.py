@@ -20,13 +20,13 @@ from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import count_hooks
 from shared.models import model_info
-from tests.helpers import record_results, write_mask
-from tests.train_helpers import (
+from tests.helpers import (
     MASKED,
-    assert_masked_frozen_and_open_moved,
     masked_by_layer,
-    neuron_parameters,
+    record_results,
     small_run,
+    train_masked_and_check,
+    write_mask,
 )
 
 
@@ -46,24 +46,8 @@ def test_masked_neurons_stay_bit_identical_under_mean_and_scale(
     """Under mean and scale the masked neurons' down-projection columns (and, under scale, their
     up/gate rows) get non-zero gradients: only the restore after each step keeps them."""
     model_dir = request.getfixturevalue(model_fixture)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    config = small_run(
-        model_dir,
-        demo_dir,
-        tmp_path / "out",
-        mask,
-        use_peft=use_peft,
-        merge_adapter=use_peft,
-        lora_dropout=0.0,
-        weight_decay=0.5,
-        networks="0,1",
-        **settings,
-    )
-    train(config)
-    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert_masked_frozen_and_open_moved(neuron_parameters(base), neuron_parameters(tuned), masked_by_layer([0, 1]))
-    record = json.loads((tmp_path / "out" / "fn_mask.json").read_text())
+    out = train_masked_and_check(model_dir, demo_dir, tmp_path, use_peft=use_peft, **settings)
+    record = json.loads((out / "fn_mask.json").read_text())
     assert record["ablation"] == settings["ablation"]
     if settings["ablation"] == "mean":
         assert [len(v) for v in record["means"].values()] == [5, 6]  # the masked neurons of layers 0 and 1

@@ -15,12 +15,12 @@ import fn_train.config as config_module
 import fn_train.trainer as trainer_module
 from fn_train.cli import app
 from fn_train.config import TrainConfig
-from tests.helpers import write_mask
-from tests.train_helpers import MASKED
+from tests.helpers import MASKED, model_with_its_own_code, refused, tiny_model, train_args, write_mask
 
 runner = CliRunner()
 COMMAND = typer.main.get_command(app)
 REQUIRED = ["--dataset_name_or_path", "data.csv", "--output_dir", "out"]
+SHORT_ROWS = ("--max_seq_length", "32")  # short training rows: fast steps
 
 
 @pytest.fixture
@@ -30,14 +30,6 @@ def parsed(monkeypatch) -> list[dict]:
     monkeypatch.setattr(config_module, "TrainConfig", lambda **settings: seen.append(settings))
     monkeypatch.setattr(trainer_module, "train", lambda config: None)
     return seen
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    # Progress bars (loading weights) are not messages: the user reads the rest.
-    lines = [line for line in result.output.splitlines() if line.strip() and "it/s]" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def test_every_flag_has_both_spellings() -> None:
@@ -103,11 +95,11 @@ def test_the_saved_run_config_is_a_config_file(parsed, tmp_path: Path) -> None:
 def test_bad_config_files_exit_2_with_one_line(tmp_path: Path, content: str, message: str) -> None:
     settings = tmp_path / "run.yaml"
     settings.write_text(content)
-    assert message in _one_error_line(runner.invoke(app, ["--config", str(settings)]))
+    assert message in refused(runner.invoke(app, ["--config", str(settings)]))
 
 
 def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
-    assert "does not exist" in _one_error_line(runner.invoke(app, ["--config", str(tmp_path / "missing.yaml")]))
+    assert "does not exist" in refused(runner.invoke(app, ["--config", str(tmp_path / "missing.yaml")]))
 
 
 @pytest.mark.parametrize(
@@ -133,7 +125,7 @@ def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_contradictory_or_bad_flags_exit_2_and_create_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
     out = tmp_path / "out"
     result = runner.invoke(app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(out), *flags])
-    assert _one_error_line(result).startswith(f"error: {message}")
+    assert refused(result).startswith(f"error: {message}")
     assert not out.exists()
 
 
@@ -144,32 +136,28 @@ def test_a_tracker_that_is_not_installed_is_refused(tmp_path: Path, monkeypatch)
     result = runner.invoke(
         app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(tmp_path / "o"), "--report_to", "tensorboard"]
     )
-    assert "pip install tensorboard or drop the flag" in _one_error_line(result)
-
-
-def _train_args(model: Path, demo_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(model), "--dataset_name_or_path", str(demo_dir / "train.csv"),
-        "--output_dir", str(out), "--max_steps", "1", "--max_seq_length", "32", "--device", "cpu", *extra,
-    ]  # fmt: skip
+    assert "pip install tensorboard or drop the flag" in refused(result)
 
 
 def test_an_output_folder_that_is_not_ours_is_refused_untouched(tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
     out = tmp_path / "thesis"
     out.mkdir()
     (out / "chapter1.tex").write_text("precious")
-    result = runner.invoke(app, _train_args(tiny_lm_dir, demo_dir, out))
-    assert "exists and holds chapter1.tex, which fn-train did not write" in _one_error_line(result)
+    result = runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS))
+    assert "exists and holds chapter1.tex, which fn-train did not write" in refused(result, progress_bars=True)
     assert [p.name for p in out.iterdir()] == ["chapter1.tex"] and (out / "chapter1.tex").read_text() == "precious"
     (tmp_path / "file").write_text("x")
-    assert "is a file" in _one_error_line(runner.invoke(app, _train_args(tiny_lm_dir, demo_dir, tmp_path / "file")))
+    assert "is a file" in refused(
+        runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", tmp_path / "file", *SHORT_ROWS)),
+        progress_bars=True,
+    )
 
 
 def test_a_previous_runs_folder_is_reused_and_its_old_final_files_replaced(tiny_lm_dir, demo_dir, tmp_path) -> None:
     out = tmp_path / "out"
-    assert runner.invoke(app, _train_args(tiny_lm_dir, demo_dir, out)).exit_code == 0
+    assert runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS)).exit_code == 0
     assert (out / "adapter_model.safetensors").is_file()
-    result = runner.invoke(app, _train_args(tiny_lm_dir, demo_dir, out, "--no_peft"))
+    result = runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS, "--no_peft"))
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()
     assert not (out / "adapter_model.safetensors").exists()  # a loader must not find the old adapter
@@ -177,53 +165,32 @@ def test_a_previous_runs_folder_is_reused_and_its_old_final_files_replaced(tiny_
 
 
 def test_failures_after_the_checks_leave_no_output_folder(tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
-    from tests.tiny_models import tiny_model
-
     other = write_mask(tiny_model("llama", intermediate_size=192), MASKED, tmp_path / "other.json")
     for extra, message in (
         (["--mask-file", str(other)], "was made for model"),
         (["--data_format", "alpaca"], "lacks column(s) instruction, output needed by format alpaca"),
     ):
         out = tmp_path / "out"
-        result = runner.invoke(app, _train_args(tiny_lm_dir, demo_dir, out, *extra))
-        assert message in _one_error_line(result)
+        result = runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS, *extra))
+        assert message in refused(result, progress_bars=True)
         assert not out.exists()
 
 
-def _custom_code_model(tiny_lm_dir: Path, folder: Path) -> Path:
-    """The tiny LLaMA under a model_type whose classes live in the folder's own Python files."""
-    import shutil
-
-    shutil.copytree(tiny_lm_dir, folder)
-    (folder / "configuration_custom.py").write_text(
-        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
-    )
-    (folder / "modeling_custom.py").write_text(
-        "from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
-        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
-    )
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "custom_llama"
-    config["auto_map"] = {
-        "AutoConfig": "configuration_custom.CustomConfig",
-        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_remote_code_runs_only_when_asked(tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
-    model = _custom_code_model(tiny_lm_dir, tmp_path / "custom")
+    model = model_with_its_own_code(tiny_lm_dir, tmp_path / "custom")
     out = tmp_path / "out"
-    refused = runner.invoke(app, _train_args(model, demo_dir, out))
-    assert "ships its own Python code, which is not run by default; pass --trust-remote-code" in _one_error_line(
-        refused
+    refusal = runner.invoke(app, train_args(model, demo_dir / "train.csv", out, *SHORT_ROWS))
+    assert "ships its own Python code, which is not run by default; pass --trust-remote-code" in refused(
+        refusal, progress_bars=True
     )
     assert not out.exists()
     base = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True)
-    assert type(base).__name__ == "CustomForCausalLM"
+    assert type(base).__name__ == "CustomLlamaForCausalLM"
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    result = runner.invoke(app, _train_args(model, demo_dir, out, "--trust_remote_code", "--mask-file", str(mask)))
+    result = runner.invoke(
+        app,
+        train_args(model, demo_dir / "train.csv", out, *SHORT_ROWS, "--trust_remote_code", "--mask-file", str(mask)),
+    )
     assert result.exit_code == 0, result.output
     assert "neurons switched off" in result.output and (out / "adapter_model.safetensors").is_file()
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,29 +16,28 @@ from transformers import AutoModelForCausalLM
 
 from fn_train.trainer import train
 from shared.errors import UserError
-from tests.helpers import write_mask
-from tests.train_helpers import (
+from tests.helpers import (
     MASKED,
     assert_masked_frozen_and_open_moved,
     masked_by_layer,
     neuron_parameters,
     small_run,
+    stop_line,
+    subprocess_env,
+    train_args,
+    wait_for_file,
+    write_mask,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+FN_TRAIN = [sys.executable, "-m", "fn_train.cli"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _args(model: Path, demo_dir: Path, out: Path, mask: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", str(model), "--dataset_name_or_path", str(demo_dir / "train.csv"),
-        "--output_dir", str(out), "--mask-file", str(mask), "--networks", "0,1", "--no_peft",
-        "--weight_decay", "0.5", "--learning_rate", "1e-2", "--max_seq_length", "48", "--device", "cpu",
-        "--per_device_train_batch_size", "2", "--logging_steps", "1", *extra,
-    ]  # fmt: skip
+def _args(model: Path, demo_dir: Path, out: Path, mask: Path, *extra: str, max_steps: int) -> list[str]:
+    """fn-train's flags for the full model with networks 0 and 1 of `mask` off, weight decay on."""
+    masked = ["--mask-file", str(mask), "--networks", "0,1", "--no_peft", "--weight_decay", "0.5"]
+    masked += ["--learning_rate", "1e-2", "--max_seq_length", "48", "--per_device_train_batch_size", "2"]
+    masked += ["--logging_steps", "1", *extra]
+    return train_args(model, demo_dir / "train.csv", out, *masked, max_steps=max_steps)
 
 
 @pytest.mark.slow  # about 45 s: three processes that each import torch, transformers and TRL
@@ -47,17 +45,10 @@ def test_killed_run_resumes_with_the_same_mask_and_refuses_another(tiny_lm_dir, 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask)]
-    first = subprocess.Popen(
-        [*command, "--max_steps", "60", "--save_steps", "10"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    command = [*FN_TRAIN, *_args(tiny_lm_dir, demo_dir, out, mask, "--save_steps", "10", max_steps=60)]
+    first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "checkpoint-10"
-    deadline = time.monotonic() + 120
-    while not (checkpoint / "trainer_state.json").is_file():
-        assert first.poll() is None, "the run ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.02)
+    wait_for_file(checkpoint / "trainer_state.json", first)  # the Trainer writes it last
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
@@ -65,17 +56,16 @@ def test_killed_run_resumes_with_the_same_mask_and_refuses_another(tiny_lm_dir, 
 
     other = write_mask(base, {0: {0: [1, 2, 3]}, 1: {1: [5]}}, tmp_path / "other.json")
     refused = subprocess.run(
-        [sys.executable, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, other)]
-        + ["--max_steps", "60", "--save_steps", "10", "--resume_from_checkpoint", str(checkpoint)],
-        env=_env(), capture_output=True, text=True,
+        [*FN_TRAIN, *_args(tiny_lm_dir, demo_dir, out, other, "--save_steps", "10", max_steps=60)]
+        + ["--resume_from_checkpoint", str(checkpoint)],
+        env=subprocess_env(), capture_output=True, text=True,
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr
     assert f"checkpoint {checkpoint} was trained with mask {mask} (key, networks 0,1)" in refused.stderr
 
     resumed = subprocess.run(
-        [*command, "--max_steps", "60", "--save_steps", "10", "--resume_from_checkpoint", "last"],
-        env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
+        [*command, "--resume_from_checkpoint", "last"], env=subprocess_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "neurons switched off" in resumed.stdout and "resuming from" in resumed.stdout
     state = json.loads((out / "checkpoint-60" / "trainer_state.json").read_text())
@@ -98,14 +88,15 @@ def test_resume_without_the_mask_is_refused(tiny_lm_dir, demo_dir, tmp_path) -> 
         train(small_run(tiny_lm_dir, demo_dir, unmasked, mask, max_steps=4, resume_from_checkpoint="last"))
 
 
+@pytest.mark.slow  # about 30 s: two ranks that each import torch, transformers and TRL
 def test_two_ddp_ranks_both_mask_and_masked_neurons_stay_unchanged(tiny_lm_dir, demo_dir, tmp_path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     out = tmp_path / "out"
+    ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask), "--max_steps", "3"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, *ranks, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask, max_steps=3)],
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         stdout, stderr = launcher.communicate(timeout=300)
@@ -151,25 +142,22 @@ def test_sigterm_saves_a_checkpoint_with_its_mask_exits_143_and_resumes(tiny_lm_
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask)]
-    command += ["--max_steps", "400", "--save_steps", "1000"]
-    first = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [*FN_TRAIN, *_args(tiny_lm_dir, demo_dir, out, mask, "--save_steps", "1000", max_steps=400)]
+    env = subprocess_env(PYTHONUNBUFFERED="1")  # each step's logged loss reaches the pipe at once
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert first.stdout is not None
-    for line in first.stdout:  # printed once the stop handler is in place, just before training
-        if "neurons switched off" in line:
+    for printed in first.stdout:  # the first step's logged loss: the run is in its training loop
+        if "'loss'" in printed:
             break
-    time.sleep(1.0)  # into the training loop
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 143, stderr[-3000:]
-    # What the user reads after the data's and the libraries' warnings: one line.
-    lines = [line for line in stderr.splitlines() if line.startswith(("stopped by", "error:"))]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    line = stop_line(stderr)  # what the user reads after the data's and the libraries' warnings
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1, checkpoints
     step = int(checkpoints[0].name.split("-")[1])
     assert 1 <= step < 400
-    assert lines[0] == (
+    assert line == (
         f"stopped by SIGTERM: fn-train saved {checkpoints[0]} at the end of step {step}; "
         "re-run the same command with --resume_from_checkpoint last to continue"
     )
@@ -177,10 +165,10 @@ def test_sigterm_saves_a_checkpoint_with_its_mask_exits_143_and_resumes(tiny_lm_
     assert json.loads((checkpoints[0] / "fn_mask.json").read_text())["networks"] == [0, 1]
     assert not (out / "model.safetensors").exists()
 
+    again = [*FN_TRAIN, *_args(tiny_lm_dir, demo_dir, out, mask, "--save_steps", "1000", max_steps=step + 2)]
     resumed = subprocess.run(
-        [*command[:-4], "--max_steps", str(step + 2), "--save_steps", "1000", "--resume_from_checkpoint", "last"],
-        env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
+        [*again, "--resume_from_checkpoint", "last"], env=subprocess_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {checkpoints[0]}" in resumed.stdout
     tuned = AutoModelForCausalLM.from_pretrained(out)

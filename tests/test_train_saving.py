@@ -18,19 +18,18 @@ from fn_train.saving import bake_mask
 from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import apply_mask, count_hooks, resolve_mask
-from tests.helpers import make_mask, write_mask
-from tests.test_hooks import _perturbed
-from tests.tiny_models import intermediate_size, tiny_model
-from tests.train_helpers import MASKED, masked_by_layer, small_run
-
-
-def _ids(vocab_size: int) -> torch.Tensor:
-    return torch.randint(3, vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+from tests.helpers import (
+    MASKED,
+    forward_logits,
+    intermediate_size,
+    make_mask,
+    masked_by_layer,
+    perturbed_inputs,
+    random_ids,
+    small_run,
+    tiny_model,
+    write_mask,
+)
 
 
 @pytest.mark.parametrize(("model_type", "mode"), [("llama", "key"), ("gpt2", "key"), ("llama", "complement")])
@@ -38,14 +37,14 @@ def test_baked_model_without_hooks_equals_the_hooked_model(model_type: str, mode
     model = tiny_model(model_type)
     size = intermediate_size(model.config)
     mask = make_mask(model, {0: {0: list(range(0, size, 3))}, 1: {1: [2, 4, 6]}})
-    ids = _ids(model.config.vocab_size)
+    ids = random_ids(model)
     with apply_mask(model, mask, mode, networks=[1]):
-        hooked = _logits(model, ids)
+        hooked = forward_logits(model, ids)
     baked = copy.deepcopy(model)
     bake_mask(baked, resolve_mask(baked, mask, [1], mode)[1])
     assert count_hooks(baked) == 0
-    assert torch.equal(_logits(baked, ids), hooked)
-    assert not torch.equal(_logits(model, ids), hooked)  # the mask does change the model
+    assert torch.equal(forward_logits(baked, ids), hooked)
+    assert not torch.equal(forward_logits(model, ids), hooked)  # the mask does change the model
 
 
 def test_bake_mask_output_loads_plainly_and_matches_the_loader(tiny_lm_dir, demo_dir, tmp_path) -> None:
@@ -54,14 +53,14 @@ def test_bake_mask_output_loads_plainly_and_matches_the_loader(tiny_lm_dir, demo
     hooked_dir, baked_dir = tmp_path / "hooked", tmp_path / "baked"
     train(small_run(tiny_lm_dir, demo_dir, hooked_dir, mask, use_peft=False, networks="0,1"))
     train(small_run(tiny_lm_dir, demo_dir, baked_dir, mask, use_peft=False, networks="0,1", bake_mask=True))
-    ids = _ids(base.config.vocab_size)
+    ids = random_ids(base)
     with load_masked_model(hooked_dir) as model:
         assert count_hooks(model) == 2  # fn_mask.json re-applied, one hook per masked layer
-        with_hooks = _logits(model, ids)
+        with_hooks = forward_logits(model, ids)
     assert count_hooks(model) == 0
-    assert not torch.equal(_logits(model, ids), with_hooks)  # without its mask the trained model differs
+    assert not torch.equal(forward_logits(model, ids), with_hooks)  # without its mask the trained model differs
     plain = AutoModelForCausalLM.from_pretrained(baked_dir)
-    assert torch.equal(_logits(plain, ids), with_hooks)
+    assert torch.equal(forward_logits(plain, ids), with_hooks)
     assert json.loads((baked_dir / "fn_mask.json").read_text())["baked"] is True
     with load_masked_model(baked_dir) as model:
         assert count_hooks(model) == 0  # the weights hold the mask
@@ -79,13 +78,13 @@ def test_merged_and_baked_lora_matches_the_adapter_with_hooks(tiny_lm_dir, demo_
     )
     assert (adapter_dir / "adapter_model.safetensors").is_file() and not (adapter_dir / "config.json").is_file()
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").is_file()
-    ids = _ids(base.config.vocab_size)
+    ids = random_ids(base)
     with load_masked_model(adapter_dir) as model:
-        with_hooks = _logits(model, ids)
-    merged = _logits(AutoModelForCausalLM.from_pretrained(merged_dir), ids)
+        with_hooks = forward_logits(model, ids)
+    merged = forward_logits(AutoModelForCausalLM.from_pretrained(merged_dir), ids)
     # W + BA merged is not summed in the adapter's order: equal up to float rounding.
     torch.testing.assert_close(merged, with_hooks, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(merged, _logits(base, ids), atol=1e-3)  # training did change the model
+    assert not torch.allclose(merged, forward_logits(base, ids), atol=1e-3)  # training did change the model
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -108,13 +107,13 @@ def test_quantized_lora_still_masks_bit_for_bit(tiny_lm_dir, bits: int) -> None:
     down = model.base_model.model.model.layers[0].mlp.down_proj
     assert type(down.base_layer).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
     mask = make_mask(model, {0: {0: list(range(0, 176, 3)), 1: [1, 2, 3]}})
-    ids = _ids(model.config.vocab_size)
-    with _perturbed(model, {0: list(range(0, 176, 3)), 1: [1, 2, 3]}), apply_mask(model, mask, "key"):
-        perturbed = _logits(model, ids)
+    ids = random_ids(model)
+    with perturbed_inputs(model, {0: list(range(0, 176, 3)), 1: [1, 2, 3]}), apply_mask(model, mask, "key"):
+        perturbed = forward_logits(model, ids)
     with apply_mask(model, mask, "key"):
-        clean = _logits(model, ids)
-        with _perturbed(model, {0: [1]}):
-            control = _logits(model, ids)
+        clean = forward_logits(model, ids)
+        with perturbed_inputs(model, {0: [1]}):
+            control = forward_logits(model, ids)
     assert torch.equal(perturbed, clean)
     assert not torch.equal(control, clean)
 

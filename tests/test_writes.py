@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,8 @@ import shared.jsonio as jsonio
 from shared.jsonio import write_json_atomic
 from shared.mask_index import read_index, register_mask
 from shared.masks import load_mask_file, save_mask_file
-from tests.helpers import make_mask, write_activations
-from tests.tiny_models import tiny_model
+from tests.helpers import ROOT, make_mask, subprocess_env, tiny_model, write_activations
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("shared", "fn_analyze", "fn_train")
 
 
@@ -123,9 +120,10 @@ def small_activations(tmp_path: Path) -> Path:
     return write_activations(tmp_path / "acts", data, [0, 1, 2], 30)
 
 
+@pytest.mark.slow  # about 30 s: two ica processes
 def test_two_ica_runs_at_once_leave_an_index_with_both(small_activations: Path, tmp_path: Path) -> None:
     masks = tmp_path / "mask_artifacts"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "fn_analyze.cli", "ica", "--activations", str(small_activations)]
@@ -149,35 +147,43 @@ def test_two_ica_runs_at_once_leave_an_index_with_both(small_activations: Path, 
 
 REGISTER_MANY = """
 import sys
-import time
 from pathlib import Path
 
 from shared.mask_index import register_mask
 from shared.masks import MaskFile, ModelInfo
 
-folder, writer, n_writers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+folder, writer = Path(sys.argv[1]), sys.argv[2]
 mask = MaskFile(ModelInfo("tiny", "llama", 2, 176, 64, "sha256:tiny"), ())
-(folder / f"ready-{writer}").touch()
-while len(list(folder.glob("ready-*"))) < n_writers:  # all writers start together, after their imports
-    time.sleep(0.005)
+print("ready", flush=True)
+sys.stdin.readline()  # all writers start together, after their imports
 for i in range(100):
     register_mask(folder / f"{writer}-{i}.json", mask)
 """
 
 
+@pytest.mark.slow  # about 12 s: two processes that each import torch
 def test_concurrent_registrations_lose_no_entry(tmp_path: Path) -> None:
     """Two processes register 100 files each into one index at once: a read-modify-write
     without the lock loses entries here (measured with the lock removed: 105, 111 and 121
     of 200 survived in three runs)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     writers = [
         subprocess.Popen(
-            [sys.executable, "-c", REGISTER_MANY, str(tmp_path), f"w{w}", "2"], env=env, stderr=subprocess.PIPE
+            [sys.executable, "-c", REGISTER_MANY, str(tmp_path), f"w{w}"],
+            env=subprocess_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for w in range(2)
     ]
     for writer in writers:
+        assert writer.stdout.readline() == "ready\n", writer.communicate(timeout=300)[1]
+    for writer in writers:  # go
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+    for writer in writers:
         _, err = writer.communicate(timeout=300)
-        assert writer.returncode == 0, err.decode()
+        assert writer.returncode == 0, err
     files = sorted(entry["file"] for entry in read_index(tmp_path)["masks"])
     assert files == sorted(f"w{w}-{i}.json" for w in range(2) for i in range(100))
