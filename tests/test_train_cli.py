@@ -198,9 +198,9 @@ def test_remote_code_runs_only_when_asked(tiny_lm_dir, demo_dir, tmp_path: Path)
 def test_ica_on_the_fly_accepts_the_remote_code_model_training_accepts(tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
     """With --trust_remote_code, the on-the-fly collect loads a model that ships its own code as
     training does (it once refused it: the flag was not passed on)."""
-    model = _custom_code_model(tiny_lm_dir, tmp_path / "custom")
+    model = model_with_its_own_code(tiny_lm_dir, tmp_path / "custom")
     out = tmp_path / "out"
     extra = ["--trust_remote_code", "--ica-on-the-fly", "--ica_components", "4", "--ica_max_tokens", "600"]
-    result = runner.invoke(app, _train_args(model, demo_dir, out, *extra))
+    result = runner.invoke(app, train_args(model, demo_dir, out, *extra))
     assert result.exit_code == 0, result.output
     assert (out / "fn_ica_mask.json").is_file() and (out / "adapter_model.safetensors").is_file()
