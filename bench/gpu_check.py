@@ -24,8 +24,8 @@ from fn_train.run_mask import run_mask_from_record
 from shared.constants import ADAPTER_WEIGHTS_NAME, RUN_MASK_NAME
 from shared.masks import load_mask_file
 
+MATCH_IOU = 0.9  # a stable network comes back when its best match reaches this IoU
 # LoRA matrices of LLaMA-style MLPs (the embedded model and the tiny one): layer, module, A or B.
-MATCH_IOU = 0.9
 LORA_KEY = re.compile(r"layers\.(\d+)\.mlp\.(down_proj|up_proj|gate_proj)\.lora_([AB])\.weight$")
 
 
