@@ -54,7 +54,11 @@ def ica_flags(option: str, args: argparse.Namespace) -> list[str]:
         "clip": ["--clip-percentile", str(args.clip_percentile)],
         "aside": ["--set-aside", str(args.set_aside)],
     }
-    return [flag for part in option.split("+") for flag in flags[part]]
+    parts = option.split("+")
+    # ica sets the massive neurons aside by default (--set-aside auto): every other option turns it off,
+    # so that each row changes one thing against no preprocessing at all.
+    off = [] if "aside" in parts else ["--set-aside", "0"]
+    return [flag for part in parts for flag in flags[part]] + off
 
 
 def fn_analyze(command: list[str]) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fn_analyze.activations import Activations, open_activations
-from fn_analyze.config import AUTO, IcaConfig
+from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig
 from fn_analyze.consensus import Consensus, consensus_ica
 from fn_analyze.neuron_sets import set_size
 from fn_analyze.preprocess import (
@@ -81,7 +81,7 @@ def _rows_kept(acts: Activations, config: IcaConfig) -> int:
             f"--exclude-positions {config.exclude_positions} / --exclude-token-ids {config.exclude_token_ids} leave "
             f"no token row of {acts.folder} ({acts.n_tokens} tokens); leave out fewer"
         )
-    if config.set_aside_top >= acts.n_neurons:
+    if config.set_aside_top != AUTO and config.set_aside_top >= acts.n_neurons:
         raise UserError(
             f"--set-aside {config.set_aside_top} would set aside all {acts.n_neurons} neurons of {acts.folder}; "
             "give fewer"
@@ -131,7 +131,7 @@ def _prep_slug(config: IcaConfig) -> str:
         parts.append(f"clip{config.clip_percentile:g}")
     if config.scale == "layer":
         parts.append("layerscale")
-    if config.set_aside_top:
+    if config.set_aside_top != AUTO:  # the default (auto) leaves the name as it is
         parts.append(f"aside{config.set_aside_top}")
     return "".join(f"-{part}" for part in parts)
 
@@ -326,7 +326,10 @@ def _preprocessing(acts: Activations, config: IcaConfig) -> Preprocessing:
     if config.clip_percentile is not None:
         sample = sample_rows(acts, config.row_filter, config.clip_sample_rows, config.seed)
         clip = clip_bounds(sample, config.clip_percentile)
-    set_aside = tuple(set_aside_columns(acts, config.set_aside_top)) if config.set_aside_top else ()
+    if config.set_aside_top == AUTO:
+        set_aside = tuple(set_aside_columns(acts, SET_ASIDE_AUTO_MAX, min_ratio=SET_ASIDE_AUTO_RATIO))
+    else:
+        set_aside = tuple(set_aside_columns(acts, config.set_aside_top)) if config.set_aside_top else ()
     return Preprocessing(config.row_filter, clip, config.scale, set_aside)
 
 

@@ -19,7 +19,9 @@ one streamed reduction (fn_analyze/reduction.py), so nothing is collected again:
    every layer's total variance is the same (the layer's width), whatever its magnitude.
 4. **Set aside** (`set_aside_columns`): the N largest-magnitude neurons (max |activation| over
    the activations' tokens, as `evaluate` counts its top-n) get scale 0, so no network can
-   hold them; the mask file lists them as their own group, not as a network.
+   hold them; the mask file lists them as their own group, not as a network. The default
+   (`auto`) sets aside the massive ones only: up to 100 whose magnitude is at least 20x the
+   median neuron's.
 """
 
 from __future__ import annotations
@@ -128,13 +130,19 @@ def clip_bounds(sample: np.ndarray, percentile: float) -> np.ndarray:
     return bounds
 
 
-def set_aside_columns(acts: Activations, n: int) -> list[int]:
-    """Activations columns of the `n` largest-magnitude neurons (max |activation|, as `evaluate` ranks them)."""
+def set_aside_columns(acts: Activations, n: int, min_ratio: float | None = None) -> list[int]:
+    """Activations columns of the `n` largest-magnitude neurons (max |activation|, as `evaluate` ranks them);
+    with `min_ratio`, only those among them whose magnitude is at least `min_ratio` x the median neuron's
+    (the "massive" ones: none in data without massive activations)."""
     from fn_analyze.magnitude import magnitude_from_activations
 
     magnitude = magnitude_from_activations(acts.folder, acts.model)
+    top = magnitude.top(n)
+    if min_ratio is not None:
+        floor = min_ratio * float(np.nanmedian(magnitude.max_abs))
+        top = {(layer, neuron) for layer, neuron in top if magnitude.max_abs[layer, neuron] >= floor}
     slot = {layer: i for i, layer in enumerate(acts.layers)}
-    return sorted(slot[layer] * acts.intermediate_size + neuron for layer, neuron in magnitude.top(n))
+    return sorted(slot[layer] * acts.intermediate_size + neuron for layer, neuron in top)
 
 
 def inverse_scales(stds: np.ndarray, width: int, scale: str, set_aside: Sequence[int]) -> np.ndarray | None:

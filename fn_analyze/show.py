@@ -64,8 +64,9 @@ def _preprocessing_line(ica: dict[str, Any]) -> str:
         parts.append(f"clipped at each neuron's {ica['clip_percentile']}th percentiles")
     if ica.get("scale", "none") != "none":
         parts.append(f"scale {ica['scale']}")
-    if ica.get("set_aside_top"):
-        parts.append(f"the {ica['set_aside_top']} largest-magnitude neurons set aside")
+    aside = ica.get("set_aside", {}).get("size")  # the count; `set_aside_top` may read "auto"
+    if aside:
+        parts.append(f"the {aside} largest-magnitude neurons set aside")
     return f"preprocessing: {'; '.join(parts)}\n" if parts else ""
 
 

@@ -132,7 +132,7 @@ def test_bad_evaluate_settings_are_refused(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="--random-fraction must lie between 0 and 1"):
         EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", random_fraction=15)
-    with pytest.raises(UserError, match="--scale-factor is given but --ablation is zero"):
+    with pytest.raises(UserError, match="--scale-factor is given but --ablation is mean"):  # the default
         EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", scale_factor=2.0)
 
 

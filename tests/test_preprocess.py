@@ -14,9 +14,17 @@ from fn_analyze.activations import open_activations
 from fn_analyze.cli import app as analyze_app
 from fn_analyze.ica import IcaConfig, run_ica
 from fn_analyze.neuron_sets import pairs
-from fn_analyze.preprocess import Preprocessing, RowFilter, clip_bounds, inverse_scales, sample_rows
+from fn_analyze.preprocess import (
+    Preprocessing,
+    RowFilter,
+    clip_bounds,
+    inverse_scales,
+    sample_rows,
+    set_aside_columns,
+)
 from fn_analyze.reduction import reduce, shard_moments, shards_of, sum_over_shards
 from fn_analyze.show import describe
+from shared.errors import UserError
 from shared.masks import union
 from tests.helpers import refused, write_activations
 
@@ -60,7 +68,7 @@ def test_default_preprocessing_changes_nothing(tmp_path: Path) -> None:
         assert np.array_equal(a.maps, b.maps) and np.array_equal(a.eigenvalues, b.eigenvalues)
         assert a.total_variance == b.total_variance and a.n_rows == b.n_rows
     assert inverse_scales(np.ones((1, 3 * WIDTH)), WIDTH, "none", ()) is None  # centered only, no multiply
-    common = dict(n_components=K, runs=1, register=False)
+    common = dict(n_components=K, runs=1, register=False, set_aside_top=0)  # no preprocessing at all
     mask = run_ica(IcaConfig(activations=folder, out=tmp_path / "a.json", **common))
     same = run_ica(IcaConfig(activations=folder, out=tmp_path / "b.json", exclude_positions=[99], **common))
     assert mask.networks == same.networks
@@ -168,9 +176,15 @@ def test_set_aside_neurons_never_enter_a_network_and_are_listed(tmp_path: Path, 
     data[:, massive] += 200.0 * course[:, None]
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=400)
     common = dict(n_components=K, runs=1, register=False)
-    mask = run_ica(IcaConfig(activations=folder, out=tmp_path / "a.json", **common))
+    mask = run_ica(IcaConfig(activations=folder, out=tmp_path / "a.json", set_aside_top=0, **common))
     held = pairs(union(mask.networks))
     assert {(1, int(c) - WIDTH) for c in massive} <= held
+    # The default, auto: up to 100 neurons, those at least 20x the median neuron's magnitude: the 3 massive ones.
+    default = run_ica(IcaConfig(activations=folder, out=tmp_path / "auto.json", **common))
+    assert default.source["ica"]["set_aside"]["layers"] == {"1": sorted(int(c) - WIDTH for c in massive)}
+    assert default.source["ica"]["set_aside_top"] == "auto"
+    assert not pairs(union(default.networks)) & {(1, int(c) - WIDTH) for c in massive}
+    assert "the 3 largest-magnitude neurons set aside" in describe(default)
     aside = run_ica(IcaConfig(activations=folder, out=tmp_path / "b.json", set_aside_top=3, **common))
     held = pairs(union(aside.networks))
     assert not held & {(1, int(c) - WIDTH) for c in massive}
@@ -184,6 +198,22 @@ def test_set_aside_neurons_never_enter_a_network_and_are_listed(tmp_path: Path, 
     zeroed = data.astype(np.float16).astype(np.float64)
     zeroed[:, massive] = 0.0
     np.testing.assert_allclose(whole.eigenvalues, _exact_top(zeroed, K), rtol=1e-6)
+
+
+def test_set_aside_auto_needs_massive_neurons_and_takes_at_most_100(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    data = rng.normal(0.0, 1.0, (300, 3 * 400)).astype(np.float32)
+    plain = open_activations(write_activations(tmp_path / "plain", data, LAYERS, 400))
+    assert set_aside_columns(plain, 100, min_ratio=20.0) == []  # no massive neuron: nothing set aside
+    assert len(set_aside_columns(plain, 7)) == 7  # a number given is taken as it is
+    massive = rng.choice(3 * 400, 150, replace=False)
+    data[0, massive] = 1000.0 + np.arange(150)  # 150 massive neurons, at the first token
+    acts = open_activations(write_activations(tmp_path / "massive", data, LAYERS, 400))
+    assert set_aside_columns(acts, 100, min_ratio=20.0) == sorted(massive[np.arange(150) >= 50].tolist())
+    assert IcaConfig(activations=Path("a"), set_aside_top="AUTO").set_aside_top == "auto"
+    with pytest.raises(UserError, match="--set-aside must be a number of neurons or auto, got 'many'"):
+        IcaConfig(activations=Path("a"), set_aside_top="many")
 
 
 def test_options_reach_the_config_from_the_command_line(tmp_path: Path, monkeypatch) -> None:

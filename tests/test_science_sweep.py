@@ -83,7 +83,8 @@ def test_options_joined_by_plus_combine_their_ica_flags_and_unknown_parts_are_re
     args = sweep.parse_args(["--activations", "a", "--dataset", "d", "--options", "layer+aside,none"])
     assert args.options == ["layer+aside", "none"]
     assert sweep.ica_flags("layer+aside", args) == ["--scale", "layer", "--set-aside", "100"]
-    assert sweep.ica_flags("none", args) == []
+    assert sweep.ica_flags("none", args) == ["--set-aside", "0"]  # ica sets massive neurons aside by default
+    assert sweep.ica_flags("layer", args) == ["--scale", "layer", "--set-aside", "0"]
     with pytest.raises(SystemExit):
         sweep.parse_args(["--activations", "a", "--dataset", "d", "--options", "layer+bogus"])
     assert "unknown option 'layer+bogus'" in capsys.readouterr().err
