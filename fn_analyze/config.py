@@ -22,7 +22,9 @@ AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, th
 # `--set-aside auto`: the "massive" neurons, whose max |activation| is at least SET_ASIDE_AUTO_RATIO
 # times the median neuron's, the largest SET_ASIDE_AUTO_MAX of them. On SmolLM2-135M (demo data) 128
 # neurons pass 20x, so auto is the sweep's measured 100; data without massive activations (planted
-# test data, tiny random models) has none to set aside.
+# test data, tiny random models) has none to set aside. With `--scale layer` (the keep-only recipe) auto
+# sets none aside: networks that may hold the massive neurons were the ones that suffice kept alone
+# (docs/science.md: kept/mag 0.50x with them, 1.33x with the 100 set aside).
 SET_ASIDE_AUTO_MAX = 100
 SET_ASIDE_AUTO_RATIO = 20.0
 
@@ -94,7 +96,8 @@ class IcaConfig:
         False, help="Scale neurons to unit variance first (off: centered only)."
     )
     # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py): only the set-aside of
-    # massive neurons is on by default (auto, below; 0 turns it off).
+    # massive neurons is on by default (auto, below; 0 turns it off). `--scale layer` makes masks for keeping
+    # only the networks (complement).
     scale: str = option(  # neuron: what standardize sets; layer: each layer weighs the same
         "none", help="none (centered only), neuron (unit variance), layer (each layer's variance equal)."
     )
@@ -110,15 +113,15 @@ class IcaConfig:
     clip_sample_rows: int = option(  # read as (rows x neurons) float16 in memory
         4096, help="Token rows sampled (seeded) to estimate the clipping percentiles."
     )
-    # "auto" (the default): at most the SET_ASIDE_AUTO_MAX largest-magnitude neurons, of those at least
-    # SET_ASIDE_AUTO_RATIO x the median neuron's magnitude. On SmolLM2-135M, setting the 100 largest aside was the preprocessing whose
-    # networks, mean-ablated, cost >= 2x the extra loss of magnitude-matched random sets and came back
-    # from another seed and from each half of the data (docs/science.md, the sweep).
+    # "auto" (the default, see SET_ASIDE_AUTO_MAX): the massive neurons, none with --scale layer. Setting the
+    # 100 largest aside on SmolLM2-135M gave networks that, mean-ablated, cost >= 2x the extra loss of
+    # magnitude-matched random sets and came back from another seed and each half of the data (docs/science.md).
     set_aside_top: int | str = option(  # scale 0, listed in source.ica.set_aside
         AUTO,
         text=True,
         flag="set_aside",
-        help="Keep the N largest-magnitude neurons out of every network (listed apart); auto: up to 100 massive ones.",
+        help="Keep the N largest-magnitude neurons out of every network (listed apart); "
+        "auto: up to 100 massive ones (none with --scale layer); 0: none.",
     )
     seed: int = option(0, help="Seed of the reduction's start and of the consensus runs.")
     # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole

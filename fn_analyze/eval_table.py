@@ -45,7 +45,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"ablation: the neurons of each condition and random set are {how}",
         f"magnitude: {magnitude['statistic']} from {magnitude['source']}; the {magnitude['top_n']} largest range "
         f"{magnitude['top_smallest']:.1f} to {magnitude['top_largest']:.1f}"
-        + (" and are left out of every set" if magnitude["excluded"] else ""),
+        + (" and are left out of every set" if magnitude["excluded"] else "")
+        + (
+            f"; the mask file's {magnitude['set_aside_left_out']} set-aside neurons are left out of the random sets"
+            if magnitude.get("set_aside_left_out")
+            else ""
+        ),
         "ratio: extra loss over the random sets' mean extra loss; layer-matched random sets have the same count "
         "per layer, magnitude-matched ones the same count per layer and magnitude bin (shared: share of them "
         "that is the condition's own neurons)",

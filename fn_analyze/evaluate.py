@@ -43,9 +43,11 @@ from shared.errors import UserError
 from shared.hooks import stacked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.masks import (
+    MASSIVE,
     MaskFile,
     MaskMode,
     Network,
+    NetworkId,
     NeuronSet,
     build_layer_masks,
     check_compatible,
@@ -66,7 +68,7 @@ class Condition:
     name: str
     kind: str  # "union" (all selected networks together) or "network" (one on its own)
     mode: MaskMode
-    networks: tuple[int, ...]
+    networks: tuple[NetworkId, ...]
     neurons: NeuronSet  # after leaving out the top-magnitude neurons when asked
     top_held: int  # how many of the top_n largest-magnitude neurons the networks hold
     draws: int
@@ -146,7 +148,7 @@ def _conditions(
                     without(neurons, excluded),
                     len(pairs(neurons) & top),
                     config.network_draws,
-                    2 + mask.network_ids().index(network.id),
+                    2 + [*mask.network_ids(), MASSIVE].index(network.id),
                 )
             )
     return conditions
@@ -335,6 +337,7 @@ def _score_conditions(
     if config.exclude_top:
         for layer, neuron in top:
             allowed[layer, neuron] = False
+    set_aside = pairs(union([massive])) if (massive := evaluator.mask.massive()) is not None else set()
     strata = {
         "layer_matched": np.zeros(magnitude.max_abs.shape, dtype=np.int64),
         "magnitude_matched": magnitude.bins(config.bin_width),
@@ -352,7 +355,7 @@ def _score_conditions(
                     draw_matched(
                         condition.neurons,
                         strata[control],
-                        allowed,
+                        _control_pool(allowed, set_aside, condition.neurons),
                         np.random.default_rng([config.seed, condition.stream, index, draw]),
                     )
                     for draw in range(condition.draws)
@@ -374,6 +377,18 @@ def _score_conditions(
     return base, rows, random_fraction
 
 
+def _control_pool(allowed: np.ndarray, set_aside: set[tuple[int, int]], neurons: NeuronSet) -> np.ndarray:
+    """The neurons a condition's random sets may be drawn from: the allowed ones less the mask file's
+    set-aside (massive) neurons that the condition does not hold itself. Its networks could not hold
+    them, so a control that may draw them measures the massive neurons, not the networks."""
+    if not set_aside:
+        return allowed
+    pool = allowed.copy()
+    for layer, neuron in set_aside - pairs(neurons):
+        pool[layer, neuron] = False
+    return pool
+
+
 def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: float) -> dict[str, Any]:
     """The results JSON: every figure of the table (see `fn_analyze.eval_table`) and what it was measured on."""
     config, magnitude, ablation = plan.config, measured.magnitude, measured.ablation
@@ -391,6 +406,8 @@ def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: floa
             "top_largest": float(np.nanmax(magnitude.max_abs)),
             "top_smallest": float(min(magnitude.max_abs[layer, n] for layer, n in measured.top)),
             "excluded": config.exclude_top,
+            # the mask file's set-aside neurons, left out of the random sets of the conditions that do not hold them
+            "set_aside_left_out": massive.size if (massive := plan.mask.massive()) is not None else 0,
             "bin_width_decades": config.bin_width,
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},

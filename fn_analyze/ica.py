@@ -326,8 +326,9 @@ def _preprocessing(acts: Activations, config: IcaConfig) -> Preprocessing:
     if config.clip_percentile is not None:
         sample = sample_rows(acts, config.row_filter, config.clip_sample_rows, config.seed)
         clip = clip_bounds(sample, config.clip_percentile)
-    if config.set_aside_top == AUTO:
-        set_aside = tuple(set_aside_columns(acts, SET_ASIDE_AUTO_MAX, min_ratio=SET_ASIDE_AUTO_RATIO))
+    if config.set_aside_top == AUTO:  # none for the keep-only recipe (see SET_ASIDE_AUTO_MAX)
+        auto = config.scale != "layer"
+        set_aside = tuple(set_aside_columns(acts, SET_ASIDE_AUTO_MAX, min_ratio=SET_ASIDE_AUTO_RATIO)) if auto else ()
     else:
         set_aside = tuple(set_aside_columns(acts, config.set_aside_top)) if config.set_aside_top else ()
     return Preprocessing(config.row_filter, clip, config.scale, set_aside)

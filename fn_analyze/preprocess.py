@@ -21,7 +21,7 @@ one streamed reduction (fn_analyze/reduction.py), so nothing is collected again:
    the activations' tokens, as `evaluate` counts its top-n) get scale 0, so no network can
    hold them; the mask file lists them as their own group, not as a network. The default
    (`auto`) sets aside the massive ones only: up to 100 whose magnitude is at least 20x the
-   median neuron's.
+   median neuron's (none with `--scale layer`, the keep-only recipe).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fn_analyze.neuron_sets import set_size
-from shared.masks import MaskFile, load_mask_file, union
+from shared.masks import MASSIVE, MaskFile, load_mask_file, made_for, union
 
 BARS = " ▁▂▃▄▅▆▇█"
 
@@ -70,6 +70,16 @@ def _preprocessing_line(ica: dict[str, Any]) -> str:
     return f"preprocessing: {'; '.join(parts)}\n" if parts else ""
 
 
+USES = {
+    "key": "made for: switching networks off (key), measured with mean ablation: the massive neurons were set aside",
+    "complement": "made for: keeping only the networks (complement): every layer was weighted alike (--scale layer)",
+}
+NO_USE = (
+    "made for: neither use measured well: no massive neuron was set aside, so switching these networks off "
+    "mostly measures the massive neurons' magnitude; remake with the defaults (key) or --scale layer (complement)"
+)
+
+
 def describe(mask: MaskFile) -> str:
     model = mask.model
     total = model.n_layers * model.intermediate_size
@@ -80,6 +90,7 @@ def describe(mask: MaskFile) -> str:
         f"model: {model.name} ({model.model_type}, {model.n_layers} layers x {model.intermediate_size} neurons, "
         f"fingerprint {model.fingerprint})",
         _how_made(mask),
+        USES.get(made_for(mask) or "", NO_USE),
         f"{len(mask.networks)} networks; per-layer profile: one column per layer, 0 to {model.n_layers - 1}",
         "",
         f"{'id':>4} {'size':>6} {'% all':>6} {'layers':>6} {first:>5} {second:>5}{runs_header}  profile",
@@ -105,7 +116,8 @@ def describe(mask: MaskFile) -> str:
     if aside:
         profile = [len(aside.get("layers", {}).get(str(layer), ())) for layer in range(model.n_layers)]
         lines.append(
-            f"set aside ({aside.get('size')} largest-magnitude neurons, in no network): |{layer_profile(profile)}|"
+            f"set aside ({aside.get('size')} largest-magnitude neurons, in no network; select them with "
+            f"--networks {MASSIVE}): |{layer_profile(profile)}|"
         )
     left_out = mask.source.get("ica", {}).get("unstable", [])
     if left_out:

@@ -16,7 +16,22 @@ from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME, TRAINER_STATE_NAM
 from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
-from shared.masks import LayerMasks, MaskFile, MaskMode, build_layer_masks, load_mask_file, parse_mask, select_networks
+from shared.masks import (
+    LayerMasks,
+    MaskFile,
+    MaskMode,
+    NetworkId,
+    build_layer_masks,
+    load_mask_file,
+    made_for,
+    parse_mask,
+    select_networks,
+)
+
+# Only the union kept (complement, mean ablation) against magnitude-matched random keeps, on the demo data
+# (docs/science.md, "Defaults, and why"): masks made with --scale layer, and with the defaults.
+COMPLEMENT_RECIPE_KEPT = 0.50
+COMPLEMENT_DEFAULT_KEPT = 1.07
 
 
 @dataclass(frozen=True)
@@ -24,7 +39,7 @@ class RunMask:
     mask: MaskFile
     source: Path  # the mask file it came from
     mode: MaskMode
-    networks: list[int] | None  # None: every network of the file
+    networks: list[NetworkId] | None  # None: every network of the file
     layer_masks: LayerMasks  # with the ablation applied (zero, mean or scale)
     means_source: str | None = None  # with mean ablation: where the means were measured
 
@@ -60,6 +75,16 @@ class RunMask:
             f"; layers {','.join(map(str, closed))} have no selected neuron and {whole}" if closed else ""
         )
 
+    def recipe_note(self) -> str | None:
+        """One line when a keep-only run uses a mask not made for it (a note, not an error)."""
+        if self.mode != "complement" or made_for(self.mask) == "complement":
+            return None
+        return (
+            f"note: {self.source} was not made with `fn-analyze ica --scale layer`, the keep-only recipe: on the "
+            f"demo data, keeping only such networks cost {COMPLEMENT_RECIPE_KEPT}x the extra loss of random keeps of "
+            f"the same magnitudes, the default's networks {COMPLEMENT_DEFAULT_KEPT}x (docs/science.md)"
+        )
+
     def record(self, baked: bool = False) -> dict[str, Any]:
         """The content of `fn_mask.json`: enough to re-apply the mask (`fn_train.load`)."""
         return {
@@ -76,7 +101,9 @@ class RunMask:
         }
 
 
-def _label(source: Any, mode: Any, networks: list[int] | None, ablation: Any = "zero", scale_factor: Any = None) -> str:
+def _label(
+    source: Any, mode: Any, networks: list[NetworkId] | None, ablation: Any = "zero", scale_factor: Any = None
+) -> str:
     ids = "all" if networks is None else ",".join(map(str, networks))
     how = (
         ""
@@ -88,7 +115,7 @@ def _label(source: Any, mode: Any, networks: list[int] | None, ablation: Any = "
 
 
 def resolve_run_mask(
-    source: Path, mode: MaskMode, networks: list[int] | None, ablation: Ablation | None = None
+    source: Path, mode: MaskMode, networks: list[NetworkId] | None, ablation: Ablation | None = None
 ) -> RunMask:
     """Load and validate the mask file and the selection; no model needed. A mean ablation
     is added later (`with_ablation`), once its means are measured."""

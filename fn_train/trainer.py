@@ -315,6 +315,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
             masking = _install_mask(trainer, run_mask)
             track_mask(trainer.args, run_mask)
             _say(run_mask.describe())
+            if (note := run_mask.recipe_note()) is not None:
+                _say(note)
         if checkpoint is not None:
             _say(f"resuming from {checkpoint}")
         return _train_and_save(trainer, config, run_mask, masking, checkpoint, stop)

@@ -21,6 +21,7 @@ from shared.masks import (
     LayerMasks,
     MaskFile,
     MaskMode,
+    NetworkId,
     build_layer_masks,
     check_compatible,
     load_mask_file,
@@ -157,7 +158,7 @@ def captured_down_proj_inputs(
 def resolve_mask(
     model: nn.Module,
     mask: MaskFile | str | Path,
-    networks: list[int] | None,
+    networks: list[NetworkId] | None,
     mode: MaskMode,
     ablation: Ablation | None = None,
 ) -> tuple[list[DownProjection], LayerMasks]:
@@ -185,7 +186,7 @@ def apply_mask(
     model: nn.Module,
     mask: MaskFile | str | Path,
     mode: MaskMode = "key",
-    networks: list[int] | None = None,
+    networks: list[NetworkId] | None = None,
     ablation: str = "zero",
     scale_factor: float | None = None,
     means: NeuronMeans | np.ndarray | None = None,

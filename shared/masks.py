@@ -39,6 +39,10 @@ from shared.jsonio import write_json_atomic
 MaskMode = Literal["key", "complement"]
 MASK_MODES: tuple[str, ...] = ("key", "complement")
 NeuronSet = dict[int, tuple[int, ...]]  # layer -> sorted neuron indices, no empty layer
+# The neurons `fn-analyze ica` set aside as massive (in no network), selected by this name like a network
+# (`--networks massive`), so that a user can study them on purpose.
+MASSIVE = "massive"
+NetworkId = int | str  # a network's integer id, or MASSIVE
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class ModelInfo:
 class Network:
     """One functional network: sorted neuron indices per layer."""
 
-    id: int
+    id: NetworkId
     layers: dict[int, tuple[int, ...]]
     stats: dict[str, Any] = field(default_factory=dict)  # e.g. peak z-score, stability
 
@@ -95,8 +99,19 @@ class MaskFile:
             "networks": [network.to_dict() for network in self.networks],
         }
 
-    def network_ids(self) -> list[int]:
+    def network_ids(self) -> list[NetworkId]:
         return [network.id for network in self.networks]
+
+    def massive(self) -> Network | None:
+        """The neurons the ICA set aside as massive (`source.ica.set_aside`), as a network named
+        MASSIVE; None when the file sets none aside."""
+        aside = self.source.get("ica", {}).get("set_aside")
+        if not aside:
+            return None
+        where = f"mask file of {self.model.name}, its set-aside neurons"
+        return Network(
+            MASSIVE, _parse_layers(aside.get("layers"), self.model, MASSIVE, lambda p: UserError(f"{where}: {p}"))
+        )
 
 
 def union(networks: Iterable[Network]) -> NeuronSet:
@@ -106,6 +121,17 @@ def union(networks: Iterable[Network]) -> NeuronSet:
         for layer, neurons in network.layers.items():
             merged.setdefault(layer, set()).update(neurons)
     return {layer: tuple(sorted(ns)) for layer, ns in sorted(merged.items()) if ns}
+
+
+def made_for(mask: MaskFile) -> MaskMode | None:
+    """The use a mask file's recorded preprocessing suits (docs/science.md, "Defaults, and why"):
+    `complement` for every layer weighted alike (`ica --scale layer`), `key` for the massive
+    neurons set aside (the default); None for neither (their networks' effect is mostly the
+    massive neurons' magnitude) or a file that records no ICA preprocessing."""
+    ica = mask.source.get("ica", {})
+    if ica.get("scale") == "layer":
+        return "complement"
+    return "key" if ica.get("set_aside") else None
 
 
 def save_mask_file(mask: MaskFile, path: Path) -> None:
@@ -183,8 +209,20 @@ def _parse_network(item: Any, model: ModelInfo, seen_ids: set[int], bad) -> Netw
     if network_id in seen_ids:
         raise bad(f"network id {network_id} appears twice; ids must be unique")
     seen_ids.add(network_id)
+    layers = _parse_layers(item["layers"], model, network_id, bad)
+    declared = item.get("size")
+    network = Network(network_id, layers, {k: v for k, v in item.items() if k not in ("id", "size", "layers")})
+    if declared is not None and declared != network.size:
+        raise bad(f"network {network_id}: 'size' is {declared} but its layers hold {network.size} neurons")
+    return network
+
+
+def _parse_layers(raw: Any, model: ModelInfo, network_id: NetworkId, bad) -> dict[int, tuple[int, ...]]:
+    """A network's `layers` object, each layer index and neuron index checked against `model`."""
+    if not isinstance(raw, dict):
+        raise bad(f"network {network_id}: 'layers' must be an object of layer -> neuron indices")
     layers: dict[int, tuple[int, ...]] = {}
-    for layer_key, neurons in item["layers"].items():
+    for layer_key, neurons in raw.items():
         try:
             layer = int(layer_key)
         except ValueError:
@@ -204,11 +242,7 @@ def _parse_network(item: Any, model: ModelInfo, seen_ids: set[int], bad) -> Netw
             raise bad(f"network {network_id}, layer {layer}: neuron index {duplicate} listed twice")
         if neurons:
             layers[layer] = tuple(sorted(neurons))
-    declared = item.get("size")
-    network = Network(network_id, layers, {k: v for k, v in item.items() if k not in ("id", "size", "layers")})
-    if declared is not None and declared != network.size:
-        raise bad(f"network {network_id}: 'size' is {declared} but its layers hold {network.size} neurons")
-    return network
+    return layers
 
 
 def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file") -> None:
@@ -222,18 +256,22 @@ def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file"
             )
 
 
-def parse_network_ids(text: str | None) -> list[int] | None:
-    """`"0,3,5-7"` -> [0, 3, 5, 6, 7]; None or "all" -> None (every network).
+def parse_network_ids(text: str | None) -> list[NetworkId] | None:
+    """`"0,3,5-7"` -> [0, 3, 5, 6, 7]; `"massive"` names the set-aside neurons; None or "all" -> None
+    (every network).
 
     An empty value or an empty range ("5-3") is an error, not "all": it selects nothing.
     """
     if text is None or text.strip().lower() == "all":
         return None
     if not text.strip():
-        raise UserError("--networks is empty; give ids like 0,3,5-7, or all (the default)")
-    ids: list[int] = []
+        raise UserError(f"--networks is empty; give ids like 0,3,5-7 or {MASSIVE}, or all (the default)")
+    ids: list[NetworkId] = []
     for part in text.split(","):
         part = part.strip()
+        if part.lower() == MASSIVE:
+            ids.append(MASSIVE)
+            continue
         try:
             if "-" in part:
                 start, end = (int(x) for x in part.split("-", 1))
@@ -243,16 +281,27 @@ def parse_network_ids(text: str | None) -> list[int] | None:
             else:
                 ids.append(int(part))
         except ValueError:
-            raise UserError(f"--networks {text!r}: {part!r} is not a network id; use ids like 0,3,5-7") from None
+            raise UserError(
+                f"--networks {text!r}: {part!r} is not a network id; use ids like 0,3,5-7 or {MASSIVE}"
+            ) from None
     return ids
 
 
-def select_networks(mask: MaskFile, ids: list[int] | None) -> list[Network]:
-    """The networks with the given ids (all when None); unknown ids and empty selections are errors."""
+def select_networks(mask: MaskFile, ids: list[NetworkId] | None) -> list[Network]:
+    """The networks with the given ids (all when None; MASSIVE: the set-aside neurons); unknown ids
+    and empty selections are errors."""
     if ids is None:
         selected = list(mask.networks)
     else:
         by_id = {network.id: network for network in mask.networks}
+        massive = mask.massive()
+        if massive is not None:
+            by_id[MASSIVE] = massive
+        elif MASSIVE in ids:
+            raise UserError(
+                f"--networks {MASSIVE}: the mask file sets no neuron aside (made with --set-aside 0, or on data "
+                "without massive activations); see `fn-analyze show`"
+            )
         unknown = [i for i in ids if i not in by_id]
         if unknown:
             raise UserError(
@@ -271,7 +320,7 @@ def select_networks(mask: MaskFile, ids: list[int] | None) -> list[Network]:
     return selected
 
 
-def _id_range(ids: list[int]) -> str:
+def _id_range(ids: list[NetworkId]) -> str:
     if not ids:
         return "none"
     if ids == list(range(ids[0], ids[-1] + 1)):

@@ -401,7 +401,10 @@ def test_model_path_that_does_not_exist_is_named(demo_dir: Path, tmp_path: Path)
     ("flags", "message"),
     [
         (["--ablation", "half"], "--ablation 'half' is unknown; use zero, mean or scale"),
-        (["--scale-factor", "2", "--ablation", "zero"], "--scale-factor is given but --ablation is zero; add --ablation scale"),
+        (
+            ["--scale-factor", "2", "--ablation", "zero"],
+            "--scale-factor is given but --ablation is zero; add --ablation scale",
+        ),
         (["--means-from", "acts"], "--means-from is given but --ablation is zero; add --ablation mean"),
     ],
     ids=["unknown-ablation", "factor-without-scale", "means-without-mean"],

@@ -309,3 +309,30 @@ def test_masks_scored_together_give_what_one_mask_a_pass_gives(
     assert [c["closed_layers"] for c in results[1]["conditions"]] == [
         c["closed_layers"] for c in results[3]["conditions"]
     ]
+
+
+def test_random_sets_leave_out_the_set_aside_neurons_and_the_massive_group_is_measured(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, record_draws
+) -> None:
+    from shared.masks import MaskFile, load_mask_file, save_mask_file
+
+    plain = load_mask_file(
+        write_mask(load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu")), NETWORKS, tmp_path / "p.json")
+    )
+    set_aside = {0: [30, 31, 32], 1: [0, 1]}  # next to network 0's neurons, in the layers the networks use
+    source = {"ica": {"set_aside": {"size": 5, "layers": {str(k): v for k, v in set_aside.items()}}}}
+    mask_path = tmp_path / "aside.json"
+    save_mask_file(MaskFile(plain.model, plain.networks, source), mask_path)
+    aside_pairs = {(layer, n) for layer, ns in set_aside.items() for n in ns}
+    results = evaluate(_config(tiny_lm_dir, demo_dir, mask_path, tmp_path / "r.json", per_network=False))
+    assert results["magnitude"]["set_aside_left_out"] == 5
+    assert record_draws and not any(pairs(drawn) & aside_pairs for _, _, _, drawn in record_draws)
+    assert all(not allowed[layer, n] for _, _, allowed, _ in record_draws for layer, n in aside_pairs)
+    record_draws.clear()
+    massive = evaluate(_config(tiny_lm_dir, demo_dir, mask_path, tmp_path / "m.json", networks="massive"))
+    assert [(c["name"], c["networks"], c["neurons"]) for c in massive["conditions"]][0] == (
+        "network massive",
+        ["massive"],
+        5,
+    )
+    assert all(allowed[layer, n] for _, _, allowed, _ in record_draws for layer, n in aside_pairs)

@@ -137,7 +137,7 @@ def test_consensus_figures_are_stored_and_unstable_components_left_out(tmp_path:
         assert stats["share"] == 1.0 and stats["quality"] >= 0.9 and stats["stable"] is True
         assert stats["split_iou"] >= 0.8  # the even and the odd tokens' runs find it alike
         assert stats["run_iou"] >= 0.9  # each run on the whole data finds its neurons alike
-        row = describe(mask).splitlines()[6 + best]  # shown by `show`
+        row = describe(mask).splitlines()[7 + best]  # shown by `show`
         assert f"{stats['quality']:.2f}  1.00  {stats['run_iou']:.2f}  |" in row
     # 5 sources, 8 components: the 3 others are noise, clustered loosely, and not emitted.
     assert len(mask.networks) == len(planted)

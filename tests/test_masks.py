@@ -142,4 +142,4 @@ def test_schema_1_files_are_migrated_on_read(llama, tmp_path: Path) -> None:
 
     shown = describe(mask)
     assert "one ICA run (schema 1" in shown and "stab. reap." in shown
-    assert "0.97  1.00  |" in shown.splitlines()[5]
+    assert "0.97  1.00  |" in shown.splitlines()[6]

@@ -185,6 +185,13 @@ def test_set_aside_neurons_never_enter_a_network_and_are_listed(tmp_path: Path, 
     assert default.source["ica"]["set_aside_top"] == "auto"
     assert not pairs(union(default.networks)) & {(1, int(c) - WIDTH) for c in massive}
     assert "the 3 largest-magnitude neurons set aside" in describe(default)
+    assert "select them with --networks massive" in describe(default)
+    assert "made for: switching networks off (key)" in describe(default)
+    # The keep-only recipe (--scale layer): auto sets none aside, so the networks may hold the massive neurons.
+    layer = run_ica(IcaConfig(activations=folder, out=tmp_path / "layer.json", scale="layer", **common))
+    assert "set_aside" not in layer.source["ica"] and layer.massive() is None
+    assert "made for: keeping only the networks (complement)" in describe(layer)
+    assert "made for: neither use" in describe(mask)
     aside = run_ica(IcaConfig(activations=folder, out=tmp_path / "b.json", set_aside_top=3, **common))
     held = pairs(union(aside.networks))
     assert not held & {(1, int(c) - WIDTH) for c in massive}
