@@ -251,7 +251,7 @@ class EvaluateConfig:
     mask_file: Path = option(help="The mask file whose networks are measured.")
     dataset: str = option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
-    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7 (default all).")
+    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
     out: Path | None = option(  # the plot is written beside it as .png
         None, help="Results JSON (default runs/eval/<mask>.json); the plot goes beside it."
     )

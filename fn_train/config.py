@@ -65,7 +65,7 @@ class TrainConfig:
     mask_mode: str | None = option(  # key is the default when there is a mask
         None, help="key: switch the networks off; complement: keep only them."
     )
-    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7 (default all).")
+    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
     ablation: str = option("zero", help="What the mask does to its neurons: zero, mean (their mean activation), scale.")
     scale_factor: float | None = option(None, help="With --ablation scale: the factor (default 2.0).")
     # With --ablation mean: an activations folder of the model to take the means from; default: a pass of the
