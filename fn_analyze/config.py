@@ -26,7 +26,7 @@ AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, th
 SET_ASIDE_AUTO_MAX = 100
 SET_ASIDE_AUTO_RATIO = 20.0
 
-_DATA_FORMAT_HELP = "auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text"
+_DATA_FORMAT_HELP = "auto, multiple_choice, qa, alpaca, prompt_completion, prompt_response, messages or text"
 _MODEL_HELP = "HF name, local path, or the embedded model."
 
 

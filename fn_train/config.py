@@ -20,7 +20,7 @@ class TrainConfig:
     output_dir: Path = option(help="Where the adapter/model, fn_mask.json and checkpoints go.")
     model_name_or_path: str = option(EMBEDDED_MODEL_NAME, help="HF name, local path, or the embedded model.")
     data_format: str = option(
-        "auto", help="auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text"
+        "auto", help="auto, multiple_choice, qa, alpaca, prompt_completion, prompt_response, messages or text"
     )
     # auto: the tokenizer's chat template when it has one, else plain
     template_format: str = option("auto", help="auto|chat|alpaca|plain")
