@@ -250,8 +250,9 @@ class EvaluateConfig:
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
     networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7 (default all).")
     out: Path | None = option(  # the plot is written beside it as .png
-        None, help="Results JSON (default runs/eval/<mask>.json); the plot goes beside it."
+        None, help="Results JSON (default runs/eval/<mask>-<data>.json); the plot goes beside it."
     )
+    overwrite: bool = option(False, help="Replace an existing results file and its plot.")
     split: str | None = option(None, help="Dataset split (default validation/test, else train).")
     data_format: str = option("auto", help=_DATA_FORMAT_HELP)
     template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
@@ -304,7 +305,9 @@ class EvaluateConfig:
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
             raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
         self.mask_file = Path(self.mask_file)
-        self.out = Path(self.out) if self.out is not None else Path("runs") / "eval" / f"{self.mask_file.stem}.json"
+        if self.out is None:  # named after the data too: a run on other data must not replace this one's results
+            self.out = Path("runs") / "eval" / f"{self.mask_file.stem}-{Path(self.dataset).stem}.json"
+        self.out = Path(self.out)
         if self.activations is not None:
             self.activations = Path(self.activations)
         if self.out.suffix != ".json":
