@@ -12,16 +12,18 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
-from shared.cli import PlainHelpCommand, config_options, handle_errors, setup_logging, typer_app
+from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
 
 app = typer_app(help="Find functional networks (ICA over MLP neurons) in a language model.", no_args_is_help=True)
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v", help="Log progress details.")] = False,
 ) -> None:
     setup_logging(verbose)
+    ctx.with_resource(library_warnings(verbose))  # held until the command returns
 
 
 @app.command("collect", cls=PlainHelpCommand)

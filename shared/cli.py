@@ -34,7 +34,16 @@ R = TypeVar("R")
 # Libraries whose logs are hidden unless --verbose. They log warnings about optional
 # kernels and log errors just before raising them; a failure reaches the user as our one
 # error line, naming the cause, so a failed run prints that line and nothing else.
-QUIET_LIBRARIES = ("accelerate", "bitsandbytes", "datasets", "huggingface_hub", "peft", "transformers", "trl")
+QUIET_LIBRARIES = (
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "huggingface_hub",
+    "kernels",  # its hub trust check, logged when bitsandbytes loads even with no quantization asked
+    "peft",
+    "transformers",
+    "trl",
+)
 
 
 # Whether this process's command runs with --verbose: set by setup_logging, which every command
