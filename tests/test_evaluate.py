@@ -237,6 +237,9 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_input(
     result = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert "network 1" in result.output and "magnitude-matched" in result.output
+    for legend in ("for complement (only they kept), lower is better", "n/a: the random sets added no loss"):
+        assert legend in result.output  # the table's marks are explained: n/a, top100, (n)
+    assert "top100: the condition's neurons among the 100 largest" in result.output and "(n) after" in result.output
     assert_png(tmp_path / "r.png")
     again = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
     refused(again, f"--out {tmp_path / 'r.json'} already exists; pass --overwrite to replace it")
