@@ -13,6 +13,7 @@ import typer
 
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
 from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.threads import set_thread_defaults
 
 app = typer_app(help="Find functional networks (ICA over MLP neurons) in a language model.", no_args_is_help=True)
 
@@ -125,6 +126,7 @@ def demo_data_command(
 
 
 def main() -> None:
+    set_thread_defaults()  # before torch loads: see shared/threads.py
     app()
 
 

@@ -13,6 +13,7 @@ import typer
 
 from fn_train import config as train_config
 from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.threads import set_thread_defaults
 
 
 @config_options(train_config.TrainConfig, both_spellings=True, config_file="fn-train")
@@ -36,6 +37,7 @@ app.command(help=run.__doc__, cls=PlainHelpCommand)(handle_errors("fn-train")(ru
 
 
 def main() -> None:
+    set_thread_defaults()  # before torch loads: see shared/threads.py
     app()
 
 

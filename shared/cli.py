@@ -26,6 +26,7 @@ from typer.core import TyperCommand, TyperGroup
 from shared.errors import Interrupted, UserError
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, option_spec
+from shared.threads import thread_note
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,6 +74,8 @@ def setup_logging(verbose: bool = False) -> None:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
+    if (note := thread_note()) is not None:
+        logging.getLogger(__name__).info(note)
 
 
 @contextmanager
