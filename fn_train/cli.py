@@ -12,7 +12,8 @@ from typing import Annotated, Any
 import typer
 
 from fn_train import config as train_config
-from shared.cli import config_options, handle_errors, library_warnings, setup_logging
+from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.threads import set_thread_defaults
 
 
 @config_options(train_config.TrainConfig, both_spellings=True, config_file="fn-train")
@@ -31,11 +32,12 @@ def run(
         train(train_config.TrainConfig(**settings))
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command(help=run.__doc__)(handle_errors("fn-train")(run))
+app = typer_app()
+app.command(help=run.__doc__, cls=PlainHelpCommand)(handle_errors("fn-train")(run))
 
 
 def main() -> None:
+    set_thread_defaults()  # before torch loads: see shared/threads.py
     app()
 
 
