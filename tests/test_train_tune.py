@@ -216,3 +216,35 @@ def test_the_deltas_start_at_zero_and_change_nothing(tiny_lm_dir) -> None:
     assert [name for name, p in model.named_parameters() if p.requires_grad] == [
         f"fn_neuron_deltas.deltas.{key}" for key in deltas.deltas
     ]
+
+
+def test_evaluate_scores_a_tuned_folder_next_to_its_base(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    """The task's held-out rows and a retention set, base vs tuned; the tuned figures are the ones of the
+    deltas as trained (hooks), the base's those of the model the run names."""
+    from fn_analyze.cli import app as analyze
+    from fn_analyze.scoring import answer_loss, load_eval_set, make_batches
+    from shared.models import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    _tune(tiny_lm_dir, demo_dir, tmp_path / "out", mask)
+    out = tmp_path / "eval.json"
+    args = ["--tuned", str(tmp_path / "out"), "--dataset", str(demo_dir / "eval.csv"), "--out", str(out)]
+    result = CliRunner().invoke(analyze, ["evaluate", *args, "--retention", str(demo_dir / "sentiment.csv")])
+    assert result.exit_code == 0, result.output
+    assert f"base {tiny_lm_dir}" in result.output
+    results = json.loads(out.read_text())
+    task, retention = results["datasets"]
+    assert (task["role"], retention["role"]) == ("task", "retention") and "accuracy" in retention["tuned"]
+
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    tokenizer.padding_side = "right"
+    batches = make_batches(load_eval_set(str(demo_dir / "eval.csv"), tokenizer, limit=200), 16, tokenizer.pad_token_id)
+    assert task["base"]["loss"] == pytest.approx(answer_loss(base, batches), abs=1e-5)
+    with load_masked_model(tmp_path / "out") as model:
+        assert task["tuned"]["loss"] == pytest.approx(answer_loss(model, batches), abs=1e-4)
+    assert task["change"]["loss"] == pytest.approx(task["tuned"]["loss"] - task["base"]["loss"])
+    assert abs(task["change"]["loss"]) > 1e-3
+
+    both = CliRunner().invoke(analyze, ["evaluate", *args, "--mask-file", str(mask)])
+    refused(both, "give --mask-file (measure networks) or --tuned")
