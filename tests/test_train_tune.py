@@ -4,7 +4,11 @@ bit-identical; the random control; 4-bit bases; merging, loading and resuming th
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from tests.helpers import (
     random_ids,
     refused,
     small_run,
+    subprocess_env,
     tiny_model,
     train_args,
     write_mask,
@@ -125,10 +130,12 @@ def test_merged_and_unmerged_deltas_give_the_same_logits(tiny_lm_dir, demo_dir, 
         assert count_hooks(model) == 0  # the weights hold the deltas
 
 
-def test_a_4bit_base_trains_the_deltas_in_full_precision(tiny_lm_dir, demo_dir, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_trains_the_deltas_in_full_precision(bits: int, tiny_lm_dir, demo_dir, tmp_path, capsys):
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    _tune(tiny_lm_dir, demo_dir, tmp_path / "out", mask, use_4bit=True, weight_decay=0.1)
+    flags = {"use_4bit": bits == 4, "use_8bit": bits == 8}
+    _tune(tiny_lm_dir, demo_dir, tmp_path / "out", mask, weight_decay=0.1, **flags)
     assert "trainable: 2,112 parameters" in capsys.readouterr().out  # 11 x 3 x 64 of the unpacked model
     deltas = load_file(tmp_path / "out" / "fn_tune.safetensors")
     assert all(t.dtype == torch.float32 and torch.count_nonzero(t) > 0 for t in deltas.values())
@@ -248,3 +255,48 @@ def test_evaluate_scores_a_tuned_folder_next_to_its_base(tiny_lm_dir, demo_dir, 
 
     both = CliRunner().invoke(analyze, ["evaluate", *args, "--mask-file", str(mask)])
     refused(both, "give --mask-file (measure networks) or --tuned")
+
+
+def test_ica_on_the_fly_tunes_the_networks_it_found(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    from shared.masks import load_mask_file
+
+    out = tmp_path / "out"
+    config = small_run(
+        tiny_lm_dir, demo_dir, out, None, ica_on_the_fly=True, ica_components=4, ica_max_tokens=600,
+        mask_mode="tune", networks="0", merge_adapter=True,
+    )  # fmt: skip
+    train(config)
+    found = load_mask_file(out / "fn_ica_mask.json").networks[0].layers
+    record = json.loads((out / "fn_mask.json").read_text())
+    assert record["tuned_neurons"] == {str(layer): list(neurons) for layer, neurons in sorted(found.items())}
+    chosen = {layer: list(neurons) for layer, neurons in found.items()}
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    assert_only_tuned_neurons_moved(base, AutoModelForCausalLM.from_pretrained(out), chosen)
+
+
+@pytest.mark.slow  # about 30 s: two ranks that each import torch, transformers and TRL
+def test_two_ddp_ranks_tune_the_same_random_neurons(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    out = tmp_path / "out"
+    flags = ["--mask-file", str(mask), "--mask-mode", "tune", "--networks", "0,1", "--random-neurons", "layer"]
+    flags += ["--learning_rate", "1e-2", "--max_seq_length", "48", "--per_device_train_batch_size", "2"]
+    args = train_args(tiny_lm_dir, demo_dir / "train.csv", out, *flags, "--merge_adapter", max_steps=3)
+    ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launcher = subprocess.Popen(
+        [sys.executable, *ranks, "-m", "fn_train.cli", *args],
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:  # a hung rendezvous must not leave the ranks running
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
+    for rank in (0, 1):
+        assert f"fn-train[rank {rank}]: trainable: 2,112 parameters" in stdout
+    record = json.loads((out / "fn_mask.json").read_text())
+    drawn = {int(layer): neurons for layer, neurons in record["tuned_neurons"].items()}
+    assert drawn != TUNED
+    assert_only_tuned_neurons_moved(base, AutoModelForCausalLM.from_pretrained(out), drawn)
