@@ -22,9 +22,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,8 +38,16 @@ from shared.masks import NeuronSet
 DELTAS_ATTRIBUTE = "fn_neuron_deltas"  # the deltas' module on the model, so the optimizer and DDP see its parameters
 
 
-def _key(layer: int, part: str) -> str:
-    return f"layer{layer}_{part}"
+@dataclass(frozen=True)
+class _Target:
+    """One projection the deltas of a layer's neurons are added to."""
+
+    module: nn.Module  # as it sits in the model (wrappers included): the hook goes on it
+    key: str  # its delta's name in `NeuronDeltas.deltas` (`<key>_bias`: its bias entries, if any)
+    layer: int
+    role: str  # "down" (the neurons are its input features) or "in" (its output features)
+    index: int  # "in": which of the layer's input projections (`mlp_input_projections` order)
+    rows: torch.Tensor  # the neurons' entries of its output ("in") or input ("down")
 
 
 class NeuronDeltas(nn.Module):
@@ -49,29 +59,28 @@ class NeuronDeltas(nn.Module):
         self.neurons = {layer: tuple(ns) for layer, ns in sorted(neurons.items()) if ns}
         self.deltas = nn.ParameterDict()
         by_layer = {p.layer: p for p in find_down_projections(model)}
-        self._targets: list[tuple[nn.Module, str, int, str]] = []  # (module in the model, key, layer, role)
+        self._targets: list[_Target] = []
         for layer, chosen in self.neurons.items():
             if layer not in by_layer:
                 raise UserError(f"the tuned neurons name layer {layer}, which the model does not have")
             projection = by_layer[layer]
-            hidden = projection.out_features
-            device = _device_of(projection.module)
-            self.deltas[_key(layer, "down")] = nn.Parameter(
-                torch.zeros(len(chosen), hidden, dtype=dtype, device=device)
-            )
-            self._targets.append((projection.module, _key(layer, "down"), layer, "down"))
-            for index, module in enumerate(mlp_input_projections(model, projection)):
-                width = projection_shape(module)[1] // projection.in_features  # 2 for a fused gate-and-up layer
-                key = _key(layer, f"in{index}")
-                rows = width * len(chosen)
-                self.deltas[key] = nn.Parameter(torch.zeros(rows, hidden, dtype=dtype, device=device))
-                if base_layer(module).bias is not None:
-                    self.deltas[key + "_bias"] = nn.Parameter(torch.zeros(rows, dtype=dtype, device=device))
-                self._targets.append((module, key, layer, "in"))
-        self._rows = {
-            key: _rows(self.neurons[layer], role, projection_shape(module), by_layer[layer].in_features)
-            for module, key, layer, role in self._targets
-        }
+            index = torch.tensor(chosen, dtype=torch.long)
+            device, hidden = _device_of(projection.module), projection.out_features
+            self._add(_Target(projection.module, f"layer{layer}_down", layer, "down", 0, index), hidden, dtype, device)
+            for position, module in enumerate(mlp_input_projections(model, projection)):
+                fused = projection_shape(module)[1] == 2 * projection.in_features  # neuron j at j and j + size
+                rows = torch.cat([index, index + projection.in_features]) if fused else index
+                target = _Target(module, f"layer{layer}_in{position}", layer, "in", position, rows)
+                self._add(target, hidden, dtype, device, with_bias=base_layer(module).bias is not None)
+
+    def _add(
+        self, target: _Target, hidden: int, dtype: torch.dtype, device: torch.device, with_bias: bool = False
+    ) -> None:
+        """One (neurons x hidden) delta, zero, for `target` (and its bias entries' when it has a bias)."""
+        self._targets.append(target)
+        self.deltas[target.key] = nn.Parameter(torch.zeros(len(target.rows), hidden, dtype=dtype, device=device))
+        if with_bias:
+            self.deltas[target.key + "_bias"] = nn.Parameter(torch.zeros(len(target.rows), dtype=dtype, device=device))
 
     @property
     def n_neurons(self) -> int:
@@ -81,16 +90,18 @@ class NeuronDeltas(nn.Module):
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.deltas.values())
 
-    def _hook(self, key: str, role: str):
+    def _bias(self, target: _Target) -> nn.Parameter | None:
+        return self.deltas[target.key + "_bias"] if target.key + "_bias" in self.deltas else None
+
+    def _hook(self, target: _Target):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = self.deltas[key]
-            rows = self._rows[key].to(output.device)
+            delta = self.deltas[target.key]
+            rows = target.rows.to(output.device)
             x = args[0]
-            if role == "down":
+            if target.role == "down":
                 # The chosen neurons' inputs times their rows of the delta, added to the whole output.
                 return output + (x.index_select(-1, rows).to(delta.dtype) @ delta).to(output.dtype)
-            bias = self.deltas[key + "_bias"] if key + "_bias" in self.deltas else None
-            added = nn.functional.linear(x.to(delta.dtype), delta, bias).to(output.dtype)
+            added = nn.functional.linear(x.to(delta.dtype), delta, self._bias(target)).to(output.dtype)
             return output.index_add(-1, rows, added)
 
         return hook
@@ -98,7 +109,7 @@ class NeuronDeltas(nn.Module):
     @contextmanager
     def applied(self) -> Iterator[NeuronDeltas]:
         """The deltas added to the model's outputs while the block runs (hooks removed after)."""
-        with forward_hooks([(module, self._hook(key, role)) for module, key, _, role in self._targets]):
+        with forward_hooks([(target.module, self._hook(target)) for target in self._targets]):
             yield self
 
     def merge_into(self, model: nn.Module) -> None:
@@ -106,19 +117,21 @@ class NeuronDeltas(nn.Module):
         on): summed in float64, then cast, so every other entry is left exactly as it was."""
         by_layer = {p.layer: p for p in find_down_projections(model)}
         with torch.no_grad():
-            for _, key, layer, role in self._targets:
-                projection = by_layer[layer]
-                modules = [projection.module] if role == "down" else mlp_input_projections(model, projection)
-                module = base_layer(modules[0] if role == "down" else modules[int(key.rpartition("in")[2])])
-                delta = self.deltas[key].detach().to(device=module.weight.device, dtype=torch.float64)
-                rows = self._rows[key].to(module.weight.device)
-                linear = isinstance(module, nn.Linear)
-                # The neuron axis: Linear down-projection and Conv1D input: columns; the others: rows.
-                neuron_dim = (1 if linear else 0) if role == "down" else (0 if linear else 1)
-                oriented = delta.T if (role == "down") == linear else delta
-                _add_along(module.weight, neuron_dim, rows, oriented)
-                if role == "in" and key + "_bias" in self.deltas:
-                    _add_along(module.bias, 0, rows, self.deltas[key + "_bias"].detach().double())
+            for target in self._targets:
+                projection = by_layer[target.layer]
+                down = target.role == "down"
+                module = base_layer(
+                    projection.module if down else mlp_input_projections(model, projection)[target.index]
+                )
+                delta = self.deltas[target.key].detach().to(device=module.weight.device, dtype=torch.float64)
+                rows = target.rows.to(module.weight.device)
+                linear = isinstance(module, nn.Linear)  # weight (out, in); GPT-2's Conv1D holds (in, out)
+                # The neuron axis: columns of a Linear down-projection and of a Conv1D input projection, else rows.
+                neuron_dim = (1 if linear else 0) if down else (0 if linear else 1)
+                _add_along(module.weight, neuron_dim, rows, delta.T if down == linear else delta)
+                bias = None if down else self._bias(target)
+                if bias is not None:
+                    _add_along(module.bias, 0, rows, bias.detach().double().to(module.bias.device))
 
     def save(self, path: Path) -> None:
         """The deltas and the neurons they belong to, as one safetensors file."""
@@ -127,8 +140,11 @@ class NeuronDeltas(nn.Module):
 
     def load(self, path: Path) -> None:
         """Copy the deltas of a file written by `save` for the same neurons into this module."""
+        with safe_open(str(path), "pt") as handle:
+            neurons = json.loads((handle.metadata() or {}).get("neurons", "{}"))
         loaded = load_file(str(path))
-        if set(loaded) != set(self.deltas) or any(loaded[k].shape != self.deltas[k].shape for k in loaded):
+        same = {int(layer): tuple(ns) for layer, ns in neurons.items()} == self.neurons
+        if not same or set(loaded) != set(self.deltas) or any(loaded[k].shape != self.deltas[k].shape for k in loaded):
             raise UserError(f"{path} holds deltas of other neurons than this run's; tune with the same mask flags")
         with torch.no_grad():
             for key, value in loaded.items():
@@ -137,14 +153,6 @@ class NeuronDeltas(nn.Module):
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(base_layer(module).parameters()).device
-
-
-def _rows(neurons: tuple[int, ...], role: str, shape, intermediate: int) -> torch.Tensor:
-    """The entries of a projection's output (input projection) or input (down) that are the neurons'."""
-    index = torch.tensor(neurons, dtype=torch.long)
-    if role == "in" and shape[1] == 2 * intermediate:
-        return torch.cat([index, index + intermediate])
-    return index
 
 
 def _add_along(parameter: torch.Tensor, dim: int, index: torch.Tensor, values: torch.Tensor) -> None:
