@@ -314,6 +314,13 @@ class EvaluateConfig:
             raise UserError("give --mask-file (measure networks) or --tuned (measure a fine-tuned folder), not both")
         if self.retention is not None and self.tuned is None:
             raise UserError("--retention is scored next to --tuned; add --tuned or drop --retention")
+        for flag, given in (
+            ("--networks", self.networks is not None),
+            ("--activations", self.activations is not None),
+            ("--random-fraction", self.random_fraction is not None),
+        ):
+            if given and self.tuned is not None:
+                raise UserError(f"{flag} selects or measures networks, which --tuned does not; drop {flag}")
         self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
         self.tuned = Path(self.tuned) if self.tuned is not None else None
         measured = self.mask_file.stem if self.mask_file is not None else f"{self.tuned.name}-tuned"

@@ -98,9 +98,10 @@ def evaluate_tuned(config: EvaluateConfig) -> dict[str, Any]:
 
 def format_tuned_table(results: dict[str, Any]) -> str:
     """One row per dataset: base and tuned answer loss (and accuracy), and the change."""
+    width = max(len("dataset"), *(len(row["source"]) for row in results["datasets"]))
     lines = [
         f"what tuning changed and kept: {results['tuned']} (base {results['base_model']})",
-        f"{'dataset':<28} {'role':<10} {'rows':>5} {'base loss':>10} {'tuned loss':>11} {'change':>8}  accuracy",
+        f"{'dataset':<{width}} {'role':<10} {'rows':>5} {'base loss':>10} {'tuned loss':>11} {'change':>8}  accuracy",
     ]
     for row in results["datasets"]:
         accuracy = ", ".join(
@@ -109,7 +110,7 @@ def format_tuned_table(results: dict[str, Any]) -> str:
             if name in row["base"]
         )
         lines.append(
-            f"{row['source'][-28:]:<28} {row['role']:<10} {row['rows']:>5} {row['base']['loss']:>10.4f} "
+            f"{row['source']:<{width}} {row['role']:<10} {row['rows']:>5} {row['base']['loss']:>10.4f} "
             f"{row['tuned']['loss']:>11.4f} {row['change']['loss']:>+8.4f}  {accuracy or '-'}"
         )
     return "\n".join(lines)

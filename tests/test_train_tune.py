@@ -255,6 +255,7 @@ def test_evaluate_scores_a_tuned_folder_next_to_its_base(tiny_lm_dir, demo_dir, 
 
     both = CliRunner().invoke(analyze, ["evaluate", *args, "--mask-file", str(mask)])
     refused(both, "give --mask-file (measure networks) or --tuned")
+    refused(CliRunner().invoke(analyze, ["evaluate", *args, "--networks", "0"]), "--networks selects or measures")
 
 
 def test_ica_on_the_fly_tunes_the_networks_it_found(tiny_lm_dir, demo_dir, tmp_path) -> None:
