@@ -230,7 +230,10 @@ def _install_tuning(trainer, run_mask: RunMask, base_model: str) -> contextlib.A
 def _tune_control(run_mask: RunMask, config: TrainConfig, trainer=None) -> RunMask:
     """Tune mode with --random-neurons: the random set of the networks' counts; a magnitude-matched one
     needs the model (`trainer`), a layer-matched one does not (drawn before the model loads)."""
-    if config.random_neurons is None or (config.random_neurons == "magnitude") != (trainer is not None):
+    if config.random_neurons is None:
+        return run_mask
+    needs_model = config.random_neurons == "magnitude"
+    if needs_model != (trainer is not None):  # drawn at the other call
         return run_mask
     from fn_train.tune import random_control, training_magnitude
 

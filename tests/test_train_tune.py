@@ -143,6 +143,24 @@ def test_a_quantized_base_trains_the_deltas_in_full_precision(bits: int, tiny_lm
         assert torch.isfinite(forward_logits(model, random_ids(base))).all()
 
 
+def test_a_bfloat16_base_trains_float32_deltas_that_merge(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.bfloat16)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    _tune(tiny_lm_dir, demo_dir, tmp_path / "deltas", mask, torch_dtype="bfloat16")
+    _tune(tiny_lm_dir, demo_dir, tmp_path / "merged", mask, torch_dtype="bfloat16", merge_adapter=True)
+    deltas = load_file(tmp_path / "deltas" / "fn_tune.safetensors")
+    assert all(t.dtype == torch.float32 and torch.count_nonzero(t) > 0 for t in deltas.values())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16
+    assert_only_tuned_neurons_moved(base, merged, TUNED)
+    ids = random_ids(base)
+    with load_masked_model(tmp_path / "deltas", dtype=torch.bfloat16) as model:
+        unmerged = forward_logits(model, ids)
+    # bfloat16 keeps 8 bits of mantissa: the merged weights round W + delta, the hooks round each output.
+    torch.testing.assert_close(forward_logits(merged, ids).float(), unmerged.float(), atol=5e-2, rtol=5e-2)
+    assert not torch.allclose(forward_logits(base, ids).float(), unmerged.float(), atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("matched_on", ["layer", "magnitude"])
 def test_random_neurons_of_the_same_counts_are_drawn_seeded_and_recorded(
     matched_on: str, tiny_lm_dir, demo_dir, tmp_path
