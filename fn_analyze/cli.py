@@ -13,24 +13,22 @@ import typer
 
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
 from fn_analyze.demo_data import FAMILIES
-from shared.cli import config_options, handle_errors, setup_logging
+from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.threads import set_thread_defaults
 
-app = typer.Typer(
-    help="Find functional networks (ICA over MLP neurons) in a language model.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer_app(help="Find functional networks (ICA over MLP neurons) in a language model.", no_args_is_help=True)
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v", help="Log progress details.")] = False,
 ) -> None:
     setup_logging(verbose)
+    ctx.with_resource(library_warnings(verbose))  # held until the command returns
 
 
-@app.command("collect")
+@app.command("collect", cls=PlainHelpCommand)
 @handle_errors("fn-analyze collect")
 @config_options(CollectConfig)
 def collect_command(settings: dict[str, Any]) -> None:
@@ -44,7 +42,7 @@ def collect_command(settings: dict[str, Any]) -> None:
     collect(CollectConfig(**settings))
 
 
-@app.command("ica")
+@app.command("ica", cls=PlainHelpCommand)
 @handle_errors("fn-analyze ica")
 @config_options(IcaConfig)
 def ica_command(settings: dict[str, Any]) -> None:
@@ -54,7 +52,7 @@ def ica_command(settings: dict[str, Any]) -> None:
     run_ica(IcaConfig(**settings))
 
 
-@app.command("verify")
+@app.command("verify", cls=PlainHelpCommand)
 @handle_errors("fn-analyze verify")
 def verify_command(
     activations: Annotated[Path, typer.Argument(help="Folder written by `fn-analyze collect`.")],
@@ -65,7 +63,7 @@ def verify_command(
     typer.echo(verify_activations(activations))
 
 
-@app.command("show")
+@app.command("show", cls=PlainHelpCommand)
 @handle_errors("fn-analyze show")
 def show_command(
     mask_file: Annotated[Path, typer.Argument(help="A mask file.")],
@@ -81,7 +79,7 @@ def show_command(
         typer.echo(f"plot: {plot}")
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=PlainHelpCommand)
 @handle_errors("fn-analyze evaluate")
 @config_options(EvaluateConfig)
 def evaluate_command(settings: dict[str, Any]) -> None:
@@ -95,7 +93,7 @@ def evaluate_command(settings: dict[str, Any]) -> None:
     typer.echo(f"results: {config.out}\nplot: {config.plot_path}")
 
 
-@app.command("compare")
+@app.command("compare", cls=PlainHelpCommand)
 @handle_errors("fn-analyze compare")
 @config_options(CompareConfig)
 def compare_command(settings: dict[str, Any]) -> None:
@@ -107,7 +105,7 @@ def compare_command(settings: dict[str, Any]) -> None:
     typer.echo(f"results: {config.out}\nheatmap: {config.plot_path}")
 
 
-@app.command("demo-data")
+@app.command("demo-data", cls=PlainHelpCommand)
 @handle_errors("fn-analyze demo-data")
 def demo_data_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo data files.")] = Path("demo"),
@@ -137,6 +135,7 @@ def demo_data_command(
 
 
 def main() -> None:
+    set_thread_defaults()  # before torch loads: see shared/threads.py
     app()
 
 

@@ -28,7 +28,7 @@ AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, th
 SET_ASIDE_AUTO_MAX = 100
 SET_ASIDE_AUTO_RATIO = 20.0
 
-_DATA_FORMAT_HELP = "auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text"
+_DATA_FORMAT_HELP = "auto, multiple_choice, qa, alpaca, prompt_completion, prompt_response, messages or text"
 _MODEL_HELP = "HF name, local path, or the embedded model."
 
 
@@ -253,8 +253,9 @@ class EvaluateConfig:
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
     networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
     out: Path | None = option(  # the plot is written beside it as .png
-        None, help="Results JSON (default runs/eval/<mask>.json); the plot goes beside it."
+        None, help="Results JSON (default runs/eval/<mask>-<data>.json); the plot goes beside it."
     )
+    overwrite: bool = option(False, help="Replace an existing results file and its plot.")
     split: str | None = option(None, help="Dataset split (default validation/test, else train).")
     data_format: str = option("auto", help=_DATA_FORMAT_HELP)
     template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
@@ -307,7 +308,9 @@ class EvaluateConfig:
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
             raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
         self.mask_file = Path(self.mask_file)
-        self.out = Path(self.out) if self.out is not None else Path("runs") / "eval" / f"{self.mask_file.stem}.json"
+        if self.out is None:  # named after the data too: a run on other data must not replace this one's results
+            self.out = Path("runs") / "eval" / f"{self.mask_file.stem}-{Path(self.dataset).stem}.json"
+        self.out = Path(self.out)
         if self.activations is not None:
             self.activations = Path(self.activations)
         if self.out.suffix != ".json":

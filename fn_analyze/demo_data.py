@@ -456,7 +456,7 @@ def write_demo_data(
     n_sentiment: int = 100,
     families: tuple[str, ...] = FAMILIES,
 ) -> dict[str, Path]:
-    """Write data.jsonl (n_collect records: question, answer, family), train.csv and eval.csv
+    """Write data.jsonl (n_collect records: question, answer), train.csv and eval.csv
     (header `question,answer`; eval questions disjoint from train) and sentiment.csv
     (n_sentiment reviews as `question,choices,answer`: choices ["negative", "positive"], answer
     the index of the right one; questions disjoint from train) into out_dir.
@@ -483,7 +483,7 @@ def write_demo_data(
         "eval": out_dir / "eval.csv",
         "sentiment": out_dir / "sentiment.csv",
     }
-    records = ({"question": qa.question, "answer": qa.answer, "family": qa.family} for qa in collect)
+    records = ({"question": qa.question, "answer": qa.answer} for qa in collect)  # no column the tools ignore
     write_text_atomic(paths["collect"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _write_csv(paths["train"], train)
     _write_csv(paths["eval"], evaluation)

@@ -54,6 +54,11 @@ def format_table(results: dict[str, Any]) -> str:
         "ratio: extra loss over the random sets' mean extra loss; layer-matched random sets have the same count "
         "per layer, magnitude-matched ones the same count per layer and magnitude bin (shared: share of them "
         "that is the condition's own neurons)",
+        "reading the ratio: for key (switched off), above one means the networks matter more than random neurons; "
+        "for complement (only they kept), lower is better: below one means the networks alone preserve the "
+        "model better than random neurons alone; n/a: the random sets added no loss, so there is no ratio",
+        f"{top}: the condition's neurons among the {magnitude['top_n']} largest-magnitude ones; "
+        "(n) after a random sets' loss: how many sets were drawn (mean ± standard deviation over them)",
     ]
     if metric is not None:
         name = "acc (log-likelihood of each choice)" if metric == "accuracy" else "answer contained in the generation"
@@ -112,7 +117,8 @@ def format_table(results: dict[str, Any]) -> str:
         effect = {"zero": "their MLP is off", "mean": "all their neurons are at their means"}.get(
             ablation["mode"], "all their neurons are scaled"
         )
-        lines.append(f"complement: layer(s) {','.join(map(str, closed))} hold no selected neuron; {effect}")
+        layers = f"layer {closed[0]} holds" if len(closed) == 1 else f"layers {','.join(map(str, closed))} hold"
+        lines.append(f"complement: {layers} no selected neuron; {effect}")
     random = results.get("random_fraction")
     if random is not None:
         lines.append(

@@ -57,6 +57,7 @@ from shared.masks import (
     union,
 )
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.paths import check_writable_file
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +432,7 @@ def evaluate(config: EvaluateConfig, model: nn.Module | None = None, tokenizer: 
     `measure_conditions` (the model's scores), `assemble_results`, `write_results`. A `model` and
     `tokenizer` given are used instead of loading the ones `config.model` names.
     """
+    check_writable_file(config.out, "--out", config.overwrite)
     started = time.perf_counter()
     plan = plan_evaluation(config, tokenizer)
     measured = measure_conditions(plan, model)

@@ -16,7 +16,8 @@ from typing import Annotated, Any
 import typer
 
 from fn_train import config as train_config
-from shared.cli import config_options, handle_errors, library_warnings, setup_logging
+from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.threads import set_thread_defaults
 
 EXPERIMENT = "experiment"
 
@@ -64,13 +65,14 @@ def experiment(
     typer.echo(format_table(results))
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command(help=run.__doc__)(handle_errors("fn-train")(run))
-experiment_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-experiment_app.command(help=experiment.__doc__)(handle_errors("fn-train experiment")(experiment))
+app = typer_app()
+app.command(help=run.__doc__, cls=PlainHelpCommand)(handle_errors("fn-train")(run))
+experiment_app = typer_app()
+experiment_app.command(help=experiment.__doc__, cls=PlainHelpCommand)(handle_errors("fn-train experiment")(experiment))
 
 
 def main() -> None:
+    set_thread_defaults()  # before torch loads: see shared/threads.py
     if sys.argv[1:2] == [EXPERIMENT]:
         experiment_app(sys.argv[2:], prog_name=f"{Path(sys.argv[0]).name} {EXPERIMENT}")
     else:

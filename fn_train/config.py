@@ -20,7 +20,7 @@ class TrainConfig:
     output_dir: Path = option(help="Where the adapter/model, fn_mask.json and checkpoints go.")
     model_name_or_path: str = option(EMBEDDED_MODEL_NAME, help="HF name, local path, or the embedded model.")
     data_format: str = option(
-        "auto", help="auto|multiple_choice|qa|alpaca|prompt_completion|prompt_response|messages|text"
+        "auto", help="auto, multiple_choice, qa, alpaca, prompt_completion, prompt_response, messages or text"
     )
     # auto: the tokenizer's chat template when it has one, else plain
     template_format: str = option("auto", help="auto|chat|alpaca|plain")
@@ -86,6 +86,10 @@ class TrainConfig:
     resume_from_checkpoint: str | None = option(  # "last": the latest complete checkpoint
         None, help="A checkpoint folder, or last; its mask must be this run's."
     )
+    # The Trainer's name. Without it (or a resume), a folder holding an earlier run's output is refused.
+    overwrite_output_dir: bool = option(
+        False, off="no_overwrite_output_dir", help="Replace an earlier run's output in --output_dir (checkpoints too)."
+    )
     # The Trainer's trackers, comma-separated
     report_to: str = option("none", help="none, wandb, tensorboard, ...")
 
@@ -108,6 +112,11 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
+            raise UserError(
+                "--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint continues from; "
+                "keep one of them"
+            )
         if self.eval_steps is not None and self.eval_steps < 1:
             raise UserError(f"--eval_steps must be at least 1, got {self.eval_steps}")
         self._check_schedule()

@@ -1,9 +1,10 @@
 """fn-train's output folder: refuse one that is not ours, leave nothing half-made behind.
 
 A folder is fn-train's when it holds `fn_train_config.json`, which a run writes into it
-before anything else. A run that fails before its first checkpoint removes the folder it
-created; the final save is written to a staging folder inside it and moved into place
-file by file, replacing the previous run's final files.
+before anything else. One that holds an earlier run's output is refused unless the run
+replaces it (--overwrite_output_dir: all of it goes first) or resumes it. A run that fails
+before its first checkpoint removes the folder it created; the final save is written to a
+staging folder inside it and moved into place file by file, replacing the previous final files.
 """
 
 from __future__ import annotations
@@ -18,17 +19,39 @@ from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME, 
 from shared.errors import UserError
 
 KEPT_ACROSS_SAVES = {RUN_CONFIG_NAME, ICA_MASK_NAME}  # written before training, not by the final save
+# What a run writes before it trains (and recomputes when run again): not output of its own.
+NOT_OUTPUT = {RUN_CONFIG_NAME, ICA_MASK_NAME, STAGING_NAME}
 
 
-def check_output_dir(path: Path) -> None:
-    """Refuse a file, or a folder that holds files fn-train did not write."""
+def check_output_dir(path: Path, overwrite: bool, resuming: bool) -> None:
+    """Refuse a file, a folder that holds files fn-train did not write, and one that holds an
+    earlier run's output (checkpoints or final files) unless it is to be replaced or resumed."""
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {path} is a file; give a folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / RUN_CONFIG_NAME).is_file():
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not (path / RUN_CONFIG_NAME).is_file():
         first = sorted(p.name for p in path.iterdir())[0]
         raise UserError(
             f"--output_dir {path} exists and holds {first}, which fn-train did not write; give a new or empty folder"
         )
+    earlier = sorted(p.name for p in path.iterdir() if p.name not in NOT_OUTPUT)
+    if earlier and not (overwrite or resuming):
+        raise UserError(
+            f"--output_dir {path} holds an earlier run's output ({', '.join(earlier[:3])}"
+            f"{', ...' if len(earlier) > 3 else ''}); give a new folder, add --overwrite_output_dir to replace it, "
+            "or --resume_from_checkpoint last to continue it"
+        )
+
+
+def clear_output_dir(path: Path) -> None:
+    """Remove an earlier run's files and checkpoints (--overwrite_output_dir), so that none of
+    them is left beside this run's."""
+    for item in path.iterdir() if path.is_dir() else ():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
 
 
 def has_checkpoint(path: Path) -> bool:

@@ -70,9 +70,13 @@ class RunMask:
             done = f"scaled by {self.layer_masks.scale_factor:g}"
         else:
             done = f"set to their mean (from {self.means_source})" if ablation == "mean" else "switched off"
-        whole = {"zero": "their MLP is off", "mean": "their MLP output is constant"}.get(ablation, "all scaled")
+        if len(closed) == 1:
+            layers, whole = f"layer {closed[0]} has", {"zero": "its MLP is off", "mean": "its MLP output is constant"}
+        else:
+            layers = f"layers {','.join(map(str, closed))} have"
+            whole = {"zero": "their MLPs are off", "mean": "their MLP outputs are constant"}
         return f"{self.label()}: {self.layer_masks.masked_neurons} neurons {done}" + (
-            f"; layers {','.join(map(str, closed))} have no selected neuron and {whole}" if closed else ""
+            f"; {layers} no selected neuron, so {whole.get(ablation, 'all their neurons are scaled')}" if closed else ""
         )
 
     def recipe_note(self) -> str | None:

@@ -15,7 +15,7 @@ from fn_train.config import TrainConfig
 from fn_train.data import build_datasets
 from fn_train.freeze import KeepMaskedNeuronsFrozen, masked_neuron_slices
 from fn_train.lora_mask import zero_lora_columns_of_masked_neurons
-from fn_train.output import check_output_dir, removed_on_failure
+from fn_train.output import check_output_dir, clear_output_dir, removed_on_failure
 from fn_train.quantization import quantization_config
 from fn_train.run_mask import (
     MaskRecordInCheckpoints,
@@ -29,7 +29,7 @@ from fn_train.run_mask import (
 from fn_train.saving import check_bakeable, save_outputs
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
-from shared.constants import ICA_MASK_NAME, RUN_CONFIG_NAME
+from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
 from shared.distributed import ranks_from_env
 from shared.errors import Interrupted, UserError, is_disk_full
@@ -263,6 +263,12 @@ def _train_and_save(
         raise
     if saved:
         _say(f"saved {saved} to {config.output_dir}")
+    step = trainer.state.global_step
+    if step % config.save_steps and (config.output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
+        _say(
+            f"{CHECKPOINT_PREFIX}{step}: the Trainer also checkpoints the last step (not a multiple of --save_steps "
+            f"{config.save_steps}), so that --resume_from_checkpoint last can train on from it; delete it if not"
+        )
     return metrics
 
 
@@ -275,7 +281,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     the output folder, the checkpoint to resume and the mask it was made with, the mask file
     and selection, the tracker. The output folder is removed again if this run created it
     and fails before its first checkpoint."""
-    check_output_dir(config.output_dir)
+    check_output_dir(config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint is not None)
     check_report_to(config.report_to)
     checkpoint = None
     if config.resume_from_checkpoint is not None:
@@ -292,6 +298,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     main_process = ranks_from_env().is_main
     with removed_on_failure(config.output_dir, main_process), contextlib.ExitStack() as stack:
         if main_process:  # first into the folder: it marks the folder as fn-train's
+            if config.overwrite_output_dir:
+                clear_output_dir(config.output_dir)
             write_json_atomic(config.output_dir / RUN_CONFIG_NAME, config.to_dict())
         if config.ica_on_the_fly:
             from fn_train.ica_mask import mask_from_training_data

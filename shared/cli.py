@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 import typing
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from shared.errors import Interrupted, UserError
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, option_spec
+from shared.threads import thread_note
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -32,7 +35,16 @@ R = TypeVar("R")
 # Libraries whose logs are hidden unless --verbose. They log warnings about optional
 # kernels and log errors just before raising them; a failure reaches the user as our one
 # error line, naming the cause, so a failed run prints that line and nothing else.
-QUIET_LIBRARIES = ("accelerate", "bitsandbytes", "datasets", "huggingface_hub", "peft", "transformers", "trl")
+QUIET_LIBRARIES = (
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "huggingface_hub",
+    "kernels",  # its hub trust check, logged when bitsandbytes loads even with no quantization asked
+    "peft",
+    "transformers",
+    "trl",
+)
 
 
 # Whether this process's command runs with --verbose: set by setup_logging, which every command
@@ -62,6 +74,8 @@ def setup_logging(verbose: bool = False) -> None:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
+    if (note := thread_note()) is not None:
+        logging.getLogger(__name__).info(note)
 
 
 @contextmanager
@@ -126,6 +140,82 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         return wrapper
 
     return decorate
+
+
+class PlainHelpCommand(TyperCommand):
+    """Click's plain help instead of typer's panels, which cut flag names and choice lists at 80
+    columns: every flag name and word whole (an option's names broken between names, help text
+    between words), no type on on/off switches, and a usage line naming its arguments in capitals."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = str(param.name).upper()
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        write_parameters(self, ctx, formatter)
+
+
+class PlainHelpGroup(TyperGroup):
+    """A command group whose help lists each command with the whole first paragraph of its help
+    (click cuts it to one line, ending in "...")."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        write_parameters(self, ctx, formatter)
+        self.format_commands(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        commands = [(name, self.commands[name]) for name in self.list_commands(ctx)]
+        rows = [(name, (command.help or "").split("\n\n")[0]) for name, command in commands if not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                write_definitions(formatter, rows)
+
+
+def write_parameters(command: Any, ctx: Any, formatter: Any) -> None:
+    """The sections Arguments and Options of a command's help."""
+    for title, kind in (("Arguments", "argument"), ("Options", "option")):
+        records = [
+            record
+            for param in command.get_params(ctx)
+            if param.param_type_name == kind and (record := param.get_help_record(ctx)) is not None
+        ]
+        if records:
+            with formatter.section(title):
+                write_definitions(formatter, records)
+
+
+HELP_NAME_COLUMN = 30  # click's: a longer name list goes on lines of its own, the help below it
+
+
+def write_definitions(formatter: Any, rows: list[tuple[str, str]]) -> None:
+    """Click's definition list, but broken only between words (click breaks inside a long word
+    and at hyphens): names on lines of the formatter's width, help in the column beside them."""
+    indent = " " * formatter.current_indent
+    width = formatter.width - formatter.current_indent
+    column = min(HELP_NAME_COLUMN, max(len(name) for name, _ in rows)) + 2
+    wrap = functools.partial(textwrap.wrap, break_long_words=False, break_on_hyphens=False)
+    for names, help in rows:
+        name_lines = wrap(names, width) or [names]
+        help_lines = wrap(" ".join(help.split()), max(width - column, 10))
+        if len(name_lines[-1]) > column - 2 and help_lines:
+            name_lines.append("")
+        for line in name_lines[:-1]:
+            formatter.write(f"{indent}{line}\n")
+        for i, text in enumerate(help_lines or [""]):
+            first = name_lines[-1] if i == 0 else ""
+            formatter.write(f"{indent}{first:<{column}}{text}".rstrip() + "\n")
+
+
+def typer_app(**settings: Any) -> typer.Typer:
+    """A typer app with plain help (its commands are made with `cls=PlainHelpCommand`) and one
+    error handler (ours: `handle_errors`), without shell-completion options."""
+    return typer.Typer(
+        add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, cls=PlainHelpGroup, **settings
+    )
 
 
 def config_options(

@@ -112,6 +112,21 @@ def _root_cause(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+KNOWN_COLUMNS = frozenset(c for columns in (*FORMAT_COLUMNS.values(), *OPTIONAL_COLUMNS.values()) for c in columns)
+
+
+def case_renames(columns: list[str]) -> dict[str, str]:
+    """The columns to rename so that a format's columns are matched without regard to case
+    (`Question` -> `question`): each column whose lower case is a known column name, unless
+    that name is already a column or another column has the same lower case."""
+    lowered = [c.lower() for c in columns]
+    return {
+        c: c.lower()
+        for c in columns
+        if c != c.lower() and c.lower() in KNOWN_COLUMNS and c.lower() not in columns and lowered.count(c.lower()) == 1
+    }
+
+
 def detect_format(columns: list[str], requested: str = "auto", source: str = "dataset") -> DataFormat:
     """The record format from the column names, or check the one the user asked for; columns
     the format does not read are named in a warning."""

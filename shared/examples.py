@@ -3,14 +3,27 @@ pick the template, for collect, evaluate and fn-train alike."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from shared.data import DataFormat, Example, detect_format, load_dataset_any, resolve_template, to_example
+from shared.data import (
+    FORMAT_COLUMNS,
+    OPTIONAL_COLUMNS,
+    DataFormat,
+    Example,
+    case_renames,
+    detect_format,
+    load_dataset_any,
+    resolve_template,
+    to_example,
+)
 
 if TYPE_CHECKING:
     import datasets
+
+log = logging.getLogger(__name__)
 
 HELD_OUT_SPLITS = ("validation", "valid", "val", "test", "eval")  # held-out splits, by these names, in this order
 
@@ -82,6 +95,14 @@ def load_examples(
         held_out_name = held_out_split(splits, besides=split)
         held_out = loaded[held_out_name] if held_out_name is not None else None
     records = loaded[split]
+    renames = case_renames(records.column_names)  # `Question` is read as `question`
+    if renames:
+        records = records.rename_columns(renames)
+        if held_out is not None:
+            held_out = held_out.rename_columns({k: v for k, v in renames.items() if k in held_out.column_names})
     fmt = detect_format(records.column_names, data_format, source=f"dataset {source}")
+    spelled = {v: k for k, v in renames.items()}
+    read = [spelled.get(c, c) for c in records.column_names if c in FORMAT_COLUMNS[fmt] + OPTIONAL_COLUMNS.get(fmt, ())]
+    log.info("dataset %s: format %s, read from column(s) %s", source, fmt.value, ", ".join(read))
     template = resolve_template(template_format, tokenizer)
     return Examples(source, split, fmt, template, records, held_out)

@@ -176,3 +176,31 @@ def test_learning_rate_minus_one_is_refused_before_the_model_loads(tmp_path: Pat
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip() == "error: --learning_rate must be a positive number such as 2e-4, got -1.0"
     assert not out.exists()
+
+
+def _commands() -> list[tuple[object, list[str]]]:
+    """Every command line with a help: fn-analyze, each of its commands, fn-train."""
+    import typer
+
+    group = typer.main.get_command(analyze_app)
+    return [(analyze_app, []), *((analyze_app, [name]) for name in group.commands), (train_app, [])]
+
+
+def test_help_fits_80_columns_with_every_flag_name_and_word_whole() -> None:
+    """At 80 columns no line is longer, every flag name of every command is there whole, and so is
+    every word of each option's help (a choice list is one word per choice); no `<bool>`, no braces."""
+    import typer
+
+    for app, path in _commands():
+        output = _ok(runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}))
+        command = typer.main.get_command(app)
+        for name in path:
+            command = command.commands[name]
+        assert max(len(line) for line in output.splitlines()) <= 80, path
+        assert "<bool>" not in output and "{" not in output.splitlines()[0], path
+        words = set(output.replace(",", " ").split())
+        for param in command.params:
+            if param.param_type_name == "option":
+                missing = [flag for flag in (*param.opts, *param.secondary_opts) if flag not in words]
+                assert not missing, f"{path}: {missing} cut"
+            assert set((param.help or "").split()) <= set(output.split()), f"{path}: help of {param.name} cut"

@@ -148,3 +148,17 @@ def test_multiple_choice_csv_trains_on_the_right_choice(tiny_lm_dir: Path, tmp_p
     data.write_text('question,choices,answer\nIs it good?,"[""negative"", ""positive""]",1\nIs it bad?,no|yes,yes\n')
     train, _, _ = build_datasets(str(data), "auto", "plain", tokenizer, 0.0, seed=0)
     assert [row["completion"] for row in train] == ["positive", "yes"]  # not the index "1"
+
+
+def test_column_names_are_matched_without_regard_to_case(tmp_path: Path, tiny_lm_dir: Path, caplog) -> None:
+    """`Question,Answer` is question/answer data; the log names the columns read, as spelled."""
+    from shared.examples import load_examples
+
+    data = tmp_path / "mine.csv"
+    data.write_text("Question,ANSWER,Notes\nWhat is 2+2?,4,easy\n", encoding="utf-8")
+    with caplog.at_level("INFO"):
+        examples = load_examples(str(data), load_tokenizer(str(tiny_lm_dir)))
+    assert examples.data_format is DataFormat.QA
+    assert [(e.messages[0]["content"], e.answer) for e in examples] == [("What is 2+2?", "4")]
+    assert f"dataset {data}: format qa, read from column(s) Question, ANSWER" in caplog.text
+    assert "column(s) Notes ignored" in caplog.text

@@ -18,7 +18,7 @@ from fn_analyze.neuron_sets import draw_matched, pairs
 from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer
 from shared.errors import UserError
 from shared.models import load_causal_lm, load_tokenizer, model_info
-from tests.helpers import assert_every_printed_figure_is_stored, assert_png, write_activations, write_mask
+from tests.helpers import assert_every_printed_figure_is_stored, assert_png, refused, write_activations, write_mask
 
 NETWORKS = {0: {0: list(range(0, 30))}, 1: {0: [100, 101], 1: list(range(40, 60))}, 2: {1: [5, 6, 7]}}
 
@@ -237,11 +237,24 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_input(
     result = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert "network 1" in result.output and "magnitude-matched" in result.output
+    for legend in ("for complement (only they kept), lower is better", "n/a: the random sets added no loss"):
+        assert legend in result.output  # the table's marks are explained: n/a, top100, (n)
+    assert "top100: the condition's neurons among the 100 largest" in result.output and "(n) after" in result.output
     assert_png(tmp_path / "r.png")
+    again = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
+    refused(again, f"--out {tmp_path / 'r.json'} already exists; pass --overwrite to replace it")
+    replaced = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json"), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
     unknown = runner.invoke(app, [*base, "--networks", "9"])
     assert unknown.exit_code == 2 and "network id 9 is not in the mask file" in unknown.output
     bad_draws = runner.invoke(app, [*base, "--draws", "0"])
     assert bad_draws.exit_code == 2 and "--draws must be at least 1" in bad_draws.output
+
+
+def test_the_default_results_file_is_named_after_the_mask_and_the_data(tiny_mask: Path) -> None:
+    """Another dataset's run must not replace these results: the data's name is in the file's."""
+    assert EvaluateConfig(mask_file=tiny_mask, dataset="demo/eval.csv").out == Path("runs/eval/mask-eval.json")
+    assert EvaluateConfig(mask_file=tiny_mask, dataset="org/sst2").out == Path("runs/eval/mask-sst2.json")
 
 
 def test_magnitude_matched_draw_keeps_a_lone_massive_neuron_and_respects_exclusion() -> None:

@@ -204,3 +204,30 @@ def test_library_future_warnings_only_with_verbose() -> None:
         warn("transformers.trainer")  # after the block: shown as before it
     shown = [str(w.message) for w in caught]
     assert shown == ["fn_train.trainer", "transformers.modeling_utils", "transformers.trainer"]
+
+
+def test_library_logs_and_warnings_reach_fn_analyze_only_with_verbose(monkeypatch) -> None:
+    """The kernels hub's trust-check warning and bitsandbytes' kernel warning are logs of
+    libraries; a library's FutureWarning during a command is theirs too: --verbose shows them."""
+    import logging
+
+    import fn_analyze.show
+    from fn_analyze.cli import app as analyze_app
+    from shared.cli import setup_logging
+
+    def show(mask_file, plot):
+        warnings.warn_explicit(
+            "deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils"
+        )
+        return "shown"
+
+    monkeypatch.setattr(fn_analyze.show, "show", show)
+    for verbose, shown in ((False, 0), (True, 1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runner.invoke(analyze_app, [*(["--verbose"] if verbose else []), "show", "m.json"])
+        assert result.exit_code == 0 and "shown" in result.output, result.output
+        assert len([w for w in caught if w.category is FutureWarning]) == shown
+        for name in ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops"):
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING) is verbose
+    setup_logging(False)

@@ -94,7 +94,7 @@ def test_complement_with_a_layer_missed_closes_its_mlp_and_says_so(
     out = tmp_path / "out"
     train(small_run(tiny_lm_dir, demo_dir, out, mask, use_peft=False, mask_mode="complement", networks="1"))
     said = capsys.readouterr().out
-    assert "layers 0 have no selected neuron and their MLP is off" in said
+    assert "layer 0 has no selected neuron, so its MLP is off" in said
     assert json.loads((tmp_path / "out" / "fn_mask.json").read_text())["fully_closed_layers"] == [0]
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     every = {0: list(range(176)), 1: [n for n in range(176) if n not in MASKED[1][1]]}

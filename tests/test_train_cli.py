@@ -120,6 +120,7 @@ def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
         (["--max_seq_length", "0"], "--max_seq_length must be at least 1, got 0"),
         (["--weight_decay", "-0.1"], "--weight_decay must be 0 or more, got -0.1"),
         (["--lora_dropout", "1"], "--lora_dropout must lie in [0, 1), got 1.0"),
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "last"], "--overwrite_output_dir removes the"),
     ],
 )
 def test_contradictory_or_bad_flags_exit_2_and_create_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -139,6 +140,27 @@ def test_a_tracker_that_is_not_installed_is_refused(tmp_path: Path, monkeypatch)
     assert "pip install tensorboard or drop the flag" in refused(result)
 
 
+def test_an_earlier_runs_output_is_refused_untouched_unless_replaced(tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
+    """A second run into a finished run's folder is refused; with --overwrite_output_dir the
+    earlier run's checkpoints go, and only the new run's are left."""
+    out = tmp_path / "ft"
+    first = runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS, max_steps=2))
+    assert first.exit_code == 0, first.output
+    assert "checkpoint-2: the Trainer also checkpoints the last step (not a multiple of --save_steps 500)" in (
+        first.output
+    )
+    before = sorted(p.name for p in out.iterdir())
+    again = runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS))
+    refused(again, "holds an earlier run's output", "add --overwrite_output_dir to replace it", progress_bars=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    replaced = runner.invoke(
+        app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS, "--overwrite_output_dir")
+    )
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((out / "fn_train_config.json").read_text())["max_steps"] == 1
+
+
 def test_an_output_folder_that_is_not_ours_is_refused_untouched(tiny_lm_dir, demo_dir, tmp_path: Path) -> None:
     out = tmp_path / "thesis"
     out.mkdir()
@@ -153,11 +175,12 @@ def test_an_output_folder_that_is_not_ours_is_refused_untouched(tiny_lm_dir, dem
     )
 
 
-def test_a_previous_runs_folder_is_reused_and_its_old_final_files_replaced(tiny_lm_dir, demo_dir, tmp_path) -> None:
+def test_a_replaced_runs_old_final_files_are_gone(tiny_lm_dir, demo_dir, tmp_path) -> None:
     out = tmp_path / "out"
     assert runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS)).exit_code == 0
     assert (out / "adapter_model.safetensors").is_file()
-    result = runner.invoke(app, train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS, "--no_peft"))
+    again = train_args(tiny_lm_dir, demo_dir / "train.csv", out, *SHORT_ROWS, "--no_peft", "--overwrite_output_dir")
+    result = runner.invoke(app, again)
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()
     assert not (out / "adapter_model.safetensors").exists()  # a loader must not find the old adapter

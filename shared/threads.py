@@ -1,0 +1,75 @@
+"""Thread defaults that degrade gracefully on a shared machine, set by the console scripts
+before torch loads (OpenMP reads its settings once, when torch's first parallel region starts).
+
+Left alone, OpenMP (torch's CPU kernels, and MKL under them) runs one thread per core and
+lets a thread that ran out of work spin for a while before it sleeps. With another busy
+process on the machine, the spinning threads take the cores the neighbour needs, and every
+parallel region waits for its one thread that the kernel descheduled: three fn-train steps on
+2 cores took 132 s beside one busy process against 5.5 s with one thread (issue 27).
+
+So, unless the user set them: `OMP_WAIT_POLICY=PASSIVE` (a thread without work sleeps at
+once) and `OMP_NUM_THREADS` = the cores that are free now (measured over a short sample of
+/proc/stat, so that a neighbour's work counts but the 1-minute load average's memory of our
+own previous command does not). On an idle machine that is every core, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+SAMPLE_SECONDS = 0.1  # how long the CPU use of the other processes is sampled before the command starts
+_chosen: dict[str, str] = {}  # what set_thread_defaults set, for the --verbose log line
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all cores from /proc/stat; None where there is no /proc."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])  # user..steal; guest time is already in user
+
+
+def free_cores(sample_seconds: float = SAMPLE_SECONDS) -> int:
+    """The cores other processes leave free now (at least 1): the usable cores less the cores'
+    worth of CPU time the machine spent busy over a short sample, while this process slept."""
+    cores = usable_cores()
+    before = _cpu_times()
+    if before is None:
+        return cores
+    time.sleep(sample_seconds)
+    after = _cpu_times()
+    if after is None or after[1] <= before[1]:
+        return cores
+    busy = (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or cores)
+    return max(1, min(cores, cores - round(busy)))
+
+
+def set_thread_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set OMP_WAIT_POLICY and OMP_NUM_THREADS in `environ` (default the process's) where the
+    user has not; return what was set. Call before torch (or numpy) is imported."""
+    environ = os.environ if environ is None else environ
+    chosen = {}
+    if "OMP_WAIT_POLICY" not in environ:
+        chosen["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "OMP_NUM_THREADS" not in environ:
+        chosen["OMP_NUM_THREADS"] = str(free_cores())
+    environ.update(chosen)
+    _chosen.update(chosen)
+    return chosen
+
+
+def thread_note() -> str | None:
+    """A line saying which thread settings the command chose, or None when the user set both."""
+    if not _chosen:
+        return None
+    settings = ", ".join(f"{name}={value}" for name, value in _chosen.items())
+    return f"threads: {settings} ({usable_cores()} usable cores; set these variables yourself to choose)"
