@@ -199,6 +199,10 @@ def test_a_finished_folder_is_resumed_only_with_its_own_config(
     (out / RESULTS_NAME).write_text(json.dumps({"config": {**ExperimentConfig(**settings).to_dict(), "steps": 5}}))
     with pytest.raises(Exception, match="another steps"):
         run_experiment(ExperimentConfig(**settings))
+    # More arms, controls or seeds add runs to the recorded ones.
+    (out / RESULTS_NAME).write_text(json.dumps({"config": ExperimentConfig(**settings).to_dict(), "runs": {}}))
+    grown = ExperimentConfig(**{**settings, "arms": ["lora", "key", "complement"], "seeds": 3})
+    assert len(runner_module.plan_experiment(grown).runs) == 3 * 7
 
 
 def test_yaml_seeds_and_arms(tmp_path: Path, tiny_lm_dir: Path, demo_dir: Path, mask_path: Path) -> None:

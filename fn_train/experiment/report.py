@@ -33,8 +33,9 @@ def summarize(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, dict[st
     """Per arm (in the plan's order): the seeds recorded, and each figure's mean and sample sd
     over them (sd 0 with one seed)."""
     summary: dict[str, dict[str, Any]] = {}
+    planned = {run.name for run in runs}  # runs recorded by an earlier plan with more arms or seeds are left out
     for group in dict.fromkeys(run.group for run in runs):
-        records = [r for r in results["runs"].values() if r["group"] == group]
+        records = [r for name, r in results["runs"].items() if r["group"] == group and name in planned]
         if not records:
             continue
         figures = {}

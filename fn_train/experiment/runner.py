@@ -55,6 +55,9 @@ from shared.models import load_causal_lm, load_tokenizer, model_info
 
 EXPERIMENT_SCHEMA_VERSION = 1
 RUNS_FOLDER = "runs"
+# What may change when an experiment is started again in its folder: runs are added (an arm, a control,
+# a seed) or left out of the report; every other setting is what the recorded runs were made with.
+GROWABLE = frozenset({"arms", "controls", "seeds"})
 
 
 def _say(message: str) -> None:
@@ -127,13 +130,14 @@ def _earlier_results(config: ExperimentConfig) -> dict[str, Any]:
     path = config.out / RESULTS_NAME
     if path.is_file():
         results = json.loads(path.read_text(encoding="utf-8"))
-        if results.get("config") != config.to_dict():
-            before = results.get("config") or {}
-            key = next((k for k, v in config.to_dict().items() if before.get(k) != v), "config")
+        before = results.get("config") or {}
+        changed = [k for k, v in config.to_dict().items() if before.get(k) != v and k not in GROWABLE]
+        if changed:
             raise UserError(
-                f"out {config.out} holds an experiment run with another {key} ({before.get(key)!r}); "
+                f"out {config.out} holds an experiment run with another {changed[0]} ({before.get(changed[0])!r}); "
                 "give a new out, or the config it was run with to resume it"
             )
+        results["config"] = config.to_dict()
         return results
     if config.out.exists() and (not config.out.is_dir() or any(config.out.iterdir())):
         raise UserError(f"out {config.out} exists and holds no {RESULTS_NAME}; give a new or empty folder")
