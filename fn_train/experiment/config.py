@@ -127,9 +127,14 @@ class ExperimentConfig:
     def train_config(self, output_dir: Path, arm: str, seed: int, mask_file: Path | None, networks: str | None):
         """The TrainConfig of one run: the experiment's budget and data, the arm's mask."""
         mode = ARM_MODES[arm]
-        masked = dict(mask_file=mask_file, mask_mode=mode, networks=networks, ablation=self.ablation)
-        if self.scale_factor is not None:
-            masked["scale_factor"] = self.scale_factor
+        masked: dict[str, Any] = dict(mask_file=mask_file, mask_mode=mode, networks=networks)
+        train = self.train
+        if mode == "tune":  # switches nothing off and trains its own deltas: no ablation, no LoRA settings
+            train = {key: value for key, value in self.train.items() if not key.startswith("lora_")}
+        else:
+            masked["ablation"] = self.ablation
+            if self.scale_factor is not None:
+                masked["scale_factor"] = self.scale_factor
         settings: dict[str, Any] = dict(
             model_name_or_path=self.model,
             dataset_name_or_path=self.train_data,
@@ -141,7 +146,7 @@ class ExperimentConfig:
             seed=seed,
             device=self.device,
             save_steps=self.steps + 1,  # no checkpoint: a run is short, an interrupted one starts again
-            **self.train,
+            **train,
             **(masked if mode is not None else {}),
         )
         return TrainConfig(**settings)
