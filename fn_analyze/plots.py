@@ -141,7 +141,16 @@ def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], pat
     rows = max(1, -(-len(shown) // columns))
     fig = _figure(figsize=(11, 1.2 + (0.9 + 0.28 * len(groups)) * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    colors = [MAGNITUDE_COLOR if "magnitude" in g else LAYER_COLOR if "layer" in g else NETWORK_COLOR for g in groups]
+    colors = [
+        MAGNITUDE_COLOR
+        if "magnitude" in g
+        else LAYER_COLOR
+        if "layer" in g
+        else NETWORK_COLOR
+        if g != "lora"
+        else "#2e7d32"
+        for g in groups
+    ]
     y = np.arange(len(groups))[::-1].astype(float)
     for ax, (name, heading) in zip(axes, shown, strict=False):
         means = [summary[g]["figures"].get(name, {}).get("mean", np.nan) for g in groups]
@@ -160,7 +169,8 @@ def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], pat
     config = results["config"]
     fig.suptitle(
         f"fn-train experiment: {config['model']} on {config['train_data']}, {config['steps']} steps; "
-        "mean ± sd over seeds (blue: the networks; grey: random, layer-matched; orange: random, magnitude-matched)",
+        "mean ± sd over seeds\n(green: plain LoRA; blue: the networks; grey: random, layer-matched; "
+        "orange: random, magnitude-matched)",
         fontsize=9,
     )
     _save(fig, path)
