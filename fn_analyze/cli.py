@@ -84,11 +84,17 @@ def show_command(
 @config_options(EvaluateConfig)
 def evaluate_command(settings: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
-    (answer-token loss; accuracy on multiple-choice data)."""
+    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base."""
     from fn_analyze.eval_table import format_table
     from fn_analyze.evaluate import evaluate
 
     config = EvaluateConfig(**settings)
+    if config.tuned is not None:
+        from fn_analyze.tuned import evaluate_tuned, format_tuned_table
+
+        typer.echo(format_tuned_table(evaluate_tuned(config)))
+        typer.echo(f"results: {config.out}")
+        return
     typer.echo(format_table(evaluate(config)))
     typer.echo(f"results: {config.out}\nplot: {config.plot_path}")
 

@@ -248,8 +248,15 @@ def _parse_components(value: int | str) -> int | str:
 
 @dataclass
 class EvaluateConfig:
-    mask_file: Path = option(help="The mask file whose networks are measured.")
     dataset: str = option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")
+    # Required unless --tuned is given; then the mask's networks are not measured.
+    mask_file: Path | None = option(None, help="The mask file whose networks are measured.")
+    # What fine-tuning changed and kept: a fn-train output folder (tune deltas, LoRA adapter or full model) or
+    # any fine-tuned model folder, scored next to its base (the one the folder names, else --model).
+    tuned: Path | None = option(None, help="A fine-tuned folder to score next to its base, instead of masks.")
+    retention: str | None = option(  # e.g. a family the tuning did not train on
+        None, help="With --tuned: a second dataset, of what the model should keep knowing."
+    )
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
     networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
     out: Path | None = option(  # the plot is written beside it as .png
@@ -307,9 +314,22 @@ class EvaluateConfig:
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
             raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
-        self.mask_file = Path(self.mask_file)
+        if (self.mask_file is None) == (self.tuned is None):
+            raise UserError("give --mask-file (measure networks) or --tuned (measure a fine-tuned folder), not both")
+        if self.retention is not None and self.tuned is None:
+            raise UserError("--retention is scored next to --tuned; add --tuned or drop --retention")
+        for flag, given in (
+            ("--networks", self.networks is not None),
+            ("--activations", self.activations is not None),
+            ("--random-fraction", self.random_fraction is not None),
+        ):
+            if given and self.tuned is not None:
+                raise UserError(f"{flag} selects or measures networks, which --tuned does not; drop {flag}")
+        self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
+        self.tuned = Path(self.tuned) if self.tuned is not None else None
+        measured = self.mask_file.stem if self.mask_file is not None else f"{self.tuned.name}-tuned"
         if self.out is None:  # named after the data too: a run on other data must not replace this one's results
-            self.out = Path("runs") / "eval" / f"{self.mask_file.stem}-{Path(self.dataset).stem}.json"
+            self.out = Path("runs") / "eval" / f"{measured}-{Path(self.dataset).stem}.json"
         self.out = Path(self.out)
         if self.activations is not None:
             self.activations = Path(self.activations)

@@ -145,7 +145,7 @@ class TokenBatch:
     attention_mask: torch.Tensor
 
 
-def means_from_sequences(
+def stats_from_sequences(
     model: nn.Module,
     projections: list[DownProjection],
     sequences: list[list[int]],
@@ -153,9 +153,9 @@ def means_from_sequences(
     source: str,
     batch_size: int = 8,
     pad_id: int = 0,
-) -> NeuronMeans:
-    """Mean activation per neuron over token-id sequences (e.g. the tokenized training rows),
-    right-padded into batches; the model runs in eval mode (no dropout) and is put back."""
+) -> tuple[NeuronMagnitude, NeuronMeans]:
+    """Max |activation| and mean activation per neuron over token-id sequences (e.g. the tokenized
+    training rows), right-padded into batches; the model runs in eval mode (no dropout) and is put back."""
     batches = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -169,6 +169,19 @@ def means_from_sequences(
     was_training = model.training
     model.eval()
     try:
-        return stats_from_forward(model, projections, batches, intermediate_size, source)[1]
+        return stats_from_forward(model, projections, batches, intermediate_size, source)
     finally:
         model.train(was_training)
+
+
+def means_from_sequences(
+    model: nn.Module,
+    projections: list[DownProjection],
+    sequences: list[list[int]],
+    intermediate_size: int,
+    source: str,
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> NeuronMeans:
+    """Mean activation per neuron over token-id sequences (see `stats_from_sequences`)."""
+    return stats_from_sequences(model, projections, sequences, intermediate_size, source, batch_size, pad_id)[1]

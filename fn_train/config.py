@@ -5,7 +5,7 @@ tool's underscore spelling."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,21 @@ class TrainConfig:
     use_4bit: bool = option(False, off="no_4bit", help="QLoRA: base weights in 4-bit NF4 (bitsandbytes).")
     use_8bit: bool = option(False, off="no_8bit", help="Base weights in 8-bit (bitsandbytes).")
     merge_adapter: bool = option(
-        False, off="no_merge_adapter", help="Save the base with LoRA merged in, not the adapter."
+        False,
+        off="no_merge_adapter",
+        help="Save the base with LoRA (or tune mode's deltas) merged in, not the adapter.",
     )
     mask_file: Path | None = option(None, help="Mask file written by `fn-analyze ica`.")
     mask_mode: str | None = option(  # key is the default when there is a mask
-        None, help="key: switch the networks off; complement: keep only them."
+        None,
+        help="key: switch the networks off; complement: keep only them; tune: train only their neurons' own weights.",
     )
     networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
+    # The control of --mask-mode tune: as many neurons per layer (and per magnitude bin: magnitude) as the
+    # networks hold, drawn from --seed as fn-analyze evaluate draws its random sets; recorded in fn_mask.json.
+    random_neurons: str | None = option(
+        None, help="With --mask-mode tune: tune random neurons of the networks' counts, matched on layer or magnitude."
+    )
     ablation: str = option("zero", help="What the mask does to its neurons: zero, mean (their mean activation), scale.")
     scale_factor: float | None = option(None, help="With --ablation scale: the factor (default 2.0).")
     # With --ablation mean: an activations folder of the model to take the means from; default: a pass of the
@@ -141,9 +149,9 @@ class TrainConfig:
             raise UserError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
 
     def _check_mask_flags(self) -> None:
-        # Imported here: both modules import torch, which the command line must not wait for.
+        # Imported here: these modules import torch, which the command line must not wait for.
+        from fn_train.run_mask import RANDOM_NEURONS, TRAIN_MODES
         from shared.ablation import check_ablation
-        from shared.masks import MASK_MODES
 
         if self.mask_file is not None:
             self.mask_file = Path(self.mask_file)
@@ -162,8 +170,15 @@ class TrainConfig:
             ):
                 if given:
                     raise UserError(f"{flag} given without --mask-file; add --mask-file or drop {flag}")
-        if self.mask_mode is not None and self.mask_mode not in MASK_MODES:
-            raise UserError(f"--mask-mode {self.mask_mode!r} is unknown; use key or complement")
+        if self.mask_mode is not None and self.mask_mode not in TRAIN_MODES:
+            raise UserError(f"--mask-mode {self.mask_mode!r} is unknown; use key, complement or tune")
+        if self.random_neurons is not None:
+            if self.random_neurons not in RANDOM_NEURONS:
+                raise UserError(f"--random-neurons {self.random_neurons!r} is unknown; use layer or magnitude")
+            if not self.tunes:
+                raise UserError("--random-neurons is the control of --mask-mode tune; add --mask-mode tune or drop it")
+        if self.tunes:
+            self._check_tune_flags()
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.means_from is not None:
             self.means_from = Path(self.means_from)
@@ -176,9 +191,26 @@ class TrainConfig:
                 "--bake-mask writes full weights, but LoRA saves an adapter; add --merge_adapter or use --no_peft"
             )
 
+    def _check_tune_flags(self) -> None:
+        """Tune mode switches nothing off and trains its own deltas, not LoRA: the flags of either are refused."""
+        for flag, given in (
+            ("--ablation", self.ablation != "zero"),
+            ("--bake-mask", self.bake_mask),
+            ("--no_peft", not self.use_peft),
+            # LoRA's settings, given other than their defaults: tune mode would ignore them.
+            *((f"--{f.name}", getattr(self, f.name) != f.default) for f in fields(self) if f.name.startswith("lora_")),
+        ):
+            if given:
+                raise UserError(
+                    f"{flag} does not apply to --mask-mode tune, which trains the neurons' own weights "
+                    "(no LoRA, nothing switched off); drop it"
+                )
+
     def _check_model_flags(self) -> None:
         if self.use_4bit and self.use_8bit:
             raise UserError("--use_4bit and --use_8bit exclude each other; keep one of them")
+        if self.tunes:  # its deltas train on a quantized base and merge like an adapter
+            return
         if self.quantized and not self.use_peft:
             raise UserError(f"{self.quantization_flag} freezes the base weights in quantized form; drop --no_peft")
         if self.merge_adapter and not self.use_peft:
@@ -187,6 +219,14 @@ class TrainConfig:
     @property
     def has_mask(self) -> bool:
         return self.mask_file is not None or self.ica_on_the_fly
+
+    @property
+    def tunes(self) -> bool:
+        return self.mask_mode == "tune"
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.use_peft and not self.tunes
 
     @property
     def quantized(self) -> bool:

@@ -7,7 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainerCallback
 
@@ -19,8 +19,9 @@ from shared.jsonio import write_json_atomic
 from shared.masks import (
     LayerMasks,
     MaskFile,
-    MaskMode,
+    Network,
     NetworkId,
+    NeuronSet,
     build_layer_masks,
     load_mask_file,
     made_for,
@@ -32,16 +33,42 @@ from shared.masks import (
 # (docs/science.md, "Defaults, and why"): masks made with --scale layer, and with the defaults.
 COMPLEMENT_RECIPE_KEPT = 0.50
 COMPLEMENT_DEFAULT_KEPT = 1.07
+# key and complement switch neurons off (shared.masks.MASK_MODES); tune switches nothing off and trains
+# only the chosen neurons' own weights (shared.neuron_deltas).
+TrainMode = Literal["key", "complement", "tune"]
+TRAIN_MODES: tuple[str, ...] = ("key", "complement", "tune")
+RANDOM_NEURONS: tuple[str, ...] = ("layer", "magnitude")  # what a random control set is matched on
 
 
 @dataclass(frozen=True)
 class RunMask:
     mask: MaskFile
     source: Path  # the mask file it came from
-    mode: MaskMode
+    mode: TrainMode
     networks: list[NetworkId] | None  # None: every network of the file
-    layer_masks: LayerMasks  # with the ablation applied (zero, mean or scale)
+    # With the ablation applied (zero, mean or scale). In tune mode the 0s mark the tuned neurons.
+    layer_masks: LayerMasks
     means_source: str | None = None  # with mean ablation: where the means were measured
+    random_neurons: str | None = None  # tune mode: None (the networks' neurons), or what the random set matches
+    random_seed: int | None = None  # the seed of that random set
+
+    @property
+    def tunes(self) -> bool:
+        return self.mode == "tune"
+
+    @property
+    def chosen_neurons(self) -> NeuronSet:
+        """The neurons the 0s mark: switched off (key), left out (complement) or tuned (tune)."""
+        found = {
+            layer: tuple((vector == 0).nonzero().flatten().tolist())
+            for layer, vector in self.layer_masks.vectors.items()
+        }
+        return {layer: neurons for layer, neurons in sorted(found.items()) if neurons}
+
+    def with_neurons(self, neurons: NeuronSet, random_neurons: str, seed: int) -> RunMask:
+        """Tune mode: the same run with another set of neurons tuned (a random control)."""
+        layer_masks = build_layer_masks(self.mask, [Network(-1, neurons)], "key")
+        return replace(self, layer_masks=layer_masks, random_neurons=random_neurons, random_seed=seed)
 
     def with_ablation(self, ablation: Ablation) -> RunMask:
         """The same neurons, intervened on by `ablation`."""
@@ -56,14 +83,25 @@ class RunMask:
             str(layer): (vector == 0).nonzero().flatten().tolist()
             for layer, vector in sorted(self.layer_masks.vectors.items())
         }
+        # Tune mode's 0s are the tuned neurons: the same neurons tuned, the same digest, however they were drawn.
         payload = {"fingerprint": self.mask.model.fingerprint, "mode": self.mode, "switched_off": closed}
         payload.update(ablation_digest_payload(self.layer_masks))  # nothing for zero: older digests still match
         return bytes_digest(json.dumps(payload, sort_keys=True).encode())
 
     def label(self) -> str:
-        return _label(self.source, self.mode, self.networks, self.layer_masks.ablation, self.layer_masks.scale_factor)
+        return _label(
+            self.source,
+            self.mode,
+            self.networks,
+            self.layer_masks.ablation,
+            self.layer_masks.scale_factor,
+            self.random_neurons,
+            self.random_seed,
+        )
 
     def describe(self) -> str:
+        if self.tunes:
+            return f"{self.label()}: only {self.layer_masks.masked_neurons} neurons' own weights train; none is off"
         closed = self.layer_masks.fully_closed_layers
         ablation = self.layer_masks.ablation
         if ablation == "scale":
@@ -89,8 +127,9 @@ class RunMask:
             f"the same magnitudes, the default's networks {COMPLEMENT_DEFAULT_KEPT}x (docs/science.md)"
         )
 
-    def record(self, baked: bool = False) -> dict[str, Any]:
-        """The content of `fn_mask.json`: enough to re-apply the mask (`fn_train.load`)."""
+    def record(self, baked: bool = False, base_model: str | None = None) -> dict[str, Any]:
+        """The content of `fn_mask.json`: enough to re-apply the mask (`fn_train.load`); in tune mode
+        also the neurons tuned and `base_model`, the model their deltas are loaded onto."""
         return {
             "mode": self.mode,
             "networks": self.networks,
@@ -102,13 +141,31 @@ class RunMask:
             "mask": self.mask.to_dict(),
             # zero | mean | scale, and what it needs to be reproduced: the factor, or every masked neuron's mean
             **ablation_record(self.layer_masks, self.means_source),
+            **(self._tune_record(base_model) if self.tunes else {}),
+        }
+
+    def _tune_record(self, base_model: str | None) -> dict[str, Any]:
+        """Tune mode: which neurons trained (the random set drawn, for a control), so the deltas can be loaded."""
+        return {
+            "base_model": base_model,
+            "random_neurons": self.random_neurons,
+            "random_seed": self.random_seed,
+            "tuned_neurons": {str(layer): list(neurons) for layer, neurons in self.chosen_neurons.items()},
         }
 
 
 def _label(
-    source: Any, mode: Any, networks: list[NetworkId] | None, ablation: Any = "zero", scale_factor: Any = None
+    source: Any,
+    mode: Any,
+    networks: list[NetworkId] | None,
+    ablation: Any = "zero",
+    scale_factor: Any = None,
+    random_neurons: Any = None,
+    random_seed: Any = None,
 ) -> str:
     ids = "all" if networks is None else ",".join(map(str, networks))
+    if random_neurons is not None:
+        ids += f", random neurons matched on {random_neurons}, seed {random_seed}"
     how = (
         ""
         if ablation in (None, "zero")
@@ -119,12 +176,12 @@ def _label(
 
 
 def resolve_run_mask(
-    source: Path, mode: MaskMode, networks: list[NetworkId] | None, ablation: Ablation | None = None
+    source: Path, mode: TrainMode, networks: list[NetworkId] | None, ablation: Ablation | None = None
 ) -> RunMask:
     """Load and validate the mask file and the selection; no model needed. A mean ablation
     is added later (`with_ablation`), once its means are measured."""
     mask = load_mask_file(source)
-    layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
+    layer_masks = build_layer_masks(mask, select_networks(mask, networks), "key" if mode == "tune" else mode)
     run_mask = RunMask(mask, source, mode, networks, layer_masks)
     return run_mask.with_ablation(ablation) if ablation is not None else run_mask
 
@@ -133,6 +190,14 @@ def run_mask_from_record(record: dict[str, Any], where: str) -> RunMask:
     """The RunMask a saved `fn_mask.json` describes, its ablation included."""
     mask = parse_mask(record.get("mask"), where)
     mode, networks = record.get("mode"), record.get("networks")
+    if mode == "tune":
+        from shared.neuron_deltas import neurons_from_record
+
+        layer_masks = build_layer_masks(mask, [Network(-1, neurons_from_record(record, where))], "key")
+        return RunMask(
+            mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks,
+            random_neurons=record.get("random_neurons"), random_seed=record.get("random_seed"),
+        )  # fmt: skip
     layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
     run_mask = RunMask(mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks)
     return run_mask.with_ablation(ablation_from_record(record, layer_masks, where))
@@ -143,8 +208,8 @@ class MaskRecordInCheckpoints(TrainerCallback):
     before it writes the checkpoint (trainer_state.json last): a complete checkpoint of a
     masked run always holds its mask record."""
 
-    def __init__(self, run_mask: RunMask) -> None:
-        self.record = run_mask.record()
+    def __init__(self, run_mask: RunMask, base_model: str | None = None) -> None:
+        self.record = run_mask.record(base_model=base_model)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if control.should_save and state.is_world_process_zero:
@@ -208,6 +273,8 @@ def check_same_mask(checkpoint: Path, run_mask: RunMask | None) -> None:
         recorded.get("networks"),
         recorded.get("ablation", "zero"),
         recorded.get("scale_factor"),
+        recorded.get("random_neurons"),
+        recorded.get("random_seed"),
     )
     if run_mask is None:
         raise UserError(f"checkpoint {checkpoint} was trained with {past}; pass the same mask flags to resume it")

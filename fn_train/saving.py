@@ -11,12 +11,13 @@ from fn_train.config import TrainConfig
 from fn_train.output import staged_save
 from fn_train.run_mask import RunMask
 from shared.arch import DownProjection, base_layer, config_of, find_down_projections
-from shared.constants import RUN_MASK_NAME
+from shared.constants import RUN_MASK_NAME, TUNED_DELTAS_NAME
 from shared.device import choose_dtype
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import LayerMasks
 from shared.models import load_causal_lm
+from shared.neuron_deltas import deltas_of
 
 
 def bake_mask(model: nn.Module, layer_masks: LayerMasks) -> None:
@@ -104,13 +105,33 @@ def merged_model(trainer, config: TrainConfig) -> nn.Module:
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    dtype = choose_dtype(config.torch_dtype, trainer.args.device.type)
-    base = load_causal_lm(
-        config.model_name_or_path, dtype, torch.device("cpu"), trust_remote_code=config.trust_remote_code
-    )
-    fresh = get_peft_model(base, trained.peft_config["default"])
+    fresh = get_peft_model(_fresh_base(trainer, config), trained.peft_config["default"])
     set_peft_model_state_dict(fresh, get_peft_model_state_dict(trained))  # copied and cast into the fresh adapter
     return fresh.merge_and_unload()
+
+
+def _fresh_base(trainer, config: TrainConfig) -> nn.Module:
+    """The base model freshly loaded unquantized, in the run's dtype, on the CPU: what a merge is written into."""
+    dtype = choose_dtype(config.torch_dtype, trainer.args.device.type)
+    return load_causal_lm(
+        config.model_name_or_path, dtype, torch.device("cpu"), trust_remote_code=config.trust_remote_code
+    )
+
+
+def _save_tuned(trainer, config: TrainConfig, stage: Path) -> str:
+    """Tune mode: the deltas (a safetensors file beside the run's fn_mask.json, loaded onto the base by
+    `fn_train.load`), or with --merge_adapter the base with them merged in, a plain model folder."""
+    deltas = deltas_of(trainer.accelerator.unwrap_model(trainer.model))
+    if config.merge_adapter:
+        model = _fresh_base(trainer, config)
+        deltas.merge_into(model)
+        model.save_pretrained(stage)
+        saved = "merged model"
+    else:
+        deltas.save(stage / TUNED_DELTAS_NAME)
+        saved = f"neuron deltas ({(stage / TUNED_DELTAS_NAME).stat().st_size / 2**20:.2f} MiB)"
+    trainer.processing_class.save_pretrained(stage)
+    return saved
 
 
 def save_outputs(trainer, config: TrainConfig, run_mask: RunMask | None) -> str:
@@ -118,7 +139,9 @@ def save_outputs(trainer, config: TrainConfig, run_mask: RunMask | None) -> str:
     if not trainer.is_world_process_zero():
         return ""
     with staged_save(config.output_dir) as stage:
-        if config.use_peft and not config.merge_adapter:
+        if config.tunes:
+            saved = _save_tuned(trainer, config, stage)
+        elif config.use_peft and not config.merge_adapter:
             trainer.save_model(str(stage))
             saved = "adapter"
         else:
@@ -132,5 +155,7 @@ def save_outputs(trainer, config: TrainConfig, run_mask: RunMask | None) -> str:
             model.save_pretrained(stage)
             trainer.processing_class.save_pretrained(stage)
         if run_mask is not None:
-            write_json_atomic(Path(stage) / RUN_MASK_NAME, run_mask.record(baked=config.bake_mask))
+            # A merged tune run's weights hold its deltas as a baked mask's hold the mask: no hook is needed.
+            baked = config.bake_mask or (config.tunes and config.merge_adapter)
+            write_json_atomic(Path(stage) / RUN_MASK_NAME, run_mask.record(baked, config.model_name_or_path))
     return saved

@@ -20,6 +20,7 @@ from fn_train.quantization import quantization_config
 from fn_train.run_mask import (
     MaskRecordInCheckpoints,
     RunMask,
+    TrainMode,
     check_same_mask,
     latest_checkpoint,
     remove_incomplete_checkpoints,
@@ -35,7 +36,7 @@ from shared.distributed import ranks_from_env
 from shared.errors import Interrupted, UserError, is_disk_full
 from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
-from shared.masks import MaskFile, MaskMode, check_compatible, parse_network_ids
+from shared.masks import MaskFile, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.signals import StopRequest, stop_on_signals
 
@@ -138,8 +139,11 @@ def _load_model(config: TrainConfig, dtype: torch.dtype, device: torch.device):
 
 
 def build_trainer(config: TrainConfig, mask: MaskFile | None = None, callbacks: Sequence = ()):
-    """The SFTTrainer for `config`, with PEFT already applied (the mask is not yet installed)."""
+    """The SFTTrainer for `config`, with PEFT already applied (the mask is not yet installed);
+    in tune mode, the TuneTrainer, without PEFT (the deltas are attached by `_install_tuning`)."""
     from trl import SFTTrainer
+
+    from fn_train.tune import TuneTrainer, adapter_declared
 
     device = choose_device(config.device)
     dtype = choose_dtype(config.torch_dtype, device.type)
@@ -159,15 +163,18 @@ def build_trainer(config: TrainConfig, mask: MaskFile | None = None, callbacks: 
         check_compatible(
             mask, model_info(model, config.model_name_or_path), where=f"mask file {config.mask_file or ICA_MASK_NAME}"
         )
-    return SFTTrainer(
-        model=model,
-        args=_sft_config(config, device.type, dtype == torch.bfloat16 and device.type == "cuda", eval_set is not None),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        processing_class=tokenizer,
-        peft_config=_lora_config(config) if config.use_peft else None,
-        callbacks=list(callbacks),
-    )
+    with adapter_declared(model, config.tunes and config.quantized):
+        return (TuneTrainer if config.tunes else SFTTrainer)(
+            model=model,
+            args=_sft_config(
+                config, device.type, dtype == torch.bfloat16 and device.type == "cuda", eval_set is not None
+            ),
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            processing_class=tokenizer,
+            peft_config=_lora_config(config) if config.trains_lora else None,
+            callbacks=list(callbacks),
+        )
 
 
 def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMeans:
@@ -207,6 +214,28 @@ def _install_mask(trainer, run_mask: RunMask) -> contextlib.AbstractContextManag
     trainer.add_callback(KeepMaskedNeuronsFrozen(masked_neuron_slices(trainer.model, projections, layer_masks)))
     trainer.add_callback(MaskRecordInCheckpoints(run_mask))
     return masked_down_projections(projections, layer_masks)
+
+
+def _install_tuning(trainer, run_mask: RunMask, base_model: str) -> contextlib.AbstractContextManager:
+    """Tune mode: freeze the model, attach the deltas of the run's neurons, say what trains, record the
+    neurons in checkpoints; returns the context manager that adds the deltas to the model's outputs."""
+    from fn_train.tune import attach_tuned_neurons
+
+    deltas, trainable = attach_tuned_neurons(trainer.model, run_mask)
+    _say(trainable)
+    trainer.add_callback(MaskRecordInCheckpoints(run_mask, base_model))
+    return deltas.applied()
+
+
+def _tune_control(run_mask: RunMask, config: TrainConfig, trainer=None) -> RunMask:
+    """Tune mode with --random-neurons: the random set of the networks' counts; a magnitude-matched one
+    needs the model (`trainer`), a layer-matched one does not (drawn before the model loads)."""
+    if config.random_neurons is None or (config.random_neurons == "magnitude") != (trainer is not None):
+        return run_mask
+    from fn_train.tune import random_control, training_magnitude
+
+    magnitude = training_magnitude(trainer, config, run_mask) if trainer is not None else None
+    return random_control(run_mask, config.random_neurons, config.seed, magnitude)
 
 
 def _disk_full(output_dir: Path, exc: BaseException) -> UserError:
@@ -286,12 +315,16 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     checkpoint = None
     if config.resume_from_checkpoint is not None:
         checkpoint = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    mode = cast(MaskMode, config.mask_mode)
+    mode = cast(TrainMode, config.mask_mode)
     networks = parse_network_ids(config.networks)
-    # A mean ablation is added once its means are measured (after the model loads).
+    # A mean ablation is added once its means are measured, a magnitude-matched random set drawn once the
+    # magnitudes are: after the model loads.
     ablation = Ablation(config.ablation, config.scale_factor) if config.ablation != "mean" else None
+    after_load = config.ablation == "mean" or config.random_neurons == "magnitude"
     run_mask = resolve_run_mask(config.mask_file, mode, networks, ablation) if config.mask_file is not None else None
-    if checkpoint is not None and not config.ica_on_the_fly and config.ablation != "mean":
+    if run_mask is not None:
+        run_mask = _tune_control(run_mask, config)
+    if checkpoint is not None and not config.ica_on_the_fly and not after_load:
         check_same_mask(checkpoint, run_mask)
     from fn_train.tracking import SaveAndStopOnSignal, track_mask
 
@@ -307,7 +340,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
             run_mask = resolve_run_mask(
                 mask_from_training_data(config, checkpoint is not None), mode, networks, ablation
             )
-            if checkpoint is not None and config.ablation != "mean":
+            run_mask = _tune_control(run_mask, config)
+            if checkpoint is not None and not after_load:
                 check_same_mask(checkpoint, run_mask)
         trainer = build_trainer(config, run_mask.mask if run_mask else None, callbacks)
         stop = stack.enter_context(stop_on_signals())
@@ -315,12 +349,18 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
         masking: contextlib.AbstractContextManager = contextlib.nullcontext()
         if run_mask is not None and config.ablation == "mean":
             run_mask = run_mask.with_ablation(Ablation("mean", means=training_means(trainer, config, run_mask)))
-            if checkpoint is not None:
-                check_same_mask(checkpoint, run_mask)
+        if run_mask is not None:
+            run_mask = _tune_control(run_mask, config, trainer)
+        if checkpoint is not None and after_load:
+            check_same_mask(checkpoint, run_mask)
         if run_mask is not None and config.bake_mask:
             check_bakeable(trainer.model, run_mask.layer_masks)
         if run_mask is not None:
-            masking = _install_mask(trainer, run_mask)
+            masking = (
+                _install_tuning(trainer, run_mask, config.model_name_or_path)
+                if run_mask.tunes
+                else _install_mask(trainer, run_mask)
+            )
             track_mask(trainer.args, run_mask)
             _say(run_mask.describe())
             if (note := run_mask.recipe_note()) is not None:

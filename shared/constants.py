@@ -29,6 +29,7 @@ TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer writes it last into a c
 STAGING_NAME = ".fn-train-save.partial"  # the final save is written here, then moved into place
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's: an output folder holding it is an adapter
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's adapter weights
+TUNED_DELTAS_NAME = "fn_tune.safetensors"  # --mask-mode tune's neuron deltas (output folder and checkpoints)
 
 # A Hugging Face model folder.
 MODEL_CONFIG_NAME = "config.json"

@@ -32,6 +32,7 @@ from shared.models import model_info
 log = logging.getLogger(__name__)
 
 PreHook = Callable[[nn.Module, tuple], tuple | None]
+Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
 
 
 @contextmanager
@@ -41,6 +42,19 @@ def pre_hooks(hooks: list[tuple[nn.Module, PreHook]]) -> Iterator[None]:
     try:
         for module, hook in hooks:
             handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Hook]]) -> Iterator[None]:
+    """Register forward hooks (they see the input and may replace the output) for the block, then remove every one."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

@@ -143,7 +143,7 @@ def _parse(app: typer.Typer, args: list[str]) -> dict[str, Any]:
         (train_app, TrainConfig, ["--dataset_name_or_path", "d.csv", "--output_dir", "o"], ("d.csv", "o")),
         (analyze_app, CollectConfig, ["collect", "--dataset", "d.csv", "--out", "o"], ("d.csv", "o")),
         (analyze_app, IcaConfig, ["ica", "--activations", "a"], ("a",)),
-        (analyze_app, EvaluateConfig, ["evaluate", "--mask-file", "m.json", "--dataset", "d.csv"], ("m.json", "d.csv")),
+        (analyze_app, EvaluateConfig, ["evaluate", "--mask-file", "m.json", "--dataset", "d.csv"], ("d.csv", "m.json")),
         (analyze_app, CompareConfig, ["compare", "a.json", "b.json"], ("a.json", "b.json")),
     ],
     ids=["fn-train", "collect", "ica", "evaluate", "compare"],
