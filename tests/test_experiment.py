@@ -210,3 +210,30 @@ def test_yaml_seeds_and_arms(tmp_path: Path, tiny_lm_dir: Path, demo_dir: Path, 
     path.write_text(yaml.safe_dump(_settings(tiny_lm_dir, demo_dir, mask_path, tmp_path / "o", seeds=[4, 9])))
     config = load_experiment_config(path)
     assert config.seeds == [4, 9] and config.controls == ["layer", "magnitude"]
+
+
+def test_the_tune_arm_gets_no_ablation_and_no_lora_settings(
+    tiny_lm_dir: Path, demo_dir: Path, mask_path: Path, tmp_path: Path
+) -> None:
+    settings = _settings(tiny_lm_dir, demo_dir, mask_path, tmp_path / "o", arms=["lora", "key", "tune"])
+    config = ExperimentConfig(**{**settings, "ablation": "scale", "train": {"lora_r": 8}})
+    plan = runner_module.plan_experiment(config)  # fn-train would refuse LoRA settings or an ablation with tune
+    by_arm = {run.arm: plan.train_config(run) for run in plan.runs if run.neurons in ("", "networks")}
+    assert by_arm["tune"].mask_mode == "tune" and by_arm["tune"].ablation == "zero" and by_arm["tune"].lora_r == 16
+    assert by_arm["key"].ablation == "scale" and by_arm["key"].lora_r == 8 and by_arm["lora"].lora_r == 8
+
+
+@pytest.mark.slow
+def test_the_tune_arm_trains_only_the_chosen_neurons(
+    tiny_lm_dir: Path, demo_dir: Path, mask_path: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "exp"
+    settings = _settings(tiny_lm_dir, demo_dir, mask_path, out, arms=["tune"], controls=["magnitude"], seeds=1)
+    results = run_experiment(ExperimentConfig(**settings))
+    runs = results["runs"]
+    assert list(runs) == ["tune-seed0", "tune-random-magnitude-seed0"]
+    for record in runs.values():
+        assert record["fn_mask"]["mode"] == "tune"
+        # LLaMA: a neuron's gate and up rows and its down-projection column, hidden size 64 each; 11 neurons
+        assert record["figures"]["trainable_parameters"] == 11 * 3 * 64
+    assert runs["tune-random-magnitude-seed0"]["fn_mask"]["mask_file"] == str(control_mask_path(out, "magnitude", 0))

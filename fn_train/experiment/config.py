@@ -52,7 +52,7 @@ class ExperimentConfig:
     mask_file: Path | None = None  # required by the key, complement and tune arms
     model: str = EMBEDDED_MODEL_NAME
     networks: str | None = None  # ids such as 0,3 (default: every network of the file)
-    arms: list[str] = field(default_factory=lambda: ["lora", "key", "complement"])
+    arms: list[str] = field(default_factory=lambda: list(ARM_MODES))
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))  # each masked arm's random controls
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # a number N means seeds 0..N-1
     steps: int = 30  # optimizer steps per run
