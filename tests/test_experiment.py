@@ -3,6 +3,7 @@ mask recorded, resume, the report, and configs refused before any run starts."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -199,6 +200,12 @@ def test_a_finished_folder_is_resumed_only_with_its_own_config(
     (out / RESULTS_NAME).write_text(json.dumps({"config": {**ExperimentConfig(**settings).to_dict(), "steps": 5}}))
     with pytest.raises(Exception, match="another steps"):
         run_experiment(ExperimentConfig(**settings))
+    # A second start on a folder in use is refused (it would train into the first one's run folders).
+    (out / RESULTS_NAME).write_text(json.dumps({"config": ExperimentConfig(**settings).to_dict(), "runs": {}}))
+    with (out / runner_module.LOCK_NAME).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(Exception, match="in use by another fn-train experiment"):
+            run_experiment(ExperimentConfig(**settings))
     # More arms, controls or seeds add runs to the recorded ones.
     (out / RESULTS_NAME).write_text(json.dumps({"config": ExperimentConfig(**settings).to_dict(), "runs": {}}))
     grown = ExperimentConfig(**{**settings, "arms": ["lora", "key", "complement"], "seeds": 3})

@@ -4,10 +4,13 @@ resumes where it stopped: runs with a record are not run again)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,7 @@ from shared.models import load_causal_lm, load_tokenizer, model_info
 
 EXPERIMENT_SCHEMA_VERSION = 1
 RUNS_FOLDER = "runs"
+LOCK_NAME = ".experiment.lock"
 # What may change when an experiment is started again in its folder: runs are added (an arm, a control,
 # a seed) or left out of the report; every other setting is what the recorded runs were made with.
 GROWABLE = frozenset({"arms", "controls", "seeds"})
@@ -139,7 +143,7 @@ def _earlier_results(config: ExperimentConfig) -> dict[str, Any]:
             )
         results["config"] = config.to_dict()
         return results
-    if config.out.exists() and (not config.out.is_dir() or any(config.out.iterdir())):
+    if config.out.exists() and (not config.out.is_dir() or any(p.name != LOCK_NAME for p in config.out.iterdir())):
         raise UserError(f"out {config.out} exists and holds no {RESULTS_NAME}; give a new or empty folder")
     return {
         "schema_version": EXPERIMENT_SCHEMA_VERSION,
@@ -256,7 +260,29 @@ def run_experiment(config: ExperimentConfig, keep_runs: bool = False) -> dict[st
     device = choose_device(config.device)
     dtype = choose_dtype("auto", device.type)
     config.out.mkdir(parents=True, exist_ok=True)
-    _save(plan)  # first into the folder: it marks it as this experiment's
+    with _held(config.out):
+        _save(plan)  # first into the folder: it marks it as this experiment's
+        return _run_all(plan, device, dtype, keep_runs, started)
+
+
+@contextlib.contextmanager
+def _held(out: Path) -> Iterator[None]:
+    """The folder's lock for the experiment's life: a second start on the same folder (which would
+    train into the first one's run folders) is refused; the kernel drops the lock when the process ends."""
+    with (out / LOCK_NAME).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"out {out} is in use by another fn-train experiment; wait for it to end, or give another out"
+            ) from None
+        yield
+
+
+def _run_all(
+    plan: ExperimentPlan, device: torch.device, dtype: torch.dtype, keep_runs: bool, started: float
+) -> dict[str, Any]:
+    config = plan.config
     prepare(plan, device, dtype)
     plan.results["peak_memory"] = peak_memory_mb(device)[1]
     done = plan.results["runs"]
@@ -279,7 +305,7 @@ def run_experiment(config: ExperimentConfig, keep_runs: bool = False) -> dict[st
         done[run.name] = record
         plan.results["summary"] = summarize(plan.results, plan.runs)
         _save(plan)
-    plan.results["seconds"] = round(time.perf_counter() - started, 1)
+    plan.results["seconds_this_start"] = round(time.perf_counter() - started, 1)
     plan.results["summary"] = summarize(plan.results, plan.runs)
     _save(plan)
     if not keep_runs:
