@@ -159,9 +159,6 @@ def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], pat
         if name in before:
             ax.axvline(before[name], color="black", linestyle="--", linewidth=1, label="base model, before")
             ax.legend(fontsize=7, loc="lower right")
-        finite = [m for m in means if np.isfinite(m)]
-        if finite and name.endswith("loss"):  # losses differ in their decimals: start the axis near them
-            ax.set_xlim(left=0.95 * min([*finite, before.get(name, np.inf)]))
         ax.set_yticks(y, [f"{g} (n={summary[g]['n']})" for g in groups], fontsize=7)
         ax.set_title(heading, fontsize=9, loc="left")
     for ax in axes[len(shown) :]:
