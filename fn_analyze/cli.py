@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
+from fn_analyze.demo_data import FAMILIES
 from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
 from shared.threads import set_thread_defaults
 
@@ -119,13 +120,21 @@ def demo_data_command(
     n_train: Annotated[int, typer.Option(help="Rows in train.csv.")] = 200,
     n_eval: Annotated[int, typer.Option(help="Rows in eval.csv.")] = 100,
     n_sentiment: Annotated[int, typer.Option(help="Rows in sentiment.csv (classification, for accuracy).")] = 100,
+    families: Annotated[
+        str,
+        typer.Option(
+            help="Task families of train.csv and eval.csv, comma-separated (leave out sentiment to "
+            "keep sentiment.csv a retention set)."
+        ),
+    ] = ",".join(FAMILIES),
 ) -> None:
     """Write the demo instruction data (facts, arithmetic, sentiment, continuation) and a
     sentiment classification set (question, choices, answer) for accuracy."""
     from fn_analyze.demo_data import write_demo_data
 
+    chosen = tuple(family.strip() for family in families.split(",") if family.strip())
     paths = write_demo_data(
-        out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval, n_sentiment=n_sentiment
+        out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval, n_sentiment=n_sentiment, families=chosen
     )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")

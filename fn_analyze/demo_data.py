@@ -448,12 +448,21 @@ def _write_sentiment_csv(path: Path, rows: list[QA]) -> None:
 
 
 def write_demo_data(
-    out_dir: Path, seed: int = 0, n_collect: int = 400, n_train: int = 200, n_eval: int = 100, n_sentiment: int = 100
+    out_dir: Path,
+    seed: int = 0,
+    n_collect: int = 400,
+    n_train: int = 200,
+    n_eval: int = 100,
+    n_sentiment: int = 100,
+    families: tuple[str, ...] = FAMILIES,
 ) -> dict[str, Path]:
     """Write data.jsonl (n_collect records: question, answer), train.csv and eval.csv
     (header `question,answer`; eval questions disjoint from train) and sentiment.csv
     (n_sentiment reviews as `question,choices,answer`: choices ["negative", "positive"], answer
     the index of the right one; questions disjoint from train) into out_dir.
+
+    `families` are those of train.csv and eval.csv: without sentiment, sentiment.csv is a retention
+    set, a task the fine-tuning never saw (what `fn-train experiment` measures forgetting on).
 
     Each file uses its own seed derived from `seed` (sentiment.csv's is drawn after the
     others', so they stay as they were). Returns {"collect", "train", "eval", "sentiment"} -> path.
@@ -462,9 +471,9 @@ def write_demo_data(
     derive = random.Random(seed)
     seed_collect, seed_train, seed_eval, seed_sentiment = (derive.getrandbits(63) for _ in range(4))
     collect = generate(n_collect, seed_collect)
-    train = generate(n_train, seed_train)
+    train = generate(n_train, seed_train, families)
     seen = frozenset(qa.question for qa in train)
-    evaluation = _generate(n_eval, random.Random(seed_eval), FAMILIES, seen)
+    evaluation = _generate(n_eval, random.Random(seed_eval), families, seen)
     sentiment = _generate(n_sentiment, random.Random(seed_sentiment), ("sentiment",), seen)
 
     out_dir.mkdir(parents=True, exist_ok=True)

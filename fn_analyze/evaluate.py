@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fn_analyze.config import EvaluateConfig
 from fn_analyze.magnitude import NeuronMagnitude, activation_stats, stats_from_forward
-from fn_analyze.neuron_sets import draw_matched, pairs, set_size, without
+from fn_analyze.neuron_sets import control_pool, draw_matched, pairs, set_size, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
 from shared.ablation import Ablation, NeuronMeans
@@ -356,7 +356,7 @@ def _score_conditions(
                     draw_matched(
                         condition.neurons,
                         strata[control],
-                        _control_pool(allowed, set_aside, condition.neurons),
+                        control_pool(allowed, set_aside, condition.neurons),
                         np.random.default_rng([config.seed, condition.stream, index, draw]),
                     )
                     for draw in range(condition.draws)
@@ -376,18 +376,6 @@ def _score_conditions(
         if config.random_fraction is not None:
             random_fraction = _random_fraction(evaluator, config, allowed, magnitude.measured_layers(), progress)
     return base, rows, random_fraction
-
-
-def _control_pool(allowed: np.ndarray, set_aside: set[tuple[int, int]], neurons: NeuronSet) -> np.ndarray:
-    """The neurons a condition's random sets may be drawn from: the allowed ones less the mask file's
-    set-aside (massive) neurons that the condition does not hold itself. Its networks could not hold
-    them, so a control that may draw them measures the massive neurons, not the networks."""
-    if not set_aside:
-        return allowed
-    pool = allowed.copy()
-    for layer, neuron in set_aside - pairs(neurons):
-        pool[layer, neuron] = False
-    return pool
 
 
 def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: float) -> dict[str, Any]:

@@ -44,3 +44,15 @@ def draw_matched(neurons: NeuronSet, strata: np.ndarray, allowed: np.ndarray, rn
             chosen += rng.choice(pool, int(count), replace=False).tolist()
         drawn[layer] = tuple(sorted(chosen))
     return drawn
+
+
+def control_pool(allowed: np.ndarray, set_aside: set[tuple[int, int]], neurons: NeuronSet) -> np.ndarray:
+    """The neurons a condition's random sets may be drawn from: the allowed ones less the mask file's
+    set-aside (massive) neurons that the condition does not hold itself. Its networks could not hold
+    them, so a control that may draw them measures the massive neurons, not the networks."""
+    if not set_aside:
+        return allowed
+    pool = allowed.copy()
+    for layer, neuron in set_aside - pairs(neurons):
+        pool[layer, neuron] = False
+    return pool

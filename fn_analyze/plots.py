@@ -129,3 +129,45 @@ def plot_networks(mask: MaskFile, path: Path) -> None:
     side.set_xlabel("size (neurons)")
     fig.suptitle(f"{len(mask.networks)} networks of {mask.model.name}: neurons per layer", fontsize=10)
     _save(fig, path)
+
+
+def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], path: Path) -> None:
+    """One panel per figure of an `fn-train experiment` (metrics: (name, heading)): each arm's mean
+    over seeds with its sd as error bar, the base model's value (before training) as a dashed line."""
+    summary, before = results.get("summary", {}), results.get("before", {})
+    shown = [(name, heading) for name, heading in metrics if any(name in row["figures"] for row in summary.values())]
+    groups = list(summary)
+    columns = 2
+    rows = max(1, -(-len(shown) // columns))
+    fig = _figure(figsize=(11, 1.2 + (0.9 + 0.28 * len(groups)) * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    colors = [
+        MAGNITUDE_COLOR
+        if "magnitude" in g
+        else LAYER_COLOR
+        if "layer" in g
+        else NETWORK_COLOR
+        if g != "lora"
+        else "#2e7d32"
+        for g in groups
+    ]
+    y = np.arange(len(groups))[::-1].astype(float)
+    for ax, (name, heading) in zip(axes, shown, strict=False):
+        means = [summary[g]["figures"].get(name, {}).get("mean", np.nan) for g in groups]
+        sds = [summary[g]["figures"].get(name, {}).get("sd", 0.0) for g in groups]
+        ax.barh(y, means, 0.7, xerr=sds, color=colors, capsize=3)
+        if name in before:
+            ax.axvline(before[name], color="black", linestyle="--", linewidth=1, label="base model, before")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_yticks(y, [f"{g} (n={summary[g]['n']})" for g in groups], fontsize=7)
+        ax.set_title(heading, fontsize=9, loc="left")
+    for ax in axes[len(shown) :]:
+        ax.set_visible(False)
+    config = results["config"]
+    fig.suptitle(
+        f"fn-train experiment: {config['model']} on {config['train_data']}, {config['steps']} steps; "
+        "mean ± sd over seeds\n(green: plain LoRA; blue: the networks; grey: random, layer-matched; "
+        "orange: random, magnitude-matched)",
+        fontsize=9,
+    )
+    _save(fig, path)

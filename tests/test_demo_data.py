@@ -138,3 +138,15 @@ def test_adding_sentiment_csv_left_the_other_files_as_they_were(tmp_path):
     train = {qa.question for qa in generate(10, seed_train)}
     expected = _generate(5, random.Random(seed_eval), FAMILIES, frozenset(train))
     assert [qa.question for qa in expected] == _questions(paths["eval"])
+
+
+def test_families_leave_a_retention_set(tmp_path) -> None:
+    """Without sentiment in train.csv and eval.csv, sentiment.csv is a task the training never saw."""
+    import csv
+
+    paths = write_demo_data(tmp_path, seed=0, n_collect=8, n_train=30, n_eval=9, families=("facts", "arithmetic"))
+    for role in ("train", "eval"):
+        with paths[role].open() as handle:
+            answers = [row["answer"] for row in csv.DictReader(handle)]
+        assert answers and not {"positive", "negative"} & set(answers)
+    assert len(paths["sentiment"].read_text().splitlines()) == 101

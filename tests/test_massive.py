@@ -86,13 +86,13 @@ def test_the_keep_only_note_appears_only_for_complement_with_a_mask_not_made_for
 def test_evaluate_random_sets_leave_out_the_set_aside_neurons(llama) -> None:
     import numpy as np
 
-    from fn_analyze.evaluate import _control_pool
+    from fn_analyze.neuron_sets import control_pool
 
     allowed = np.ones((2, 176), dtype=bool)
     set_aside = {(0, 7), (0, 9), (1, 11)}
-    pool = _control_pool(allowed, set_aside, {0: (1, 2, 3)})
+    pool = control_pool(allowed, set_aside, {0: (1, 2, 3)})
     assert {(int(a), int(b)) for a, b in zip(*np.nonzero(~pool), strict=True)} == set_aside
-    held = _control_pool(allowed, set_aside, {0: (7, 9), 1: (11,)})  # the massive group's own controls
+    held = control_pool(allowed, set_aside, {0: (7, 9), 1: (11,)})  # the massive group's own controls
     assert held.all()
-    assert _control_pool(allowed, set(), {0: (1,)}) is allowed
+    assert control_pool(allowed, set(), {0: (1,)}) is allowed
     assert allowed.all()  # the caller's array is not changed

@@ -1,0 +1,80 @@
+"""The runs of an experiment: every arm over every seed, and each masked arm's random controls.
+
+A random control is a neuron set drawn as `fn-analyze evaluate` draws its controls
+(`fn_analyze.neuron_sets.draw_matched`): as many neurons as the selected networks hold in every
+layer (`layer`), or in every layer and magnitude bin (`magnitude`), from the neurons the networks
+could have held (the mask file's set-aside neurons are left out, unless the networks are them).
+One set is drawn per control and seed, and every masked arm of that seed trains with it, so the
+arms' controls are paired; each is written as a one-network mask file in the experiment folder, so
+its run records it in `fn_mask.json` like any other mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fn_analyze.magnitude import NeuronMagnitude
+from fn_analyze.neuron_sets import control_pool, draw_matched, pairs
+from shared.masks import MaskFile, Network, NeuronSet, save_mask_file, union
+
+NETWORKS = "networks"  # a run that trains with the selected networks (its random controls: "random-<control>")
+MASKS_FOLDER = "masks"  # the random controls' mask files, inside the experiment folder
+CONTROL_STREAM = {"layer": 0, "magnitude": 1}  # seeds each control's draw apart from the other's
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str  # lora | key | complement | tune
+    neurons: str  # NETWORKS, random-layer, random-magnitude; "" for plain LoRA (no mask)
+    seed: int
+
+    @property
+    def group(self) -> str:
+        """The table's row: the arm, and which neurons it trained with."""
+        return self.arm if not self.neurons or self.neurons == NETWORKS else f"{self.arm} {self.neurons}"
+
+    @property
+    def name(self) -> str:
+        """The run's folder and results key."""
+        return f"{self.group.replace(' ', '-')}-seed{self.seed}"
+
+
+def plan_runs(arms: list[str], controls: list[str], seeds: list[int], masked_arms: list[str]) -> list[RunSpec]:
+    """Seed by seed (a partial experiment holds every arm of its first seeds), arm by arm."""
+    runs = []
+    for seed in seeds:
+        for arm in arms:
+            if arm not in masked_arms:
+                runs.append(RunSpec(arm, "", seed))
+                continue
+            runs.append(RunSpec(arm, NETWORKS, seed))
+            runs += [RunSpec(arm, f"random-{control}", seed) for control in controls]
+    return runs
+
+
+def control_mask_path(out: Path, control: str, seed: int) -> Path:
+    return out / MASKS_FOLDER / f"random-{control}-seed{seed}.json"
+
+
+def draw_control(
+    mask: MaskFile, neurons: NeuronSet, control: str, seed: int, magnitude: NeuronMagnitude | None, bin_width: float
+) -> NeuronSet:
+    """The random set matched to `neurons` (the selected networks' union) for one control and seed."""
+    shape = (mask.model.n_layers, mask.model.intermediate_size)
+    if control == "magnitude":
+        assert magnitude is not None, "magnitude-matched draws need the neurons' magnitudes"
+        strata = magnitude.bins(bin_width)
+    else:
+        strata = np.zeros(shape, dtype=np.int64)
+    set_aside = pairs(union([massive])) if (massive := mask.massive()) is not None else set()
+    pool = control_pool(np.ones(shape, dtype=bool), set_aside, neurons)
+    return draw_matched(neurons, strata, pool, np.random.default_rng([seed, CONTROL_STREAM[control]]))
+
+
+def write_control_mask(mask: MaskFile, drawn: NeuronSet, control: str, seed: int, matched: str, path: Path) -> None:
+    """The drawn set as a mask file of the mask's model: one network, id 0, and how it was drawn."""
+    source = {"random_control": {"matched_on": control, "seed": seed, "matched_to": matched}}
+    save_mask_file(MaskFile(model=mask.model, networks=(Network(0, drawn),), source=source), path)

@@ -1,0 +1,201 @@
+"""The experiment's configuration: a YAML file whose keys are ExperimentConfig's fields.
+
+Everything is checked here without a model (values, files, the arms against the mask file), and
+each run's TrainConfig is built here too, so a config that fn-train would refuse is refused before
+the first run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fn_train.config import TrainConfig
+from shared.constants import EMBEDDED_MODEL_NAME
+from shared.errors import UserError
+
+# Arm -> fn-train's --mask-mode (None: plain LoRA, no mask).
+ARM_MODES: dict[str, str | None] = {"lora": None, "key": "key", "complement": "complement", "tune": "tune"}
+CONTROLS: tuple[str, ...] = ("layer", "magnitude")  # random neurons matched per layer / per layer and magnitude bin
+# fn-train settings the experiment sets itself for every run: not allowed under `train:`.
+SET_BY_EXPERIMENT = frozenset(
+    {
+        "model_name_or_path",
+        "dataset_name_or_path",
+        "output_dir",
+        "mask_file",
+        "mask_mode",
+        "networks",
+        "seed",
+        "max_steps",
+        "learning_rate",
+        "per_device_train_batch_size",
+        "ablation",
+        "scale_factor",
+        "device",
+        "max_seq_length",
+        "resume_from_checkpoint",
+        "ica_on_the_fly",
+    }
+)
+
+
+@dataclass
+class ExperimentConfig:
+    train_data: str  # the task's training rows (any format fn-train reads)
+    eval_data: str  # the task's held-out rows: answer loss and accuracy before and after
+    retention_data: str  # a second dataset the fine-tuning should not change: what the model forgot
+    out: Path  # results.json, the table, the PNG, the random controls' mask files, the run folders
+    mask_file: Path | None = None  # required by the key, complement and tune arms
+    model: str = EMBEDDED_MODEL_NAME
+    networks: str | None = None  # ids such as 0,3 (default: every network of the file)
+    arms: list[str] = field(default_factory=lambda: list(ARM_MODES))
+    controls: list[str] = field(default_factory=lambda: list(CONTROLS))  # each masked arm's random controls
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # a number N means seeds 0..N-1
+    steps: int = 30  # optimizer steps per run
+    learning_rate: float = 2e-4
+    batch_size: int = 4
+    ablation: str = "zero"  # fn-train's default: the original tool's binary mask
+    scale_factor: float | None = None  # with ablation scale
+    # Magnitudes for the magnitude-matched controls: an activations folder of the model (`fn-analyze collect`);
+    # default: a pass of the base model over the eval rows, as `fn-analyze evaluate` measures them.
+    activations: Path | None = None
+    bin_width: float = 0.1  # decades of max |activation| per magnitude bin: fn-analyze evaluate's default
+    eval_split: str | None = None  # default: a held-out split of eval_data when it has one, else all rows
+    eval_limit: int | None = 100  # first rows of eval_data scored (None: all)
+    retention_limit: int | None = 100
+    # Accuracy on short answers is greedy generation (whether the answer is contained in it): several
+    # times the cost of the loss. Multiple-choice data is scored by acc without it.
+    generate: bool = False
+    max_new_tokens: int = 16
+    eval_batch_size: int = 16
+    max_seq_length: int = 512
+    device: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)  # any other fn-train setting, for every run (lora_r: 8)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.mask_file is not None:
+            self.mask_file = Path(self.mask_file)
+        if self.activations is not None:
+            self.activations = Path(self.activations)
+        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
+            if self.seeds < 1:
+                raise UserError(f"seeds must be at least 1, got {self.seeds}")
+            self.seeds = list(range(self.seeds))
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise UserError(f"seeds must be a number of seeds or a list of integers, got {self.seeds!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds {self.seeds} repeat a seed; list each once")
+        self.arms = _names("arms", self.arms, tuple(ARM_MODES))
+        self.controls = _names("controls", self.controls, CONTROLS, allow_empty=True)
+        if self.masked_arms and self.mask_file is None:
+            raise UserError(f"arm {self.masked_arms[0]} needs mask_file; add mask_file: or keep only the lora arm")
+        for name in ("steps", "batch_size", "eval_batch_size", "max_new_tokens", "max_seq_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{name} must be a whole number of at least 1, got {getattr(self, name)!r}")
+        for name in ("eval_limit", "retention_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"{name} must be a whole number of at least 1 or null (all rows), got {value!r}")
+        if not (isinstance(self.bin_width, (int, float)) and math.isfinite(self.bin_width) and self.bin_width > 0):
+            raise UserError(f"bin_width must be a positive number of decades such as 0.1, got {self.bin_width!r}")
+        if not isinstance(self.train, dict):
+            raise UserError(f"train must hold fn-train settings (name: value), not {self.train!r}")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key in self.train:
+            if key in SET_BY_EXPERIMENT:
+                raise UserError(f"train: {key} is set by the experiment itself; drop it from train: (see the keys)")
+            if key not in known:
+                raise UserError(f"train: unknown fn-train setting {key!r}; use the names of fn-train --help")
+        for path, what in ((self.train_data, "train_data"), (self.eval_data, "eval_data")):
+            _check_local(path, what)
+        _check_local(self.retention_data, "retention_data")
+        if self.mask_file is not None and not self.mask_file.is_file():
+            raise UserError(f"mask_file {self.mask_file} does not exist; give a file written by `fn-analyze ica`")
+
+    @property
+    def masked_arms(self) -> list[str]:
+        return [arm for arm in self.arms if ARM_MODES[arm] is not None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    def train_config(self, output_dir: Path, arm: str, seed: int, mask_file: Path | None, networks: str | None):
+        """The TrainConfig of one run: the experiment's budget and data, the arm's mask."""
+        mode = ARM_MODES[arm]
+        masked: dict[str, Any] = dict(mask_file=mask_file, mask_mode=mode, networks=networks)
+        train = self.train
+        if mode == "tune":  # switches nothing off and trains its own deltas: no ablation, no LoRA settings
+            train = {key: value for key, value in self.train.items() if not key.startswith("lora_")}
+        else:
+            masked["ablation"] = self.ablation
+            if self.scale_factor is not None:
+                masked["scale_factor"] = self.scale_factor
+        settings: dict[str, Any] = dict(
+            model_name_or_path=self.model,
+            dataset_name_or_path=self.train_data,
+            output_dir=output_dir,
+            max_steps=self.steps,
+            learning_rate=self.learning_rate,
+            per_device_train_batch_size=self.batch_size,
+            max_seq_length=self.max_seq_length,
+            seed=seed,
+            device=self.device,
+            save_steps=self.steps + 1,  # no checkpoint: a run is short, an interrupted one starts again
+            **train,
+            **(masked if mode is not None else {}),
+        )
+        return TrainConfig(**settings)
+
+
+def _names(key: str, value: Any, known: tuple[str, ...], allow_empty: bool = False) -> list[str]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise UserError(f"{key} must be a list of {', '.join(known)}, got {value!r}")
+    for name in value:
+        if name not in known:
+            raise UserError(f"{key}: {name!r} is unknown; use {', '.join(known)}")
+    if len(set(value)) != len(value):
+        raise UserError(f"{key} {value} name one twice; list each once")
+    return list(value)
+
+
+def _check_local(path: str, key: str) -> None:
+    """A path that looks like a file (has a suffix) must exist; anything else is a dataset name."""
+    if Path(path).suffix and not Path(path).exists():
+        raise UserError(f"{key} {path} does not exist; give a data file or a dataset name")
+
+
+def load_experiment_config(path: Path) -> ExperimentConfig:
+    """The config of a YAML file; every problem one UserError line naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path} does not exist; give a YAML file (see docs/commands.md, fn-train experiment)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path} must hold key: value lines (a mapping), not {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"--config {path}: unknown key {key!r}; use {', '.join(fields)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in raw
+    ]
+    if missing:
+        raise UserError(f"--config {path}: {missing[0]} is missing; add {missing[0]}: to the file")
+    try:
+        return ExperimentConfig(**raw)
+    except UserError as exc:
+        raise UserError(f"--config {path}: {exc}") from exc

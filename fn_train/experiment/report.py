@@ -1,0 +1,94 @@
+"""The experiment's report: each arm's figures as mean ± sd over seeds, as a table (printed and in
+table.txt) and a figure (results.png); every number the table prints is in results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fn_train.experiment.arms import RunSpec
+from shared.jsonio import write_text_atomic
+
+RESULTS_NAME = "results.json"
+TABLE_NAME = "table.txt"
+FIGURE_NAME = "results.png"
+
+# (figure, column heading, decimals printed), in the table's order.
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("task_loss", "task loss", 4),
+    ("task_accuracy", "task acc", 3),
+    ("retention_loss", "retention loss", 4),
+    ("retention_accuracy", "retention acc", 3),
+    ("train_loss", "train loss", 4),
+    ("train_seconds", "train s", 1),
+    ("trainable_parameters", "trainable", 0),
+    ("peak_memory_mb", "peak MiB", 0),
+)
+BEFORE = "base model (before)"
+
+
+def summarize(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, dict[str, Any]]:
+    """Per arm (in the plan's order): the seeds recorded, and each figure's mean and sample sd
+    over them (sd 0 with one seed)."""
+    summary: dict[str, dict[str, Any]] = {}
+    planned = {run.name for run in runs}  # runs recorded by an earlier plan with more arms or seeds are left out
+    for group in dict.fromkeys(run.group for run in runs):
+        records = [r for name, r in results["runs"].items() if r["group"] == group and name in planned]
+        if not records:
+            continue
+        figures = {}
+        for name, _, _ in METRICS:
+            values = [r["figures"][name] for r in records if r["figures"].get(name) is not None]
+            if values:
+                sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                figures[name] = {"mean": float(np.mean(values)), "sd": sd}
+        summary[group] = {"seeds": sorted(r["seed"] for r in records), "n": len(records), "figures": figures}
+    return summary
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Arms x figures, mean ± sd over seeds, below the base model's scores."""
+    summary = results.get("summary", {})
+    shown = [
+        (name, heading, decimals)
+        for name, heading, decimals in METRICS
+        if name in results.get("before", {}) or any(name in row["figures"] for row in summary.values())
+    ]
+    width = {name: max(len(heading), 2 * (8 + decimals)) for name, heading, decimals in shown}
+    label = max([len(BEFORE), *(len(group) for group in summary)]) + 2
+    config = results["config"]
+    seeds = ", ".join(str(seed) for seed in config["seeds"])
+    lines = [
+        f"fn-train experiment: {config['model']} on {config['train_data']}, {config['steps']} steps, "
+        f"seeds {seeds}; mean ± sd over seeds (n: seeds recorded)",
+        "arm".ljust(label) + "n".rjust(3) + "  " + "  ".join(h.rjust(width[m]) for m, h, _ in shown),
+    ]
+    before = results.get("before", {})
+    cells = [f"{before[m]:.{d}f}".rjust(width[m]) if m in before else "-".rjust(width[m]) for m, _, d in shown]
+    lines.append(BEFORE.ljust(label) + "-".rjust(3) + "  " + "  ".join(cells))
+    for group, row in summary.items():
+        cells = []
+        for name, _, decimals in shown:
+            figure = row["figures"].get(name)
+            text = "-" if figure is None else f"{figure['mean']:.{decimals}f} ± {figure['sd']:.{decimals}f}"
+            cells.append(text.rjust(width[name]))
+        lines.append(group.ljust(label) + str(row["n"]).rjust(3) + "  " + "  ".join(cells))
+    datasets = results.get("datasets", {})
+    for role, data in datasets.items():
+        accuracy = data["accuracy"] or "no accuracy (short answers without generate: true)"
+        lines.append(f"{role}: {data['source']} ({data['rows']} rows; accuracy: {accuracy})")
+    if "peak_memory" in results:
+        lines.append(f"peak MiB: {results['peak_memory']}, during training")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path) -> str:
+    """table.txt and results.png in `out`; returns the table."""
+    from fn_analyze.plots import plot_experiment
+
+    table = format_table(results)
+    write_text_atomic(out / TABLE_NAME, table + "\n")
+    plot_experiment(results, [(name, heading) for name, heading, _ in METRICS], out / FIGURE_NAME)
+    return table
