@@ -10,9 +10,14 @@ stratum the set fills entirely (a lone massive neuron) is drawn as it is.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from shared.masks import NeuronSet
+from shared.masks import MaskFile, NeuronSet, union
+
+if TYPE_CHECKING:
+    from fn_analyze.magnitude import NeuronMagnitude
 
 
 def set_size(neurons: NeuronSet) -> int:
@@ -56,3 +61,24 @@ def control_pool(allowed: np.ndarray, set_aside: set[tuple[int, int]], neurons: 
     for layer, neuron in set_aside - pairs(neurons):
         pool[layer, neuron] = False
     return pool
+
+
+def draw_control(
+    mask: MaskFile,
+    neurons: NeuronSet,
+    matched_on: str,
+    magnitude: NeuronMagnitude | None,
+    bin_width: float,
+    rng: np.random.Generator,
+) -> NeuronSet:
+    """The random control of `neurons` (networks of `mask`) that a training run uses: as many neurons per
+    layer (`layer`) or per layer and magnitude bin (`magnitude`), drawn as `evaluate` draws its controls,
+    without the mask file's set-aside neurons that `neurons` does not hold."""
+    shape = (mask.model.n_layers, mask.model.intermediate_size)
+    if matched_on == "magnitude":
+        assert magnitude is not None, "magnitude-matched draws need the neurons' magnitudes"
+        strata = magnitude.bins(bin_width)
+    else:
+        strata = np.zeros(shape, dtype=np.int64)
+    set_aside = pairs(union([massive])) if (massive := mask.massive()) is not None else set()
+    return draw_matched(neurons, strata, control_pool(np.ones(shape, dtype=bool), set_aside, neurons), rng)

@@ -21,7 +21,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from trl import SFTTrainer
 
 from fn_analyze.magnitude import NeuronMagnitude, stats_from_sequences
-from fn_analyze.neuron_sets import draw_matched
+from fn_analyze.neuron_sets import draw_control
 from fn_train.run_mask import RunMask
 from shared.arch import find_down_projections
 from shared.constants import TUNED_DELTAS_NAME
@@ -85,17 +85,10 @@ def training_magnitude(trainer, config, run_mask: RunMask) -> NeuronMagnitude:
 
 def random_control(run_mask: RunMask, matched_on: str, seed: int, magnitude: NeuronMagnitude | None) -> RunMask:
     """The same run tuning random neurons: as many per layer (`layer`) or per layer and magnitude bin
-    (`magnitude`) as the networks hold, drawn as fn-analyze evaluate draws its controls."""
-    model = run_mask.mask.model
-    shape = (model.n_layers, model.intermediate_size)
-    if matched_on == "magnitude":
-        assert magnitude is not None
-        strata = magnitude.bins(BIN_WIDTH)
-    else:
-        strata = np.zeros(shape, dtype=np.int64)
-    drawn = draw_matched(
-        run_mask.chosen_neurons, strata, np.ones(shape, dtype=bool), np.random.default_rng([seed, RANDOM_STREAM])
-    )
+    (`magnitude`) as the networks hold, drawn as fn-analyze evaluate draws its controls (the mask
+    file's set-aside neurons left out)."""
+    rng = np.random.default_rng([seed, RANDOM_STREAM])
+    drawn = draw_control(run_mask.mask, run_mask.chosen_neurons, matched_on, magnitude, BIN_WIDTH, rng)
     return run_mask.with_neurons(drawn, matched_on, seed)
 
 

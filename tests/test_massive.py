@@ -96,3 +96,21 @@ def test_evaluate_random_sets_leave_out_the_set_aside_neurons(llama) -> None:
     assert held.all()
     assert control_pool(allowed, set(), {0: (1,)}) is allowed
     assert allowed.all()  # the caller's array is not changed
+
+
+def test_training_controls_leave_out_the_set_aside_neurons(llama) -> None:
+    """fn-train's random neurons (tune's --random-neurons, the experiment's controls) are drawn as evaluate's."""
+    import numpy as np
+
+    from fn_analyze.neuron_sets import draw_control, pairs
+
+    mask = default_mask(llama)
+    width = mask.model.intermediate_size
+    neurons = {0: tuple(range(20, width)), 1: (4, 5)}  # layer 0: all but 20, so a free draw would take 7 and 9
+    aside = {(0, 7), (0, 9), (1, 11)}
+    for seed in range(10):
+        drawn = draw_control(mask, neurons, "layer", None, 0.1, np.random.default_rng(seed))
+        assert {layer: len(ns) for layer, ns in drawn.items()} == {0: width - 20, 1: 2}
+        assert not pairs(drawn) & aside
+    massive = draw_control(mask, mask.massive().layers, "layer", None, 0.1, np.random.default_rng(0))
+    assert {layer: len(ns) for layer, ns in massive.items()} == {0: 2, 1: 1}  # its own neurons may be drawn

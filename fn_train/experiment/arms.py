@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fn_analyze import neuron_sets
 from fn_analyze.magnitude import NeuronMagnitude
-from fn_analyze.neuron_sets import control_pool, draw_matched, pairs
-from shared.masks import MaskFile, Network, NeuronSet, save_mask_file, union
+from shared.masks import MaskFile, Network, NeuronSet, save_mask_file
 
 NETWORKS = "networks"  # a run that trains with the selected networks (its random controls: "random-<control>")
 MASKS_FOLDER = "masks"  # the random controls' mask files, inside the experiment folder
@@ -63,15 +63,8 @@ def draw_control(
     mask: MaskFile, neurons: NeuronSet, control: str, seed: int, magnitude: NeuronMagnitude | None, bin_width: float
 ) -> NeuronSet:
     """The random set matched to `neurons` (the selected networks' union) for one control and seed."""
-    shape = (mask.model.n_layers, mask.model.intermediate_size)
-    if control == "magnitude":
-        assert magnitude is not None, "magnitude-matched draws need the neurons' magnitudes"
-        strata = magnitude.bins(bin_width)
-    else:
-        strata = np.zeros(shape, dtype=np.int64)
-    set_aside = pairs(union([massive])) if (massive := mask.massive()) is not None else set()
-    pool = control_pool(np.ones(shape, dtype=bool), set_aside, neurons)
-    return draw_matched(neurons, strata, pool, np.random.default_rng([seed, CONTROL_STREAM[control]]))
+    rng = np.random.default_rng([seed, CONTROL_STREAM[control]])
+    return neuron_sets.draw_control(mask, neurons, control, magnitude, bin_width, rng)
 
 
 def write_control_mask(mask: MaskFile, drawn: NeuronSet, control: str, seed: int, matched: str, path: Path) -> None:
