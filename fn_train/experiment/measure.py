@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, make_batches, score
 
 _PROC_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def reset_peak_memory(device: torch.device) -> None:
     (Linux resets VmHWM to the current RSS when "5" is written to clear_refs)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    elif _CLEAR_REFS.exists():
-        _CLEAR_REFS.write_text("5")
+    elif _PROC_CLEAR_REFS.exists():
+        _PROC_CLEAR_REFS.write_text("5")
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
