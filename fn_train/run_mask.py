@@ -32,7 +32,7 @@ from shared.masks import (
 # Only the union kept (complement, mean ablation) against magnitude-matched random keeps, on the demo data
 # (docs/science.md, "Defaults, and why"): masks made with --scale layer, and with the defaults.
 COMPLEMENT_RECIPE_KEPT = 0.50
-COMPLEMENT_DEFAULT_KEPT = 1.07
+COMPLEMENT_DEFAULT_KEPT = 1.09
 # key and complement switch neurons off (shared.masks.MASK_MODES); tune switches nothing off and trains
 # only the chosen neurons' own weights (shared.neuron_deltas).
 TrainMode = Literal["key", "complement", "tune"]
