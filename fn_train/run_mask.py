@@ -123,8 +123,8 @@ class RunMask:
             return None
         return (
             f"note: {self.source} was not made with `fn-analyze ica --scale layer`, the keep-only recipe: on the "
-            f"demo data, keeping only such networks cost {COMPLEMENT_RECIPE_KEPT:.2f}x the extra loss of random keeps of "
-            f"the same magnitudes, the default's networks {COMPLEMENT_DEFAULT_KEPT:.2f}x (docs/science.md)"
+            f"demo data, keeping only such networks cost {COMPLEMENT_RECIPE_KEPT:.2f}x the extra loss of random keeps "
+            f"of the same magnitudes, the default's networks {COMPLEMENT_DEFAULT_KEPT:.2f}x (docs/science.md)"
         )
 
     def record(self, baked: bool = False, base_model: str | None = None) -> dict[str, Any]:
