@@ -40,3 +40,15 @@ def build_datasets(
         )
 
     return convert(train), convert(evaluation) if evaluation is not None else None, template
+
+
+def leading_sequences(train_dataset: datasets.Dataset, max_tokens: int) -> list[list[int]]:
+    """The first tokenized training rows, until `max_tokens` tokens are reached (the rows as training
+    renders them, for a pass of the base model over them: neuron means or magnitudes)."""
+    sequences, total = [], 0
+    for ids in train_dataset["input_ids"]:
+        if total >= max_tokens:
+            break
+        sequences.append(list(ids))
+        total += len(ids)
+    return sequences

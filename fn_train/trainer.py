@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 
 from fn_train.config import TrainConfig
-from fn_train.data import build_datasets
+from fn_train.data import build_datasets, leading_sequences
 from fn_train.freeze import KeepMaskedNeuronsFrozen, masked_neuron_slices
 from fn_train.lora_mask import zero_lora_columns_of_masked_neurons
 from fn_train.output import check_output_dir, clear_output_dir, removed_on_failure
@@ -185,12 +185,7 @@ def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMea
 
     if config.means_from is not None:
         return means_from_activations(config.means_from, run_mask.mask.model)
-    sequences, total = [], 0
-    for ids in trainer.train_dataset["input_ids"]:
-        if total >= MEANS_MAX_TOKENS:
-            break
-        sequences.append(list(ids))
-        total += len(ids)
+    sequences = leading_sequences(trainer.train_dataset, MEANS_MAX_TOKENS)
     projections = find_down_projections(trainer.model)
     return means_from_sequences(
         trainer.model,

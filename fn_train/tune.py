@@ -22,6 +22,7 @@ from trl import SFTTrainer
 
 from fn_analyze.magnitude import NeuronMagnitude, stats_from_sequences
 from fn_analyze.neuron_sets import draw_control
+from fn_train.data import leading_sequences
 from fn_train.run_mask import RunMask
 from shared.arch import find_down_projections
 from shared.constants import TUNED_DELTAS_NAME
@@ -65,12 +66,7 @@ def adapter_declared(model: nn.Module, quantized: bool) -> Iterator[None]:
 
 def training_magnitude(trainer, config, run_mask: RunMask) -> NeuronMagnitude:
     """Max |activation| per neuron over the first MAGNITUDE_MAX_TOKENS tokens of the training rows, on the base."""
-    sequences, total = [], 0
-    for ids in trainer.train_dataset["input_ids"]:
-        if total >= MAGNITUDE_MAX_TOKENS:
-            break
-        sequences.append(list(ids))
-        total += len(ids)
+    sequences = leading_sequences(trainer.train_dataset, MAGNITUDE_MAX_TOKENS)
     projections = find_down_projections(trainer.model)
     return stats_from_sequences(
         trainer.model,
