@@ -44,6 +44,7 @@ def test_wandb_offline_writes_its_run_folder_with_the_mask_config(tiny_lm_dir, d
         _, record = _masked_run(tiny_lm_dir, demo_dir, tmp_path, "wandb")
     finally:
         wandb.finish()
+        wandb.teardown()  # ends wandb's writer process, so its run file is complete before it is read
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, list((tmp_path / "wandb").rglob("*"))
     # The offline run file holds the config records (key, JSON value) that `wandb sync` uploads.
