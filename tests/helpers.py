@@ -9,8 +9,10 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a child process that runs this checkout's packages, offline."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def train_on_two_ranks(args: list[str]) -> str:
+    """Run `fn-train args` as two DDP ranks on the CPU (torchrun); its stdout. Fails on a non-zero exit;
+    a hung rendezvous does not leave the ranks running."""
+    ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launcher = subprocess.Popen(
+        [sys.executable, *ranks, "-m", "fn_train.cli", *args],
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
+    return stdout
 
 
 _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x8, 0x80, 0x100

@@ -5,7 +5,6 @@ checkpoint of another mask refused; two DDP ranks (torchrun, gloo on CPU) both m
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from tests.helpers import (
     stop_line,
     subprocess_env,
     train_args,
+    train_on_two_ranks,
     wait_for_file,
     write_mask,
 )
@@ -93,18 +93,7 @@ def test_two_ddp_ranks_both_mask_and_masked_neurons_stay_unchanged(tiny_lm_dir, 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     out = tmp_path / "out"
-    ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    launcher = subprocess.Popen(
-        [sys.executable, *ranks, "-m", "fn_train.cli", *_args(tiny_lm_dir, demo_dir, out, mask, max_steps=3)],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = launcher.communicate(timeout=300)
-    finally:  # a hung rendezvous must not leave the ranks running
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
-    assert launcher.returncode == 0, stderr[-3000:]
+    stdout = train_on_two_ranks(_args(tiny_lm_dir, demo_dir, out, mask, max_steps=3))
     for rank in (0, 1):
         assert f"fn-train[rank {rank}]: mask {mask} (key, networks 0,1): 11 neurons switched off" in stdout
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())

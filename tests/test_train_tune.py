@@ -4,11 +4,7 @@ bit-identical; the random control; 4-bit bases; merging, loading and resuming th
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,9 +28,9 @@ from tests.helpers import (
     random_ids,
     refused,
     small_run,
-    subprocess_env,
     tiny_model,
     train_args,
+    train_on_two_ranks,
     write_mask,
 )
 
@@ -301,18 +297,7 @@ def test_two_ddp_ranks_tune_the_same_random_neurons(tiny_lm_dir, demo_dir, tmp_p
     flags = ["--mask-file", str(mask), "--mask-mode", "tune", "--networks", "0,1", "--random-neurons", "layer"]
     flags += ["--learning_rate", "1e-2", "--max_seq_length", "48", "--per_device_train_batch_size", "2"]
     args = train_args(tiny_lm_dir, demo_dir / "train.csv", out, *flags, "--merge_adapter", max_steps=3)
-    ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    launcher = subprocess.Popen(
-        [sys.executable, *ranks, "-m", "fn_train.cli", *args],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = launcher.communicate(timeout=300)
-    finally:  # a hung rendezvous must not leave the ranks running
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
-    assert launcher.returncode == 0, stderr[-3000:]
+    stdout = train_on_two_ranks(args)
     for rank in (0, 1):
         assert f"fn-train[rank {rank}]: trainable: 2,112 parameters" in stdout
     record = json.loads((out / "fn_mask.json").read_text())
