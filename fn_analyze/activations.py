@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,12 +172,21 @@ class ShardWriter:
                 "digest": file_digest(self._path),
             }
         )
+        self._rows = 0  # the next shard starts empty, so its first block is a whole one, not one batch
 
     def abort(self, discard: bool = False) -> None:
         """Close without finishing: the open shard keeps its `.partial` name and is never read;
-        `discard` deletes it (a full disk gets its space back). The finished shards stay."""
+        `discard` deletes it (a full disk gets its space back). The finished shards stay.
+
+        A discarded shard is cut to nothing before it is closed: after a write failed for want of
+        room, HDF5's close must still write the file's metadata, and a file HDF5 could not close
+        crashes the process when the library shuts down at exit. Cut, the file frees its blocks and
+        the close has room."""
         self._pending.clear()
         if self._file is not None:
+            partial = Path(str(self._path) + PARTIAL_SUFFIX)
+            if discard:
+                os.truncate(partial, 0)
             try:
                 self._file.close()
             except Exception:  # the close's own writes fail on a full disk too (OSError or RuntimeError)
@@ -184,7 +194,7 @@ class ShardWriter:
                     raise
             self._file = None
             if discard:
-                Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)
 
     def close(self) -> list[dict[str, Any]]:
         self._flush()

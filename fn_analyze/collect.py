@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,16 @@ from fn_analyze.activations import (
     open_manifest,
     shard_rank_and_index,
 )
+from fn_analyze.background_writer import BackgroundWriter, HostCopy, InLoopWriter
 from fn_analyze.config import CollectConfig
+from fn_analyze.writer_lock import sole_writer
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
-from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
+from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB, WRITER_LOCK_NAME
 from shared.data import check_answers_fit, render_text
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
-from shared.distributed import Ranks, process_group, rank_device
+from shared.distributed import Ranks, process_group, rank_device, ranks_from_env
 from shared.errors import Interrupted, UserError, is_disk_full
 from shared.examples import Examples, load_examples
 from shared.hooks import pre_hooks
@@ -73,7 +75,7 @@ def _check_out(out: Path, overwrite: bool) -> Activations | None:
         raise UserError(f"--out {out} is a file; give a folder for the activations")
     if out.exists():
         ours = (
-            {MANIFEST_NAME}
+            {MANIFEST_NAME, WRITER_LOCK_NAME}
             | {p.name for p in out.glob(SHARD_GLOB)}
             | {p.name for p in out.glob(SHARD_GLOB + PARTIAL_SUFFIX)}
         )
@@ -218,10 +220,11 @@ class Recorder:
 
     def batches(
         self, mine: list[int], start: int, stop: int, budget: int | None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
+    ) -> Iterator[tuple[HostCopy, np.ndarray, np.ndarray, np.ndarray, int]]:
         """(activations, token ids, record, position, cursor) of the records mine[start:stop], batch
         by batch, at most `budget` rows in all; `cursor` is where a resumed run continues after
-        the batch. Call inside `copier.installed()` and `torch.inference_mode()`."""
+        the batch. The activations' copy to the host is started, not waited for. Call inside
+        `copier.installed()` and `torch.inference_mode()`."""
         taken = 0
         for first in range(start, stop, self.batch_size):
             if budget is not None and taken >= budget:
@@ -243,7 +246,7 @@ class Recorder:
             cursor = first + len(chosen) if take == whole else mine.index(int(record[-1])) + 1
             taken += take
             ids = batch["input_ids"].numpy()[row_of, position].astype(np.int32)
-            yield rows.cpu().numpy(), ids, record, position.astype(np.int32), cursor
+            yield HostCopy(rows), ids, record, position.astype(np.int32), cursor
 
 
 @dataclass(frozen=True)
@@ -364,16 +367,19 @@ class RankShards:
     n_sequences: int
 
 
-def record_shards(plan: CollectPlan, recording: Recording) -> RankShards:
+def record_shards(plan: CollectPlan, recording: Recording, overlap: bool = True) -> RankShards:
     """Ready the output folder (resuming an interrupted run of the same arguments), say what will
     be recorded, and record this process's share of the records into its shards. On SIGTERM or
-    Ctrl-C the batch in flight is written and the shard closed, then `Interrupted` is raised."""
+    Ctrl-C the batch in flight is written and the shard closed, then `Interrupted` is raised.
+
+    `overlap`: write each batch beside the next one's forward pass (a writer thread); False writes
+    it in the loop, the reference the overlapped shards equal byte for byte."""
     config, ranks = plan.config, recording.ranks
     if ranks.is_main:
         _prepare_out(config.out, config.overwrite, recording.run_key)
         _announce(plan, recording)
     ranks.barrier()
-    return _record_share(plan, recording)
+    return _record_share(plan, recording, overlap)
 
 
 def _announce(plan: CollectPlan, recording: Recording) -> None:
@@ -389,7 +395,7 @@ def _announce(plan: CollectPlan, recording: Recording) -> None:
     )
 
 
-def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
+def _record_share(plan: CollectPlan, recording: Recording, overlap: bool) -> RankShards:
     """This process's records (every world_size-th), from where its finished shards end, up to its
     share of max_tokens."""
     config, ranks, recorder = plan.config, recording.ranks, recording.recorder
@@ -399,7 +405,8 @@ def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
         budget = config.max_tokens // ranks.world_size + (ranks.rank < config.max_tokens % ranks.world_size)
     done = completed_shards(config.out, ranks.rank)
     rows_per_shard = max(1, config.shard_size_mb * 2**20 // (recording.n_columns * 2))
-    writer = ShardWriter(config.out, recording.n_columns, rows_per_shard, ranks.rank, recording.run_key, done)
+    shard_writer = ShardWriter(config.out, recording.n_columns, rows_per_shard, ranks.rank, recording.run_key, done)
+    writer = BackgroundWriter(shard_writer) if overlap else InLoopWriter(shard_writer)
     cursor = done[-1]["next_record"] if done else 0
     n_tokens = sum(shard["n_tokens"] for shard in done)
     progress = tqdm(
@@ -415,8 +422,8 @@ def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
             for rows, ids, record, position, after in recorder.batches(mine, cursor, len(mine), left):
                 writer.write(rows, ids, record, position, next_record=after)
                 cursor = after
-                n_tokens += len(rows)
-                progress.update(len(rows))
+                n_tokens += rows.n_rows
+                progress.update(rows.n_rows)
                 if stop:
                     break
         shards = writer.close()
@@ -430,7 +437,9 @@ def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
 
 
 @contextmanager
-def _aborted_on_failure(writer: ShardWriter, out: Path, kept: Callable[[], int]) -> Iterator[None]:
+def _aborted_on_failure(
+    writer: ShardWriter | BackgroundWriter | InLoopWriter, out: Path, kept: Callable[[], int]
+) -> Iterator[None]:
     """On any failure, abort `writer` (dropping its unfinished shard when the disk is full, to give
     the space back); a full disk becomes one line saying that the `kept()` finished shards stay."""
     try:
@@ -475,16 +484,18 @@ def collect(config: CollectConfig, model: nn.Module | None = None, tokenizer: An
     into its own shards and rank 0 writes one manifest naming all of them. Re-running the same
     command after an interruption continues from the finished shards; re-running it on a
     finished folder with a damaged shard re-records that shard. On SIGTERM or Ctrl-C the batch
-    in flight is written and the shard closed, then `Interrupted` is raised.
+    in flight is written and the shard closed, then `Interrupted` is raised. A folder that another
+    collect is writing is refused (the main process holds the folder's writer lock throughout).
     """
     if model is None or tokenizer is None:
         check_model_reachable(config.model)
-    plan = plan_collection(config, tokenizer)
-    with process_group(plan.device if model is None else next(model.parameters()).device) as ranks:
-        recording = load_recording(plan, model, ranks)
-        if plan.finished is not None:
-            return _repair(plan, plan.finished, recording)
-        return write_manifest(plan, recording, record_shards(plan, recording))
+    with sole_writer(config.out) if ranks_from_env().is_main else nullcontext():
+        plan = plan_collection(config, tokenizer)
+        with process_group(plan.device if model is None else next(model.parameters()).device) as ranks:
+            recording = load_recording(plan, model, ranks)
+            if plan.finished is not None:
+                return _repair(plan, plan.finished, recording)
+            return write_manifest(plan, recording, record_shards(plan, recording))
 
 
 def _repair(plan: CollectPlan, finished: Activations, recording: Recording) -> dict[str, Any]:
@@ -527,7 +538,7 @@ def _rerecord(finished: Activations, entry: dict[str, Any], recorder: Recorder, 
             for rows, ids, record, position, cursor in recorder.batches(
                 mine, start, entry["next_record"], entry["n_tokens"]
             ):
-                writer.write(rows, ids, record, position, next_record=cursor)
+                writer.write(rows.array(), ids, record, position, next_record=cursor)
         again = writer.close()[-1]
     if (again["file"], again["n_tokens"]) != (entry["file"], entry["n_tokens"]):
         raise UserError(
