@@ -121,8 +121,17 @@ def _disk_full(out: Path, exc: BaseException, kept: int) -> UserError:
     )
 
 
+def _free_bytes(out: Path) -> int:
+    """The free space of `out`'s disk, counting what collect's own files in `out` take: a resumed
+    run keeps its finished shards (recorded already) and drops the rest, --overwrite drops all."""
+    ours = [*out.glob(SHARD_GLOB), *out.glob(SHARD_GLOB + PARTIAL_SUFFIX)] if out.is_dir() else []
+    disk = shutil.disk_usage(out if out.exists() else next(p for p in out.parents if p.exists()))
+    return disk.free + sum(path.stat().st_size for path in ours)
+
+
 def _check_disk(out: Path, needed_bytes: float) -> None:
-    free = shutil.disk_usage(out if out.exists() else next(p for p in out.parents if p.exists())).free
+    """Refuse, before anything in `out` changes, a run whose rows the disk cannot hold."""
+    free = _free_bytes(out)
     if needed_bytes > free:
         raise UserError(
             f"collect needs about {needed_bytes / 2**30:.2f} GiB but {out} has {free / 2**30:.2f} GiB free; "
@@ -130,21 +139,32 @@ def _check_disk(out: Path, needed_bytes: float) -> None:
         )
 
 
+@dataclass(frozen=True)
 class TokenSample:
     """Which real tokens of a padded batch to record: all of them, at most N per sequence,
-    or each with probability r; drawn from (seed, record index), so a resumed or
-    multi-process run picks the same tokens as a plain one."""
+    or each with probability r, with or without position 0; drawn from (seed, record index),
+    so a resumed or multi-process run picks the same tokens as a plain one."""
 
-    def __init__(self, per_sequence: int | None, rate: float | None, seed: int) -> None:
-        self.per_sequence = per_sequence
-        self.rate = rate
-        self.seed = seed
+    per_sequence: int | None = None
+    rate: float | None = None
+    seed: int = 0
+    skip_first_token: bool = False
 
     @property
     def subsamples(self) -> bool:
-        return self.per_sequence is not None or self.rate is not None
+        return self.per_sequence is not None or self.rate is not None or self.skip_first_token
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest says of the sample."""
+        return {
+            "tokens_per_sequence": self.per_sequence,
+            "token_rate": self.rate,
+            "seed": self.seed,
+            "skip_first_token": self.skip_first_token,
+        }
 
     def expected(self, length: int) -> float:
+        length = max(0, length - self.skip_first_token)
         if self.per_sequence is not None:
             return min(length, self.per_sequence)
         return length * (self.rate if self.rate is not None else 1.0)
@@ -153,14 +173,18 @@ class TokenSample:
         """(sequences x positions) bool: the tokens to record among the `real` (non-padding) ones."""
         if not self.subsamples:
             return real
+        first = int(self.skip_first_token)  # the draws are among positions first..length-1
         lengths = real.sum(axis=1).tolist()
         keep = np.zeros(real.shape, dtype=bool)
         for row, (length, record) in enumerate(zip(lengths, records, strict=True)):
             rng = np.random.default_rng([self.seed, record])
+            choices = max(0, length - first)
             if self.per_sequence is not None:
-                keep[row, rng.choice(length, min(length, self.per_sequence), replace=False)] = True
+                keep[row, first + rng.choice(choices, min(choices, self.per_sequence), replace=False)] = True
+            elif self.rate is not None:
+                keep[row, first:length] = rng.random(choices) < self.rate
             else:
-                keep[row, :length] = rng.random(length) < self.rate
+                keep[row, first:length] = True
         return keep
 
 
@@ -291,7 +315,7 @@ def plan_collection(config: CollectConfig, tokenizer: Any = None) -> CollectPlan
     # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
     sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
     dataset_digest = file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None
-    sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed)
+    sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed, config.skip_first_token)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     return CollectPlan(config, tokenizer, data, sequences, sample, dataset_digest, device, dtype, finished)
@@ -355,6 +379,8 @@ def _run_key(plan: CollectPlan, fingerprint: str, dtype: torch.dtype, layers: li
         "seed": config.seed,
         "world_size": world_size,
     }
+    if config.skip_first_token:  # only when set: the run keys of folders written before it stay valid
+        decisive["skip_first_token"] = True
     return bytes_digest(json.dumps(decisive, sort_keys=True).encode())
 
 
@@ -376,6 +402,7 @@ def record_shards(plan: CollectPlan, recording: Recording, overlap: bool = True)
     it in the loop, the reference the overlapped shards equal byte for byte."""
     config, ranks = plan.config, recording.ranks
     if ranks.is_main:
+        _check_disk(config.out, plan.expected_tokens * recording.n_columns * 2)
         _prepare_out(config.out, config.overwrite, recording.run_key)
         _announce(plan, recording)
     ranks.barrier()
@@ -383,14 +410,14 @@ def record_shards(plan: CollectPlan, recording: Recording, overlap: bool = True)
 
 
 def _announce(plan: CollectPlan, recording: Recording) -> None:
-    """Refuse a run the disk cannot hold, and print its size."""
+    """Print what the run records and the disk it needs."""
     config, ranks = plan.config, recording.ranks
     total, row_bytes = plan.expected_tokens, recording.n_columns * 2
-    _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
     print(
         f"collect: {len(plan.sequences)} sequences, {'about ' if plan.sample.subsamples else 'up to '}{total:.0f} "
         f"tokens x {recording.n_columns} neurons ({len(recording.layers)} layers) -> about "
-        f"{total * row_bytes / 2**30:.2f} GiB of float16 in {config.out}"
+        f"{total * row_bytes / 2**30:.2f} GiB of float16 in {config.out} "
+        f"({shutil.disk_usage(config.out).free / 2**30:.2f} GiB free)"
         + (f" from {ranks.world_size} processes" if ranks.distributed else "")
     )
 
@@ -558,6 +585,7 @@ def _manifest(plan: CollectPlan, recording: Recording, per_rank: list[RankShards
         "columns": "layer-major: column = position_in_layers * intermediate_size + neuron",
         "dtype": "float16",
         "n_tokens": sum(part.n_tokens for part in per_rank),
+        "sample": plan.sample.to_dict(),  # which tokens of each sequence were recorded
         "n_sequences": sum(part.n_sequences for part in per_rank),
         "world_size": len(per_rank),
         "run_key": recording.run_key,
