@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fn_analyze.activations import (
     Activations,
@@ -41,6 +40,7 @@ from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.masks import ModelInfo
 from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, model_info
+from shared.progress import progress_bar
 from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ def _record_share(plan: CollectPlan, recording: Recording, overlap: bool) -> Ran
     writer = BackgroundWriter(shard_writer) if overlap else InLoopWriter(shard_writer)
     cursor = done[-1]["next_record"] if done else 0
     n_tokens = sum(shard["n_tokens"] for shard in done)
-    progress = tqdm(
+    progress = progress_bar(
         total=budget or round(sum(plan.sample.expected(len(plan.sequences[i])) for i in mine)),
         initial=n_tokens,
         unit="tok",

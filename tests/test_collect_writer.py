@@ -242,3 +242,26 @@ def test_collect_refuses_a_disk_too_small_in_one_line_with_exit_2(
     line = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(line) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert line[0].startswith("error: collect needs about 0.0") and f"but {disk / 'acts'} has 0.00 GiB free" in line[0]
+
+
+@pytest.mark.parametrize("flags", [[], ["--quiet"]])
+def test_collect_shows_a_progress_bar_on_stderr_unless_quiet(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, flags: list[str]
+) -> None:
+    from typer.testing import CliRunner
+
+    from fn_analyze.cli import app
+    from shared.progress import show_progress
+
+    args = ["collect", "--model", str(tiny_lm_dir), "--dataset", str(demo_dir / "data.jsonl"), "--out", str(tmp_path)]
+    try:
+        result = CliRunner().invoke(app, [*flags, *args])
+    finally:
+        show_progress(True)
+    assert result.exit_code == 0, result.output
+    bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("collect:")]
+    if flags:
+        assert bar == [], result.stderr
+    else:
+        assert bar and "tok/s" in bar[-1] and "100%" in bar[-1], result.stderr
+    assert "collect: wrote" in result.stdout
