@@ -19,9 +19,11 @@ every shard. Folders written before the checksums read as before, unchecked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,11 +46,12 @@ from shared.constants import (
     TOKEN_IDS_DATASET,
 )
 from shared.digests import file_digest
-from shared.errors import UserError
+from shared.errors import UserError, skip_library_shutdown
 from shared.jsonio import replace_durably, write_json_atomic
 from shared.masks import ModelInfo
 from shared.paths import file_in_folder
 
+_ABANDONED: list[h5py.File] = []  # shards given up after a failed write: never closed (see ShardWriter.abort)
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
 FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
 HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
@@ -171,20 +174,30 @@ class ShardWriter:
                 "digest": file_digest(self._path),
             }
         )
+        self._rows = 0  # the next shard starts empty, so its first block is a whole one, not one batch
 
     def abort(self, discard: bool = False) -> None:
         """Close without finishing: the open shard keeps its `.partial` name and is never read;
-        `discard` deletes it (a full disk gets its space back). The finished shards stay."""
+        `discard` deletes it (a full disk gets its space back). The finished shards stay.
+
+        A discarded shard is abandoned, not closed: after a write failed for want of room, HDF5's
+        state for the file can be broken, and closing it then, or HDF5 closing it at exit, crashes
+        the process. Its handle is kept (so nothing closes it), the file cut and unlinked (its
+        space comes back when the process ends) and `skip_library_shutdown` asks the command
+        line to end without HDF5's shutdown."""
         self._pending.clear()
-        if self._file is not None:
-            try:
-                self._file.close()
-            except Exception:  # the close's own writes fail on a full disk too (OSError or RuntimeError)
-                if not discard:
-                    raise
-            self._file = None
-            if discard:
-                Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
+        if self._file is None:
+            return
+        partial = Path(str(self._path) + PARTIAL_SUFFIX)
+        if discard:
+            _ABANDONED.append(self._file)
+            skip_library_shutdown()
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(partial, 0)
+            partial.unlink(missing_ok=True)
+        else:
+            self._file.close()
+        self._file = None
 
     def close(self) -> list[dict[str, Any]]:
         self._flush()

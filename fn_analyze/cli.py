@@ -14,6 +14,7 @@ import typer
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
 from fn_analyze.demo_data import FAMILIES
 from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.progress import show_progress
 from shared.threads import set_thread_defaults
 
 app = typer_app(help="Find functional networks (ICA over MLP neurons) in a language model.", no_args_is_help=True)
@@ -22,10 +23,14 @@ app = typer_app(help="Find functional networks (ICA over MLP neurons) in a langu
 @app.callback()
 def _root(
     ctx: typer.Context,
-    verbose: Annotated[bool, typer.Option("--verbose/--quiet", "-v", help="Log progress details.")] = False,
+    verbose: Annotated[
+        Optional[bool],
+        typer.Option("--verbose/--quiet", "-v", help="Log progress details / no progress bars (default: bars only)."),
+    ] = None,
 ) -> None:
-    setup_logging(verbose)
-    ctx.with_resource(library_warnings(verbose))  # held until the command returns
+    setup_logging(bool(verbose))
+    show_progress(verbose is not False)
+    ctx.with_resource(library_warnings(bool(verbose)))  # held until the command returns
 
 
 @app.command("collect", cls=PlainHelpCommand)

@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fn_analyze.activations import (
     Activations,
@@ -25,20 +24,23 @@ from fn_analyze.activations import (
     open_manifest,
     shard_rank_and_index,
 )
+from fn_analyze.background_writer import BackgroundWriter, HostCopy, InLoopWriter
 from fn_analyze.config import CollectConfig
+from fn_analyze.writer_lock import sole_writer
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
-from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB
+from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB, WRITER_LOCK_NAME
 from shared.data import check_answers_fit, render_text
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
-from shared.distributed import Ranks, process_group, rank_device
+from shared.distributed import Ranks, process_group, rank_device, ranks_from_env
 from shared.errors import Interrupted, UserError, is_disk_full
 from shared.examples import Examples, load_examples
 from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.masks import ModelInfo
 from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, model_info
+from shared.progress import progress_bar
 from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def _check_out(out: Path, overwrite: bool) -> Activations | None:
         raise UserError(f"--out {out} is a file; give a folder for the activations")
     if out.exists():
         ours = (
-            {MANIFEST_NAME}
+            {MANIFEST_NAME, WRITER_LOCK_NAME}
             | {p.name for p in out.glob(SHARD_GLOB)}
             | {p.name for p in out.glob(SHARD_GLOB + PARTIAL_SUFFIX)}
         )
@@ -119,8 +121,17 @@ def _disk_full(out: Path, exc: BaseException, kept: int) -> UserError:
     )
 
 
+def _free_bytes(out: Path) -> int:
+    """The free space of `out`'s disk, counting what collect's own files in `out` take: a resumed
+    run keeps its finished shards (recorded already) and drops the rest, --overwrite drops all."""
+    ours = [*out.glob(SHARD_GLOB), *out.glob(SHARD_GLOB + PARTIAL_SUFFIX)] if out.is_dir() else []
+    disk = shutil.disk_usage(out if out.exists() else next(p for p in out.parents if p.exists()))
+    return disk.free + sum(path.stat().st_size for path in ours)
+
+
 def _check_disk(out: Path, needed_bytes: float) -> None:
-    free = shutil.disk_usage(out if out.exists() else next(p for p in out.parents if p.exists())).free
+    """Refuse, before anything in `out` changes, a run whose rows the disk cannot hold."""
+    free = _free_bytes(out)
     if needed_bytes > free:
         raise UserError(
             f"collect needs about {needed_bytes / 2**30:.2f} GiB but {out} has {free / 2**30:.2f} GiB free; "
@@ -128,21 +139,32 @@ def _check_disk(out: Path, needed_bytes: float) -> None:
         )
 
 
+@dataclass(frozen=True)
 class TokenSample:
     """Which real tokens of a padded batch to record: all of them, at most N per sequence,
-    or each with probability r; drawn from (seed, record index), so a resumed or
-    multi-process run picks the same tokens as a plain one."""
+    or each with probability r, with or without position 0; drawn from (seed, record index),
+    so a resumed or multi-process run picks the same tokens as a plain one."""
 
-    def __init__(self, per_sequence: int | None, rate: float | None, seed: int) -> None:
-        self.per_sequence = per_sequence
-        self.rate = rate
-        self.seed = seed
+    per_sequence: int | None = None
+    rate: float | None = None
+    seed: int = 0
+    skip_first_token: bool = False
 
     @property
     def subsamples(self) -> bool:
-        return self.per_sequence is not None or self.rate is not None
+        return self.per_sequence is not None or self.rate is not None or self.skip_first_token
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the manifest says of the sample."""
+        return {
+            "tokens_per_sequence": self.per_sequence,
+            "token_rate": self.rate,
+            "seed": self.seed,
+            "skip_first_token": self.skip_first_token,
+        }
 
     def expected(self, length: int) -> float:
+        length = max(0, length - self.skip_first_token)
         if self.per_sequence is not None:
             return min(length, self.per_sequence)
         return length * (self.rate if self.rate is not None else 1.0)
@@ -151,14 +173,18 @@ class TokenSample:
         """(sequences x positions) bool: the tokens to record among the `real` (non-padding) ones."""
         if not self.subsamples:
             return real
+        first = int(self.skip_first_token)  # the draws are among positions first..length-1
         lengths = real.sum(axis=1).tolist()
         keep = np.zeros(real.shape, dtype=bool)
         for row, (length, record) in enumerate(zip(lengths, records, strict=True)):
             rng = np.random.default_rng([self.seed, record])
+            choices = max(0, length - first)
             if self.per_sequence is not None:
-                keep[row, rng.choice(length, min(length, self.per_sequence), replace=False)] = True
+                keep[row, first + rng.choice(choices, min(choices, self.per_sequence), replace=False)] = True
+            elif self.rate is not None:
+                keep[row, first:length] = rng.random(choices) < self.rate
             else:
-                keep[row, :length] = rng.random(length) < self.rate
+                keep[row, first:length] = True
         return keep
 
 
@@ -218,10 +244,11 @@ class Recorder:
 
     def batches(
         self, mine: list[int], start: int, stop: int, budget: int | None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
+    ) -> Iterator[tuple[HostCopy, np.ndarray, np.ndarray, np.ndarray, int]]:
         """(activations, token ids, record, position, cursor) of the records mine[start:stop], batch
         by batch, at most `budget` rows in all; `cursor` is where a resumed run continues after
-        the batch. Call inside `copier.installed()` and `torch.inference_mode()`."""
+        the batch. The activations' copy to the host is started, not waited for. Call inside
+        `copier.installed()` and `torch.inference_mode()`."""
         taken = 0
         for first in range(start, stop, self.batch_size):
             if budget is not None and taken >= budget:
@@ -243,7 +270,7 @@ class Recorder:
             cursor = first + len(chosen) if take == whole else mine.index(int(record[-1])) + 1
             taken += take
             ids = batch["input_ids"].numpy()[row_of, position].astype(np.int32)
-            yield rows.cpu().numpy(), ids, record, position.astype(np.int32), cursor
+            yield HostCopy(rows), ids, record, position.astype(np.int32), cursor
 
 
 @dataclass(frozen=True)
@@ -288,7 +315,7 @@ def plan_collection(config: CollectConfig, tokenizer: Any = None) -> CollectPlan
     # Tokenized once: the lengths give the estimate, the batches are padded from these ids.
     sequences = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
     dataset_digest = file_digest(Path(config.dataset)) if Path(config.dataset).is_file() else None
-    sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed)
+    sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed, config.skip_first_token)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     return CollectPlan(config, tokenizer, data, sequences, sample, dataset_digest, device, dtype, finished)
@@ -352,6 +379,8 @@ def _run_key(plan: CollectPlan, fingerprint: str, dtype: torch.dtype, layers: li
         "seed": config.seed,
         "world_size": world_size,
     }
+    if config.skip_first_token:  # only when set: the run keys of folders written before it stay valid
+        decisive["skip_first_token"] = True
     return bytes_digest(json.dumps(decisive, sort_keys=True).encode())
 
 
@@ -364,32 +393,36 @@ class RankShards:
     n_sequences: int
 
 
-def record_shards(plan: CollectPlan, recording: Recording) -> RankShards:
+def record_shards(plan: CollectPlan, recording: Recording, overlap: bool = True) -> RankShards:
     """Ready the output folder (resuming an interrupted run of the same arguments), say what will
     be recorded, and record this process's share of the records into its shards. On SIGTERM or
-    Ctrl-C the batch in flight is written and the shard closed, then `Interrupted` is raised."""
+    Ctrl-C the batch in flight is written and the shard closed, then `Interrupted` is raised.
+
+    `overlap`: write each batch beside the next one's forward pass (a writer thread); False writes
+    it in the loop, the reference the overlapped shards equal byte for byte."""
     config, ranks = plan.config, recording.ranks
     if ranks.is_main:
+        _check_disk(config.out, plan.expected_tokens * recording.n_columns * 2)
         _prepare_out(config.out, config.overwrite, recording.run_key)
         _announce(plan, recording)
     ranks.barrier()
-    return _record_share(plan, recording)
+    return _record_share(plan, recording, overlap)
 
 
 def _announce(plan: CollectPlan, recording: Recording) -> None:
-    """Refuse a run the disk cannot hold, and print its size."""
+    """Print what the run records and the disk it needs."""
     config, ranks = plan.config, recording.ranks
     total, row_bytes = plan.expected_tokens, recording.n_columns * 2
-    _check_disk(config.out, total * row_bytes - sum(p.stat().st_size for p in config.out.glob(SHARD_GLOB)))
     print(
         f"collect: {len(plan.sequences)} sequences, {'about ' if plan.sample.subsamples else 'up to '}{total:.0f} "
         f"tokens x {recording.n_columns} neurons ({len(recording.layers)} layers) -> about "
-        f"{total * row_bytes / 2**30:.2f} GiB of float16 in {config.out}"
+        f"{total * row_bytes / 2**30:.2f} GiB of float16 in {config.out} "
+        f"({shutil.disk_usage(config.out).free / 2**30:.2f} GiB free)"
         + (f" from {ranks.world_size} processes" if ranks.distributed else "")
     )
 
 
-def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
+def _record_share(plan: CollectPlan, recording: Recording, overlap: bool) -> RankShards:
     """This process's records (every world_size-th), from where its finished shards end, up to its
     share of max_tokens."""
     config, ranks, recorder = plan.config, recording.ranks, recording.recorder
@@ -399,10 +432,11 @@ def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
         budget = config.max_tokens // ranks.world_size + (ranks.rank < config.max_tokens % ranks.world_size)
     done = completed_shards(config.out, ranks.rank)
     rows_per_shard = max(1, config.shard_size_mb * 2**20 // (recording.n_columns * 2))
-    writer = ShardWriter(config.out, recording.n_columns, rows_per_shard, ranks.rank, recording.run_key, done)
+    shard_writer = ShardWriter(config.out, recording.n_columns, rows_per_shard, ranks.rank, recording.run_key, done)
+    writer = BackgroundWriter(shard_writer) if overlap else InLoopWriter(shard_writer)
     cursor = done[-1]["next_record"] if done else 0
     n_tokens = sum(shard["n_tokens"] for shard in done)
-    progress = tqdm(
+    progress = progress_bar(
         total=budget or round(sum(plan.sample.expected(len(plan.sequences[i])) for i in mine)),
         initial=n_tokens,
         unit="tok",
@@ -415,8 +449,8 @@ def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
             for rows, ids, record, position, after in recorder.batches(mine, cursor, len(mine), left):
                 writer.write(rows, ids, record, position, next_record=after)
                 cursor = after
-                n_tokens += len(rows)
-                progress.update(len(rows))
+                n_tokens += rows.n_rows
+                progress.update(rows.n_rows)
                 if stop:
                     break
         shards = writer.close()
@@ -430,7 +464,9 @@ def _record_share(plan: CollectPlan, recording: Recording) -> RankShards:
 
 
 @contextmanager
-def _aborted_on_failure(writer: ShardWriter, out: Path, kept: Callable[[], int]) -> Iterator[None]:
+def _aborted_on_failure(
+    writer: ShardWriter | BackgroundWriter | InLoopWriter, out: Path, kept: Callable[[], int]
+) -> Iterator[None]:
     """On any failure, abort `writer` (dropping its unfinished shard when the disk is full, to give
     the space back); a full disk becomes one line saying that the `kept()` finished shards stay."""
     try:
@@ -475,16 +511,18 @@ def collect(config: CollectConfig, model: nn.Module | None = None, tokenizer: An
     into its own shards and rank 0 writes one manifest naming all of them. Re-running the same
     command after an interruption continues from the finished shards; re-running it on a
     finished folder with a damaged shard re-records that shard. On SIGTERM or Ctrl-C the batch
-    in flight is written and the shard closed, then `Interrupted` is raised.
+    in flight is written and the shard closed, then `Interrupted` is raised. A folder that another
+    collect is writing is refused (the main process holds the folder's writer lock throughout).
     """
     if model is None or tokenizer is None:
         check_model_reachable(config.model)
-    plan = plan_collection(config, tokenizer)
-    with process_group(plan.device if model is None else next(model.parameters()).device) as ranks:
-        recording = load_recording(plan, model, ranks)
-        if plan.finished is not None:
-            return _repair(plan, plan.finished, recording)
-        return write_manifest(plan, recording, record_shards(plan, recording))
+    with sole_writer(config.out) if ranks_from_env().is_main else nullcontext():
+        plan = plan_collection(config, tokenizer)
+        with process_group(plan.device if model is None else next(model.parameters()).device) as ranks:
+            recording = load_recording(plan, model, ranks)
+            if plan.finished is not None:
+                return _repair(plan, plan.finished, recording)
+            return write_manifest(plan, recording, record_shards(plan, recording))
 
 
 def _repair(plan: CollectPlan, finished: Activations, recording: Recording) -> dict[str, Any]:
@@ -527,7 +565,7 @@ def _rerecord(finished: Activations, entry: dict[str, Any], recorder: Recorder, 
             for rows, ids, record, position, cursor in recorder.batches(
                 mine, start, entry["next_record"], entry["n_tokens"]
             ):
-                writer.write(rows, ids, record, position, next_record=cursor)
+                writer.write(rows.array(), ids, record, position, next_record=cursor)
         again = writer.close()[-1]
     if (again["file"], again["n_tokens"]) != (entry["file"], entry["n_tokens"]):
         raise UserError(
@@ -547,6 +585,7 @@ def _manifest(plan: CollectPlan, recording: Recording, per_rank: list[RankShards
         "columns": "layer-major: column = position_in_layers * intermediate_size + neuron",
         "dtype": "float16",
         "n_tokens": sum(part.n_tokens for part in per_rank),
+        "sample": plan.sample.to_dict(),  # which tokens of each sequence were recorded
         "n_sequences": sum(part.n_sequences for part in per_rank),
         "world_size": len(per_rank),
         "run_key": recording.run_key,

@@ -55,6 +55,8 @@ class CollectConfig:
     )
     token_rate: float | None = option(None, help="Instead: record each token with this probability (0 < r <= 1).")
     seed: int = option(0, help="Seed of the token subsampling.")
+    # The first token carries the massive activations (docs/science.md): a sample may leave it out.
+    skip_first_token: bool = option(False, help="Never record position 0 of a sequence.")
     overwrite: bool = option(
         False, help="Replace what --out holds (default: resume an interrupted run of the same arguments)."
     )

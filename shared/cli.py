@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from shared.errors import Interrupted, UserError
+from shared.errors import Interrupted, UserError, library_shutdown_is_unsafe
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, option_spec
 from shared.threads import thread_note
@@ -119,9 +119,11 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                 return command(*args, **kwargs)
             except UserError as exc:
                 typer.echo(f"error: {_one_line(str(exc))}", err=True)
+                _exit_now_if_unsafe(2)
                 raise typer.Exit(code=2) from None
             except Interrupted as exc:
                 typer.echo(f"stopped by {exc.signal_name}: {_one_line(str(exc))}", err=True)
+                _exit_now_if_unsafe(128 + exc.signal_number)
                 raise typer.Exit(code=128 + exc.signal_number) from None
             except (typer.Exit, typer.Abort):
                 raise
@@ -135,11 +137,21 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
                     f"{_write_traceback(exc, ' '.join(sys.argv))}; pass --verbose to print it",
                     err=True,
                 )
+                _exit_now_if_unsafe(1)
                 raise typer.Exit(code=1) from None
 
         return wrapper
 
     return decorate
+
+
+def _exit_now_if_unsafe(code: int) -> None:
+    """End the process with `code` without the interpreter's and libraries' shutdown when a library
+    asked for it (`shared.errors.skip_library_shutdown`); the message is out already."""
+    if library_shutdown_is_unsafe():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class PlainHelpCommand(TyperCommand):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import signal
+import threading
 
 
 class UserError(Exception):
@@ -45,3 +46,17 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+_unsafe_shutdown = threading.Event()
+
+
+def skip_library_shutdown() -> None:
+    """Say that a library holds a file it could not close (HDF5 after a write failed for want of
+    room), which its own shutdown at exit would crash on: the command line then ends the process
+    at once after its message (`os._exit`, with the same exit code)."""
+    _unsafe_shutdown.set()
+
+
+def library_shutdown_is_unsafe() -> bool:
+    return _unsafe_shutdown.is_set()
