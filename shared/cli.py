@@ -23,9 +23,10 @@ from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from shared.errors import Interrupted, UserError
+from shared.errors import Interrupted, ParameterError, UserError
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, option_spec
+from shared.progress import PROGRESS
 from shared.threads import thread_note
 
 P = ParamSpec("P")
@@ -74,8 +75,22 @@ def setup_logging(verbose: bool = False) -> None:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
+    progress = logging.getLogger(PROGRESS)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False  # printed once, on stdout, and not again as a log line on stderr
+    progress.handlers = [_StdoutLines()]
     if (note := thread_note()) is not None:
         logging.getLogger(__name__).info(note)
+
+
+class _StdoutLines(logging.Handler):
+    """Each record's message as one line on the stdout of the moment (a test runner may have swapped it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(record.getMessage(), file=sys.stdout, flush=True)
+        except Exception:
+            self.handleError(record)
 
 
 @contextmanager
@@ -118,7 +133,8 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return command(*args, **kwargs)
             except UserError as exc:
-                typer.echo(f"error: {_one_line(str(exc))}", err=True)
+                message = exc.as_flags() if isinstance(exc, ParameterError) else str(exc)
+                typer.echo(f"error: {_one_line(message)}", err=True)
                 raise typer.Exit(code=2) from None
             except Interrupted as exc:
                 typer.echo(f"stopped by {exc.signal_name}: {_one_line(str(exc))}", err=True)
@@ -233,11 +249,9 @@ def config_options(
 
     def decorate(body: Callable[..., R]) -> Callable[..., R]:
         hints = typing.get_type_hints(config)
-        specs = {
-            field.name: (field, spec)
-            for field in dataclasses.fields(config)
-            if (spec := option_spec(field)) is not None
-        }
+        # Required fields first (a subclass's required field comes after its base's fields), else field order.
+        ordered = sorted(dataclasses.fields(config), key=lambda field: not _required(field))
+        specs = {field.name: (field, spec) for field in ordered if (spec := option_spec(field)) is not None}
         parameters = [
             _option_parameter(field, spec, hints[name], both_spellings) for name, (field, spec) in specs.items()
         ]
@@ -246,17 +260,29 @@ def config_options(
         if config_file is not None:
             parameters.append(_config_file_parameter(config_file))
 
+        flags = {name: f"--{_spelled(spec.flag or name, both_spellings)[0]}" for name, (_, spec) in specs.items()}
+
+        def flag_of(parameter: str) -> str:
+            return flags.get(parameter) or f"--{_spelled(parameter, both_spellings)[0]}"
+
         @functools.wraps(body)
         def command(**values: Any) -> R:
             values.pop("config", None)  # already read: its settings arrived as the other options' values
             settings = {name: values.pop(name) for name in specs}
-            return body(settings, **values)
+            try:
+                return body(settings, **values)
+            except ParameterError as exc:  # worded with the parameters' names: reworded with this command's flags
+                raise UserError(exc.as_flags(flag_of)) from exc
 
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
         return command
 
     return decorate
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _spelled(name: str, both_spellings: bool) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import signal
+import string
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -45,3 +47,29 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class ParameterError(UserError, ValueError):
+    """A bad value of a named parameter, worded for whoever passed it.
+
+    The message is a `str.format` template whose fields are parameter names (`{n_components}`)
+    or the values given as keywords. From Python a parameter reads as its name
+    (`n_components must be at least 1, got 0`); a command reads it as its flag
+    (`--n-components ...`, `as_flags`), so the same check serves the API and the command line.
+    """
+
+    def __init__(self, template: str, **values: object) -> None:
+        self.template = template
+        self.values = values
+        self.parameters = tuple(
+            name for _, name, _, _ in string.Formatter().parse(template) if name and name not in values
+        )
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with each parameter written as `name_of(parameter)`."""
+        return self.template.format(**{name: name_of(name) for name in self.parameters}, **self.values)
+
+    def as_flags(self, flag_of: Callable[[str], str] | None = None) -> str:
+        """The message with each parameter written as its command-line flag (default `--name-hyphenated`)."""
+        return self.render(flag_of or (lambda name: "--" + name.replace("_", "-")))
