@@ -13,7 +13,15 @@ import typer
 
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
 from fn_analyze.demo_data import FAMILIES
-from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.cli import (
+    PlainHelpCommand,
+    config_options,
+    handle_errors,
+    library_warnings,
+    progress_on_stdout,
+    setup_logging,
+    typer_app,
+)
 from shared.threads import set_thread_defaults
 
 app = typer_app(help="Find functional networks (ICA over MLP neurons) in a language model.", no_args_is_help=True)
@@ -26,6 +34,7 @@ def _root(
 ) -> None:
     setup_logging(verbose)
     ctx.with_resource(library_warnings(verbose))  # held until the command returns
+    ctx.with_resource(progress_on_stdout())
 
 
 @app.command("collect", cls=PlainHelpCommand)

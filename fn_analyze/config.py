@@ -76,10 +76,11 @@ class CollectConfig:
             raise UserError("--tokens-per-sequence and --token-rate both subsample tokens; give only one")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IcaParams:
     """The settings of the ICA that finds networks (`fn_analyze.ica.NetworkICA` is fitted with them):
-    every one is also a flag of `fn-analyze ica`. Checked when made; an error names the parameter."""
+    every one is also a flag of `fn-analyze ica`. Keyword-only, so that a subclass's own fields come
+    first (`IcaConfig("runs/acts")`). Checked when made; an error names the parameter."""
 
     # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
     n_components: int | str = option(
@@ -228,12 +229,12 @@ class IcaParams:
 class IcaConfig(IcaParams):
     """`fn-analyze ica`: the ICA's settings, the activations folder it reads and the mask file it writes."""
 
-    activations: Path = option(kw_only=True, help="Folder written by `fn-analyze collect`.")
+    activations: Path = option(help="Folder written by `fn-analyze collect`.")
     out: Path | None = option(  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
-        None, kw_only=True, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
+        None, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
     )
-    register: bool = option(True, kw_only=True, help="Add the file to its folder's index.json.")
-    overwrite: bool = option(False, kw_only=True, help="Replace an existing mask file.")
+    register: bool = option(True, help="Add the file to its folder's index.json.")
+    overwrite: bool = option(False, help="Replace an existing mask file.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -75,10 +75,6 @@ def setup_logging(verbose: bool = False) -> None:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
-    progress = logging.getLogger(PROGRESS)
-    progress.setLevel(logging.INFO)
-    progress.propagate = False  # printed once, on stdout, and not again as a log line on stderr
-    progress.handlers = [_StdoutLines()]
     if (note := thread_note()) is not None:
         logging.getLogger(__name__).info(note)
 
@@ -91,6 +87,24 @@ class _StdoutLines(logging.Handler):
             print(record.getMessage(), file=sys.stdout, flush=True)
         except Exception:
             self.handleError(record)
+
+
+@contextmanager
+def progress_on_stdout() -> Iterator[None]:
+    """The library's progress lines (`shared.progress`) printed on stdout for the block, as the
+    command's own output, and not again as log lines; as they were after it."""
+    progress = logging.getLogger(PROGRESS)
+    handler = _StdoutLines()
+    level, propagate = progress.level, progress.propagate
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    progress.addHandler(handler)
+    try:
+        yield
+    finally:
+        progress.removeHandler(handler)
+        progress.setLevel(level)
+        progress.propagate = propagate
 
 
 @contextmanager
@@ -249,8 +263,8 @@ def config_options(
 
     def decorate(body: Callable[..., R]) -> Callable[..., R]:
         hints = typing.get_type_hints(config)
-        # Required fields first (a subclass's required field comes after its base's fields), else field order.
-        ordered = sorted(dataclasses.fields(config), key=lambda field: not _required(field))
+        # In the constructor's order: a keyword-only base's fields after the subclass's own (IcaConfig's).
+        ordered = sorted(dataclasses.fields(config), key=lambda field: field.kw_only is True)
         specs = {field.name: (field, spec) for field in ordered if (spec := option_spec(field)) is not None}
         parameters = [
             _option_parameter(field, spec, hints[name], both_spellings) for name, (field, spec) in specs.items()
@@ -279,10 +293,6 @@ def config_options(
         return command
 
     return decorate
-
-
-def _required(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _spelled(name: str, both_spellings: bool) -> list[str]:

@@ -39,12 +39,10 @@ def option(
     text: bool = False,
     argument: bool = False,
     default_factory: Callable[[], Any] | Any = MISSING,
-    kw_only: bool = False,
 ) -> Any:
-    """A dataclass field (no default: a required option) that is also an option of the command line;
-    `kw_only`: a field of a subclass that may follow its base's fields with defaults."""
+    """A dataclass field (no default: a required option) that is also an option of the command line."""
     spec = OptionSpec(help=help, flag=flag, off=off, text=text, argument=argument)
-    return dataclasses.field(default=default, default_factory=default_factory, kw_only=kw_only, metadata={_KEY: spec})
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: spec})
 
 
 def option_spec(field: dataclasses.Field) -> OptionSpec | None:

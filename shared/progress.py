@@ -3,7 +3,7 @@ loggers under `PROGRESS`, one per stage.
 
 Called from Python, the library prints nothing: the records go wherever the caller's logging
 sends INFO (`logging.basicConfig(level=logging.INFO)` shows them). The commands print them on
-stdout, one plain line each (`shared.cli.setup_logging`).
+stdout, one plain line each (`shared.cli.progress_on_stdout`).
 """
 
 from __future__ import annotations
