@@ -13,7 +13,15 @@ import typer
 
 from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
 from fn_analyze.demo_data import FAMILIES
-from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.cli import (
+    PlainHelpCommand,
+    config_options,
+    handle_errors,
+    library_warnings,
+    progress_on_stdout,
+    setup_logging,
+    typer_app,
+)
 from shared.progress import show_progress
 from shared.threads import set_thread_defaults
 
@@ -31,6 +39,7 @@ def _root(
     setup_logging(bool(verbose))
     show_progress(verbose is not False)
     ctx.with_resource(library_warnings(bool(verbose)))  # held until the command returns
+    ctx.with_resource(progress_on_stdout())
 
 
 @app.command("collect", cls=PlainHelpCommand)

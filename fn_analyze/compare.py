@@ -20,26 +20,7 @@ from shared import __version__
 from shared.constants import COMPARISON_SCHEMA_VERSION
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
-from shared.masks import MaskFile, load_mask_file
-
-
-def membership(mask: MaskFile) -> np.ndarray:
-    """(networks x all neurons) 0/1 matrix; column = layer * intermediate_size + neuron."""
-    size = mask.model.intermediate_size
-    matrix = np.zeros((len(mask.networks), mask.model.n_layers * size), dtype=np.float32)
-    for row, network in enumerate(mask.networks):
-        for layer, neurons in network.layers.items():
-            matrix[row, layer * size + np.asarray(neurons, dtype=np.int64)] = 1.0
-    return matrix
-
-
-def iou_matrix(a: MaskFile, b: MaskFile) -> np.ndarray:
-    """IoU of network i of `a` with network j of `b` (0 where both are empty)."""
-    ma, mb = membership(a), membership(b)
-    inter = ma @ mb.T
-    unions = ma.sum(axis=1)[:, None] + mb.sum(axis=1)[None, :] - inter
-    return np.divide(inter, unions, out=np.zeros_like(inter), where=unions > 0).astype(np.float64)
-
+from shared.masks import MaskFile, iou_matrix, load_mask_file
 
 REPRODUCED_AT = (0.8, 0.5)  # IoU levels of the one-line reproducibility figure
 

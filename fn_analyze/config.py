@@ -7,12 +7,12 @@ that need a stage's own names (its solvers, engines, ...) import them when they 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.constants import EMBEDDED_MODEL_NAME
-from shared.errors import UserError
+from shared.errors import ParameterError, UserError
 from shared.options import option
 
 if TYPE_CHECKING:
@@ -78,12 +78,12 @@ class CollectConfig:
             raise UserError("--tokens-per-sequence and --token-rate both subsample tokens; give only one")
 
 
-@dataclass
-class IcaConfig:
-    activations: Path = option(help="Folder written by `fn-analyze collect`.")
-    out: Path | None = option(  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
-        None, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
-    )
+@dataclass(kw_only=True)
+class IcaParams:
+    """The settings of the ICA that finds networks (`fn_analyze.ica.NetworkICA` is fitted with them):
+    every one is also a flag of `fn-analyze ica`. Keyword-only, so that a subclass's own fields come
+    first (`IcaConfig("runs/acts")`). Checked when made; an error names the parameter."""
+
     # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
     n_components: int | str = option(
         20, text=True, help="Independent components (k), or auto: the k with the most stable networks."
@@ -159,8 +159,6 @@ class IcaConfig:
         None, help="Address of a dask.distributed scheduler (with --engine dask)."
     )
     device: str = option("auto", help="Where the reduction runs: auto (CUDA if present), cpu, cuda:N.")
-    register: bool = option(True, help="Add the file to its folder's index.json.")
-    overwrite: bool = option(False, help="Replace an existing mask file.")
 
     def __post_init__(self) -> None:
         # The stages' modules import torch and scikit-learn: imported when a config is made.
@@ -168,49 +166,54 @@ class IcaConfig:
         from fn_analyze.preprocess import SCALES, parse_int_list
         from fn_analyze.reduction import ENGINES
 
-        self.activations = Path(self.activations)
-        if self.out is not None:
-            self.out = Path(self.out)
         self.n_components = _parse_components(self.n_components)
-        self.exclude_positions = parse_int_list(self.exclude_positions, "--exclude-positions")
-        self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "--exclude-token-ids")
+        self.exclude_positions = parse_int_list(self.exclude_positions, "exclude_positions")
+        self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "exclude_token_ids")
         if self.scale not in SCALES:
-            raise UserError(f"unknown --scale {self.scale!r}; use one of {', '.join(SCALES)}")
+            raise ParameterError(
+                "unknown {scale} {value!r}; use one of {known}", value=self.scale, known=", ".join(SCALES)
+            )
         if self.standardize and self.scale not in ("none", "neuron"):
-            raise UserError(f"--standardize is --scale neuron; give one of --standardize or --scale {self.scale}")
+            raise ParameterError(
+                "{standardize} is {scale} neuron; give one of {standardize} or {scale} {value}", value=self.scale
+            )
         if self.standardize:
             self.scale = "neuron"
         self.standardize = self.scale == "neuron"  # the old field, recorded as before
         if self.clip_percentile is not None and not 50 < self.clip_percentile < 100:
-            raise UserError(f"--clip-percentile must lie strictly between 50 and 100, got {self.clip_percentile}")
+            raise ParameterError(
+                "{clip_percentile} must lie strictly between 50 and 100, got {value}", value=self.clip_percentile
+            )
         if self.clip_sample_rows < 100:
-            raise UserError(f"--clip-sample-rows must be at least 100, got {self.clip_sample_rows}")
+            raise ParameterError("{clip_sample_rows} must be at least 100, got {value}", value=self.clip_sample_rows)
         self.set_aside_top = _parse_set_aside(self.set_aside_top)
         if self.runs < 1:
-            raise UserError(f"--runs must be at least 1, got {self.runs}")
+            raise ParameterError("{runs} must be at least 1, got {value}", value=self.runs)
         if self.splits < 0 or self.splits == 1:
-            raise UserError(f"--splits must be 0 (the whole data only) or at least 2, got {self.splits}")
+            raise ParameterError(
+                "{splits} must be 0 (the whole data only) or at least 2, got {value}", value=self.splits
+            )
         if self.solver not in SOLVERS:
-            raise UserError(f"unknown --solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
+            raise ParameterError(
+                "unknown {solver} {value!r}; use one of {known}", value=self.solver, known=", ".join(SOLVERS)
+            )
         if self.tol is None:
             self.tol = TOLERANCES[self.solver]
-        for name, value in (
-            ("--min-quality", self.min_quality),
-            ("--min-share", self.min_share),
-            ("--min-run-iou", self.min_run_iou),
-        ):
-            if not 0 <= value <= 1:
-                raise UserError(f"{name} must lie between 0 and 1, got {value}")
+        for name in ("min_quality", "min_share", "min_run_iou"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ParameterError("{" + name + "} must lie between 0 and 1, got {value}", value=getattr(self, name))
         if self.percentile is not None and not 0 < self.percentile < 100:
-            raise UserError(f"--percentile must lie strictly between 0 and 100, got {self.percentile}")
+            raise ParameterError("{percentile} must lie strictly between 0 and 100, got {value}", value=self.percentile)
         if self.threshold <= 0:
-            raise UserError(f"--threshold must be a positive z-score, got {self.threshold}")
+            raise ParameterError("{threshold} must be a positive z-score, got {value}", value=self.threshold)
         if self.oversample is not None and self.oversample < 0:
-            raise UserError(f"--oversample must be at least 0, got {self.oversample}")
+            raise ParameterError("{oversample} must be at least 0, got {value}", value=self.oversample)
         if self.engine not in ENGINES:
-            raise UserError(f"unknown --engine {self.engine!r}; use one of {', '.join(ENGINES)}")
+            raise ParameterError(
+                "unknown {engine} {value!r}; use one of {known}", value=self.engine, known=", ".join(ENGINES)
+            )
         if self.dask_scheduler is not None and self.engine != "dask":
-            raise UserError("--dask-scheduler needs --engine dask; add it or drop --dask-scheduler")
+            raise ParameterError("{dask_scheduler} needs {engine} dask; add it or drop {dask_scheduler}")
 
     @property
     def row_filter(self) -> RowFilter:
@@ -224,15 +227,40 @@ class IcaConfig:
         return self.oversample if self.oversample is not None else max(10, k)
 
 
+@dataclass
+class IcaConfig(IcaParams):
+    """`fn-analyze ica`: the ICA's settings, the activations folder it reads and the mask file it writes."""
+
+    activations: Path = option(help="Folder written by `fn-analyze collect`.")
+    out: Path | None = option(  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
+        None, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
+    )
+    register: bool = option(True, help="Add the file to its folder's index.json.")
+    overwrite: bool = option(False, help="Replace an existing mask file.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.activations = Path(self.activations)
+        if self.out is not None:
+            self.out = Path(self.out)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The ICA's settings alone, as `NetworkICA` takes them."""
+        return {field.name: getattr(self, field.name) for field in fields(IcaParams)}
+
+
 def _parse_set_aside(value: int | str) -> int | str:
     if isinstance(value, str) and value.strip().lower() == AUTO:
         return AUTO
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"--set-aside must be a number of neurons or auto, got {value!r}") from None
+        raise ParameterError(
+            "{set_aside_top} must be a number of neurons or auto, got {value!r}", value=value
+        ) from None
     if n < 0:
-        raise UserError(f"--set-aside must be at least 0, got {n}")
+        raise ParameterError("{set_aside_top} must be at least 0, got {n}", n=n)
     return n
 
 
@@ -242,9 +270,9 @@ def _parse_components(value: int | str) -> int | str:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"--n-components must be an integer or auto, got {value!r}") from None
+        raise ParameterError("{n_components} must be an integer or auto, got {value!r}", value=value) from None
     if k < 1:
-        raise UserError(f"--n-components must be at least 1, got {k}")
+        raise ParameterError("{n_components} must be at least 1, got {k}", k=k)
     return k
 
 

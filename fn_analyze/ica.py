@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fn_analyze.activations import Activations, open_activations
-from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig
+from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig, IcaParams
 from fn_analyze.consensus import Consensus, consensus_ica
 from fn_analyze.neuron_sets import set_size
 from fn_analyze.preprocess import (
@@ -32,14 +33,17 @@ from fn_analyze.preprocess import (
     set_aside_columns,
 )
 from fn_analyze.reduction import Reduction, engine_session, reduce
+from fn_analyze.token_rows import ActivationMatrix, TokenRows, describe_source, read_source
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
 from shared.digests import file_digest
-from shared.errors import UserError
+from shared.errors import ParameterError
 from shared.mask_index import check_mask_out, register_mask
-from shared.masks import MaskFile, Network, save_mask_file, union
+from shared.masks import MaskFile, ModelInfo, Network, save_mask_file, union
+from shared.progress import progress_log
 
 log = logging.getLogger(__name__)
+say = progress_log("ica")
 
 
 AUTO_CANDIDATES = (5, 10, 15, 20, 30, 40)  # the k that `--n-components auto` tries
@@ -60,7 +64,7 @@ def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) ->
     return [np.flatnonzero(magnitude[:, j] > cuts[j]) for j in range(z.shape[1])]
 
 
-def column_groups(acts: Activations, per_layer: bool) -> list[tuple[int, int]]:
+def column_groups(acts: TokenRows, per_layer: bool) -> list[tuple[int, int]]:
     """[start, stop) column ranges that each get their own ICA: all layers, or each layer."""
     if not per_layer:
         return [(0, acts.n_neurons)]
@@ -68,28 +72,35 @@ def column_groups(acts: Activations, per_layer: bool) -> list[tuple[int, int]]:
     return [(slot * size, (slot + 1) * size) for slot in range(len(acts.layers))]
 
 
-def _component_limit(acts: Activations, per_layer: bool, n_rows: int) -> int:
+def _component_limit(acts: TokenRows, per_layer: bool, n_rows: int) -> int:
     neurons = acts.intermediate_size if per_layer else acts.n_neurons
     return min(n_rows, neurons) - 1
 
 
-def _rows_kept(acts: Activations, config: IcaConfig) -> int:
+def _rows_kept(acts: TokenRows, config: IcaParams) -> int:
     """Token rows that enter the ICA; refused when the row filter leaves none, or the set-aside all neurons."""
     n_rows = kept_rows(acts, config.row_filter)
+    where = describe_source(acts)
     if n_rows == 0:
-        raise UserError(
-            f"--exclude-positions {config.exclude_positions} / --exclude-token-ids {config.exclude_token_ids} leave "
-            f"no token row of {acts.folder} ({acts.n_tokens} tokens); leave out fewer"
+        raise ParameterError(
+            "{exclude_positions} {positions} / {exclude_token_ids} {token_ids} leave no token row of {where} "
+            "({n} tokens); leave out fewer",
+            positions=config.exclude_positions,
+            token_ids=config.exclude_token_ids,
+            where=where,
+            n=acts.n_tokens,
         )
     if config.set_aside_top != AUTO and config.set_aside_top >= acts.n_neurons:
-        raise UserError(
-            f"--set-aside {config.set_aside_top} would set aside all {acts.n_neurons} neurons of {acts.folder}; "
-            "give fewer"
+        raise ParameterError(
+            "{set_aside_top} {given} would set aside all {n} neurons of {where}; give fewer",
+            given=config.set_aside_top,
+            n=acts.n_neurons,
+            where=where,
         )
     return n_rows
 
 
-def _components_to_try(acts: Activations, config: IcaConfig, n_rows: int | None = None) -> tuple[int, ...]:
+def _components_to_try(acts: TokenRows, config: IcaParams, n_rows: int | None = None) -> tuple[int, ...]:
     """The k to run: the one asked for, or the auto candidates the data (the kept token rows) allow."""
     n_rows = _rows_kept(acts, config) if n_rows is None else n_rows
     limit = _component_limit(acts, config.per_layer, n_rows)
@@ -99,28 +110,34 @@ def _components_to_try(acts: Activations, config: IcaConfig, n_rows: int | None 
     if config.n_components == AUTO:
         candidates = tuple(k for k in AUTO_CANDIDATES if k <= limit)
         if not candidates:
-            raise UserError(
-                f"--n-components auto needs at least {AUTO_CANDIDATES[0]} components, but {where} give at most "
-                f"{max(limit, 0)}; collect more tokens"
+            raise ParameterError(
+                "{n_components} auto needs at least {least} components, but {where} give at most {most}; "
+                "collect more tokens",
+                least=AUTO_CANDIDATES[0],
+                where=where,
+                most=max(limit, 0),
             )
         return candidates
     k = int(config.n_components)
     if k > limit:
-        raise UserError(
-            f"--n-components {k} is larger than the data allows: {where} give at most {max(limit, 0)} components; "
-            "lower --n-components or collect more tokens"
+        raise ParameterError(
+            "{n_components} {k} is larger than the data allows: {where} give at most {most} components; "
+            "lower {n_components} or collect more tokens",
+            k=k,
+            where=where,
+            most=max(limit, 0),
         )
     return (k,)
 
 
-def default_out(acts: Activations, config: IcaConfig) -> Path:
+def default_out(acts: Activations, config: IcaParams) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(acts.model.name).name).strip("-") or "model"
     per_layer = "-per-layer" if config.per_layer else ""
     name = f"{slug}-ica{config.n_components}{per_layer}{_prep_slug(config)}-seed{config.seed}.json"
     return Path(MASK_ARTIFACTS_DIR) / name
 
 
-def _prep_slug(config: IcaConfig) -> str:
+def _prep_slug(config: IcaParams) -> str:
     """The preprocessing in a file name, so that preprocessed runs do not overwrite plain ones ("" for none)."""
     parts = []
     if config.exclude_positions:
@@ -142,7 +159,7 @@ def _reduction_device(requested: str) -> str:
     return str(device) if device.type == "cuda" else "cpu"
 
 
-def _network_of(z_map: np.ndarray, config: IcaConfig) -> set[int]:
+def _network_of(z_map: np.ndarray, config: IcaParams) -> set[int]:
     """The columns of one map's network, thresholded as every map is."""
     return set(threshold_maps(z_map[:, None], config.threshold, config.percentile)[0].tolist())
 
@@ -151,7 +168,7 @@ def _iou(a: set[int], b: set[int]) -> float:
     return len(a & b) / max(len(a | b), 1)
 
 
-def run_agreement(result: Consensus, config: IcaConfig) -> np.ndarray:
+def run_agreement(result: Consensus, config: IcaParams) -> np.ndarray:
     """Per cluster, the median over the whole data's runs of the IoU between the run's own network
     (its map thresholded as the consensus map is) and the consensus network; 0 where no run has one."""
     agreement = np.zeros(result.z.shape[1])
@@ -162,7 +179,7 @@ def run_agreement(result: Consensus, config: IcaConfig) -> np.ndarray:
     return agreement
 
 
-def _is_stable(result: Consensus, agreement: np.ndarray, config: IcaConfig) -> np.ndarray:
+def _is_stable(result: Consensus, agreement: np.ndarray, config: IcaParams) -> np.ndarray:
     """Which clusters are emitted; `agreement`: run_agreement(result, config)."""
     return (
         (result.quality >= config.min_quality) & (result.share >= config.min_share) & (agreement >= config.min_run_iou)
@@ -176,11 +193,11 @@ class Candidate:
     k: int
     results: list[Consensus]
 
-    def stable_count(self, config: IcaConfig) -> int:
+    def stable_count(self, config: IcaParams) -> int:
         return int(sum(_is_stable(result, run_agreement(result, config), config).sum() for result in self.results))
 
 
-def _consensus_at(reductions: list[list[Reduction]], k: int, config: IcaConfig) -> Candidate:
+def _consensus_at(reductions: list[list[Reduction]], k: int, config: IcaParams) -> Candidate:
     assert config.tol is not None
     return Candidate(
         k,
@@ -199,7 +216,7 @@ def _consensus_at(reductions: list[list[Reduction]], k: int, config: IcaConfig) 
     )
 
 
-def _split_iou(result: Consensus, j: int, config: IcaConfig) -> float | None:
+def _split_iou(result: Consensus, j: int, config: IcaParams) -> float | None:
     """Mean IoU, over pairs of splits, of the network as each split's runs find it (None: not computed,
     or a split did not find it)."""
     parts = result.view_z[1:, :, j]
@@ -210,15 +227,16 @@ def _split_iou(result: Consensus, j: int, config: IcaConfig) -> float | None:
 
 
 def _networks(
-    acts: Activations,
+    acts: TokenRows,
     reductions: list[list[Reduction]],
     chosen: Candidate,
-    config: IcaConfig,
+    config: IcaParams,
     set_aside: tuple[int, ...] = (),
-) -> tuple[list[tuple[dict[int, tuple[int, ...]], dict[str, Any]]], list[dict[str, Any]]]:
-    """(layers, stats) of each emitted network, and the figures of the clusters left out as unstable;
-    no network holds a set-aside column (their maps are flat there, this makes it certain)."""
-    found, unstable = [], []
+) -> tuple[list[tuple[dict[int, tuple[int, ...]], dict[str, Any]]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(layers, stats) of each emitted network, the figures of the clusters left out as unstable, and
+    the figures of every map (group by group); no network holds a set-aside column (their maps are
+    flat there, this makes it certain)."""
+    found, unstable, figures = [], [], []
     for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
         agreement = run_agreement(result, config)
         stable = _is_stable(result, agreement, config)
@@ -235,6 +253,7 @@ def _networks(
                 "component": j if len(reductions) == 1 else f"{group}:{j}",
                 "stable": bool(stable[j]),
             }
+            figures.append({**stats, "size": int(len(members))})
             if not stable[j] and not config.keep_unstable:
                 unstable.append({**stats, "size": int(len(members))})
                 continue
@@ -247,7 +266,7 @@ def _networks(
             found.append(({layer: tuple(sorted(neurons)) for layer, neurons in layers.items()}, stats))
     # Ids by size, largest first, so that id 0 is the biggest network of a file.
     found.sort(key=lambda item: (-sum(len(n) for n in item[0].values()), -item[1]["peak_z"]))
-    return found, unstable
+    return found, unstable, figures
 
 
 def _reduction_record(reductions: list[list[Reduction]], k: int) -> dict[str, Any]:
@@ -274,16 +293,16 @@ class Unmixed:
     prep: Preprocessing  # what the reduction applied before its products
 
 
-def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
-    """The streamed reduction, then the consensus at each k to try; prints what it does."""
+def unmix_activations(acts: TokenRows, config: IcaParams) -> Unmixed:
+    """The streamed reduction, then the consensus at each k to try; says what it does (progress log)."""
     n_rows = _rows_kept(acts, config)
     candidates = _components_to_try(acts, config, n_rows)
     device = _reduction_device(config.device)
     prep = _preprocessing(acts, config)
     k_max = max(candidates)
     oversample = config.oversample_for(k_max)
-    with engine_session(config.dask_scheduler):  # connected before anything is printed
-        print(
+    with engine_session(config.dask_scheduler):  # connected before anything is said
+        say.info(
             f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "
             f"{config.n_components} components{' per layer' if config.per_layer else ''}, consensus of "
             f"{config.runs} {config.solver} run(s){' on bootstrap resamples' if config.bootstrap else ''} on the "
@@ -319,7 +338,7 @@ def unmix_activations(acts: Activations, config: IcaConfig) -> Unmixed:
     return Unmixed(reductions, tried, chosen, prep)
 
 
-def _preprocessing(acts: Activations, config: IcaConfig) -> Preprocessing:
+def _preprocessing(acts: TokenRows, config: IcaParams) -> Preprocessing:
     """The config's preprocessing, with what it needs from the data: clipping bounds from a seeded
     sample of the kept rows (one streamed pass), the set-aside neurons from their magnitudes."""
     clip = None
@@ -334,7 +353,7 @@ def _preprocessing(acts: Activations, config: IcaConfig) -> Preprocessing:
     return Preprocessing(config.row_filter, clip, config.scale, set_aside)
 
 
-def _describe_prep(acts: Activations, config: IcaConfig, prep: Preprocessing, n_rows: int) -> str:
+def _describe_prep(acts: TokenRows, config: IcaParams, prep: Preprocessing, n_rows: int) -> str:
     """The preprocessing in words for the opening line ("" when there is none)."""
     parts = []
     if prep.rows:
@@ -348,7 +367,7 @@ def _describe_prep(acts: Activations, config: IcaConfig, prep: Preprocessing, n_
     return f"; {', '.join(parts)}" if parts else ""
 
 
-def _set_aside_record(acts: Activations, prep: Preprocessing) -> dict[str, Any]:
+def _set_aside_record(acts: TokenRows, prep: Preprocessing) -> dict[str, Any]:
     layers: dict[str, list[int]] = {}
     for column in prep.set_aside:
         layer, neuron = acts.column_to_neuron(column)
@@ -360,62 +379,222 @@ def _set_aside_record(acts: Activations, prep: Preprocessing) -> dict[str, Any]:
     }
 
 
-def run_ica(config: IcaConfig) -> MaskFile:
-    """Find networks in an activations folder and write the mask file; returns it."""
-    acts = open_activations(config.activations)
-    _components_to_try(acts, config)  # refused before anything is written (and before a set-aside or sample pass)
-    out = config.out or default_out(acts, config)
-    check_mask_out(out, config.overwrite, config.register)
-    unmixed = unmix_activations(acts, config)
-    reductions, tried, chosen = unmixed.reductions, unmixed.tried, unmixed.chosen
-    found, unstable = _networks(acts, reductions, chosen, config, unmixed.prep.set_aside)
-    networks = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
-    whole = [views[0] for views in reductions]
-    explained = sum(r.eigenvalues[: chosen.k].sum() for r in whole) / max(sum(r.total_variance for r in whole), 1e-300)
-    source = {
-        "method": "spatial-ica-per-layer" if config.per_layer else "spatial-ica",
-        "activations": {
-            "folder": str(acts.folder),
-            "manifest_digest": file_digest(acts.folder / MANIFEST_NAME),
-            "n_tokens": acts.n_tokens,
-            "layers": acts.layers,
-            "dataset": acts.manifest.get("dataset", {}),
-        },
-        "ica": {
-            **{
-                k: v
-                for k, v in asdict(config).items()
-                if k not in ("activations", "out", "register", "overwrite", "engine", "dask_scheduler", "device")
-            },
+# Settings of the ICA that say where it ran, not what it found: left out of a mask file's record.
+_NOT_RECORDED = ("engine", "dask_scheduler", "device")
+
+
+@dataclass(eq=False)
+class NetworkICA(IcaParams):
+    """Functional networks by spatial ICA, as an estimator: settings in the constructor (the
+    parameters of `fn-analyze ica`, `IcaParams`), learning in `fit`, what it learned in attributes
+    with a trailing underscore, nothing written and nothing printed (progress goes to the
+    `fn.progress.ica` logger).
+
+    >>> ica = NetworkICA(n_components=20).fit("runs/acts")        # an activations folder
+    >>> ica = NetworkICA(n_components=8).fit(X, layers=[0, 1, 2])  # tokens x neurons, layer-major
+    >>> ica.networks_[0].layers, ica.quality_, ica.to_mask_file().save("networks.json")
+
+    Fitted attributes:
+
+    - `networks_`: the emitted networks (`shared.masks.Network`), largest first, as a mask file holds them;
+    - `maps_`: (maps, neurons) the consensus maps, z-scored over neurons (one ICA per layer: each map is 0
+      outside its layer), thresholded into the networks at `threshold`;
+    - `quality_`, `share_`, `run_iou_`, `split_iou_` (NaN: not computed), `stable_`: per map, how sure it
+      is (cluster quality, share of runs, agreement of the runs' networks and of the splits');
+    - `n_components_` (the k used), `stable_per_k_`, `explained_variance_ratio_`, `reduction_` (how the
+      reduction converged), `unstable_` (the maps left out), `set_aside_` (the massive neurons kept out);
+    - `mean_`, `scale_`, `clip_`: the preprocessing `transform` repeats; `layers_`, `n_rows_`.
+    """
+
+    def fit(
+        self,
+        X: TokenRows | np.ndarray | str | Path,
+        layers: Sequence[int] | None = None,
+        records: Sequence[int] | np.ndarray | None = None,
+        positions: Sequence[int] | np.ndarray | None = None,
+        token_ids: Sequence[int] | np.ndarray | None = None,
+    ) -> NetworkICA:
+        """Find the networks in an activations folder (a path or `Activations`) or an array of
+        tokens x neurons. An array's columns are layer-major over `layers` (default one layer, 0);
+        `records` (each row its own by default) decide the splits, `positions` and `token_ids` (0 by
+        default) what `exclude_positions` and `exclude_token_ids` leave out."""
+        if isinstance(X, np.ndarray):
+            acts: TokenRows = ActivationMatrix.of(X, layers, records, positions, token_ids)
+        else:
+            if any(given is not None for given in (layers, records, positions, token_ids)):
+                raise ParameterError(
+                    "{layers}, {records}, {positions} and {token_ids} describe an array; an "
+                    "activations folder records its own"
+                )
+            acts = read_source(X)
+        _components_to_try(acts, self)  # refused before a set-aside or sample pass
+        unmixed = unmix_activations(acts, self)
+        reductions, tried, chosen = unmixed.reductions, unmixed.tried, unmixed.chosen
+        found, unstable, figures = _networks(acts, reductions, chosen, self, unmixed.prep.set_aside)
+        whole = [views[0] for views in reductions]
+        explained = sum(r.eigenvalues[: chosen.k].sum() for r in whole) / max(
+            sum(r.total_variance for r in whole), 1e-300
+        )
+        self.networks_ = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
+        self.maps_ = np.concatenate(
+            [
+                _full_width(result.z.T, views[0].columns, acts.n_neurons)
+                for views, result in zip(reductions, chosen.results, strict=True)
+            ]
+        )
+        self.quality_, self.share_, self.run_iou_ = (
+            np.array([f[key] for f in figures]) for key in ("quality", "share", "run_iou")
+        )
+        self.split_iou_ = np.array([np.nan if f["split_iou"] is None else f["split_iou"] for f in figures])
+        self.stable_ = np.array([f["stable"] for f in figures])
+        self.unstable_ = unstable
+        self.n_components_ = chosen.k
+        self.stable_per_k_ = {c.k: c.stable_count(self) for c in tried}
+        self.explained_variance_ratio_ = float(explained)
+        self.reduction_ = _reduction_record(reductions, chosen.k)
+        self.set_aside_ = _set_aside_record(acts, unmixed.prep)["layers"] if unmixed.prep.set_aside else {}
+        self.mean_ = np.concatenate([r.mean for r in whole])
+        self.scale_ = None if whole[0].scale is None else np.concatenate([r.scale for r in whole])
+        self.clip_ = unmixed.prep.clip
+        self.layers_ = list(acts.layers)
+        self.n_rows_ = whole[0].n_rows
+        self._source = acts
+        self._record = self._ica_record(acts, tried, chosen, unstable, unmixed.prep, reductions)
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Each map's activity on each token row of `X` (tokens x neurons, the columns fitted on): the
+        least-squares loadings of the rows, preprocessed as in `fit`, on the maps; (tokens, maps)."""
+        self._check_fitted()
+        if not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != self.maps_.shape[1]:
+            raise ParameterError(
+                "{X} must be an array of tokens x {n} neurons (the columns fitted on), got {got}",
+                n=self.maps_.shape[1],
+                got=getattr(X, "shape", type(X).__name__),
+            )
+        rows = X.astype(np.float64)
+        if self.clip_ is not None:
+            rows = np.clip(rows, self.clip_[0], self.clip_[1])
+        rows = rows - self.mean_
+        if self.scale_ is not None:
+            rows = rows * self.scale_
+        return np.linalg.lstsq(self.maps_.T, rows.T, rcond=None)[0].T
+
+    def to_mask_file(self, model: ModelInfo | None = None) -> MaskFile:
+        """The networks as a mask file of `model` (default: the model an activations folder was
+        recorded on; an array's networks need it). Refused for a model whose layers or MLP width
+        the fitted columns do not match, or another model than the folder's."""
+        self._check_fitted()
+        acts = self._source
+        folder = isinstance(acts, Activations)
+        if model is None:
+            if not folder:
+                raise ParameterError(
+                    "{model} is needed to make a mask file of networks fitted on an array; "
+                    "give shared.models.model_info(model)"
+                )
+            model = acts.model
+        if folder and model.fingerprint != acts.model.fingerprint:
+            raise ParameterError(
+                "{model} {name!r} is not the model the activations were recorded on ({recorded!r}); "
+                "give that model's ModelInfo",
+                name=model.name,
+                recorded=acts.model.name,
+            )
+        if model.intermediate_size != acts.intermediate_size or max(acts.layers) >= model.n_layers:
+            raise ParameterError(
+                "{model} {name!r} has {n_layers} layers of {width} neurons; the networks were fitted on layers "
+                "{layers} of {fitted} neurons each",
+                name=model.name,
+                n_layers=model.n_layers,
+                width=model.intermediate_size,
+                layers=list(acts.layers),
+                fitted=acts.intermediate_size,
+            )
+        source = {
+            "method": "spatial-ica-per-layer" if self.per_layer else "spatial-ica",
+            "activations": _activations_record(acts),
+            "ica": self._record,
+        }
+        return MaskFile(model=model, networks=self.networks_, source=source)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "networks_"):
+            raise ParameterError("this NetworkICA is not fitted yet; call fit({X}) first")
+
+    def _ica_record(
+        self,
+        acts: TokenRows,
+        tried: list[Candidate],
+        chosen: Candidate,
+        unstable: list[dict[str, Any]],
+        prep: Preprocessing,
+        reductions: list[list[Reduction]],
+    ) -> dict[str, Any]:
+        """What a mask file's `source.ica` records: the settings, and how the fit went."""
+        record = {
+            **{k: v for k, v in asdict(self).items() if k not in _NOT_RECORDED},
             "n_components": chosen.k,
-            "n_components_requested": config.n_components,
-            "stable_per_k": {str(c.k): c.stable_count(config) for c in tried},
-            "oversample": config.oversample_for(max(c.k for c in tried)),
-            "threshold_rule": "abs-percentile" if config.percentile is not None else "abs-zscore",
-            "rows_kept": whole[0].n_rows,
-            "explained_variance_ratio": round(float(explained), 4),
-            "reduction": _reduction_record(reductions, chosen.k),
+            "n_components_requested": self.n_components,
+            "stable_per_k": {str(k): count for k, count in self.stable_per_k_.items()},
+            "oversample": self.oversample_for(max(c.k for c in tried)),
+            "threshold_rule": "abs-percentile" if self.percentile is not None else "abs-zscore",
+            "rows_kept": self.n_rows_,
+            "explained_variance_ratio": round(self.explained_variance_ratio_, 4),
+            "reduction": self.reduction_,
             "converged_runs": int(min(r.converged_runs for r in chosen.results)),
             "partial_clusters": int(sum(r.partial_clusters for r in chosen.results)),
             "unstable": unstable,
-            "empty_components_dropped": sum(len(r.quality) for r in chosen.results) - len(networks) - len(unstable),
-        },
+            "empty_components_dropped": sum(len(r.quality) for r in chosen.results)
+            - len(self.networks_)
+            - len(unstable),
+        }
+        if prep.set_aside:
+            record["set_aside"] = _set_aside_record(acts, prep)
+        return record
+
+
+def _full_width(maps: np.ndarray, columns: tuple[int, int], width: int) -> np.ndarray:
+    """(maps, group's neurons) maps placed in (maps, all neurons), 0 outside the group."""
+    full = np.zeros((len(maps), width))
+    full[:, columns[0] : columns[1]] = maps
+    return full
+
+
+def _activations_record(acts: TokenRows) -> dict[str, Any]:
+    """What a mask file's `source.activations` records of the data: the folder and its manifest, or the array."""
+    if isinstance(acts, ActivationMatrix):
+        return {"array": True, "n_tokens": acts.n_tokens, "layers": list(acts.layers)}
+    return {
+        "folder": str(acts.folder),
+        "manifest_digest": file_digest(acts.folder / MANIFEST_NAME),
+        "n_tokens": acts.n_tokens,
+        "layers": acts.layers,
+        "dataset": acts.manifest.get("dataset", {}),
     }
-    if unmixed.prep.set_aside:
-        source["ica"]["set_aside"] = _set_aside_record(acts, unmixed.prep)
-    mask = MaskFile(model=acts.model, networks=networks, source=source)
+
+
+def run_ica(config: IcaConfig) -> MaskFile:
+    """`fn-analyze ica`: fit `NetworkICA` on an activations folder, write the mask file (and its line in
+    the folder's index.json); returns it."""
+    acts = open_activations(config.activations)
+    estimator = NetworkICA(**config.params)
+    _components_to_try(acts, estimator)  # refused before anything is written
+    out = config.out or default_out(acts, config)
+    check_mask_out(out, config.overwrite, config.register)
+    mask = estimator.fit(acts).to_mask_file()
     save_mask_file(mask, out)
     if config.register:
         register_mask(out, mask)
-    covered = set_size(union(networks))
+    covered = set_size(union(mask.networks))
     if config.n_components == AUTO:
-        counts = ", ".join(f"k={c.k}: {c.stable_count(config)}" for c in tried)
-        print(f"ica: --n-components auto chose k={chosen.k}, the most stable networks ({counts})")
-    print(
-        f"ica: {len(networks)} networks covering {covered} neurons ({100 * covered / acts.n_neurons:.1f}%); "
-        f"{len(unstable)} unstable component(s) left out (quality < {config.min_quality}, share < "
+        counts = ", ".join(f"k={k}: {count}" for k, count in estimator.stable_per_k_.items())
+        say.info(f"ica: --n-components auto chose k={estimator.n_components_}, the most stable networks ({counts})")
+    say.info(
+        f"ica: {len(mask.networks)} networks covering {covered} neurons ({100 * covered / acts.n_neurons:.1f}%); "
+        f"{len(estimator.unstable_)} unstable component(s) left out (quality < {config.min_quality}, share < "
         f"{config.min_share} or run IoU < {config.min_run_iou}; --keep-unstable emits them); "
-        f"PCA kept {100 * explained:.1f}% of the variance "
-        f"({whole[0].passes} reduction passes); wrote {out}"
+        f"PCA kept {100 * estimator.explained_variance_ratio_:.1f}% of the variance "
+        f"({estimator.reduction_['passes']} reduction passes); wrote {out}"
     )
     return mask

@@ -28,21 +28,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 
-from fn_analyze.activations import Activations, read_shard
-from shared.constants import POSITION_DATASET, TOKEN_IDS_DATASET
-from shared.errors import UserError
+from fn_analyze.token_rows import RowShard, TokenRows, magnitude_of, shards_of
+from shared.errors import ParameterError
 
 SCALES = ("none", "neuron", "layer")
 SAMPLE_COLUMNS = 4096  # neurons per block when the percentiles are computed, to bound float32 copies
 
 
-def parse_int_list(value: str | Sequence[int] | None, option: str) -> list[int]:
-    """`"0,1"` (or a sequence of integers) -> [0, 1]; None or "" -> []; refused unless non-negative integers."""
+def parse_int_list(value: str | Sequence[int] | None, parameter: str) -> list[int]:
+    """`"0,1"` (or a sequence of integers) -> [0, 1]; None or "" -> []; refused unless non-negative integers
+    (the error names `parameter`)."""
     if value is None:
         return []
     items = [item.strip() for item in value.split(",")] if isinstance(value, str) else list(value)
@@ -50,10 +48,12 @@ def parse_int_list(value: str | Sequence[int] | None, option: str) -> list[int]:
     try:
         numbers = [int(item) for item in items]
     except (TypeError, ValueError):
-        raise UserError(f"{option} must be a comma-separated list of integers, got {value!r}") from None
+        raise ParameterError(
+            "{" + parameter + "} must be a comma-separated list of integers, got {value!r}", value=value
+        ) from None
     negative = [n for n in numbers if n < 0]
     if negative:
-        raise UserError(f"{option} takes non-negative integers, got {negative[0]}")
+        raise ParameterError("{" + parameter + "} takes non-negative integers, got {got}", got=negative[0])
     return sorted(set(numbers))
 
 
@@ -67,39 +67,38 @@ class RowFilter:
     def __bool__(self) -> bool:
         return bool(self.positions or self.token_ids)
 
-    def keep(self, path: str | Path) -> np.ndarray | None:
+    def keep(self, shard: RowShard) -> np.ndarray | None:
         """Which rows of a shard are kept (bool per row), or None when every row is."""
         if not self:
             return None
-        with h5py.File(path, "r") as handle:
-            keep = np.ones(handle[POSITION_DATASET].shape[0], dtype=bool)
-            if self.positions:
-                keep &= ~np.isin(handle[POSITION_DATASET][:], self.positions)
-            if self.token_ids:
-                keep &= ~np.isin(handle[TOKEN_IDS_DATASET][:], self.token_ids)
+        keep = np.ones(shard.n_tokens, dtype=bool)
+        if self.positions:
+            keep &= ~np.isin(shard.positions(), self.positions)
+        if self.token_ids:
+            keep &= ~np.isin(shard.token_ids(), self.token_ids)
         return keep
 
 
 ALL_ROWS = RowFilter()
 
 
-def kept_rows(acts: Activations, rows: RowFilter) -> int:
+def kept_rows(acts: TokenRows, rows: RowFilter) -> int:
     """How many token rows the filter keeps (reads only the small per-row arrays)."""
     if not rows:
         return acts.n_tokens
     total = 0
-    for shard in acts.manifest["shards"]:
-        keep = rows.keep(acts.folder / shard["file"])
+    for shard in shards_of(acts):
+        keep = rows.keep(shard)
         assert keep is not None
         total += int(keep.sum())
     return total
 
 
-def sample_rows(acts: Activations, rows: RowFilter, n: int, seed: int) -> np.ndarray:
+def sample_rows(acts: TokenRows, rows: RowFilter, n: int, seed: int) -> np.ndarray:
     """A seeded sample of at most `n` kept token rows, (rows x neurons) float16, in one streamed pass."""
-    keeps = [rows.keep(acts.folder / s["file"]) for s in acts.manifest["shards"]]
-    shards = acts.manifest["shards"]
-    counts = [int(s["n_tokens"]) if keep is None else int(keep.sum()) for s, keep in zip(shards, keeps, strict=True)]
+    shards = shards_of(acts)
+    keeps = [rows.keep(shard) for shard in shards]
+    counts = [s.n_tokens if keep is None else int(keep.sum()) for s, keep in zip(shards, keeps, strict=True)]
     total = sum(counts)
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
     out = np.empty((len(chosen), acts.n_neurons), dtype=np.float16)
@@ -113,7 +112,7 @@ def sample_rows(acts: Activations, rows: RowFilter, n: int, seed: int) -> np.nda
             continue
         wanted = local if keep is None else np.flatnonzero(keep)[local]
         start = 0
-        for block in read_shard(acts.folder / shard["file"], int(shard["n_tokens"]), acts.n_neurons, block_rows):
+        for block in shard.blocks(block_rows):
             inside = wanted[(wanted >= start) & (wanted < start + len(block))] - start
             out[filled : filled + len(inside)] = block[inside]
             filled += len(inside)
@@ -130,13 +129,11 @@ def clip_bounds(sample: np.ndarray, percentile: float) -> np.ndarray:
     return bounds
 
 
-def set_aside_columns(acts: Activations, n: int, min_ratio: float | None = None) -> list[int]:
+def set_aside_columns(acts: TokenRows, n: int, min_ratio: float | None = None) -> list[int]:
     """Activations columns of the `n` largest-magnitude neurons (max |activation|, as `evaluate` ranks them);
     with `min_ratio`, only those among them whose magnitude is at least `min_ratio` x the median neuron's
     (the "massive" ones: none in data without massive activations)."""
-    from fn_analyze.magnitude import magnitude_from_activations
-
-    magnitude = magnitude_from_activations(acts.folder, acts.model)
+    magnitude = magnitude_of(acts)
     top = magnitude.top(n)
     if min_ratio is not None:
         floor = min_ratio * float(np.nanmedian(magnitude.max_abs))

@@ -7,7 +7,7 @@ C Q = sum_s X_s^T (X_s Q), computed shard by shard in float32 blocks and accumul
 float64, so memory is (neurons x components) whatever the token count. One pass serves
 several column groups at once (all layers together, or each layer on its own).
 
-Each shard's part is a plain function of (shard path, small arrays), so the sum runs
+Each shard's part is a plain function of (shard, small arrays), so the sum runs
 in this process (`engine="local"`) or as dask tasks (`engine="dask"`): on dask's local
 scheduler, or on a cluster when a `dask.distributed` Client is connected, with the
 shards on a file system every worker can read.
@@ -25,21 +25,14 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from fn_analyze.activations import Activations, read_sequences, read_shard
 from fn_analyze.preprocess import ALL_ROWS, Preprocessing, RowFilter, inverse_scales
+from fn_analyze.token_rows import RowShard, TokenRows, shards_of
 from shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from a shard
 ENGINES = ("local", "dask")
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: str
-    n_tokens: int
-    n_columns: int
 
 
 @dataclass
@@ -55,6 +48,8 @@ class Reduction:
     subspace_change: float  # sine of the largest principal angle between the last two iterates' maps
     tolerance: float  # the subspace_change the iteration stopped at (or max_passes ran out)
     n_rows: int  # token rows of the view that entered the reduction (after any row filter)
+    mean: np.ndarray  # (neurons,) the view's mean of each of the group's columns, subtracted first
+    scale: np.ndarray | None  # (neurons,) what each centered column was multiplied by; None: nothing
 
     def gap_at(self, k: int) -> float:
         """Eigenvalue k over eigenvalue k+1 (the Ritz value past the maps kept when k is all of them)."""
@@ -71,17 +66,17 @@ class Reduction:
 
 
 def _shard_blocks(
-    shard: Shard, device: torch.device, splits: int, rows: RowFilter, clip: np.ndarray | None
+    shard: RowShard, device: torch.device, splits: int, rows: RowFilter, clip: np.ndarray | None
 ) -> Iterator[tuple[torch.Tensor, list[Any]]]:
     """A shard's kept token rows (`rows`: all by default) as float32 blocks on `device`, each value
     clipped to its column's [low, high] when `clip` is given, each block with its views' row
     selections: slice(None) for the whole data, then the rows of each split (record index modulo `splits`)."""
     block_rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
-    split_of = read_sequences(shard.path) % splits if splits else None
-    keep = rows.keep(shard.path)
+    split_of = shard.records() % splits if splits else None
+    keep = rows.keep(shard)
     bounds = None if clip is None else torch.as_tensor(clip, dtype=torch.float32, device=device)
     start = 0
-    for block in read_shard(shard.path, shard.n_tokens, shard.n_columns, block_rows):
+    for block in shard.blocks(block_rows):
         stop, part = start + len(block), None if split_of is None else split_of[start : start + len(block)]
         if keep is not None:
             block = block[keep[start:stop]]
@@ -108,7 +103,7 @@ def _centered(block: torch.Tensor, selected: Any, mean: torch.Tensor) -> torch.T
 
 
 def shard_moments(
-    shard: Shard, splits: int, device: str, rows: RowFilter = ALL_ROWS, clip: np.ndarray | None = None
+    shard: RowShard, splits: int, device: str, rows: RowFilter = ALL_ROWS, clip: np.ndarray | None = None
 ) -> np.ndarray:
     """(views, 3, neurons) float64: each view's row count, per-neuron sum and sum of squares (kept, clipped rows)."""
     dev = torch.device(device)
@@ -123,7 +118,7 @@ def shard_moments(
 
 
 def shard_products(
-    shard: Shard,
+    shard: RowShard,
     groups: Sequence[tuple[int, int]],
     means: np.ndarray,  # (views, neurons)
     inv_scales: np.ndarray | None,  # (views, neurons); None: centered only
@@ -157,7 +152,7 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def sum_over_shards(function: Callable[..., Any], shards: Sequence[Shard], args: tuple, engine: str) -> Any:
+def sum_over_shards(function: Callable[..., Any], shards: Sequence[RowShard], args: tuple, engine: str) -> Any:
     """sum_s function(shard_s, *args): in this process, or as a dask graph with a tree sum."""
     if engine == "local":
         total = None
@@ -226,10 +221,6 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-def shards_of(acts: Activations) -> list[Shard]:
-    return [Shard(str(acts.folder / s["file"]), int(s["n_tokens"]), acts.n_neurons) for s in acts.manifest["shards"]]
-
-
 def _ritz(basis: np.ndarray, product: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rayleigh-Ritz on span(basis): all Ritz values (descending) and the top-k Ritz vectors."""
     small = basis.T @ product
@@ -251,7 +242,7 @@ def signed(maps: np.ndarray) -> np.ndarray:
 
 
 def reduce(
-    acts: Activations,
+    acts: TokenRows,
     groups: Sequence[tuple[int, int]],
     k: int,
     prep: Preprocessing,
@@ -327,6 +318,8 @@ def reduce(
                 passes=passes,
                 subspace_change=float(changes[g][v]),
                 tolerance=tol,
+                mean=means[v, start:stop],
+                scale=None if inv_scales is None else inv_scales[v, start:stop],
             )
             for v in range(views)
         ]

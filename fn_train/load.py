@@ -1,39 +1,36 @@
 """One call to use what fn-train saved: the model (adapter on its base, or the full model)
-with the run's mask re-applied for the block.
+with the run's mask installed, as a `MaskedModel` (shared.hooks) that lifts it on request.
 
-    with load_masked_model("runs/ft") as model:
+    model = load_masked_model("runs/ft")      # the mask stays on until model.remove_mask()
+    with load_masked_model("runs/ft") as model:  # or until the block ends
         logits = model(**batch).logits
 
 A run saved with --bake-mask needs no hook (its weights hold the mask); one saved without
 it gets the mask hooks from its `fn_mask.json` (mode, networks, and ablation: zero, the
-recorded means, or the scale factor), removed when the block ends. A tune run's deltas are
-loaded onto its base and added by their hooks, as in training (merged into the weights with
---merge_adapter, they need none).
+recorded means, or the scale factor). A tune run's deltas are loaded onto its base and added
+by their hooks, as in training (merged into the weights with --merge_adapter, they need none).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from fn_train.run_mask import run_mask_from_record
 from shared.arch import find_down_projections
 from shared.constants import RUN_MASK_NAME, TUNED_DELTAS_NAME
-from shared.hooks import masked_down_projections
+from shared.hooks import MaskedModel, keep_entered, masked_down_projections
 from shared.masks import check_compatible
 from shared.models import model_info
 from shared.trained import load_trained, run_record, tuned_base_and_deltas
 
 
-@contextlib.contextmanager
 def load_masked_model(
     output_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trust_remote_code: bool = False
-) -> Iterator[nn.Module]:
-    """The trained model with its run's mask on for the block (no hook for a baked model)."""
+) -> MaskedModel:
+    """The trained model with its run's mask installed (no hook for a baked model) until
+    `remove_mask()` or the end of a `with` block."""
     output_dir = Path(output_dir)
     record = run_record(output_dir)
     record_path = str(output_dir / RUN_MASK_NAME)
@@ -43,15 +40,13 @@ def load_masked_model(
         check_compatible(
             run_mask_from_record(record, record_path).mask, model_info(model, str(output_dir)), record_path
         )
-        with deltas.applied():
-            yield model
-        return
+        stack, _ = keep_entered([deltas.applied()])
+        return MaskedModel(model, stack)
     model = load_trained(output_dir, dtype, device, trust_remote_code)
     if record is None or record.get("baked"):
-        yield model
-        return
+        return MaskedModel(model, keep_entered([])[0])
     run_mask = run_mask_from_record(record, record_path)
     projections = find_down_projections(model)
     check_compatible(run_mask.mask, model_info(model, str(output_dir), projections), where=record_path)
-    with masked_down_projections(projections, run_mask.layer_masks):
-        yield model
+    stack, _ = keep_entered([masked_down_projections(projections, run_mask.layer_masks)])
+    return MaskedModel(model, stack, run_mask.layer_masks)

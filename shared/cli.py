@@ -23,9 +23,10 @@ from typing import Annotated, Any, Optional, ParamSpec, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from shared.errors import Interrupted, UserError, library_shutdown_is_unsafe
+from shared.errors import Interrupted, ParameterError, UserError, library_shutdown_is_unsafe
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, option_spec
+from shared.progress import PROGRESS
 from shared.threads import thread_note
 
 P = ParamSpec("P")
@@ -78,6 +79,34 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(__name__).info(note)
 
 
+class _StdoutLines(logging.Handler):
+    """Each record's message as one line on the stdout of the moment (a test runner may have swapped it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(record.getMessage(), file=sys.stdout, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def progress_on_stdout() -> Iterator[None]:
+    """The library's progress lines (`shared.progress`) printed on stdout for the block, as the
+    command's own output, and not again as log lines; as they were after it."""
+    progress = logging.getLogger(PROGRESS)
+    handler = _StdoutLines()
+    level, propagate = progress.level, progress.propagate
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    progress.addHandler(handler)
+    try:
+        yield
+    finally:
+        progress.removeHandler(handler)
+        progress.setLevel(level)
+        progress.propagate = propagate
+
+
 @contextmanager
 def library_warnings(verbose: bool) -> Iterator[None]:
     """The libraries' FutureWarnings (deprecations addressed to their callers, such as TRL,
@@ -118,7 +147,8 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return command(*args, **kwargs)
             except UserError as exc:
-                typer.echo(f"error: {_one_line(str(exc))}", err=True)
+                message = exc.as_flags() if isinstance(exc, ParameterError) else str(exc)
+                typer.echo(f"error: {_one_line(message)}", err=True)
                 _exit_now_if_unsafe(2)
                 raise typer.Exit(code=2) from None
             except Interrupted as exc:
@@ -245,11 +275,9 @@ def config_options(
 
     def decorate(body: Callable[..., R]) -> Callable[..., R]:
         hints = typing.get_type_hints(config)
-        specs = {
-            field.name: (field, spec)
-            for field in dataclasses.fields(config)
-            if (spec := option_spec(field)) is not None
-        }
+        # In the constructor's order: a keyword-only base's fields after the subclass's own (IcaConfig's).
+        ordered = sorted(dataclasses.fields(config), key=lambda field: field.kw_only is True)
+        specs = {field.name: (field, spec) for field in ordered if (spec := option_spec(field)) is not None}
         parameters = [
             _option_parameter(field, spec, hints[name], both_spellings) for name, (field, spec) in specs.items()
         ]
@@ -258,11 +286,19 @@ def config_options(
         if config_file is not None:
             parameters.append(_config_file_parameter(config_file))
 
+        flags = {name: f"--{_spelled(spec.flag or name, both_spellings)[0]}" for name, (_, spec) in specs.items()}
+
+        def flag_of(parameter: str) -> str:
+            return flags.get(parameter) or f"--{_spelled(parameter, both_spellings)[0]}"
+
         @functools.wraps(body)
         def command(**values: Any) -> R:
             values.pop("config", None)  # already read: its settings arrived as the other options' values
             settings = {name: values.pop(name) for name in specs}
-            return body(settings, **values)
+            try:
+                return body(settings, **values)
+            except ParameterError as exc:  # worded with the parameters' names: reworded with this command's flags
+                raise UserError(exc.as_flags(flag_of)) from exc
 
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import signal
+import string
 import threading
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -60,3 +62,29 @@ def skip_library_shutdown() -> None:
 
 def library_shutdown_is_unsafe() -> bool:
     return _unsafe_shutdown.is_set()
+
+
+class ParameterError(UserError, ValueError):
+    """A bad value of a named parameter, worded for whoever passed it.
+
+    The message is a `str.format` template whose fields are parameter names (`{n_components}`)
+    or the values given as keywords. From Python a parameter reads as its name
+    (`n_components must be at least 1, got 0`); a command reads it as its flag
+    (`--n-components ...`, `as_flags`), so the same check serves the API and the command line.
+    """
+
+    def __init__(self, template: str, **values: object) -> None:
+        self.template = template
+        self.values = values
+        self.parameters = tuple(
+            name for _, name, _, _ in string.Formatter().parse(template) if name and name not in values
+        )
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with each parameter written as `name_of(parameter)`."""
+        return self.template.format(**{name: name_of(name) for name in self.parameters}, **self.values)
+
+    def as_flags(self, flag_of: Callable[[str], str] | None = None) -> str:
+        """The message with each parameter written as its command-line flag (default `--name-hyphenated`)."""
+        return self.render(flag_of or (lambda name: "--" + name.replace("_", "-")))

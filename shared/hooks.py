@@ -7,9 +7,10 @@ so every handle is removed in `finally` (as TransformerLens's `hooks()` does).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,3 +220,73 @@ def apply_mask(
     projections, layer_masks = resolve_mask(model, mask, networks, mode, Ablation(ablation, scale_factor, means))
     with masked_down_projections(projections, layer_masks):
         yield layer_masks
+
+
+class MaskedModel(nn.Module):
+    """A model with a mask installed (hooks on its down-projections, or tune deltas), until
+    `remove_mask()` lifts it or a `with` block around it ends, as PEFT's `PeftModel` wraps a model
+    with its adapter. It runs, and answers every attribute, as the model does; `model` is the
+    model itself. The hooks belong to this object, not to the call that made it: lift them
+    (or use `with`) before using the model without its mask.
+
+    >>> masked = MaskFile.load("mask_artifacts/smollm2-demo.json").apply(model, "key", [0, 3])
+    >>> masked(**batch).logits          # networks 0 and 3 off
+    >>> model = masked.remove_mask()    # the hooks are gone
+    """
+
+    def __init__(self, model: nn.Module, installed: ExitStack, layer_masks: LayerMasks | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self._installed = installed  # what lifts the mask: the hooks' context managers, entered
+        self.layer_masks = layer_masks  # None for a mask that is not per-layer vectors (tune deltas)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not set yet (inside __init__): no model to ask
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the mask is still installed."""
+        return self._installed is not None
+
+    def remove_mask(self) -> nn.Module:
+        """Lift the mask (every hook it put on the model); returns the model. Lifting twice is a no-op."""
+        if self._installed is not None:
+            installed, self._installed = self._installed, None
+            installed.close()
+        return self.model
+
+    def __enter__(self) -> MaskedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove_mask()
+
+
+def keep_entered(masks: Iterable[AbstractContextManager[Any]]) -> tuple[ExitStack, list[Any]]:
+    """Enter each context manager that puts a mask on a model, and keep them open; on a failure the ones
+    entered are left again (no hook stays behind). Returns the stack that leaves them and what each gave."""
+    with ExitStack() as stack:
+        given = [stack.enter_context(mask) for mask in masks]
+        return stack.pop_all(), given
+
+
+def mask_model(
+    model: nn.Module,
+    mask: MaskFile | str | Path,
+    mode: MaskMode = "key",
+    networks: list[NetworkId] | None = None,
+    ablation: str = "zero",
+    scale_factor: float | None = None,
+    means: NeuronMeans | np.ndarray | None = None,
+) -> MaskedModel:
+    """`apply_mask`, kept on: the model with its mask installed until `remove_mask()` or the end of `with`."""
+    stack, (layer_masks,) = keep_entered([apply_mask(model, mask, mode, networks, ablation, scale_factor, means)])
+    return MaskedModel(model, stack, layer_masks)

@@ -25,16 +25,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
+from torch import nn
 
 from shared import __version__
 from shared.constants import MASK_SCHEMA_VERSION
-from shared.errors import UserError
+from shared.errors import ParameterError, UserError
 from shared.jsonio import write_json_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from shared.hooks import MaskedModel
 
 MaskMode = Literal["key", "complement"]
 MASK_MODES: tuple[str, ...] = ("key", "complement")
@@ -102,6 +109,81 @@ class MaskFile:
     def network_ids(self) -> list[NetworkId]:
         return [network.id for network in self.networks]
 
+    # The verbs, as PEFT's and SAELens's objects carry theirs: load, save, select, union, iou/compare, plot, apply.
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaskFile:
+        """Read and validate a mask file (`load_mask_file`)."""
+        return load_mask_file(Path(path))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the file atomically (a reader never sees half of it); returns the path."""
+        save_mask_file(self, Path(path))
+        return Path(path)
+
+    def select(self, networks: Iterable[NetworkId] | None) -> MaskFile:
+        """The same file with only these networks (ids; MASSIVE: the set-aside neurons; None: all)."""
+        chosen = select_networks(self, None if networks is None else list(networks))
+        return replace(self, networks=tuple(chosen))
+
+    def union(self, networks: Iterable[NetworkId] | None = None) -> NeuronSet:
+        """The neurons of these networks taken together (default all), layer -> sorted neurons."""
+        return union(select_networks(self, None if networks is None else list(networks)))
+
+    def iou(self, other: MaskFile) -> np.ndarray:
+        """(networks of self, networks of other) IoU of every pair, over (layer, neuron) pairs; both files
+        must be of one model."""
+        for key in ("n_layers", "intermediate_size", "fingerprint"):
+            if getattr(self.model, key) != getattr(other.model, key):
+                raise ParameterError(
+                    "{other} was made for model {theirs!r} ({key}={b}), this file for {ours!r} ({key}={a}); "
+                    "compare mask files of one model",
+                    theirs=other.model.name,
+                    ours=self.model.name,
+                    key=key,
+                    a=getattr(self.model, key),
+                    b=getattr(other.model, key),
+                )
+        return iou_matrix(self, other)
+
+    def compare(self, other: MaskFile) -> list[tuple[NetworkId, NetworkId, float]]:
+        """(id here, id in other, IoU) of the one-to-one matching that maximizes the summed IoU
+        (Hungarian algorithm), best first: a network that came back has a match near 1."""
+        from scipy.optimize import linear_sum_assignment
+
+        matrix = self.iou(other)
+        rows, cols = linear_sum_assignment(matrix, maximize=True)
+        pairs = [
+            (self.networks[r].id, other.networks[c].id, float(matrix[r, c])) for r, c in zip(rows, cols, strict=True)
+        ]
+        return sorted(pairs, key=lambda pair: -pair[2])
+
+    def plot(self, path: str | Path | None = None) -> Figure:
+        """The networks' neurons per layer as a matplotlib Figure; written as PNG only when `path` is given."""
+        from shared.figures import networks_figure, save_png
+
+        fig = networks_figure(self)
+        if path is not None:
+            save_png(fig, Path(path))
+        return fig
+
+    def apply(
+        self,
+        model: nn.Module,
+        mode: MaskMode = "key",
+        networks: Iterable[NetworkId] | None = None,
+        ablation: str = "zero",
+        scale_factor: float | None = None,
+        means: Any = None,
+    ) -> MaskedModel:
+        """`model` with these networks switched off (`key`) or alone kept (`complement`), until
+        `remove_mask()` or the end of a `with` block; refused for a model the file was not made for.
+        `ablation`, `scale_factor`, `means`: as `shared.hooks.apply_mask`."""
+        from shared.hooks import mask_model
+
+        chosen = None if networks is None else list(networks)
+        return mask_model(model, self, mode, chosen, ablation, scale_factor, means)
+
     def massive(self) -> Network | None:
         """The neurons the ICA set aside as massive (`source.ica.set_aside`), as a network named
         MASSIVE; None when the file sets none aside."""
@@ -112,6 +194,24 @@ class MaskFile:
         return Network(
             MASSIVE, _parse_layers(aside.get("layers"), self.model, MASSIVE, lambda p: UserError(f"{where}: {p}"))
         )
+
+
+def membership(mask: MaskFile) -> np.ndarray:
+    """(networks x all neurons) 0/1 matrix; column = layer * intermediate_size + neuron."""
+    size = mask.model.intermediate_size
+    matrix = np.zeros((len(mask.networks), mask.model.n_layers * size), dtype=np.float32)
+    for row, network in enumerate(mask.networks):
+        for layer, neurons in network.layers.items():
+            matrix[row, layer * size + np.asarray(neurons, dtype=np.int64)] = 1.0
+    return matrix
+
+
+def iou_matrix(a: MaskFile, b: MaskFile) -> np.ndarray:
+    """IoU of network i of `a` with network j of `b` (0 where both are empty)."""
+    ma, mb = membership(a), membership(b)
+    inter = ma @ mb.T
+    unions = ma.sum(axis=1)[:, None] + mb.sum(axis=1)[None, :] - inter
+    return np.divide(inter, unions, out=np.zeros_like(inter), where=unions > 0).astype(np.float64)
 
 
 def union(networks: Iterable[Network]) -> NeuronSet:

@@ -1,17 +1,29 @@
-"""Progress bars on stderr for the steps that take more than a few seconds, off with `--quiet`.
+"""How a long library call shows that it is working.
 
-One switch for every bar of the packages: the command line sets it from `--quiet`; a notebook
-may call `show_progress(False)`.
+- Stage lines ("ica: 18 networks covering ..."): INFO records of the loggers under `PROGRESS`.
+  Called from Python, the library prints nothing: the records go wherever the caller's logging
+  sends INFO (`logging.basicConfig(level=logging.INFO)` shows them). The commands print them on
+  stdout, one plain line each (`shared.cli.progress_on_stdout`).
+- Progress bars on stderr for the steps that take more than a few seconds, off with `--quiet`:
+  one switch for every bar of the packages; the command line sets it from `--quiet`, a notebook
+  may call `show_progress(False)`.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 from tqdm.auto import tqdm
 
+PROGRESS = "fn.progress"
 _shown = True
+
+
+def progress_log(stage: str) -> logging.Logger:
+    """The logger of one stage's progress lines (`fn.progress.<stage>`)."""
+    return logging.getLogger(f"{PROGRESS}.{stage}")
 
 
 def show_progress(shown: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from fn_analyze.ica import IcaConfig, run_ica
 from fn_analyze.show import describe
 from shared.errors import UserError
 from shared.masks import load_mask_file
+from shared.progress import PROGRESS
 from tests.helpers import write_activations
 
 LAYERS = [0, 1, 2]
@@ -73,7 +75,9 @@ def test_percentile_threshold_keeps_the_top_share(tmp_path: Path) -> None:
 def test_too_many_components_is_refused_with_the_limit(tmp_path: Path) -> None:
     data, _ = _planted(tokens=30)
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH)
-    with pytest.raises(UserError, match="--n-components 40 is larger than the data allows: .* at most 29"):
+    with pytest.raises(
+        UserError, match="n_components 40 is larger than the data allows: .* at most 29 components; lower n_components "
+    ):
         run_ica(IcaConfig(activations=folder, out=tmp_path / "m.json", n_components=40))
     assert not (tmp_path / "m.json").exists()
 
@@ -200,9 +204,10 @@ def test_float16_rounding_and_block_size_do_not_move_the_networks(tmp_path: Path
         assert max(_iou(members, other) for other in second) >= 0.95
 
 
-def test_auto_components_chooses_the_k_with_the_most_stable_networks(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_auto_components_chooses_the_k_with_the_most_stable_networks(tmp_path: Path, caplog, monkeypatch) -> None:
     import fn_analyze.ica as ica
 
+    caplog.set_level(logging.INFO, logger=PROGRESS)
     monkeypatch.setattr(ica, "AUTO_CANDIDATES", (3, 5, 8))  # the default's 5-40 take minutes on 2 cores
     data, planted = _planted(n_networks=5)
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1500)
@@ -219,8 +224,8 @@ def test_auto_components_chooses_the_k_with_the_most_stable_networks(tmp_path: P
     found = _found_sets(mask)
     for members in planted:
         assert max(_iou(members, other) for other in found) >= 0.8
-    assert f"--n-components auto chose k={ica['n_components']}" in capsys.readouterr().out
-    with pytest.raises(UserError, match="--n-components must be an integer or auto, got 'many'"):
+    assert f"--n-components auto chose k={ica['n_components']}" in caplog.text
+    with pytest.raises(UserError, match="n_components must be an integer or auto, got 'many'"):
         IcaConfig(activations=folder, n_components="many")
 
 
@@ -308,7 +313,7 @@ def test_fastica_solver_finds_the_planted_networks_and_is_recorded(tmp_path: Pat
     found = _found_sets(mask)
     for members in planted:
         assert max(_iou(members, other) for other in found) >= 0.8
-    with pytest.raises(UserError, match="unknown --solver 'jade'; use one of picard, fastica"):
+    with pytest.raises(UserError, match="unknown solver 'jade'; use one of picard, fastica"):
         IcaConfig(activations=folder, solver="jade")
 
 

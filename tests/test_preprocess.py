@@ -219,7 +219,7 @@ def test_set_aside_auto_needs_massive_neurons_and_takes_at_most_100(tmp_path: Pa
     acts = open_activations(write_activations(tmp_path / "massive", data, LAYERS, 400))
     assert set_aside_columns(acts, 100, min_ratio=20.0) == sorted(massive[np.arange(150) >= 50].tolist())
     assert IcaConfig(activations=Path("a"), set_aside_top="AUTO").set_aside_top == "auto"
-    with pytest.raises(UserError, match="--set-aside must be a number of neurons or auto, got 'many'"):
+    with pytest.raises(UserError, match="set_aside_top must be a number of neurons or auto, got 'many'"):
         IcaConfig(activations=Path("a"), set_aside_top="many")
 
 
