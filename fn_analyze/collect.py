@@ -7,7 +7,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,19 @@ class RowCopier:
             self._rows = self._flat = None
 
 
+@dataclass(frozen=True)
+class Selection:
+    """One padded batch and which of its tokens are recorded."""
+
+    input_ids: torch.Tensor  # (sequences, positions), right-padded
+    attention_mask: torch.Tensor
+    flat: np.ndarray  # the recorded tokens' indices into the batch's positions, row-major
+    ids: np.ndarray  # their token ids
+    record: np.ndarray  # their record indices
+    position: np.ndarray  # their positions in their sequences
+    cursor: int  # where a resumed run continues after the batch
+
+
 @dataclass
 class Recorder:
     """The forward passes of collect: records' token ids in, their kept rows out."""
@@ -242,13 +255,9 @@ class Recorder:
     device: torch.device
     batch_size: int
 
-    def batches(
-        self, mine: list[int], start: int, stop: int, budget: int | None
-    ) -> Iterator[tuple[HostCopy, np.ndarray, np.ndarray, np.ndarray, int]]:
-        """(activations, token ids, record, position, cursor) of the records mine[start:stop], batch
-        by batch, at most `budget` rows in all; `cursor` is where a resumed run continues after
-        the batch. The activations' copy to the host is started, not waited for. Call inside
-        `copier.installed()` and `torch.inference_mode()`."""
+    def selections(self, mine: list[int], start: int, stop: int, budget: int | None) -> Iterator[Selection]:
+        """The batches of the records mine[start:stop] and the tokens of each to record, at most
+        `budget` rows in all, without running the model."""
         taken = 0
         for first in range(start, stop, self.batch_size):
             if budget is not None and taken >= budget:
@@ -262,15 +271,41 @@ class Recorder:
             if budget is not None:  # the first tokens up to the budget
                 row_of, position = row_of[: budget - taken], position[: budget - taken]
             take = len(row_of)
-            flat = torch.from_numpy(row_of * keep.shape[1] + position).to(self.device)
-            rows = self.copier.run(
-                self.backbone, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), flat
-            )
             record = np.asarray(chosen)[row_of]
-            cursor = first + len(chosen) if take == whole else mine.index(int(record[-1])) + 1
             taken += take
-            ids = batch["input_ids"].numpy()[row_of, position].astype(np.int32)
-            yield HostCopy(rows), ids, record, position.astype(np.int32), cursor
+            yield Selection(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                flat=row_of * keep.shape[1] + position,
+                ids=batch["input_ids"].numpy()[row_of, position].astype(np.int32),
+                record=record,
+                position=position.astype(np.int32),
+                cursor=first + len(chosen) if take == whole else mine.index(int(record[-1])) + 1,
+            )
+
+    def device_rows(
+        self, mine: list[int], start: int, stop: int, budget: int | None
+    ) -> Iterator[tuple[torch.Tensor, Selection]]:
+        """Each batch's recorded rows (float16, on the model's device) and its selection. Call inside
+        `copier.installed()` and `torch.inference_mode()`."""
+        for chosen in self.selections(mine, start, stop, budget):
+            rows = self.copier.run(
+                self.backbone,
+                chosen.input_ids.to(self.device),
+                chosen.attention_mask.to(self.device),
+                torch.from_numpy(chosen.flat).to(self.device),
+            )
+            yield rows, chosen
+
+    def batches(
+        self, mine: list[int], start: int, stop: int, budget: int | None
+    ) -> Iterator[tuple[HostCopy, np.ndarray, np.ndarray, np.ndarray, int]]:
+        """(activations, token ids, record, position, cursor) of the records mine[start:stop], batch
+        by batch, at most `budget` rows in all; `cursor` is where a resumed run continues after
+        the batch. The activations' copy to the host is started, not waited for. Call inside
+        `copier.installed()` and `torch.inference_mode()`."""
+        for rows, chosen in self.device_rows(mine, start, stop, budget):
+            yield HostCopy(rows), chosen.ids, chosen.record, chosen.position, chosen.cursor
 
 
 @dataclass(frozen=True)
@@ -289,6 +324,18 @@ class CollectPlan:
     finished: Activations | None  # a finished folder with damaged shards, which this run re-records
 
     @property
+    def dataset_record(self) -> dict[str, Any]:
+        """What the manifest (and a mask file made without one) says of the data."""
+        return {
+            "source": self.config.dataset,
+            "digest": self.dataset_digest,
+            "split": self.data.split,
+            "format": self.data.data_format.value,
+            "template": self.data.template,
+            "n_records": len(self.sequences),
+        }
+
+    @property
     def expected_tokens(self) -> float:
         """The tokens the run records: every kept token, or max_tokens of them."""
         expected = sum(self.sample.expected(len(ids)) for ids in self.sequences)
@@ -299,6 +346,12 @@ def plan_collection(config: CollectConfig, tokenizer: Any = None) -> CollectPlan
     """Check the output folder, then read, render and tokenize the data with `tokenizer` (default:
     the model's own, loaded here), whose padding side is set to the right."""
     finished = _check_out(config.out, config.overwrite)
+    return replace(plan_records(config, tokenizer), finished=finished)
+
+
+def plan_records(config: CollectConfig, tokenizer: Any = None) -> CollectPlan:
+    """The records to run and the tokens to record, as `plan_collection` settles them, for a run that
+    writes no folder (`config.out` is not looked at)."""
     if tokenizer is None:
         # The tokenizer before the data: a model refused (its own code without --trust-remote-code)
         # is then the only line printed, before any warning about the data's columns.
@@ -318,7 +371,7 @@ def plan_collection(config: CollectConfig, tokenizer: Any = None) -> CollectPlan
     sample = TokenSample(config.tokens_per_sequence, config.token_rate, config.seed, config.skip_first_token)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
-    return CollectPlan(config, tokenizer, data, sequences, sample, dataset_digest, device, dtype, finished)
+    return CollectPlan(config, tokenizer, data, sequences, sample, dataset_digest, device, dtype, None)
 
 
 @dataclass(frozen=True)
@@ -589,14 +642,7 @@ def _manifest(plan: CollectPlan, recording: Recording, per_rank: list[RankShards
         "n_sequences": sum(part.n_sequences for part in per_rank),
         "world_size": len(per_rank),
         "run_key": recording.run_key,
-        "dataset": {
-            "source": config.dataset,
-            "digest": plan.dataset_digest,
-            "split": plan.data.split,
-            "format": plan.data.data_format.value,
-            "template": plan.data.template,
-            "n_records": len(plan.sequences),
-        },
+        "dataset": plan.dataset_record,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "shards": [manifest_entry(shard) for part in per_rank for shard in part.shards],
     }

@@ -7,6 +7,7 @@ that need a stage's own names (its solvers, engines, ...) import them when they 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -231,7 +232,16 @@ class IcaParams:
 class IcaConfig(IcaParams):
     """`fn-analyze ica`: the ICA's settings, the activations folder it reads and the mask file it writes."""
 
-    activations: Path = option(help="Folder written by `fn-analyze collect`.")
+    activations: Path | None = option(None, help="Folder written by `fn-analyze collect` (or --model and --dataset).")
+    # With no cache (fn_analyze/model_rows.py): every pass runs the model over the data, recording what
+    # collect would record with the same options, and only the reduced matrices are kept.
+    model: str | None = option(None, help="Instead of --activations: run this model over --dataset on every pass.")
+    dataset: str | None = option(None, help="With --model: the data, read as collect reads it.")
+    max_tokens: int | None = option(None, help="With --model: stop after this many tokens.")
+    tokens_per_sequence: int | None = option(
+        None, help="With --model: at most this many tokens of each sequence, drawn at random."
+    )
+    batch_size: int = option(8, help="With --model: sequences per forward pass.")
     out: Path | None = option(  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
         None, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
     )
@@ -240,7 +250,20 @@ class IcaConfig(IcaParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.activations = Path(self.activations)
+        if (self.activations is None) == (self.model is None or self.dataset is None):
+            raise ParameterError(
+                "give {activations} (a folder written by collect), or {model} and {dataset} (no folder: each "
+                "pass runs the model)"
+            )
+        if self.activations is not None:
+            self.activations = Path(self.activations)
+            given = [name for name in ("max_tokens", "tokens_per_sequence") if getattr(self, name) is not None]
+            if given:
+                raise ParameterError(
+                    "{" + given[0] + "} goes with {model} and {dataset}; a folder holds its own tokens"
+                )
+        elif self.engine != "local":
+            raise ParameterError("{engine} dask sums shards of a folder; with {model} the passes run in this process")
         if self.out is not None:
             self.out = Path(self.out)
 
@@ -248,6 +271,18 @@ class IcaConfig(IcaParams):
     def params(self) -> dict[str, Any]:
         """The ICA's settings alone, as `NetworkICA` takes them."""
         return {field.name: getattr(self, field.name) for field in fields(IcaParams)}
+
+    def recording(self) -> CollectConfig:
+        """With --model: what the passes record, as `collect` with the same options would (no folder)."""
+        return CollectConfig(
+            dataset=str(self.dataset),
+            out=Path(os.devnull),  # never written: the rows are recomputed on each pass
+            model=str(self.model),
+            max_tokens=self.max_tokens,
+            tokens_per_sequence=self.tokens_per_sequence,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
 
 
 def _parse_set_aside(value: int | str) -> int | str:

@@ -24,6 +24,7 @@ import numpy as np
 from fn_analyze.activations import Activations, open_activations
 from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig, IcaParams
 from fn_analyze.consensus import Consensus, consensus_ica
+from fn_analyze.model_rows import ModelRows, model_rows
 from fn_analyze.neuron_sets import set_size
 from fn_analyze.preprocess import (
     Preprocessing,
@@ -486,15 +487,15 @@ class NetworkICA(IcaParams):
         the fitted columns do not match, or another model than the folder's."""
         self._check_fitted()
         acts = self._source
-        folder = isinstance(acts, Activations)
+        recorded = not isinstance(acts, ActivationMatrix)  # a folder's or a model's rows know their model
         if model is None:
-            if not folder:
+            if not recorded:
                 raise ParameterError(
                     "{model} is needed to make a mask file of networks fitted on an array; "
                     "give shared.models.model_info(model)"
                 )
             model = acts.model
-        if folder and model.fingerprint != acts.model.fingerprint:
+        if recorded and model.fingerprint != acts.model.fingerprint:
             raise ParameterError(
                 "{model} {name!r} is not the model the activations were recorded on ({recorded!r}); "
                 "give that model's ModelInfo",
@@ -565,6 +566,8 @@ def _activations_record(acts: TokenRows) -> dict[str, Any]:
     """What a mask file's `source.activations` records of the data: the folder and its manifest, or the array."""
     if isinstance(acts, ActivationMatrix):
         return {"array": True, "n_tokens": acts.n_tokens, "layers": list(acts.layers)}
+    if isinstance(acts, ModelRows):
+        return acts.record()
     return {
         "folder": str(acts.folder),
         "manifest_digest": file_digest(acts.folder / MANIFEST_NAME),
@@ -575,9 +578,9 @@ def _activations_record(acts: TokenRows) -> dict[str, Any]:
 
 
 def run_ica(config: IcaConfig) -> MaskFile:
-    """`fn-analyze ica`: fit `NetworkICA` on an activations folder, write the mask file (and its line in
-    the folder's index.json); returns it."""
-    acts = open_activations(config.activations)
+    """`fn-analyze ica`: fit `NetworkICA` on an activations folder (or on a model's rows over a dataset,
+    recomputed on each pass), write the mask file (and its line in the folder's index.json); returns it."""
+    acts = open_activations(config.activations) if config.activations else model_rows(config.recording())
     estimator = NetworkICA(**config.params)
     _components_to_try(acts, estimator)  # refused before anything is written
     out = config.out or default_out(acts, config)

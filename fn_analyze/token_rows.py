@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from fn_analyze.activations import Activations, open_shard, read_sequences, read_shard
+from fn_analyze.model_rows import ModelRows
 from shared.constants import POSITION_DATASET, TOKEN_IDS_DATASET
 from shared.errors import ParameterError
 
@@ -150,13 +151,15 @@ class MatrixShard:
         return self.source.token_ids
 
 
-TokenRows = Activations | ActivationMatrix
+TokenRows = Activations | ActivationMatrix | ModelRows
 
 
 def shards_of(source: TokenRows) -> list[RowShard]:
     """The shards the reduction sums over: the folder's, in manifest order, or the matrix as one."""
     if isinstance(source, ActivationMatrix):
         return [MatrixShard(source)]
+    if isinstance(source, ModelRows):
+        return list(source.runs)
     return [
         ShardFile(str(source.folder / shard["file"]), int(shard["n_tokens"]), source.n_neurons)
         for shard in source.manifest["shards"]
@@ -164,19 +167,29 @@ def shards_of(source: TokenRows) -> list[RowShard]:
 
 
 def magnitude_of(source: TokenRows) -> NeuronMagnitude:
-    """Max |activation| of every neuron: the folder's (cached, `magnitude_from_activations`), or the matrix's."""
+    """Max |activation| of every neuron: the folder's (cached, `magnitude_from_activations`), the matrix's,
+    or the model's rows' (one pass)."""
     from fn_analyze.magnitude import NeuronMagnitude, magnitude_from_activations
 
-    if not isinstance(source, ActivationMatrix):
+    if isinstance(source, Activations):
         return magnitude_from_activations(source.folder, source.model)
-    peak = np.abs(source.matrix).max(axis=0).astype(np.float32)
-    full = np.full((max(source.layers) + 1, source.intermediate_size), np.nan)
+    if isinstance(source, ModelRows):  # one pass of the model
+        peak = np.zeros(source.n_neurons, dtype=np.float32)
+        for run in source.runs:
+            for block in run.blocks(0):
+                np.maximum(peak, np.abs(block).max(axis=0), out=peak)
+    else:
+        peak = np.abs(source.matrix).max(axis=0).astype(np.float32)
+    n_layers = source.model.n_layers if isinstance(source, ModelRows) else max(source.layers) + 1
+    full = np.full((n_layers, source.intermediate_size), np.nan)
     full[list(source.layers)] = peak.reshape(len(source.layers), source.intermediate_size)
-    return NeuronMagnitude(full, f"the array ({source.n_tokens} tokens)", source.n_tokens)
+    return NeuronMagnitude(full, f"{describe_source(source)} ({source.n_tokens} tokens)", source.n_tokens)
 
 
 def describe_source(source: TokenRows) -> str:
-    """The source in an error message: the folder, or the array."""
+    """The source in an error message: the folder, the array, or the model and its dataset."""
+    if isinstance(source, ModelRows):
+        return source.describe()
     return "the array" if isinstance(source, ActivationMatrix) else str(source.folder)
 
 
@@ -184,7 +197,7 @@ def read_source(source: TokenRows | str | Path) -> TokenRows:
     """An activations folder opened (and checked), or the source as it is."""
     from fn_analyze.activations import open_activations
 
-    if isinstance(source, (Activations, ActivationMatrix)):
+    if isinstance(source, (Activations, ActivationMatrix, ModelRows)):
         return source
     return open_activations(Path(source))
 
