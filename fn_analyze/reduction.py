@@ -79,15 +79,16 @@ def _shard_blocks(
     for block in shard.blocks(block_rows):
         stop, part = start + len(block), None if split_of is None else split_of[start : start + len(block)]
         if keep is not None:
-            block = block[keep[start:stop]]
-            part = None if part is None else part[keep[start:stop]]
+            kept = keep[start:stop]
+            block = block[kept if isinstance(block, np.ndarray) else torch.as_tensor(kept, device=block.device)]
+            part = None if part is None else part[kept]
         start = stop
         if not len(block):
             continue
         views: list[Any] = [slice(None)]
         if part is not None:
             views += [torch.as_tensor(np.flatnonzero(part == s), device=device) for s in range(splits)]
-        x = torch.from_numpy(block).to(device=device, dtype=torch.float32)
+        x = torch.as_tensor(block).to(device=device, dtype=torch.float32)
         yield (x if bounds is None else torch.clamp(x, bounds[0], bounds[1])), views
 
 
@@ -127,23 +128,76 @@ def shard_products(
     device: str,
     rows: RowFilter = ALL_ROWS,
     clip: np.ndarray | None = None,
+    precision: str = "float32",
 ) -> list[list[np.ndarray]]:
     """For each column group g and view v: sum over the shard's rows of view v of X_gv^T (X_gv basis_gv),
-    X centered (and scaled) by the view's own moments; float32 products, float64 sums."""
-    dev = torch.device(device)
+    X centered (and scaled) by the view's own moments; products in `precision` (float32 or float64),
+    float64 sums."""
+    dev, dtype = torch.device(device), getattr(torch, precision)
     means_t = torch.as_tensor(means, dtype=torch.float32, device=dev)
     scales_t = None if inv_scales is None else torch.as_tensor(inv_scales, dtype=torch.float32, device=dev)
-    bases_t = [[torch.as_tensor(b, dtype=torch.float32, device=dev) for b in views] for views in bases]
+    bases_t = [[torch.as_tensor(b, dtype=dtype, device=dev) for b in views] for views in bases]
     outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
     for block, views in _shard_blocks(shard, dev, splits, rows, clip):
         for view, selected in enumerate(views):
             x = _centered(block, selected, means_t[view])
             if scales_t is not None:
                 x *= scales_t[view]
+            if dtype != torch.float32:
+                x = x.to(dtype)
             for g, (start, stop) in enumerate(groups):
                 part = x[:, start:stop]
                 outs[g][view] += (part.T @ (part @ bases_t[g][view])).to(torch.float64)
     return [[out.cpu().numpy() for out in views] for views in outs]
+
+
+# Of the device's free memory, the share the rows may take when held there between passes: the rest
+# is for the blocks' float32/float64 copies and products (BLOCK_BYTES each, a few at a time).
+RESIDENT_SHARE = 0.5
+
+
+def fits_on_device(shards: Sequence[RowShard], device: str) -> bool:
+    """Whether the rows, at 4 bytes a value (float16 rows take half), fit RESIDENT_SHARE of the CUDA
+    device's free memory."""
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return sum(4 * shard.n_tokens * shard.n_columns for shard in shards) <= RESIDENT_SHARE * free
+
+
+@dataclass(frozen=True, eq=False)
+class ResidentShard:
+    """A shard's rows read once and held on the reduction's device (float16 rows as they are, wider
+    ones as float32, the precision every pass reads them in), so the passes after the first read
+    device memory: not the disk, nor the model for rows recomputed on each pass."""
+
+    n_tokens: int
+    n_columns: int
+    held: tuple[torch.Tensor, ...]
+    _records: np.ndarray
+    _positions: np.ndarray
+    _token_ids: np.ndarray
+
+    @classmethod
+    def read(cls, shard: RowShard, device: str) -> ResidentShard:
+        block_rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
+        held = []
+        for block in shard.blocks(block_rows):
+            tensor = torch.as_tensor(block)
+            held.append(
+                tensor.to(device=device, dtype=torch.float16 if tensor.dtype == torch.float16 else torch.float32)
+            )
+        return cls(shard.n_tokens, shard.n_columns, tuple(held), shard.records(), shard.positions(), shard.token_ids())
+
+    def blocks(self, block_rows: int) -> Iterator[torch.Tensor]:
+        return iter(self.held)
+
+    def records(self) -> np.ndarray:
+        return self._records
+
+    def positions(self) -> np.ndarray:
+        return self._positions
+
+    def token_ids(self) -> np.ndarray:
+        return self._token_ids
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -253,6 +307,8 @@ def reduce(
     splits: int = 0,
     engine: str = "local",
     device: str = "cpu",
+    precision: str | None = None,
+    resident: bool | None = None,
 ) -> list[list[Reduction]]:
     """Subspace iteration with Rayleigh-Ritz, run until the top-k maps stop moving, for every column
     group and every view of the data: [group][view], view 0 the whole data, view 1 + s the records
@@ -268,8 +324,19 @@ def reduce(
     `oversample` extra columns speed convergence: about lambda_{k+oversample+1} / lambda_k per pass.
     `prep` (fn_analyze/preprocess.py) leaves token rows out, clips values and scales columns, in
     every pass alike; its default changes nothing.
+
+    On CUDA (the defaults of `precision` and `resident`, None) the products are float64 and the rows are
+    read once and held in device memory when they fit (`ResidentShard`); elsewhere the products are
+    float32 and every pass reads the shards again, so memory stays bounded by the reduced size.
     """
     shards = shards_of(acts)
+    on_cuda = torch.device(device).type == "cuda"
+    precision = precision or ("float64" if on_cuda else "float32")
+    if resident is None:
+        resident = on_cuda and engine == "local" and fits_on_device(shards, device)
+    if resident:
+        shards = [ResidentShard.read(shard, device) for shard in shards]
+        log.info("reduction: the rows are held on %s between passes", device)
     views = 1 + splits
     with full_float32_matmul(), single_threaded_blas():
         moments = sum_over_shards(shard_moments, shards, (splits, device, prep.rows, prep.clip), engine)
@@ -291,7 +358,9 @@ def reduce(
         filters = (prep.rows, prep.clip)
         previous: list[list[np.ndarray]] | None = None
         for passes in range(1, max_passes + 1):
-            products = sum_over_shards(shard_products, shards, (*fixed, bases, splits, device, *filters), engine)
+            products = sum_over_shards(
+                shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine
+            )
             ritz = [
                 [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
                 for bs, ps in zip(bases, products, strict=True)

@@ -15,7 +15,7 @@ from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.config import IcaConfig
 from fn_analyze.ica import run_ica
 from fn_analyze.model_rows import RUN_BATCHES, model_rows
-from fn_analyze.preprocess import Preprocessing
+from fn_analyze.preprocess import Preprocessing, RowFilter
 from fn_analyze.reduction import reduce
 from shared.masks import load_mask_file
 from tests.helpers import refused
@@ -128,3 +128,54 @@ def test_the_token_sample_is_the_collected_one(tiny_lm_dir: Path, demo_dir: Path
 def test_the_source_is_a_folder_or_a_model_and_a_dataset(args: list[str], fragments: tuple[str, ...]) -> None:
     result = CliRunner().invoke(app, ["ica", *args])
     refused(result, *fragments)
+
+
+def _settings(**overrides):
+    return dict(k=6, prep=Preprocessing(), seed=0, oversample=10, tol=1e-6, max_passes=40, splits=2) | overrides
+
+
+def test_rows_held_in_memory_give_the_streamed_reduction_bit_for_bit(collected: Path) -> None:
+    acts = open_activations(collected)
+    groups = [(0, 176), (176, acts.n_neurons)]  # one ICA per layer: two column groups
+    prep = Preprocessing(rows=RowFilter(positions=(0,)))  # the kept rows chosen on held blocks too
+    streamed = reduce(acts, groups, **_settings(prep=prep), resident=False)
+    held = reduce(acts, groups, **_settings(prep=prep), resident=True)
+    for streamed_group, held_group in zip(streamed, held, strict=True):
+        for a, b in zip(streamed_group, held_group, strict=True):
+            assert (a.passes, a.n_rows) == (b.passes, b.n_rows)
+            np.testing.assert_array_equal(a.maps, b.maps)
+            np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+
+
+def test_held_model_rows_run_the_model_once(tiny_lm_dir: Path, demo_dir: Path) -> None:
+    forwards = {"held": 0, "recomputed": 0}
+    results = {}
+    for name, resident in (("held", True), ("recomputed", False)):
+        rows = _rows(tiny_lm_dir, demo_dir)
+        backbone = rows.recording.recorder.backbone
+
+        def count(module, args, kwargs, name=name):
+            forwards[name] += 1
+
+        handle = backbone.register_forward_pre_hook(count, with_kwargs=True)
+        try:
+            results[name] = reduce(rows, [(0, rows.n_neurons)], **_settings(), resident=resident)
+        finally:
+            handle.remove()
+    batches = -(-39 // BATCH)  # the 39 records of the budget, BATCH at a time
+    assert forwards["held"] == batches
+    assert forwards["recomputed"] == batches * (1 + results["recomputed"][0][0].passes)  # the moments, each pass
+    np.testing.assert_array_equal(results["held"][0][0].maps, results["recomputed"][0][0].maps)
+
+
+def test_float64_products_converge_at_least_as_fast_to_the_same_maps(collected: Path) -> None:
+    """On these rows float32 products stall at their rounding noise (40 passes, not converged) where
+    float64 ones converge: why the reduction runs float64 products on a GPU."""
+    acts = open_activations(collected)
+    groups = [(0, acts.n_neurons)]
+    single = reduce(acts, groups, **_settings(), precision="float32")
+    double = reduce(acts, groups, **_settings(), precision="float64")
+    for a, b in zip(single[0], double[0], strict=True):
+        assert b.converged and b.passes <= a.passes
+        np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-5)
+        np.testing.assert_allclose(b.maps, a.maps, atol=1e-4)
