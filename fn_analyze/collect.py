@@ -40,10 +40,11 @@ from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.masks import ModelInfo
 from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, model_info
-from shared.progress import progress_bar
+from shared.progress import progress_bar, progress_log
 from shared.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
+say = progress_log("collect")
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:
@@ -108,7 +109,7 @@ def _prepare_out(out: Path, overwrite: bool, run_key: str) -> None:
                 "re-run that command to resume it, or pass --overwrite to start again"
             )
         if finished:
-            print(f"collect: resuming from {len(finished)} finished shard(s) in {out}")
+            say.info(f"collect: resuming from {len(finished)} finished shard(s) in {out}")
         finished = []
     for path in finished + unfinished + [out / MANIFEST_NAME]:
         path.unlink(missing_ok=True)
@@ -466,7 +467,7 @@ def _announce(plan: CollectPlan, recording: Recording) -> None:
     """Print what the run records and the disk it needs."""
     config, ranks = plan.config, recording.ranks
     total, row_bytes = plan.expected_tokens, recording.n_columns * 2
-    print(
+    say.info(
         f"collect: {len(plan.sequences)} sequences, {'about ' if plan.sample.subsamples else 'up to '}{total:.0f} "
         f"tokens x {recording.n_columns} neurons ({len(recording.layers)} layers) -> about "
         f"{total * row_bytes / 2**30:.2f} GiB of float16 in {config.out} "
@@ -546,7 +547,7 @@ def write_manifest(plan: CollectPlan, recording: Recording, part: RankShards) ->
             if is_disk_full(exc):
                 raise _disk_full(config.out, exc, len(manifest["shards"])) from exc
             raise
-        print(
+        say.info(
             f"collect: wrote {manifest['n_tokens']} tokens from {manifest['n_sequences']} sequences "
             f"in {len(manifest['shards'])} shard(s) to {config.out}"
         )
@@ -590,12 +591,14 @@ def _repair(plan: CollectPlan, finished: Activations, recording: Recording) -> d
             "to re-record its damaged shards, or pass --overwrite to start again"
         )
     damaged = damaged_shards(finished)
-    print(f"collect: re-recording {len(damaged)} damaged shard(s) of {out}: {', '.join(e['file'] for e, _ in damaged)}")
+    say.info(
+        f"collect: re-recording {len(damaged)} damaged shard(s) of {out}: {', '.join(e['file'] for e, _ in damaged)}"
+    )
     kept = len(manifest["shards"]) - len(damaged)
     for entry, _problem in damaged:
         entry.update(manifest_entry(_rerecord(finished, entry, recording.recorder, kept)))
     write_json_atomic(out / MANIFEST_NAME, manifest)
-    print(f"collect: {out} is whole again ({len(damaged)} shard(s) re-recorded)")
+    say.info(f"collect: {out} is whole again ({len(damaged)} shard(s) re-recorded)")
     return manifest
 
 
