@@ -92,8 +92,8 @@ def disk_write(folder: Path, n_bytes: int) -> float:
         path.unlink(missing_ok=True)
 
 
-def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: int) -> float:
-    """Recording over min(bare forward, disk), in tokens/s; prints every side's rate."""
+def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: int) -> dict[str, float]:
+    """Every side's rate in tokens/s (bare, record, in_loop, disk), and the disk's in MiB/s; printed."""
     plan = plan_collection(config)  # the data, rendered and tokenized once, as collect does
     recording = load_recording(plan, model)
     n_tokens = sum(len(ids) for ids in plan.sequences)  # every real token: no sample, no budget
@@ -120,7 +120,7 @@ def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: i
         f"(in the loop: {rate['in_loop']:,.0f}) -> {rate['record'] / bound:.3f} of "
         f"{'bare' if rate['bare'] <= rate['disk'] else 'disk'} (in the loop {rate['in_loop'] / bound:.3f})"
     )
-    return rate["record"] / bound
+    return {**rate, "bound": bound, "disk_mib_s": rate["disk"] * row_bytes / 2**20}
 
 
 def tiny_model_dir(folder: Path) -> Path:
@@ -156,7 +156,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-collect-"))
     try:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {dtype}")
-        ratios = {}
+        rates = {}
         sizes = [int(b) for b in args.tiny_batch_sizes.split(",") if b.strip()]
         tiny = str(tiny_model_dir(work / "tiny")) if sizes else ""
         runs = [(f"tiny, batch {b}", tiny, args.tiny_records, b) for b in sizes]
@@ -172,10 +172,13 @@ def main() -> None:
                 device=str(device),
                 dtype=str(dtype).removeprefix("torch."),
             )
-            ratios[name] = measure(name, config, model, args.repeats)
-        for name, ratio in ratios.items():
-            print(f"{name}: {ratio:.3f} of min(bare forward, disk)")
-        print(f"collect_vs_forward: ratio={ratios[args.model]:.3f}")
+            rates[name] = measure(name, config, model, args.repeats)
+        for name, rate in rates.items():
+            print(f"{name}: {rate['record'] / rate['bound']:.3f} of min(bare forward, disk)")
+        main_rates = rates[args.model]
+        print(f"disk_write_mib_s: {main_rates['disk_mib_s']:.0f}")
+        print(f"in_loop_ratio: {main_rates['in_loop'] / main_rates['bound']:.3f}")
+        print(f"collect_vs_forward: ratio={main_rates['record'] / main_rates['bound']:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, on the embedded model (SmolLM2-135M), in one go:
-#   1. the recording benchmark (bench/collect_vs_forward.py) in float16 and in bfloat16;
+#   1. the recording benchmark (bench/collect_vs_forward.py) in float16 and in bfloat16: recording
+#      over min(bare forward, the disk's sequential write rate), the writer beside the model and in
+#      the loop, and the disk's rate;
 #   2. collect of the demo data, then `fn-analyze ica` with its reduction on CUDA and on the
 #      CPU over the same shards: both times, and whether the stable networks come back (IoU >= 0.9);
 #   3. `fn-analyze evaluate` of the CUDA mask file (a few draws, on part of the eval data);
@@ -70,7 +72,10 @@ seconds_since() { python -c "import sys, time; print(f'{time.time() - float(sys.
 for dtype in float16 bfloat16; do
     run "collect_bench_$dtype" python bench/collect_vs_forward.py --model "$MODEL" --device "$DEVICE" \
         --dtype "$dtype" --tiny-batch-sizes "" --records "$BENCH_RECORDS" --batch-size 16 --repeats "$REPEATS"
+    # Recording (the writer beside the model) over min(bare forward, the disk's own write rate); goal >= 0.8.
     figure "collect_vs_forward_$dtype" "$(value "collect_bench_$dtype" 'collect_vs_forward: ratio')"
+    figure "collect_in_loop_vs_forward_$dtype" "$(value "collect_bench_$dtype" 'in_loop_ratio')"
+    figure "collect_disk_write_mib_s_$dtype" "$(value "collect_bench_$dtype" 'disk_write_mib_s')"
 done
 
 run demo_data python -m fn_analyze.cli demo-data --out "$WORK/demo"

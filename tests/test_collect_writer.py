@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -125,8 +126,10 @@ def test_the_same_collect_in_a_second_terminal_is_refused_and_the_first_finishes
     env = subprocess_env(OMP_NUM_THREADS="1")
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_file(out / "shard-r00-00000.h5.partial", first, created=True)
+        wait_for_file(out / "shard-r00-00000.h5.partial", first, timeout=600, created=True)  # slow under load
+        first.send_signal(signal.SIGSTOP)  # paused mid-run, so that the second surely meets it writing
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        first.send_signal(signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=300)
     finally:
         first.kill()

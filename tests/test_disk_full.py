@@ -14,6 +14,12 @@ import pytest
 
 from tests.helpers import assert_same_rows, shard_rows, small_run, stop_line, subprocess_env, train_args
 
+# Waits (inotify, no polling) until the file argv[1] is written by the process argv[2].
+_WAIT_FOR_FILE = (
+    "import sys, types; from pathlib import Path; from tests.helpers import wait_for_file; "
+    "wait_for_file(Path(sys.argv[1]), types.SimpleNamespace(pid=int(sys.argv[2])))"
+)
+
 
 def _on_small_disk(
     tmp_path: Path, size: str, first: list[str], second: list[str], fill_once: Path | None = None
@@ -31,9 +37,9 @@ def _on_small_disk(
         f"mount -t tmpfs -o size={size} tmpfs {disk} || exit 99\n"
         f"{shlex.join(first)} >/dev/null 2>{log['err1']} &\n"
         + (
-            # A poll, not an event: an event starts the filler sooner, and then it sometimes fills the
-            # disk in the middle of collect's next HDF5 write, which crashes the process (exit 139).
-            f"while [ ! -e {fill_once} ] && kill -0 $! 2>/dev/null; do sleep 0.01; done\n"
+            # The event wakes the filler at once, so it may fill the disk in the middle of collect's next
+            # HDF5 write: collect then abandons that shard and still ends with its one line and exit 2.
+            f"{sys.executable} -c {shlex.quote(_WAIT_FOR_FILE)} {fill_once} $!\n"
             f"dd if=/dev/zero of={disk}/filler bs=64k 2>/dev/null\n"
             if fill_once
             else ""
