@@ -49,6 +49,7 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 
 from fn_analyze.reduction import single_threaded_blas
+from shared.progress import progress_bar
 
 SOLVERS = ("picard", "fastica")
 # Each solver's tolerance: Picard's is on the gradient norm, FastICA's on the change of the
@@ -226,7 +227,11 @@ def consensus_ica(
     with warnings.catch_warnings(), single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
         warnings.simplefilter("ignore", ConvergenceWarning)  # FastICA's
         warnings.filterwarnings("ignore", message="Picard did not converge")
-        results = list(pool.map(lambda job: unmix_once(job[0], job[1], solver, max_iter, tol), jobs))
+        with progress_bar(total=len(jobs), desc="ica runs", unit="run", leave=False) as bar:
+            results = []
+            for result in pool.map(lambda job: unmix_once(job[0], job[1], solver, max_iter, tol), jobs):
+                results.append(result)
+                bar.update()
     stacked = np.concatenate([z for z, _ in results], axis=1)
     clusters = cluster_maps(stacked, np.array(run_of), np.array(view_of), runs * len(views))
     return replace(clusters, converged_runs=sum(converged for _, converged in results))

@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
 
 from fn_analyze.config import EvaluateConfig
 from fn_analyze.magnitude import NeuronMagnitude, activation_stats, stats_from_forward
@@ -58,6 +57,7 @@ from shared.masks import (
 )
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.paths import check_writable_file
+from shared.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ def _score_conditions(
     }
     total = 1 + sum(1 + len(CONTROLS) * c.draws for c in conditions)
     total += config.draws if config.random_fraction is not None else 0
-    with tqdm(total=total, unit="mask", desc="evaluate") as progress:
+    with progress_bar(total=total, unit="mask", desc="evaluate") as progress:
         base = evaluator.baseline()
         progress.update()
         # Every condition's neuron sets (its own, then each control's draws) first, so that the

@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from fn_analyze.preprocess import ALL_ROWS, Preprocessing, RowFilter, inverse_scales
 from fn_analyze.token_rows import RowShard, TokenRows, shards_of
 from shared.errors import UserError
+from shared.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -357,24 +358,30 @@ def reduce(
         fixed = (groups, means, inv_scales)
         filters = (prep.rows, prep.clip)
         previous: list[list[np.ndarray]] | None = None
-        for passes in range(1, max_passes + 1):
-            products = sum_over_shards(
-                shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine
-            )
-            ritz = [
-                [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
-                for bs, ps in zip(bases, products, strict=True)
-            ]
-            changes = [
-                [np.inf if previous is None else subspace_change(previous[g][v], ritz[g][v][1]) for v in range(views)]
-                for g in range(len(groups))
-            ]
-            largest = max(max(row) for row in changes)
-            log.info("reduction pass %d: largest subspace change %.2e", passes, largest)
-            if largest <= tol:
-                break
-            previous = [[maps for _, maps in row] for row in ritz]
-            bases = [[np.linalg.qr(product)[0] for product in row] for row in products]
+        with progress_bar(total=max_passes, desc="ica reduction", unit="pass", leave=False) as bar:
+            for passes in range(1, max_passes + 1):
+                products = sum_over_shards(
+                    shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine
+                )
+                ritz = [
+                    [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
+                    for bs, ps in zip(bases, products, strict=True)
+                ]
+                changes = [
+                    [
+                        np.inf if previous is None else subspace_change(previous[g][v], ritz[g][v][1])
+                        for v in range(views)
+                    ]
+                    for g in range(len(groups))
+                ]
+                largest = max(max(row) for row in changes)
+                log.info("reduction pass %d: largest subspace change %.2e", passes, largest)
+                bar.update()
+                bar.set_postfix(change=f"{largest:.1e}", to=f"{tol:.0e}")
+                if largest <= tol:
+                    break
+                previous = [[maps for _, maps in row] for row in ritz]
+                bases = [[np.linalg.qr(product)[0] for product in row] for row in products]
     return [
         [
             Reduction(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 
 from fn_train import config as train_config
 from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.progress import show_progress
 from shared.threads import set_thread_defaults
 
 EXPERIMENT = "experiment"
@@ -25,17 +26,21 @@ EXPERIMENT = "experiment"
 @config_options(train_config.TrainConfig, both_spellings=True, config_file="fn-train")
 def run(
     settings: dict[str, Any],
-    verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Log progress details.")] = False,
+    verbose: Annotated[
+        Optional[bool],
+        typer.Option("--verbose/--quiet", help="Log progress details / no progress bars (default: bars only)."),
+    ] = None,
 ) -> None:
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them.
     `fn-train experiment --config FILE` compares arms over seeds against random neurons (see its --help)."""
-    setup_logging(verbose)
+    setup_logging(bool(verbose))
+    show_progress(verbose is not False)
     from shared.models import check_model_reachable
 
     check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
     from fn_train.trainer import train
 
-    with library_warnings(verbose):
+    with library_warnings(bool(verbose)):
         train(train_config.TrainConfig(**settings))
 
 
@@ -44,13 +49,17 @@ def experiment(
     keep_runs: Annotated[
         bool, typer.Option("--keep-runs/--no-keep-runs", help="Keep each run's folder (adapter, fn_mask.json).")
     ] = False,
-    verbose: Annotated[bool, typer.Option("--verbose/--quiet", help="Log progress details.")] = False,
+    verbose: Annotated[
+        Optional[bool],
+        typer.Option("--verbose/--quiet", help="Log progress details / no progress bars (default: bars only)."),
+    ] = None,
 ) -> None:
     """Fine-tune every arm (plain LoRA; networks off: key; only them kept: complement; only their neurons
     learning: tune) over seeds, each masked arm next to random neurons of the same counts per layer and per
     magnitude bin; score each on the task's held-out rows and a retention set. Writes results.json, table.txt
     and results.png in the config's out folder; re-run the same command to resume an interrupted experiment."""
-    setup_logging(verbose)
+    setup_logging(bool(verbose))
+    show_progress(verbose is not False)
     from fn_train.experiment.config import load_experiment_config
 
     settings = load_experiment_config(config)
@@ -60,7 +69,7 @@ def experiment(
     from fn_train.experiment.report import format_table
     from fn_train.experiment.runner import run_experiment
 
-    with library_warnings(verbose):
+    with library_warnings(bool(verbose)):
         results = run_experiment(settings, keep_runs=keep_runs)
     typer.echo(format_table(results))
 

@@ -70,6 +70,7 @@ def check_report_to(report_to: str) -> None:
 
 def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: bool):
     from fn_train.tracking import MaskedSFTConfig
+    from shared.progress import progress_shown
 
     return MaskedSFTConfig(
         output_dir=str(config.output_dir),
@@ -99,6 +100,7 @@ def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: boo
         fp16=False,
         use_cpu=device_type == "cpu",
         packing=False,
+        disable_tqdm=not progress_shown(),  # the step bar: on in the command unless --quiet
     )
 
 

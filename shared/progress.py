@@ -4,9 +4,9 @@
   Called from Python, the library prints nothing: the records go wherever the caller's logging
   sends INFO (`logging.basicConfig(level=logging.INFO)` shows them). The commands print them on
   stdout, one plain line each (`shared.cli.progress_on_stdout`).
-- Progress bars on stderr for the steps that take more than a few seconds, off with `--quiet`:
-  one switch for every bar of the packages; the command line sets it from `--quiet`, a notebook
-  may call `show_progress(False)`.
+- Progress bars on stderr for the steps that take more than a few seconds: one switch for every
+  bar of the packages, off in a library call (nothing printed), on in the commands unless `--quiet`;
+  a notebook may call `show_progress(True)`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 PROGRESS = "fn.progress"
-_shown = True
+_shown = False
 
 
 def progress_log(stage: str) -> logging.Logger:
@@ -29,6 +29,11 @@ def progress_log(stage: str) -> logging.Logger:
 def show_progress(shown: bool) -> None:
     global _shown
     _shown = shown
+
+
+def progress_shown() -> bool:
+    """Whether bars are on (for libraries with their own, e.g. the HF Trainer's `disable_tqdm`)."""
+    return _shown
 
 
 def progress_bar(*, disable: bool = False, **kwargs: Any) -> tqdm:
