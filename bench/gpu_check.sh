@@ -5,6 +5,8 @@
 #      the loop, and the disk's rate;
 #   2. collect of the demo data, then `fn-analyze ica` with its reduction on CUDA and on the
 #      CPU over the same shards: both times, and whether the stable networks come back (IoU >= 0.9);
+#      then the ICA with no cache (`--model --dataset`: its passes run the model), its time and its
+#      stable networks against the cached run's;
 #   3. `fn-analyze evaluate` of the CUDA mask file (a few draws, on part of the eval data);
 #   4. `fn-train --use_4bit` for 20 steps with network 0 switched off, then a check that every
 #      masked neuron's LoRA entries stayed zero (its parameters did not move) and open ones trained;
@@ -95,6 +97,16 @@ done
 run same_networks python bench/gpu_check.py same-networks "$WORK/masks/ica-device.json" "$WORK/masks/ica-cpu.json"
 figure "ica_device_vs_cpu_identical_networks" "$(value same_networks identical_networks)"
 figure "ica_device_vs_cpu_stable_networks_matched" "$(value same_networks stable_networks_matched)"
+
+# The ICA with no cache: its passes run the model over the data, in collect's dtype above.
+start=$(date +%s.%N)
+run ica_no_cache python -m fn_analyze.cli ica --model "$MODEL" --dataset "$WORK/demo/data.jsonl" \
+    --dtype bfloat16 --n-components "$COMPONENTS" --device "$DEVICE" --out "$WORK/masks/ica-no-cache.json" \
+    --keep-unstable --overwrite
+figure "ica_no_cache_seconds" "$(seconds_since "$start")"
+run same_networks_no_cache python bench/gpu_check.py same-networks "$WORK/masks/ica-no-cache.json" \
+    "$WORK/masks/ica-device.json"
+figure "ica_no_cache_vs_cached_stable_networks_matched" "$(value same_networks_no_cache stable_networks_matched)"
 
 start=$(date +%s.%N)
 # shellcheck disable=SC2086  # NETWORKS is empty or one flag and its value

@@ -7,7 +7,9 @@ downloaded. Per shape, over the same demo records cut to `--tokens` tokens:
 - collect: recording tok/s against the bare forward pass over the same batches (best of
   `--repeats`), and the bytes written;
 - ica: the whole `fn-analyze ica` command on the recorded folder (one ICA over all layers, and with
-  `--per-layer`), wall time and the process's peak resident memory;
+  `--per-layer`), wall time and the process's peak resident memory; and the ICA with no cache (its
+  passes run the model: `fn-analyze ica --model --dataset`), in this process (peak: the GPU's memory
+  on CUDA, the growth of this process's resident memory on the CPU);
 - one masked training step: LoRA (r=16) on every linear layer, 10% of each layer's MLP neurons
   switched off by the mask hooks, a batch of `--train-batch` x `--train-length` tokens; the second
   step's time (the first warms up) and, on CUDA, the peak GPU memory.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -139,6 +142,27 @@ def timed_peak(command: list[str]) -> tuple[float, float]:
     return minutes, usage.ru_maxrss / 2**20  # KiB on Linux
 
 
+def cache_free_ica(
+    config: CollectConfig, model: torch.nn.Module, tokenizer, components: int, device: torch.device
+) -> tuple[float, float]:
+    """(minutes, peak GB) of the global ICA whose passes run the model (`fn-analyze ica --model`), in this
+    process: the peak is the GPU's on CUDA, else the growth of this process's resident memory."""
+    from fn_analyze.ica import NetworkICA
+    from fn_analyze.model_rows import model_rows
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    NetworkICA(n_components=components, keep_unstable=True, device=str(device)).fit(
+        model_rows(config, model, tokenizer)
+    )
+    minutes = (time.perf_counter() - start) / 60
+    if device.type == "cuda":
+        return minutes, torch.cuda.max_memory_allocated(device) / 1e9
+    return minutes, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+
+
 def random_mask(model: torch.nn.Module, name: str, seed: int) -> MaskFile:
     """One network: MASKED_SHARE of every layer's neurons, drawn at random."""
     info = model_info(model, name)
@@ -215,6 +239,7 @@ def measure(shape: str, args: argparse.Namespace, data: Path, work: Path, device
     for mode, flags in (("global", []), ("per-layer", ["--per-layer"])):
         out = work / f"{shape}-{mode}.json"
         ica_minutes[mode], ica_peak[mode] = timed_peak([*cli, *flags, "--out", str(out)])
+    ica_minutes["no-cache"], ica_peak["no-cache"] = cache_free_ica(config, model, tokenizer, args.components, device)
     step_seconds, step_peak = masked_training_step(
         model, f"random-{shape}", args.train_batch, args.train_length, device
     )

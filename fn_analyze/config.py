@@ -242,6 +242,7 @@ class IcaConfig(IcaParams):
         None, help="With --model: at most this many tokens of each sequence, drawn at random."
     )
     batch_size: int = option(8, help="With --model: sequences per forward pass.")
+    dtype: str = option("auto", help="With --model: auto|float32|float16|bfloat16, as collect's.")
     out: Path | None = option(  # default: mask_artifacts/<model>-ica<k>-seed<seed>.json
         None, help="Mask file to write (default mask_artifacts/<model>-ica<k>-seed<s>.json)."
     )
@@ -257,7 +258,8 @@ class IcaConfig(IcaParams):
             )
         if self.activations is not None:
             self.activations = Path(self.activations)
-            given = [name for name in ("max_tokens", "tokens_per_sequence") if getattr(self, name) is not None]
+            recording = {"max_tokens": None, "tokens_per_sequence": None, "batch_size": 8, "dtype": "auto"}
+            given = [name for name, default in recording.items() if getattr(self, name) != default]
             if given:
                 raise ParameterError(
                     "{" + given[0] + "} goes with {model} and {dataset}; a folder holds its own tokens"
@@ -281,6 +283,7 @@ class IcaConfig(IcaParams):
             max_tokens=self.max_tokens,
             tokens_per_sequence=self.tokens_per_sequence,
             batch_size=self.batch_size,
+            dtype=self.dtype,
             device=self.device,
         )
 

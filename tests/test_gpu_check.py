@@ -29,6 +29,7 @@ def test_smoke_mode_runs_every_step_and_prints_one_figure_a_line(tmp_path: Path)
         "collect_bfloat16_seconds",
         "ica_reduction_on_device_seconds",
         "ica_reduction_on_cpu_seconds",
+        "ica_no_cache_seconds",
         "evaluate_seconds",
         "qlora_3_steps_seconds",
     ):
@@ -37,5 +38,7 @@ def test_smoke_mode_runs_every_step_and_prints_one_figure_a_line(tmp_path: Path)
     assert identical == total > 0  # the same device twice: the same networks
     matched, stable = map(int, figures["ica_device_vs_cpu_stable_networks_matched"].split("/"))
     assert matched == stable > 0
+    matched, stable = map(int, figures["ica_no_cache_vs_cached_stable_networks_matched"].split("/"))
+    assert matched == stable > 0  # the same rows, recomputed instead of read back
     assert figures["qlora_masked_parameters_unchanged"] == "true"
     assert figures["qlora_open_parameters_trained"] == "true"

@@ -122,6 +122,7 @@ def test_the_token_sample_is_the_collected_one(tiny_lm_dir: Path, demo_dir: Path
         (["--model", "M"], ("--activations", "--model", "--dataset")),
         (["--activations", "A", "--model", "M", "--dataset", "D"], ("--activations", "--model")),
         (["--activations", "A", "--max-tokens", "9"], ("--max-tokens", "a folder holds its own tokens")),
+        (["--activations", "A", "--dtype", "float16"], ("--dtype", "a folder holds its own tokens")),
         (["--model", "M", "--dataset", "D", "--engine", "dask"], ("--engine", "in this process")),
     ],
 )

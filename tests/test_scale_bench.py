@@ -13,7 +13,8 @@ from tests.helpers import ROOT, subprocess_env
 ROW = re.compile(
     r"smollm2-135m: (?P<params>[\d.]+)B parameters, (?P<tokens>[\d,]+) tokens; bare forward [\d,]+ tok/s, "
     r"recording [\d,]+ tok/s \((?P<ratio>[\d.]+)\), (?P<gb>[\d.]+) GB written; "
-    r"ica global (?P<global>[\d.]+) min / [\d.]+ GB, ica per-layer (?P<layer>[\d.]+) min / [\d.]+ GB; "
+    r"ica global (?P<global>[\d.]+) min / [\d.]+ GB, ica per-layer (?P<layer>[\d.]+) min / [\d.]+ GB, "
+    r"ica no-cache (?P<live>[\d.]+) min / [\d.]+ GB; "
     r"masked LoRA step (?P<step>[\d.]+) s$"
 )
 
@@ -38,5 +39,5 @@ def test_cpu_run_prints_a_row_per_shape_and_the_ratio() -> None:
     assert tokens == 400
     payload_gb = tokens * 30 * 1536 * 2 / 1e9  # float16 values of every layer's neurons
     assert payload_gb <= float(row["gb"]) < 1.5 * payload_gb + 0.01
-    assert float(row["global"]) > 0 and float(row["layer"]) > 0 and float(row["step"]) > 0
+    assert all(float(row[name]) > 0 for name in ("global", "layer", "live", "step"))
     assert lines[-1] == f"scale: ratio={float(row['ratio']):.3f}"
