@@ -133,7 +133,7 @@ def test_the_same_collect_in_a_second_terminal_is_refused_and_the_first_finishes
         stdout, stderr = first.communicate(timeout=300)
     finally:
         first.kill()
-    refused(second, f"--out {out} is being written by another collect (pid {first.pid} on ", "fn_analyze")
+    refused(second, f"--out {out} is being written by another collect (pid {first.pid} on ", "collect --model")
     assert first.returncode == 0, stderr[-2000:]
     assert_same_rows(shard_rows(out), shard_rows(big_data_collected))
 
