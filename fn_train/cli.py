@@ -16,7 +16,15 @@ from typing import Annotated, Any
 import typer
 
 from fn_train import config as train_config
-from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.cli import (
+    PlainHelpCommand,
+    config_options,
+    handle_errors,
+    library_warnings,
+    progress_on_stdout,
+    setup_logging,
+    typer_app,
+)
 from shared.threads import set_thread_defaults
 
 EXPERIMENT = "experiment"
@@ -35,7 +43,7 @@ def run(
     check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
     from fn_train.trainer import train
 
-    with library_warnings(verbose):
+    with library_warnings(verbose), progress_on_stdout():
         train(train_config.TrainConfig(**settings))
 
 
@@ -60,7 +68,7 @@ def experiment(
     from fn_train.experiment.report import format_table
     from fn_train.experiment.runner import run_experiment
 
-    with library_warnings(verbose):
+    with library_warnings(verbose), progress_on_stdout():
         results = run_experiment(settings, keep_runs=keep_runs)
     typer.echo(format_table(results))
 

@@ -38,18 +38,20 @@ from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.progress import progress_log
 from shared.signals import StopRequest, stop_on_signals
 
 log = logging.getLogger(__name__)
+say = progress_log("train")
 
 MEANS_MAX_TOKENS = 50_000  # tokens of training data the means of --ablation mean are measured on (default)
 
 
 def _say(message: str) -> None:
-    """One line on stdout; under torchrun, each rank says which it is."""
+    """One progress line (shared.progress: the command prints it); under torchrun, each rank says which it is."""
     ranks = ranks_from_env()
     who = f"fn-train[rank {ranks.rank}]" if ranks.distributed else "fn-train"
-    print(f"{who}: {message}", flush=True)
+    say.info(f"{who}: {message}")
 
 
 def check_report_to(report_to: str) -> None:
