@@ -25,6 +25,8 @@ from shared.cli import (
     setup_logging,
     typer_app,
 )
+from shared.errors import ParameterError, UserError
+from shared.options import flag_namer
 from shared.threads import set_thread_defaults
 
 EXPERIMENT = "experiment"
@@ -68,8 +70,11 @@ def experiment(
     from fn_train.experiment.report import format_table
     from fn_train.experiment.runner import run_experiment
 
-    with library_warnings(verbose), progress_on_stdout():
-        results = run_experiment(settings, keep_runs=keep_runs)
+    try:
+        with library_warnings(verbose), progress_on_stdout():
+            results = run_experiment(settings, keep_runs=keep_runs)
+    except ParameterError as exc:  # a run's fn-train settings (train: in the file), worded as fn-train's flags
+        raise UserError(exc.as_flags(flag_namer(train_config.TrainConfig, both_spellings=True))) from exc
     typer.echo(format_table(results))
 
 

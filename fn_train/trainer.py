@@ -33,7 +33,7 @@ from shared.arch import find_down_projections
 from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
 from shared.distributed import ranks_from_env
-from shared.errors import Interrupted, UserError, is_disk_full
+from shared.errors import Interrupted, ParameterError, UserError, is_disk_full
 from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, check_compatible, parse_network_ids
@@ -134,9 +134,11 @@ def _load_model(config: TrainConfig, dtype: torch.dtype, device: torch.device):
         )
     except (RuntimeError, NotImplementedError, ImportError) as exc:  # bitsandbytes lacks a kernel for this device
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{config.quantization_flag}: bitsandbytes cannot quantize on {device} here ({first}); "
-            f"drop {config.quantization_flag}"
+        flag = "{" + config.quantization + "}"
+        raise ParameterError(
+            f"{flag}: bitsandbytes cannot quantize on {{device}} here ({{first}}); drop {flag}",
+            device=device,
+            first=first,
         ) from exc
 
 
@@ -186,7 +188,7 @@ def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMea
     from fn_analyze.magnitude import means_from_activations, means_from_sequences
 
     if config.means_from is not None:
-        return means_from_activations(config.means_from, run_mask.mask.model)
+        return means_from_activations(config.means_from, run_mask.mask.model, cache=True)
     sequences = leading_sequences(trainer.train_dataset, MEANS_MAX_TOKENS)
     projections = find_down_projections(trainer.model)
     return means_from_sequences(

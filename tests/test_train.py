@@ -23,6 +23,7 @@ from tests.helpers import (
     masked_by_layer,
     neuron_parameters,
     record_results,
+    refused_by_config,
     small_run,
     tiny_model,
     train_masked_and_check,
@@ -127,8 +128,25 @@ def test_mask_for_another_model_is_refused_before_training(tiny_lm_dir, demo_dir
     ],
 )
 def test_contradictory_settings_are_refused(settings: dict, message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings)
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings), TrainConfig, message
+    )
+
+
+def test_a_refusal_names_the_parameters_from_python_and_the_flags_on_the_command_line() -> None:
+    """fn-train's flags: the seed's HF-style ones with underscores, its own hyphenated, an off-switch as itself."""
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), use_4bit=True, use_peft=False),
+        TrainConfig,
+        "^--use_4bit freezes the base weights in quantized form; drop --no_peft$",
+        python="use_4bit freezes the base weights in quantized form; drop use_peft=False",
+    )
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), networks="0"),
+        TrainConfig,
+        "^--networks given without --mask-file; add --mask-file or drop --networks$",
+        python="networks given without mask_file; add mask_file or drop networks",
+    )
 
 
 def test_ica_on_the_fly_collects_with_every_setting_training_shares(monkeypatch, tmp_path) -> None:

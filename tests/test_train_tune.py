@@ -29,6 +29,7 @@ from tests.helpers import (
     neuron_parameters,
     random_ids,
     refused,
+    refused_by_config,
     small_run,
     tiny_model,
     train_args,
@@ -224,8 +225,11 @@ def test_a_mask_for_another_model_exits_2_with_one_line(tiny_lm_dir, demo_dir, t
 )
 def test_flags_that_do_not_apply_to_tune_mode_are_refused(settings: dict, message: str) -> None:
     settings = {"mask_mode": "tune", **settings}
-    with pytest.raises(UserError, match=re.escape(message)):
-        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), mask_file=Path("m.json"), **settings)
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), mask_file=Path("m.json"), **settings),
+        TrainConfig,
+        re.escape(message),
+    )
 
 
 def test_the_deltas_start_at_zero_and_change_nothing(tiny_lm_dir) -> None:

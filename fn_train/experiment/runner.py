@@ -43,7 +43,7 @@ from shared.constants import RUN_CONFIG_NAME, RUN_MASK_NAME
 from shared.device import choose_device, choose_dtype
 from shared.digests import file_digest
 from shared.distributed import ranks_from_env
-from shared.errors import Interrupted, UserError
+from shared.errors import Interrupted, ParameterError, UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import (
     MaskFile,
@@ -116,6 +116,8 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     for run in runs:  # fn-train's own checks of every run's settings, before the first one starts
         try:
             plan.train_config(run)
+        except ParameterError as exc:  # still naming TrainConfig's parameters: the command words them as flags
+            raise ParameterError("run {run}: " + exc.template, run=run.name, **exc.values) from exc
         except UserError as exc:
             raise UserError(f"run {run.name}: {exc}") from exc
     for role, source, split, limit in (
@@ -198,7 +200,7 @@ def _magnitude(plan: ExperimentPlan, base, projections) -> NeuronMagnitude:
     config = plan.config
     assert plan.mask is not None
     if config.activations is not None:
-        return magnitude_from_activations(config.activations, plan.mask.model)
+        return magnitude_from_activations(config.activations, plan.mask.model, cache=True)
     task = plan.sets[0]
     return stats_from_forward(
         base.base_model, projections, task.batches, plan.mask.model.intermediate_size, f"a pass over {config.eval_data}"
