@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.constants import EMBEDDED_MODEL_NAME
-from shared.errors import ParameterError, UserError
+from shared.errors import ParameterError
 from shared.options import option
 
 if TYPE_CHECKING:
@@ -67,16 +67,13 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        for name in ("max_length", "batch_size", "shard_size_mb"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "tokens_per_sequence"):
+        for name in ("max_length", "batch_size", "shard_size_mb", "max_tokens", "tokens_per_sequence"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=getattr(self, name))
         if self.token_rate is not None and not 0 < self.token_rate <= 1:
-            raise UserError(f"--token-rate must lie in (0, 1], got {self.token_rate}")
+            raise ParameterError("{token_rate} must lie in (0, 1], got {value}", value=self.token_rate)
         if self.token_rate is not None and self.tokens_per_sequence is not None:
-            raise UserError("--tokens-per-sequence and --token-rate both subsample tokens; give only one")
+            raise ParameterError("{tokens_per_sequence} and {token_rate} both subsample tokens; give only one")
 
 
 @dataclass(kw_only=True)
@@ -381,18 +378,24 @@ class EvaluateConfig:
 
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
-            raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
+            raise ParameterError(
+                "{random_fraction} must lie between 0 and 1 (e.g. 0.15), got {value}", value=self.random_fraction
+            )
         if (self.mask_file is None) == (self.tuned is None):
-            raise UserError("give --mask-file (measure networks) or --tuned (measure a fine-tuned folder), not both")
+            raise ParameterError(
+                "give {mask_file} (measure networks) or {tuned} (measure a fine-tuned folder), not both"
+            )
         if self.retention is not None and self.tuned is None:
-            raise UserError("--retention is scored next to --tuned; add --tuned or drop --retention")
-        for flag, given in (
-            ("--networks", self.networks is not None),
-            ("--activations", self.activations is not None),
-            ("--random-fraction", self.random_fraction is not None),
+            raise ParameterError("{retention} is scored next to {tuned}; add {tuned} or drop {retention}")
+        for name, given in (
+            ("networks", self.networks is not None),
+            ("activations", self.activations is not None),
+            ("random_fraction", self.random_fraction is not None),
         ):
             if given and self.tuned is not None:
-                raise UserError(f"{flag} selects or measures networks, which --tuned does not; drop {flag}")
+                raise ParameterError(
+                    "{" + name + "} selects or measures networks, which {tuned} does not; drop {" + name + "}"
+                )
         self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
         self.tuned = Path(self.tuned) if self.tuned is not None else None
         measured = self.mask_file.stem if self.mask_file is not None else f"{self.tuned.name}-tuned"
@@ -402,7 +405,9 @@ class EvaluateConfig:
         if self.activations is not None:
             self.activations = Path(self.activations)
         if self.out.suffix != ".json":
-            raise UserError(f"--out {self.out} must end in .json (the plot is written beside it as .png)")
+            raise ParameterError(
+                "{out} {value} must end in .json (the plot is written beside it as .png)", value=self.out
+            )
         for name, least in (
             ("draws", 1),
             ("network_draws", 0),
@@ -411,13 +416,17 @@ class EvaluateConfig:
             ("max_length", 2),
         ):
             if getattr(self, name) < least:
-                raise UserError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(self, name)}")
+                raise ParameterError(
+                    "{" + name + "} must be at least {least}, got {value}", least=least, value=getattr(self, name)
+                )
         for name in ("limit", "top_n", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=value)
         if not self.bin_width > 0:
-            raise UserError(f"--bin-width must be positive (decades of magnitude), got {self.bin_width}")
+            raise ParameterError(
+                "{bin_width} must be positive (decades of magnitude), got {value}", value=self.bin_width
+            )
 
     @property
     def plot_path(self) -> Path:
@@ -439,7 +448,9 @@ class CompareConfig:
             self.out = Path("runs") / "compare" / f"{self.mask_a.stem}-vs-{self.mask_b.stem}.json"
         self.out = Path(self.out)
         if self.out.suffix != ".json":
-            raise UserError(f"--out {self.out} must end in .json (the heatmap is written beside it as .png)")
+            raise ParameterError(
+                "{out} {value} must end in .json (the heatmap is written beside it as .png)", value=self.out
+            )
 
     @property
     def plot_path(self) -> Path:

@@ -253,7 +253,7 @@ def _stats_from_activations(
 ) -> tuple[NeuronMagnitude, NeuronMeans | None]:
     """The neurons' magnitudes (and, for --ablation mean, means) from an activations folder that
     holds every layer they are needed for."""
-    magnitude, means = activation_stats(folder, mask.model, want_means=config.ablation == "mean")
+    magnitude, means = activation_stats(folder, mask.model, want_means=config.ablation == "mean", cache=True)
     assert magnitude is not None
     missing = sorted(set(union(selected)) - set(magnitude.measured_layers()))
     if missing:

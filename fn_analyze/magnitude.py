@@ -4,8 +4,10 @@ magnitude-matched controls, and mean, for mean ablation (`shared.ablation`).
 A few MLP neurons carry "massive activations" (max |activation| in the thousands where
 most stay below ten); switching one off can hurt a model whatever network it is in.
 Both statistics come from an activations folder (one streamed pass over its shards that
-keeps per-neuron maxima and float64 sums, never the matrix; cached by manifest digest so
-it is read once) or from a forward pass over data.
+keeps per-neuron maxima and float64 sums, never the matrix) or from a forward pass over data.
+A folder's statistics are cached by manifest digest under FN_CACHE_DIR, so that the runs that
+ask (`cache=True`: evaluate, fn-train's --means-from, the experiment) read it once; the cache is
+read by every call and written only by those, so a library fit (NetworkICA) writes nothing.
 """
 
 from __future__ import annotations
@@ -58,22 +60,23 @@ class NeuronMagnitude:
         return np.where(np.isfinite(bins), bins, np.iinfo(np.int32).min).astype(np.int64)
 
 
-def magnitude_from_activations(folder: Path, model: ModelInfo) -> NeuronMagnitude:
-    """Max |activation| per neuron over an activations folder recorded on `model`; cached."""
-    return activation_stats(folder, model, want_means=False)[0]
+def magnitude_from_activations(folder: Path, model: ModelInfo, *, cache: bool = False) -> NeuronMagnitude:
+    """Max |activation| per neuron over an activations folder recorded on `model` (cached with `cache`)."""
+    return activation_stats(folder, model, want_means=False, cache=cache)[0]
 
 
-def means_from_activations(folder: Path, model: ModelInfo) -> NeuronMeans:
-    """Mean activation per neuron over an activations folder recorded on `model`; cached."""
-    means = activation_stats(folder, model, want_magnitude=False)[1]
+def means_from_activations(folder: Path, model: ModelInfo, *, cache: bool = False) -> NeuronMeans:
+    """Mean activation per neuron over an activations folder recorded on `model` (cached with `cache`)."""
+    means = activation_stats(folder, model, want_magnitude=False, cache=cache)[1]
     assert means is not None
     return means
 
 
 def activation_stats(
-    folder: Path, model: ModelInfo, want_magnitude: bool = True, want_means: bool = True
+    folder: Path, model: ModelInfo, want_magnitude: bool = True, want_means: bool = True, *, cache: bool = False
 ) -> tuple[NeuronMagnitude | None, NeuronMeans | None]:
-    """The statistics asked for, from the cache or from one streamed pass over the shards."""
+    """The statistics asked for, from the cache or from one streamed pass over the shards, whose
+    results are written to the cache only with `cache`."""
     acts = open_activations(folder)
     if acts.model.fingerprint != model.fingerprint:
         raise UserError(
@@ -99,8 +102,9 @@ def activation_stats(
             if name in missing:
                 full = np.full((model.n_layers, model.intermediate_size), np.nan)
                 full[acts.layers] = flat.reshape(len(acts.layers), acts.intermediate_size)
-                with atomic_file(cached[name]) as handle:
-                    np.save(handle, full)
+                if cache:
+                    with atomic_file(cached[name]) as handle:
+                        np.save(handle, full)
                 found[name] = full
     source = f"activations {folder} ({acts.n_tokens} tokens)"
     magnitude = NeuronMagnitude(found["max_abs"], source, acts.n_tokens) if want_magnitude else None

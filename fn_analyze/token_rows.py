@@ -167,8 +167,8 @@ def shards_of(source: TokenRows) -> list[RowShard]:
 
 
 def magnitude_of(source: TokenRows) -> NeuronMagnitude:
-    """Max |activation| of every neuron: the folder's (cached, `magnitude_from_activations`), the matrix's,
-    or the model's rows' (one pass)."""
+    """Max |activation| of every neuron: the folder's (`magnitude_from_activations`: from the cache when
+    a command left it there, else one pass, written nowhere), the matrix's, or the model's rows' (one pass)."""
     from fn_analyze.magnitude import NeuronMagnitude, magnitude_from_activations
 
     if isinstance(source, Activations):

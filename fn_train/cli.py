@@ -16,7 +16,17 @@ from typing import Annotated, Any, Optional
 import typer
 
 from fn_train import config as train_config
-from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
+from shared.cli import (
+    PlainHelpCommand,
+    config_options,
+    handle_errors,
+    library_warnings,
+    progress_on_stdout,
+    setup_logging,
+    typer_app,
+)
+from shared.errors import ParameterError, UserError
+from shared.options import flag_namer
 from shared.progress import show_progress
 from shared.threads import set_thread_defaults
 
@@ -40,7 +50,7 @@ def run(
     check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
     from fn_train.trainer import train
 
-    with library_warnings(bool(verbose)):
+    with library_warnings(bool(verbose)), progress_on_stdout():
         train(train_config.TrainConfig(**settings))
 
 
@@ -69,8 +79,11 @@ def experiment(
     from fn_train.experiment.report import format_table
     from fn_train.experiment.runner import run_experiment
 
-    with library_warnings(bool(verbose)):
-        results = run_experiment(settings, keep_runs=keep_runs)
+    try:
+        with library_warnings(bool(verbose)), progress_on_stdout():
+            results = run_experiment(settings, keep_runs=keep_runs)
+    except ParameterError as exc:  # a run's fn-train settings (train: in the file), worded as fn-train's flags
+        raise UserError(exc.as_flags(flag_namer(train_config.TrainConfig, both_spellings=True))) from exc
     typer.echo(format_table(results))
 
 

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from shared.constants import EMBEDDED_MODEL_NAME
-from shared.errors import UserError
+from shared.errors import ParameterError
 from shared.options import option
 
 
 @dataclass
 class TrainConfig:
+    """One fine-tuning run. Checked when made; an error names the parameter (`mask_mode`, `use_peft=False`),
+    which fn-train words as its flag (`--mask-mode`, `--no_peft`)."""
+
     dataset_name_or_path: str = option(help="csv/json/jsonl/parquet file or HF dataset name.")
     output_dir: Path = option(help="Where the adapter/model, fn_mask.json and checkpoints go.")
     model_name_or_path: str = option(EMBEDDED_MODEL_NAME, help="HF name, local path, or the embedded model.")
@@ -63,32 +66,43 @@ class TrainConfig:
         off="no_merge_adapter",
         help="Save the base with LoRA (or tune mode's deltas) merged in, not the adapter.",
     )
-    mask_file: Path | None = option(None, help="Mask file written by `fn-analyze ica`.")
+    mask_file: Path | None = option(None, hyphenated=True, help="Mask file written by `fn-analyze ica`.")
     mask_mode: str | None = option(  # key is the default when there is a mask
         None,
+        hyphenated=True,
         help="key: switch the networks off; complement: keep only them; tune: train only their neurons' own weights.",
     )
-    networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
+    networks: str | None = option(None, hyphenated=True, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
     # The control of --mask-mode tune: as many neurons per layer (and per magnitude bin: magnitude) as the
     # networks hold, drawn from --seed as fn-analyze evaluate draws its random sets; recorded in fn_mask.json.
     random_neurons: str | None = option(
-        None, help="With --mask-mode tune: tune random neurons of the networks' counts, matched on layer or magnitude."
+        None,
+        hyphenated=True,
+        help="With --mask-mode tune: tune random neurons of the networks' counts, matched on layer or magnitude.",
     )
-    ablation: str = option("zero", help="What the mask does to its neurons: zero, mean (their mean activation), scale.")
-    scale_factor: float | None = option(None, help="With --ablation scale: the factor (default 2.0).")
+    ablation: str = option(
+        "zero", hyphenated=True, help="What the mask does to its neurons: zero, mean (their mean activation), scale."
+    )
+    scale_factor: float | None = option(None, hyphenated=True, help="With --ablation scale: the factor (default 2.0).")
     # With --ablation mean: an activations folder of the model to take the means from; default: a pass of the
     # base model over the first MEANS_MAX_TOKENS tokens of the training data, as training renders it.
     means_from: Path | None = option(
-        None, help="With --ablation mean: activations folder of the means (default: the training data)."
+        None,
+        hyphenated=True,
+        help="With --ablation mean: activations folder of the means (default: the training data).",
     )
     ica_on_the_fly: bool = option(  # fn-analyze collect + ica on the training data
-        False, off="no_ica_on_the_fly", help="Compute the mask from the training data first (saved in output)."
+        False,
+        off="no_ica_on_the_fly",
+        hyphenated=True,
+        help="Compute the mask from the training data first (saved in output).",
     )
     ica_components: int = option(20, help="ICA components for --ica-on-the-fly.")
     ica_max_tokens: int = option(20000, help="Training tokens --ica-on-the-fly records.")
     bake_mask: bool = option(  # masked neurons' down-projection columns written as zeros: no hook needed to load
         False,
         off="no_bake_mask",
+        hyphenated=True,
         help="Write the mask into the saved weights (zero/scaled columns; means as bias).",
     )
     resume_from_checkpoint: str | None = option(  # "last": the latest complete checkpoint
@@ -106,7 +120,7 @@ class TrainConfig:
         self._check_mask_flags()
         self._check_model_flags()
         if not 0.0 <= self.validation_split < 1.0:
-            raise UserError(f"--validation_split must lie in [0, 1), got {self.validation_split}")
+            raise ParameterError("{validation_split} must lie in [0, 1), got {value}", value=self.validation_split)
         for name in (
             "max_seq_length",
             "per_device_train_batch_size",
@@ -119,34 +133,40 @@ class TrainConfig:
             "ica_max_tokens",
         ):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=getattr(self, name))
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
-            raise UserError(
-                "--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint continues from; "
+            raise ParameterError(
+                "{overwrite_output_dir} removes the checkpoints that {resume_from_checkpoint} continues from; "
                 "keep one of them"
             )
         if self.eval_steps is not None and self.eval_steps < 1:
-            raise UserError(f"--eval_steps must be at least 1, got {self.eval_steps}")
+            raise ParameterError("{eval_steps} must be at least 1, got {value}", value=self.eval_steps)
         self._check_schedule()
 
     def _check_schedule(self) -> None:
         """What the optimizer and scheduler would refuse only after the model loaded."""
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise UserError(f"--learning_rate must be a positive number such as 2e-4, got {self.learning_rate}")
+            raise ParameterError(
+                "{learning_rate} must be a positive number such as 2e-4, got {value}", value=self.learning_rate
+            )
         if self.max_steps != -1 and self.max_steps < 1:
-            raise UserError(f"--max_steps must be at least 1, or -1 to train --num_train_epochs, got {self.max_steps}")
+            raise ParameterError(
+                "{max_steps} must be at least 1, or -1 to train {num_train_epochs}, got {value}", value=self.max_steps
+            )
         if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
-            raise UserError(f"--num_train_epochs must be a positive number, got {self.num_train_epochs}")
+            raise ParameterError(
+                "{num_train_epochs} must be a positive number, got {value}", value=self.num_train_epochs
+            )
         if self.warmup_steps < 0 or not (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()):
-            raise UserError(
-                f"--warmup_steps must be a whole number of steps or a share of the steps in [0, 1), "
-                f"got {self.warmup_steps}"
+            raise ParameterError(
+                "{warmup_steps} must be a whole number of steps or a share of the steps in [0, 1), got {value}",
+                value=self.warmup_steps,
             )
         for name in ("weight_decay", "max_grad_norm"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+                raise ParameterError("{" + name + "} must be 0 or more, got {value}", value=getattr(self, name))
         if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"--lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+            raise ParameterError("{lora_dropout} must lie in [0, 1), got {value}", value=self.lora_dropout)
 
     def _check_mask_flags(self) -> None:
         # Imported here: these modules import torch, which the command line must not wait for.
@@ -156,65 +176,76 @@ class TrainConfig:
         if self.mask_file is not None:
             self.mask_file = Path(self.mask_file)
             if self.ica_on_the_fly:
-                raise UserError("--mask-file and --ica-on-the-fly both give a mask; keep one of them")
+                raise ParameterError("{mask_file} and {ica_on_the_fly} both give a mask; keep one of them")
         if self.has_mask:
             self.mask_mode = self.mask_mode or "key"
         else:
-            for flag, given in (
-                ("--mask-mode", self.mask_mode is not None),
-                ("--networks", self.networks is not None),
-                ("--bake-mask", self.bake_mask),
-                ("--ablation", self.ablation != "zero"),
-                ("--scale-factor", self.scale_factor is not None),
-                ("--means-from", self.means_from is not None),
+            for name, given in (
+                ("mask_mode", self.mask_mode is not None),
+                ("networks", self.networks is not None),
+                ("bake_mask", self.bake_mask),
+                ("ablation", self.ablation != "zero"),
+                ("scale_factor", self.scale_factor is not None),
+                ("means_from", self.means_from is not None),
             ):
                 if given:
-                    raise UserError(f"{flag} given without --mask-file; add --mask-file or drop {flag}")
+                    flag = "{" + name + "}"
+                    raise ParameterError(f"{flag} given without {{mask_file}}; add {{mask_file}} or drop {flag}")
         if self.mask_mode is not None and self.mask_mode not in TRAIN_MODES:
-            raise UserError(f"--mask-mode {self.mask_mode!r} is unknown; use key, complement or tune")
+            raise ParameterError("{mask_mode} {value!r} is unknown; use key, complement or tune", value=self.mask_mode)
         if self.random_neurons is not None:
             if self.random_neurons not in RANDOM_NEURONS:
-                raise UserError(f"--random-neurons {self.random_neurons!r} is unknown; use layer or magnitude")
+                raise ParameterError(
+                    "{random_neurons} {value!r} is unknown; use layer or magnitude", value=self.random_neurons
+                )
             if not self.tunes:
-                raise UserError("--random-neurons is the control of --mask-mode tune; add --mask-mode tune or drop it")
+                raise ParameterError(
+                    "{random_neurons} is the control of {mask_mode} tune; add {mask_mode} tune or drop it"
+                )
         if self.tunes:
             self._check_tune_flags()
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.means_from is not None:
             self.means_from = Path(self.means_from)
             if self.ablation != "mean":
-                raise UserError(
-                    f"--means-from is given but --ablation is {self.ablation}; add --ablation mean or drop --means-from"
+                raise ParameterError(
+                    "{means_from} is given but {ablation} is {value}; add {ablation} mean or drop {means_from}",
+                    value=self.ablation,
                 )
         if self.bake_mask and self.use_peft and not self.merge_adapter:
-            raise UserError(
-                "--bake-mask writes full weights, but LoRA saves an adapter; add --merge_adapter or use --no_peft"
+            raise ParameterError(
+                "{bake_mask} writes full weights, but LoRA saves an adapter; "
+                "add {merge_adapter} or use {use_peft=False}"
             )
 
     def _check_tune_flags(self) -> None:
         """Tune mode switches nothing off and trains its own deltas, not LoRA: the flags of either are refused."""
-        for flag, given in (
-            ("--ablation", self.ablation != "zero"),
-            ("--bake-mask", self.bake_mask),
-            ("--no_peft", not self.use_peft),
+        for name, given in (
+            ("ablation", self.ablation != "zero"),
+            ("bake_mask", self.bake_mask),
+            ("use_peft=False", not self.use_peft),
             # LoRA's settings, given other than their defaults: tune mode would ignore them.
-            *((f"--{f.name}", getattr(self, f.name) != f.default) for f in fields(self) if f.name.startswith("lora_")),
+            *((f.name, getattr(self, f.name) != f.default) for f in fields(self) if f.name.startswith("lora_")),
         ):
             if given:
-                raise UserError(
-                    f"{flag} does not apply to --mask-mode tune, which trains the neurons' own weights "
+                raise ParameterError(
+                    "{" + name + "} does not apply to {mask_mode} tune, which trains the neurons' own weights "
                     "(no LoRA, nothing switched off); drop it"
                 )
 
     def _check_model_flags(self) -> None:
         if self.use_4bit and self.use_8bit:
-            raise UserError("--use_4bit and --use_8bit exclude each other; keep one of them")
+            raise ParameterError("{use_4bit} and {use_8bit} exclude each other; keep one of them")
         if self.tunes:  # its deltas train on a quantized base and merge like an adapter
             return
         if self.quantized and not self.use_peft:
-            raise UserError(f"{self.quantization_flag} freezes the base weights in quantized form; drop --no_peft")
+            raise ParameterError(
+                "{" + self.quantization + "} freezes the base weights in quantized form; drop {use_peft=False}"
+            )
         if self.merge_adapter and not self.use_peft:
-            raise UserError("--merge_adapter merges a LoRA adapter, but --no_peft trains no adapter; drop one of them")
+            raise ParameterError(
+                "{merge_adapter} merges a LoRA adapter, but {use_peft=False} trains no adapter; drop one of them"
+            )
 
     @property
     def has_mask(self) -> bool:
@@ -233,8 +264,9 @@ class TrainConfig:
         return self.use_4bit or self.use_8bit
 
     @property
-    def quantization_flag(self) -> str:
-        return "--use_4bit" if self.use_4bit else "--use_8bit"
+    def quantization(self) -> str:
+        """The parameter that quantizes the base (`use_4bit` or `use_8bit`), for messages."""
+        return "use_4bit" if self.use_4bit else "use_8bit"
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

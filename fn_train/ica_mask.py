@@ -13,6 +13,7 @@ from fn_train.config import TrainConfig
 from shared.constants import ICA_MASK_NAME
 from shared.distributed import ranks_from_env
 from shared.errors import UserError
+from shared.progress import progress_log
 
 # The training settings collect takes under another name (TrainConfig's -> CollectConfig's).
 RENAMED_FOR_COLLECT = {
@@ -22,6 +23,8 @@ RENAMED_FOR_COLLECT = {
     "torch_dtype": "dtype",
     "ica_max_tokens": "max_tokens",
 }
+
+say = progress_log("train")
 
 
 def collect_config(config: TrainConfig, out: Path) -> CollectConfig:
@@ -56,7 +59,7 @@ def mask_from_training_data(config: TrainConfig, resuming: bool) -> Path:
             "--ica-on-the-fly runs in a single process; compute the mask first (one process, or fn-analyze) "
             "and pass it to the multi-process run with --mask-file"
         )
-    print(f"fn-train: computing the mask from up to {config.ica_max_tokens} tokens of {config.dataset_name_or_path}")
+    say.info(f"fn-train: computing the mask from up to {config.ica_max_tokens} tokens of {config.dataset_name_or_path}")
     with tempfile.TemporaryDirectory(prefix="fn-train-acts-") as scratch:
         activations = Path(scratch) / "activations"
         collect(collect_config(config, activations))

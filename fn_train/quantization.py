@@ -6,18 +6,19 @@ import torch
 
 from fn_train.config import TrainConfig
 from shared.device import bitsandbytes_available
-from shared.errors import UserError
+from shared.errors import ParameterError
 
 
 def quantization_config(config: TrainConfig, dtype: torch.dtype):
-    """The BitsAndBytesConfig for --use_4bit/--use_8bit, None without them; refused with one
+    """The BitsAndBytesConfig for use_4bit/use_8bit, None without them; refused with one
     line where bitsandbytes does not load."""
     if not config.quantized:
         return None
     if not bitsandbytes_available():
-        raise UserError(
-            f"{config.quantization_flag} needs bitsandbytes, which does not load on this platform; "
-            f"drop {config.quantization_flag} (LoRA on the unquantized model) or install a bitsandbytes build for it"
+        flag = "{" + config.quantization + "}"
+        raise ParameterError(
+            f"{flag} needs bitsandbytes, which does not load on this platform; "
+            f"drop {flag} (LoRA on the unquantized model) or install a bitsandbytes build for it"
         )
     from transformers import BitsAndBytesConfig
 

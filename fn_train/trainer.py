@@ -33,23 +33,25 @@ from shared.arch import find_down_projections
 from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
 from shared.distributed import ranks_from_env
-from shared.errors import Interrupted, UserError, is_disk_full
+from shared.errors import Interrupted, ParameterError, UserError, is_disk_full
 from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.masks import MaskFile, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.progress import progress_log
 from shared.signals import StopRequest, stop_on_signals
 
 log = logging.getLogger(__name__)
+say = progress_log("train")
 
 MEANS_MAX_TOKENS = 50_000  # tokens of training data the means of --ablation mean are measured on (default)
 
 
 def _say(message: str) -> None:
-    """One line on stdout; under torchrun, each rank says which it is."""
+    """One progress line (shared.progress: the command prints it); under torchrun, each rank says which it is."""
     ranks = ranks_from_env()
     who = f"fn-train[rank {ranks.rank}]" if ranks.distributed else "fn-train"
-    print(f"{who}: {message}", flush=True)
+    say.info(f"{who}: {message}")
 
 
 def check_report_to(report_to: str) -> None:
@@ -134,9 +136,11 @@ def _load_model(config: TrainConfig, dtype: torch.dtype, device: torch.device):
         )
     except (RuntimeError, NotImplementedError, ImportError) as exc:  # bitsandbytes lacks a kernel for this device
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{config.quantization_flag}: bitsandbytes cannot quantize on {device} here ({first}); "
-            f"drop {config.quantization_flag}"
+        flag = "{" + config.quantization + "}"
+        raise ParameterError(
+            f"{flag}: bitsandbytes cannot quantize on {{device}} here ({{first}}); drop {flag}",
+            device=device,
+            first=first,
         ) from exc
 
 
@@ -186,7 +190,7 @@ def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMea
     from fn_analyze.magnitude import means_from_activations, means_from_sequences
 
     if config.means_from is not None:
-        return means_from_activations(config.means_from, run_mask.mask.model)
+        return means_from_activations(config.means_from, run_mask.mask.model, cache=True)
     sequences = leading_sequences(trainer.train_dataset, MEANS_MAX_TOKENS)
     projections = find_down_projections(trainer.model)
     return means_from_sequences(

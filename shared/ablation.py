@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.errors import UserError
+from shared.errors import ParameterError, UserError
 from shared.masks import LayerMasks
 
 ABLATIONS: tuple[str, ...] = ("zero", "mean", "scale")
@@ -39,19 +39,20 @@ class NeuronMeans:
 
 
 def check_ablation(mode: str, scale_factor: float | None) -> float | None:
-    """Validate `--ablation` and `--scale-factor` together; returns the factor to use (None
-    unless `scale`)."""
+    """Validate the parameters `ablation` (its `mode`) and `scale_factor` together; returns the factor
+    to use (None unless `scale`)."""
     if mode not in ABLATIONS:
-        raise UserError(f"--ablation {mode!r} is unknown; use zero, mean or scale")
+        raise ParameterError("{ablation} {mode!r} is unknown; use zero, mean or scale", mode=mode)
     if mode != "scale":
         if scale_factor is not None:
-            raise UserError(
-                f"--scale-factor is given but --ablation is {mode}; add --ablation scale or drop --scale-factor"
+            raise ParameterError(
+                "{scale_factor} is given but {ablation} is {mode}; add {ablation} scale or drop {scale_factor}",
+                mode=mode,
             )
         return None
     factor = DEFAULT_SCALE_FACTOR if scale_factor is None else float(scale_factor)
     if not math.isfinite(factor):
-        raise UserError(f"--scale-factor must be a finite number, got {scale_factor}")
+        raise ParameterError("{scale_factor} must be a finite number, got {value}", value=scale_factor)
     return factor
 
 
@@ -66,8 +67,8 @@ class Ablation:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale_factor", check_ablation(self.mode, self.scale_factor))
         if self.mode == "mean" and self.means is None:
-            raise UserError(
-                "--ablation mean needs the neurons' mean activations; give an activations folder "
+            raise ParameterError(
+                "{ablation} mean needs the neurons' mean activations; give an activations folder "
                 "(fn_analyze.magnitude.means_from_activations) or measure them on data"
             )
 

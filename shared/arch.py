@@ -48,6 +48,15 @@ DOWN_PROJ_BY_MODEL_TYPE: dict[str, str] = {
     "electra": "output.dense",
 }
 
+# model_type -> paths inside one block of the layers that compute the neurons, where they are not the
+# down-projection's siblings: the BERT family's `intermediate.dense` sits beside the block's `output`.
+MLP_INPUTS_BY_MODEL_TYPE: dict[str, tuple[str, ...]] = {
+    "bert": ("intermediate.dense",),
+    "roberta": ("intermediate.dense",),
+    "xlm-roberta": ("intermediate.dense",),
+    "electra": ("intermediate.dense",),
+}
+
 # Names of a block's feed-forward submodule, used to check the structural fallback.
 _MLP_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "fc2", "output")
 _ATTENTION_NAMES = ("attn", "attention", "self_attn")
@@ -209,11 +218,26 @@ def find_down_projections(model: nn.Module) -> list[DownProjection]:
 
 
 def mlp_input_projections(model: nn.Module, projection: DownProjection) -> list[nn.Module]:
-    """The layers that compute the neurons read by `projection`: its siblings in the block's
+    """The layers that compute the neurons read by `projection`: the table's layers of the block
+    (MLP_INPUTS_BY_MODEL_TYPE, BERT's `intermediate.dense`), else its siblings in the block's
     MLP whose output is one feature per neuron (LLaMA `gate_proj` and `up_proj`, GPT-2 `c_fc`,
     GPT-NeoX `dense_h_to_4h`, OPT/Phi `fc1`), or two per neuron for a fused gate-and-up layer
     (Phi-3 `gate_up_proj`: neuron j at j and j + intermediate size). Wrappers are returned
     as they sit in the model."""
+    model_type = getattr(config_of(model), "model_type", None)
+    paths = MLP_INPUTS_BY_MODEL_TYPE.get(model_type or "", ())
+    down = "." + DOWN_PROJ_BY_MODEL_TYPE.get(model_type or "", "")
+    if paths and projection.name.endswith(down):
+        block = projection.name.removesuffix(down)
+        found = [model.get_submodule(f"{block}.{path}") for path in paths]
+        for path, module in zip(paths, found, strict=True):
+            shape = projection_shape(module)
+            if shape is None or shape[1] != projection.in_features:
+                raise UserError(
+                    f"{block}.{path} of model_type {model_type!r} does not compute the {projection.in_features} "
+                    f"neurons of {projection.name} (shape {shape}); fix MLP_INPUTS_BY_MODEL_TYPE in shared/arch.py"
+                )
+        return found
     parent_name = projection.name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
     found = []

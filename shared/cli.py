@@ -25,7 +25,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from shared.errors import Interrupted, ParameterError, UserError, library_shutdown_is_unsafe
 from shared.jsonio import write_text_atomic
-from shared.options import OptionSpec, option_spec
+from shared.options import OptionSpec, flag_namer, option_spec
 from shared.progress import PROGRESS
 from shared.threads import thread_note
 
@@ -286,10 +286,7 @@ def config_options(
         if config_file is not None:
             parameters.append(_config_file_parameter(config_file))
 
-        flags = {name: f"--{_spelled(spec.flag or name, both_spellings)[0]}" for name, (_, spec) in specs.items()}
-
-        def flag_of(parameter: str) -> str:
-            return flags.get(parameter) or f"--{_spelled(parameter, both_spellings)[0]}"
+        flag_of = flag_namer(config, both_spellings=both_spellings)
 
         @functools.wraps(body)
         def command(**values: Any) -> R:

@@ -28,6 +28,9 @@ class OptionSpec:
     # the option's type is str, and a field with a default_factory has no default on the command line.
     text: bool = False
     argument: bool = False  # positional, not a --flag
+    # With both spellings (fn-train), the spelling messages and docs write: fn-train's own options are
+    # hyphenated (`--mask-file`), the seed tool's HF-style ones keep the underscore (`--learning_rate`).
+    hyphenated: bool = False
 
 
 def option(
@@ -38,13 +41,35 @@ def option(
     off: str | None = None,
     text: bool = False,
     argument: bool = False,
+    hyphenated: bool = False,
     default_factory: Callable[[], Any] | Any = MISSING,
 ) -> Any:
     """A dataclass field (no default: a required option) that is also an option of the command line."""
-    spec = OptionSpec(help=help, flag=flag, off=off, text=text, argument=argument)
+    spec = OptionSpec(help=help, flag=flag, off=off, text=text, argument=argument, hyphenated=hyphenated)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={_KEY: spec})
 
 
 def option_spec(field: dataclasses.Field) -> OptionSpec | None:
     """The field's OptionSpec, or None for a field that is not on the command line."""
     return field.metadata.get(_KEY)
+
+
+def flag_namer(config: type, *, both_spellings: bool = False) -> Callable[[str], str]:
+    """How the command built from `config` writes a parameter of a `shared.errors.ParameterError` as
+    its flag (`ParameterError.as_flags`): a field as its flag (`n_components` -> `--n-components`;
+    with both spellings the underscore one unless the field is `hyphenated`), a boolean's
+    `name=False` as its off-switch (`use_peft=False` -> `--no_peft`), any other name likewise."""
+
+    def spelled(name: str, hyphenated: bool) -> str:
+        return "--" + (name if both_spellings and not hyphenated else name.replace("_", "-"))
+
+    flags: dict[str, str] = {}
+    for field in dataclasses.fields(config):
+        spec = option_spec(field)
+        if spec is None or spec.argument:
+            continue
+        name = spec.flag or field.name
+        flags[field.name] = spelled(name, spec.hyphenated)
+        if field.type in (bool, "bool"):
+            flags[f"{field.name}=False"] = spelled(spec.off or f"no_{name}", spec.hyphenated)
+    return lambda parameter: flags.get(parameter) or spelled(parameter, False)

@@ -14,13 +14,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
@@ -28,9 +29,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 from fn_analyze.activations import open_activations
 from fn_train.config import TrainConfig
 from shared.arch import find_down_projections
+from shared.errors import ParameterError
 from shared.hooks import pre_hooks
 from shared.masks import MaskFile, Network, save_mask_file
 from shared.models import model_info
+from shared.options import flag_namer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,6 +126,20 @@ def refused(result: Any, *fragments: str, progress_bars: bool = False) -> str:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     print(f"REFUSED {lines[0]}")
     return lines[0]
+
+
+def refused_by_config(make: Callable[[], object], config: type, flags: str, python: str | None = None) -> str:
+    """The ParameterError that `make()` (a config built from Python, or one of its checks) raises: read
+    from Python it names parameters, no flag (and holds `python` when given); worded by the command
+    built from `config` (fn-train's TrainConfig with its written spellings), it matches the regex
+    `flags`, the line the command line prints. Returns the Python message."""
+    with pytest.raises(ParameterError) as info:
+        make()
+    said = str(info.value)
+    assert "--" not in said and (python is None or python in said), said
+    worded = info.value.as_flags(flag_namer(config, both_spellings=config is TrainConfig))
+    assert re.search(flags, worded), worded
+    return said
 
 
 def stop_line(stderr: str) -> str:

@@ -159,7 +159,7 @@ def test_mean_ablation_needs_means_for_every_intervened_layer() -> None:
     with pytest.raises(UserError, match="lack layer 1, where the mask intervenes"):
         with apply_mask(model, mask, "key", ablation="mean", means=partial):
             pass
-    with pytest.raises(UserError, match="--ablation mean needs the neurons' mean activations"):
+    with pytest.raises(UserError, match="^ablation mean needs the neurons' mean activations"):
         with apply_mask(model, mask, "key", ablation="mean"):
             pass
     assert count_hooks(model) == 0
@@ -168,9 +168,9 @@ def test_mean_ablation_needs_means_for_every_intervened_layer() -> None:
 @pytest.mark.parametrize(
     ("mode", "factor", "message"),
     [
-        ("half", None, "--ablation 'half' is unknown; use zero, mean or scale"),
-        ("zero", 2.0, "--scale-factor is given but --ablation is zero"),
-        ("scale", float("inf"), "--scale-factor must be a finite number"),
+        ("half", None, "ablation 'half' is unknown; use zero, mean or scale"),
+        ("zero", 2.0, "scale_factor is given but ablation is zero; add ablation scale or drop scale_factor"),
+        ("scale", float("inf"), "scale_factor must be a finite number"),
     ],
 )
 def test_bad_ablation_settings_are_refused(mode: str, factor, message: str) -> None:

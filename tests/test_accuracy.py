@@ -14,7 +14,7 @@ from fn_analyze.evaluate import EvaluateConfig, evaluate
 from fn_analyze.scoring import answer_contained, answer_logprobs, choice_accuracy, load_eval_set, make_batches
 from shared.data import DataFormat, render_prompt, resolve_template, to_example
 from shared.models import load_causal_lm, load_tokenizer
-from tests.helpers import assert_every_printed_figure_is_stored, write_mask
+from tests.helpers import assert_every_printed_figure_is_stored, refused_by_config, write_mask
 
 CHOICES = ["negative", "positive", "mixed feelings"]
 
@@ -128,12 +128,18 @@ def test_evaluate_reports_accuracy_with_its_controls(
 
 
 def test_bad_evaluate_settings_are_refused(tmp_path: Path) -> None:
-    from shared.errors import UserError
-
-    with pytest.raises(UserError, match="--random-fraction must lie between 0 and 1"):
-        EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", random_fraction=15)
-    with pytest.raises(UserError, match="--scale-factor is given but --ablation is mean"):  # the default
-        EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", scale_factor=2.0)
+    refused_by_config(
+        lambda: EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", random_fraction=15),
+        EvaluateConfig,
+        "--random-fraction must lie between 0 and 1",
+        python="random_fraction must lie between 0 and 1 (e.g. 0.15), got 15",
+    )
+    refused_by_config(  # mean: the default
+        lambda: EvaluateConfig(mask_file=tmp_path / "m.json", dataset="x.csv", scale_factor=2.0),
+        EvaluateConfig,
+        "--scale-factor is given but --ablation is mean",
+        python="scale_factor is given but ablation is mean; add ablation scale or drop scale_factor",
+    )
 
 
 def test_mean_ablation_with_activations_of_some_layers_is_refused_before_the_model_loads(

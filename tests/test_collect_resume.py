@@ -18,7 +18,7 @@ from fn_analyze.activations import open_activations
 from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.ica import IcaConfig, run_ica
 from shared.errors import UserError
-from tests.helpers import assert_same_rows, shard_rows, stop_line, subprocess_env, wait_for_file
+from tests.helpers import assert_same_rows, refused_by_config, shard_rows, stop_line, subprocess_env, wait_for_file
 
 
 def _by_token(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -123,10 +123,17 @@ def test_token_rate_keeps_about_that_share(tiny_lm_dir: Path, demo_dir: Path, tm
 
 
 def test_subsampling_flags_are_checked() -> None:
-    with pytest.raises(UserError, match="give only one"):
-        CollectConfig(dataset="d", out=Path("o"), tokens_per_sequence=4, token_rate=0.5)
-    with pytest.raises(UserError, match="--token-rate must lie in"):
-        CollectConfig(dataset="d", out=Path("o"), token_rate=1.5)
+    refused_by_config(
+        lambda: CollectConfig(dataset="d", out=Path("o"), tokens_per_sequence=4, token_rate=0.5),
+        CollectConfig,
+        "^--tokens-per-sequence and --token-rate both subsample tokens; give only one$",
+    )
+    refused_by_config(
+        lambda: CollectConfig(dataset="d", out=Path("o"), token_rate=1.5),
+        CollectConfig,
+        "--token-rate must lie in",
+        python="token_rate must lie in (0, 1], got 1.5",
+    )
 
 
 def _planted_model(tiny_lm_dir: Path, folder: Path) -> Path:

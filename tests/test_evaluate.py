@@ -18,7 +18,14 @@ from fn_analyze.neuron_sets import draw_matched, pairs
 from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer
 from shared.errors import UserError
 from shared.models import load_causal_lm, load_tokenizer, model_info
-from tests.helpers import assert_every_printed_figure_is_stored, assert_png, refused, write_activations, write_mask
+from tests.helpers import (
+    assert_every_printed_figure_is_stored,
+    assert_png,
+    refused,
+    refused_by_config,
+    write_activations,
+    write_mask,
+)
 
 NETWORKS = {0: {0: list(range(0, 30))}, 1: {0: [100, 101], 1: list(range(40, 60))}, 2: {1: [5, 6, 7]}}
 
@@ -177,8 +184,14 @@ def test_magnitudes_from_activations_exclude_top_and_are_cached(
     acts = tmp_path / "acts"
     collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=acts, model=str(tiny_lm_dir), device="cpu"))
     model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
-    magnitude = magnitude_from_activations(acts, model_info(model, "tiny"))
-    assert list((tmp_path / "cache" / "magnitudes").glob("*.npy"))  # read once, then from the cache
+    info = model_info(model, "tiny")
+    magnitude = magnitude_from_activations(acts, info)
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # measured, written nowhere unless asked
+    assert np.array_equal(magnitude_from_activations(acts, info, cache=True).max_abs, magnitude.max_abs)
+    (stored,) = (tmp_path / "cache" / "magnitudes").glob("*.npy")  # kept: read once, then from the cache
+    np.save(stored, np.ones_like(magnitude.max_abs))
+    assert np.array_equal(magnitude_from_activations(acts, info).max_abs, np.ones_like(magnitude.max_abs))
+    np.save(stored, magnitude.max_abs)
     from fn_analyze.activations import open_activations
 
     peak = np.max([np.abs(block).max(axis=0) for block in open_activations(acts).blocks(10_000)], axis=0)
@@ -186,7 +199,7 @@ def test_magnitudes_from_activations_exclude_top_and_are_cached(
     top = magnitude.top(20)
     flat = sorted(peak.tolist(), reverse=True)
     assert len(top) == 20 and min(magnitude.max_abs[layer, n] for layer, n in top) == flat[19]
-    assert np.array_equal(magnitude_from_activations(acts, model_info(model, "tiny")).max_abs, magnitude.max_abs)
+    assert np.array_equal(magnitude_from_activations(acts, info).max_abs, magnitude.max_abs)
 
     results = evaluate(
         _config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "r.json", activations=acts, top_n=20, exclude_top=True)
@@ -216,12 +229,22 @@ def test_unfit_activations_are_refused_before_the_model_loads(
 
 
 def test_config_rejects_bad_values(tiny_mask: Path) -> None:
-    with pytest.raises(UserError, match="--draws must be at least 1"):
-        EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", draws=0)
-    with pytest.raises(UserError, match="must end in .json"):
-        EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", out=Path("results.png"))
-    with pytest.raises(UserError, match="--bin-width must be positive"):
-        EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", bin_width=0)
+    refused_by_config(
+        lambda: EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", draws=0),
+        EvaluateConfig,
+        "--draws must be at least 1",
+        python="draws must be at least 1, got 0",
+    )
+    refused_by_config(
+        lambda: EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", out=Path("results.png")),
+        EvaluateConfig,
+        r"^--out results\.png must end in \.json",
+    )
+    refused_by_config(
+        lambda: EvaluateConfig(mask_file=tiny_mask, dataset="x.csv", bin_width=0),
+        EvaluateConfig,
+        "--bin-width must be positive",
+    )
 
 
 def test_evaluate_command_prints_the_table_and_refuses_bad_input(

@@ -2,7 +2,7 @@
 testing_common runs its checks over every model x config pair): the hook sits on the table's
 module, key and complement, zero / mean / scale against the same change written into the
 weights, masked parameters bit-identical after a training step, and tune's deltas where the
-type's MLP input projections are found. docs/commands.md lists what each type is tested for."""
+type's MLP input projections are found (every type). docs/commands.md lists what each type is tested for."""
 
 from __future__ import annotations
 
@@ -59,10 +59,6 @@ _MORE: dict[str, dict] = {
     "electra": dict(_GENERIC, embedding_size=HIDDEN),
 }
 MASKED_LM = ("bert", "roberta", "xlm-roberta", "electra")
-# Encoders whose MLP input projection (`intermediate.dense`) is not a sibling of the down-projection
-# (`output.dense`): `mlp_input_projections` finds none, so their masked neurons' input rows are not
-# frozen and tune has nothing to add its deltas to. fn-train trains causal LMs; these are masked only.
-NO_INPUT_PROJECTIONS = MASKED_LM
 ALL_TYPES = tuple(DOWN_PROJ_BY_MODEL_TYPE)
 
 
@@ -160,11 +156,12 @@ def test_masked_neurons_parameters_stay_bit_identical_through_a_training_step(mo
     mask = make_mask(model, _network(width))
     layer_masks = build_layer_masks(mask, [mask.networks[0]], "key")
     slices = masked_neuron_slices(model, projections, layer_masks)
-    inputs = [len(mlp_input_projections(model, p)) for p in projections]
-    if model_type in NO_INPUT_PROJECTIONS:
-        assert inputs == [0, 0]
-    else:
-        assert all(n >= 1 for n in inputs)
+    inputs = [mlp_input_projections(model, p) for p in projections]
+    assert all(len(found) >= 1 for found in inputs)
+    if model_type in MASKED_LM:  # the block's `intermediate.dense`, not a sibling of `output.dense`
+        assert [[name for name, m in model.named_modules() if m is found[0]] for found in inputs] == [
+            [f"{p.name.removesuffix('output.dense')}intermediate.dense"] for p in projections
+        ]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     keeper = KeepMaskedNeuronsFrozen(slices)
     keeper.on_train_begin(None, None, None)
@@ -179,11 +176,14 @@ def test_masked_neurons_parameters_stay_bit_identical_through_a_training_step(mo
         now = frozen.parameter.detach().index_select(frozen.dim, frozen.index)
         assert torch.equal(now, before[name].index_select(frozen.dim, frozen.index)), name
         assert not torch.equal(frozen.parameter.detach(), before[name]), f"{name}: open neurons did not move"
+    frozen_weights = {id(s.parameter) for s in slices}
     down_weights = {id(base_layer(p.module).weight) for p in projections}
-    assert down_weights <= {id(s.parameter) for s in slices}  # every down-projection's masked columns
+    assert down_weights <= frozen_weights  # every down-projection's masked columns
+    input_weights = {id(base_layer(module).weight) for found in inputs for module in found}
+    assert input_weights <= frozen_weights  # and the rows of every layer that computes the neurons
 
 
-@pytest.mark.parametrize("model_type", [t for t in ALL_TYPES if t not in NO_INPUT_PROJECTIONS])
+@pytest.mark.parametrize("model_type", ALL_TYPES)
 def test_tune_deltas_start_at_the_base_and_merge_into_the_weights(model_type: str) -> None:
     model = _model(model_type)
     ids = _ids(model)

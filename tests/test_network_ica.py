@@ -97,6 +97,20 @@ def test_a_folder_or_its_activations_fit_as_run_ica_does(tmp_path: Path, monkeyp
         NetworkICA(**SETTINGS).fit(folder, layers=LAYERS)
 
 
+def test_a_folder_fit_writes_nothing_not_even_the_magnitude_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Setting the largest neurons aside needs their magnitudes: measured on the folder, kept nowhere."""
+    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    data, _, _ = _planted(seed=3, tokens=600)
+    folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=300)
+    before = {path: path.stat().st_mtime_ns for path in _files_under(tmp_path)}
+    capsys.readouterr()
+    ica = NetworkICA(**dict(SETTINGS, set_aside_top=3)).fit(folder)
+    assert sum(len(neurons) for neurons in ica.set_aside_.values()) == 3
+    assert capsys.readouterr() == ("", "")
+    assert {path: path.stat().st_mtime_ns for path in _files_under(tmp_path)} == before
+
+
 def test_errors_from_python_name_the_parameter(tmp_path: Path) -> None:
     with pytest.raises(ParameterError, match="^n_components must be at least 1, got 0$"):
         NetworkICA(n_components=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import fields
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from fn_train.freeze import KeepMaskedNeuronsFrozen
 from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import count_hooks
+from shared.progress import PROGRESS
 from tests.helpers import (
     MASKED,
     assert_masked_frozen_and_open_moved,
     masked_by_layer,
     neuron_parameters,
     record_results,
+    refused_by_config,
     small_run,
     tiny_model,
     train_masked_and_check,
@@ -86,15 +89,16 @@ def test_complement_training_freezes_every_unselected_neuron(tiny_lm_dir, demo_d
 
 
 def test_complement_with_a_layer_missed_closes_its_mlp_and_says_so(
-    tiny_lm_dir, demo_dir, tmp_path, capsys, built_trainers
+    tiny_lm_dir, demo_dir, tmp_path, caplog, capsys, built_trainers
 ) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     # Network 1 lies in layer 1 only: layer 0's MLP must be switched off entirely.
     out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger=PROGRESS)
     train(small_run(tiny_lm_dir, demo_dir, out, mask, use_peft=False, mask_mode="complement", networks="1"))
-    said = capsys.readouterr().out
-    assert "layer 0 has no selected neuron, so its MLP is off" in said
+    said = "layer 0 has no selected neuron, so its MLP is off"
+    assert said in caplog.text and said not in capsys.readouterr().out  # a progress line: the library prints nothing
     assert json.loads((tmp_path / "out" / "fn_mask.json").read_text())["fully_closed_layers"] == [0]
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     every = {0: list(range(176)), 1: [n for n in range(176) if n not in MASKED[1][1]]}
@@ -124,8 +128,25 @@ def test_mask_for_another_model_is_refused_before_training(tiny_lm_dir, demo_dir
     ],
 )
 def test_contradictory_settings_are_refused(settings: dict, message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings)
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings), TrainConfig, message
+    )
+
+
+def test_a_refusal_names_the_parameters_from_python_and_the_flags_on_the_command_line() -> None:
+    """fn-train's flags: the seed's HF-style ones with underscores, its own hyphenated, an off-switch as itself."""
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), use_4bit=True, use_peft=False),
+        TrainConfig,
+        "^--use_4bit freezes the base weights in quantized form; drop --no_peft$",
+        python="use_4bit freezes the base weights in quantized form; drop use_peft=False",
+    )
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), networks="0"),
+        TrainConfig,
+        "^--networks given without --mask-file; add --mask-file or drop --networks$",
+        python="networks given without mask_file; add mask_file or drop networks",
+    )
 
 
 def test_ica_on_the_fly_collects_with_every_setting_training_shares(monkeypatch, tmp_path) -> None:

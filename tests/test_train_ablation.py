@@ -24,6 +24,7 @@ from tests.helpers import (
     MASKED,
     masked_by_layer,
     record_results,
+    refused_by_config,
     small_run,
     train_masked_and_check,
     write_mask,
@@ -132,5 +133,6 @@ def test_checkpoint_is_resumed_only_with_the_same_ablation(tiny_lm_dir, demo_dir
     ],
 )
 def test_contradictory_ablation_settings_are_refused(settings: dict, message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings)
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), **settings), TrainConfig, message
+    )

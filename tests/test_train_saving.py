@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import fn_train.quantization as quantization_module
+from fn_train.config import TrainConfig
 from fn_train.load import load_masked_model
 from fn_train.saving import bake_mask
 from fn_train.trainer import train
-from shared.errors import UserError
 from shared.hooks import apply_mask, count_hooks, resolve_mask
 from tests.helpers import (
     MASKED,
@@ -26,6 +26,7 @@ from tests.helpers import (
     masked_by_layer,
     perturbed_inputs,
     random_ids,
+    refused_by_config,
     small_run,
     tiny_model,
     write_mask,
@@ -154,6 +155,10 @@ def test_quantization_where_bitsandbytes_does_not_load_is_a_clear_refusal(
     tiny_lm_dir, demo_dir, tmp_path, monkeypatch
 ) -> None:
     monkeypatch.setattr(quantization_module, "bitsandbytes_available", lambda: False)
-    with pytest.raises(UserError, match="--use_8bit needs bitsandbytes, which does not load on this platform"):
-        train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", None, use_8bit=True))
+    refused_by_config(
+        lambda: train(small_run(tiny_lm_dir, demo_dir, tmp_path / "out", None, use_8bit=True)),
+        TrainConfig,
+        "^--use_8bit needs bitsandbytes, which does not load on this platform; drop --use_8bit",
+        python="use_8bit needs bitsandbytes",
+    )
     assert not (tmp_path / "out").exists()

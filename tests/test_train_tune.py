@@ -4,6 +4,7 @@ bit-identical; the random control; 4-bit bases; merging, loading and resuming th
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fn_train.load import load_masked_model
 from fn_train.trainer import train
 from shared.errors import UserError
 from shared.hooks import count_hooks
+from shared.progress import PROGRESS
 from tests.helpers import (
     MASKED,
     forward_logits,
@@ -27,6 +29,7 @@ from tests.helpers import (
     neuron_parameters,
     random_ids,
     refused,
+    refused_by_config,
     small_run,
     tiny_model,
     train_args,
@@ -91,7 +94,7 @@ def test_the_check_can_fail(tiny_lm_dir) -> None:
 
 @pytest.mark.parametrize(("model_fixture", "per_neuron"), [("tiny_lm_dir", 3 * 64), ("tiny_gpt2_dir", 2 * 64 + 1)])
 def test_the_trainable_count_is_the_neurons_own_weights(
-    model_fixture: str, per_neuron: int, demo_dir, tmp_path, request, capsys
+    model_fixture: str, per_neuron: int, demo_dir, tmp_path, request, caplog
 ) -> None:
     """LLaMA: a row of gate and of up and a column of down (3 x hidden) per neuron; GPT-2: a column of
     c_fc, its bias entry and a row of c_proj (2 x hidden + 1). Nothing else trains; the output holds
@@ -99,10 +102,11 @@ def test_the_trainable_count_is_the_neurons_own_weights(
     model_dir = request.getfixturevalue(model_fixture)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    caplog.set_level(logging.INFO, logger=PROGRESS)
     _tune(model_dir, demo_dir, tmp_path / "out", mask)
     expected = 11 * per_neuron
     share = 100 * expected / base.num_parameters()
-    assert f"trainable: {expected:,} parameters ({share:.3g}% of the model) in 11 neurons" in capsys.readouterr().out
+    assert f"trainable: {expected:,} parameters ({share:.3g}% of the model) in 11 neurons" in caplog.text
     deltas = load_file(tmp_path / "out" / "fn_tune.safetensors")
     assert sum(t.numel() for t in deltas.values()) == expected
     assert not (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / "config.json").exists()
@@ -127,12 +131,13 @@ def test_merged_and_unmerged_deltas_give_the_same_logits(tiny_lm_dir, demo_dir, 
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_quantized_base_trains_the_deltas_in_full_precision(bits: int, tiny_lm_dir, demo_dir, tmp_path, capsys):
+def test_a_quantized_base_trains_the_deltas_in_full_precision(bits: int, tiny_lm_dir, demo_dir, tmp_path, caplog):
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
     flags = {"use_4bit": bits == 4, "use_8bit": bits == 8}
+    caplog.set_level(logging.INFO, logger=PROGRESS)
     _tune(tiny_lm_dir, demo_dir, tmp_path / "out", mask, weight_decay=0.1, **flags)
-    assert "trainable: 2,112 parameters" in capsys.readouterr().out  # 11 x 3 x 64 of the unpacked model
+    assert "trainable: 2,112 parameters" in caplog.text  # 11 x 3 x 64 of the unpacked model
     deltas = load_file(tmp_path / "out" / "fn_tune.safetensors")
     assert all(t.dtype == torch.float32 and torch.count_nonzero(t) > 0 for t in deltas.values())
     with load_masked_model(tmp_path / "out") as model:  # onto the float base
@@ -220,8 +225,11 @@ def test_a_mask_for_another_model_exits_2_with_one_line(tiny_lm_dir, demo_dir, t
 )
 def test_flags_that_do_not_apply_to_tune_mode_are_refused(settings: dict, message: str) -> None:
     settings = {"mask_mode": "tune", **settings}
-    with pytest.raises(UserError, match=re.escape(message)):
-        TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), mask_file=Path("m.json"), **settings)
+    refused_by_config(
+        lambda: TrainConfig(dataset_name_or_path="x.csv", output_dir=Path("out"), mask_file=Path("m.json"), **settings),
+        TrainConfig,
+        re.escape(message),
+    )
 
 
 def test_the_deltas_start_at_zero_and_change_nothing(tiny_lm_dir) -> None:

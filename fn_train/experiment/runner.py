@@ -43,7 +43,7 @@ from shared.constants import RUN_CONFIG_NAME, RUN_MASK_NAME
 from shared.device import choose_device, choose_dtype
 from shared.digests import file_digest
 from shared.distributed import ranks_from_env
-from shared.errors import Interrupted, UserError
+from shared.errors import Interrupted, ParameterError, UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import (
     MaskFile,
@@ -55,6 +55,7 @@ from shared.masks import (
     union,
 )
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.progress import progress_log
 
 EXPERIMENT_SCHEMA_VERSION = 1
 RUNS_FOLDER = "runs"
@@ -63,9 +64,7 @@ LOCK_NAME = ".experiment.lock"
 # a seed) or left out of the report; every other setting is what the recorded runs were made with.
 GROWABLE = frozenset({"arms", "controls", "seeds"})
 
-
-def _say(message: str) -> None:
-    print(f"fn-train experiment: {message}", flush=True)
+say = progress_log("experiment")
 
 
 @dataclass
@@ -117,6 +116,8 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     for run in runs:  # fn-train's own checks of every run's settings, before the first one starts
         try:
             plan.train_config(run)
+        except ParameterError as exc:  # still naming TrainConfig's parameters: the command words them as flags
+            raise ParameterError("run {run}: " + exc.template, run=run.name, **exc.values) from exc
         except UserError as exc:
             raise UserError(f"run {run.name}: {exc}") from exc
     for role, source, split, limit in (
@@ -175,7 +176,7 @@ def prepare(plan: ExperimentPlan, device: torch.device, dtype: torch.dtype) -> N
     if plan.mask is not None:
         check_compatible(plan.mask, model_info(base, config.model, projections), where=f"mask_file {config.mask_file}")
     if "before" not in results:
-        _say("scoring the base model")
+        say.info("fn-train experiment: scoring the base model")
         results["before"] = measure_model(base, plan.tokenizer, plan.sets, config.max_new_tokens)
     if wanted and plan.mask is not None:
         magnitude = _magnitude(plan, base, projections) if "magnitude" in config.controls else None
@@ -199,7 +200,7 @@ def _magnitude(plan: ExperimentPlan, base, projections) -> NeuronMagnitude:
     config = plan.config
     assert plan.mask is not None
     if config.activations is not None:
-        return magnitude_from_activations(config.activations, plan.mask.model)
+        return magnitude_from_activations(config.activations, plan.mask.model, cache=True)
     task = plan.sets[0]
     return stats_from_forward(
         base.base_model, projections, task.batches, plan.mask.model.intermediate_size, f"a pass over {config.eval_data}"
@@ -288,9 +289,9 @@ def _run_all(
     done = plan.results["runs"]
     todo = [run for run in plan.runs if run.name not in done]
     if len(todo) < len(plan.runs):
-        _say(f"resuming: {len(plan.runs) - len(todo)} of {len(plan.runs)} runs are finished")
+        say.info(f"fn-train experiment: resuming: {len(plan.runs) - len(todo)} of {len(plan.runs)} runs are finished")
     for index, run in enumerate(todo, start=1):
-        _say(f"run {index}/{len(todo)}: {run.name}")
+        say.info(f"fn-train experiment: run {index}/{len(todo)}: {run.name}")
         try:
             record = run_one(plan, run, device, dtype)
         except Interrupted as exc:
