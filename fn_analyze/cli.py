@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
+from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig, PruneConfig
 from fn_analyze.demo_data import FAMILIES
 from shared.cli import PlainHelpCommand, config_options, handle_errors, library_warnings, setup_logging, typer_app
 from shared.threads import set_thread_defaults
@@ -109,6 +109,17 @@ def compare_command(settings: dict[str, Any]) -> None:
     config = CompareConfig(**settings)
     typer.echo(format_comparison(compare(config)))
     typer.echo(f"results: {config.out}\nheatmap: {config.plot_path}")
+
+
+@app.command("prune", cls=PlainHelpCommand)
+@handle_errors("fn-analyze prune")
+@config_options(PruneConfig)
+def prune_command(settings: dict[str, Any]) -> None:
+    """Remove MLP neurons physically, the same share per layer, keeping a mask file's networks first:
+    a smaller, faster plain model folder, its provenance, and the mask remapped to it."""
+    from fn_analyze.prune import format_prune_summary, prune
+
+    typer.echo(format_prune_summary(prune(PruneConfig(**settings))))
 
 
 @app.command("demo-data", cls=PlainHelpCommand)
