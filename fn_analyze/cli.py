@@ -84,7 +84,8 @@ def show_command(
 @config_options(EvaluateConfig)
 def evaluate_command(settings: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
-    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base."""
+    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
+    with --pruned, a pruned folder next to its original and random prunings."""
     from fn_analyze.eval_table import format_table
     from fn_analyze.evaluate import evaluate
 
@@ -93,6 +94,12 @@ def evaluate_command(settings: dict[str, Any]) -> None:
         from fn_analyze.tuned import evaluate_tuned, format_tuned_table
 
         typer.echo(format_tuned_table(evaluate_tuned(config)))
+        typer.echo(f"results: {config.out}")
+        return
+    if config.pruned is not None:
+        from fn_analyze.pruned_eval import evaluate_pruned, format_pruned_table
+
+        typer.echo(format_pruned_table(evaluate_pruned(config)))
         typer.echo(f"results: {config.out}")
         return
     typer.echo(format_table(evaluate(config)))

@@ -254,6 +254,9 @@ class EvaluateConfig:
     # What fine-tuning changed and kept: a fn-train output folder (tune deltas, LoRA adapter or full model) or
     # any fine-tuned model folder, scored next to its base (the one the folder names, else --model).
     tuned: Path | None = option(None, help="A fine-tuned folder to score next to its base, instead of masks.")
+    # A folder written by `fn-analyze prune`, scored next to the model it was pruned from and to random prunings
+    # of the same count per layer (--draws of them, seeded by --seed, compensated as the folder was).
+    pruned: Path | None = option(None, help="A pruned folder to score next to its original and random prunings.")
     retention: str | None = option(  # e.g. a family the tuning did not train on
         None, help="With --tuned: a second dataset, of what the model should keep knowing."
     )
@@ -314,8 +317,11 @@ class EvaluateConfig:
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
             raise UserError(f"--random-fraction must lie between 0 and 1 (e.g. 0.15), got {self.random_fraction}")
-        if (self.mask_file is None) == (self.tuned is None):
-            raise UserError("give --mask-file (measure networks) or --tuned (measure a fine-tuned folder), not both")
+        if sum(given is not None for given in (self.mask_file, self.tuned, self.pruned)) != 1:
+            raise UserError(
+                "give --mask-file (measure networks) or --tuned (measure a fine-tuned folder) or --pruned "
+                "(measure a pruned folder), exactly one of them"
+            )
         if self.retention is not None and self.tuned is None:
             raise UserError("--retention is scored next to --tuned; add --tuned or drop --retention")
         for flag, given in (
@@ -323,11 +329,18 @@ class EvaluateConfig:
             ("--activations", self.activations is not None),
             ("--random-fraction", self.random_fraction is not None),
         ):
-            if given and self.tuned is not None:
-                raise UserError(f"{flag} selects or measures networks, which --tuned does not; drop {flag}")
+            for other, folder in (("--tuned", self.tuned), ("--pruned", self.pruned)):
+                if given and folder is not None:
+                    raise UserError(f"{flag} selects or measures networks, which {other} does not; drop {flag}")
         self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
         self.tuned = Path(self.tuned) if self.tuned is not None else None
-        measured = self.mask_file.stem if self.mask_file is not None else f"{self.tuned.name}-tuned"
+        self.pruned = Path(self.pruned) if self.pruned is not None else None
+        if self.mask_file is not None:
+            measured = self.mask_file.stem
+        elif self.tuned is not None:
+            measured = f"{self.tuned.name}-tuned"
+        else:
+            measured = f"{self.pruned.name}-pruned"
         if self.out is None:  # named after the data too: a run on other data must not replace this one's results
             self.out = Path("runs") / "eval" / f"{measured}-{Path(self.dataset).stem}.json"
         self.out = Path(self.out)

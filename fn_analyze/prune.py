@@ -112,9 +112,14 @@ def choose_by_importance(scores: np.ndarray, protected: NeuronSet, n_keep: int) 
     return KeptNeurons(np.stack(rows).astype(np.int64), cut)
 
 
-def choose_at_random(n_layers: int, size: int, n_keep: int, protected: NeuronSet, seed: int) -> KeptNeurons:
-    """Per layer: `n_keep` neurons drawn uniformly (seed and layer decide them)."""
-    draws = [np.random.default_rng([seed, layer]).choice(size, n_keep, replace=False) for layer in range(n_layers)]
+def choose_at_random(
+    n_layers: int, size: int, n_keep: int, protected: NeuronSet, seed: int, draw: int = 0
+) -> KeptNeurons:
+    """Per layer: `n_keep` neurons drawn uniformly (seed, draw and layer decide them; `prune --random
+    --seed S` keeps draw 0 of seed S)."""
+    draws = [
+        np.random.default_rng([seed, draw, layer]).choice(size, n_keep, replace=False) for layer in range(n_layers)
+    ]
     kept = np.sort(np.stack(draws), axis=1).astype(np.int64)
     cut = {
         layer: lost for layer, neurons in protected.items() if (lost := len(set(neurons) - set(kept[layer].tolist())))

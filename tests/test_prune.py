@@ -237,3 +237,35 @@ def test_moments_from_forward_see_only_real_tokens(tiny_lm_dir: Path) -> None:
     with_padding = moments_from_forward(model.model, projections, [TokenBatch(padded, mask)], "b")
     assert alone.n_tokens == with_padding.n_tokens == 12
     np.testing.assert_allclose(with_padding.mean_square, alone.mean_square, rtol=1e-5)
+
+
+def test_evaluate_scores_the_pruned_model_next_to_the_original_and_random_prunings(
+    pruned_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--pruned", str(pruned_dir), "--dataset", str(demo_dir / "eval.csv"), "--draws", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    original, pruned, drawn = results["rows"]
+    assert [row["name"] for row in results["rows"]] == ["original", "pruned", "random pruning"]
+    assert original["parameters"] > pruned["parameters"] == drawn["parameters"]
+    assert len(drawn["losses"]) == 2 and drawn["losses"][0] != drawn["losses"][1]
+    assert all(np.isfinite(row["loss"]) for row in results["rows"]) and pruned["loss"] != original["loss"]
+    assert "random pruning (2 draws)" in result.output and f"{pruned['loss']:.4f}" in result.output
+    # The first random draw of seed 0 is the model `prune --random` keeps, scored alike.
+    mask = pruned_dir.parent / "mask.json"
+    config = PruneConfig(mask_file=mask, keep=0.5, out=tmp_path / "random", model=results["base_model"],
+                         dataset=str(demo_dir / "eval.csv"), random=True, device="cpu")  # fmt: skip
+    prune(config)
+    again = CliRunner().invoke(app, [*args[:2], str(tmp_path / "random"), *args[3:], "--out", str(tmp_path / "r.json"),
+                                     "--device", "cpu"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["loss"] == pytest.approx(drawn["losses"][0])
+
+
+def test_evaluate_refuses_a_folder_that_is_not_a_pruned_model(tmp_path: Path, demo_dir: Path) -> None:
+    (tmp_path / "x").mkdir()
+    args = ["evaluate", "--pruned", str(tmp_path / "x"), "--dataset", str(demo_dir / "eval.csv")]
+    refused(CliRunner().invoke(app, [*args, "--out", str(tmp_path / "e.json")]), "fn-analyze prune")
+    refused(CliRunner().invoke(app, [*args, "--networks", "0"]), "--networks", "--pruned")
