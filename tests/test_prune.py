@@ -269,3 +269,19 @@ def test_evaluate_refuses_a_folder_that_is_not_a_pruned_model(tmp_path: Path, de
     args = ["evaluate", "--pruned", str(tmp_path / "x"), "--dataset", str(demo_dir / "eval.csv")]
     refused(CliRunner().invoke(app, [*args, "--out", str(tmp_path / "e.json")]), "fn-analyze prune")
     refused(CliRunner().invoke(app, [*args, "--networks", "0"]), "--networks", "--pruned")
+
+
+def test_evaluate_measures_the_networks_on_the_pruned_model_with_its_mask(
+    pruned_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "networks.json"
+    args = ["evaluate", "--model", str(pruned_dir), "--mask-file", str(pruned_dir / PRUNE_MASK_NAME),
+            "--dataset", str(demo_dir / "eval.csv"), "--draws", "1", "--union-only", "--out", str(out),
+            "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    union = json.loads(out.read_text())["conditions"][0]
+    assert union["neurons"] == 67 and np.isfinite(union["loss"])
+    original_mask = ["--mask-file", str(pruned_dir.parent / "mask.json")]
+    again = [*args[:3], *original_mask, *args[5:], "--overwrite"]
+    refused(CliRunner().invoke(app, again), "intermediate_size", progress_bars=True)
