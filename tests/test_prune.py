@@ -108,6 +108,26 @@ def test_an_architecture_without_a_down_projection_bias_is_refused_compensation(
     assert find_down_projections(model)[0].in_features == kept.shape[1]
 
 
+def test_a_fused_gate_and_up_projection_loses_both_halves_of_a_neuron() -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "phi3", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=96, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
+        attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(config).eval()
+    pruned = AutoModelForCausalLM.from_config(config).eval()
+    pruned.load_state_dict(original.state_dict())
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    kept = np.stack([np.sort(np.random.default_rng(layer).choice(96, 40, replace=False)) for layer in range(2)])
+    expected = _masked_logits(original, kept, None, ids)
+    prune_model(pruned, kept)
+    assert pruned.model.layers[0].mlp.gate_up_proj.out_features == 80 and pruned.config.intermediate_size == 40
+    torch.testing.assert_close(forward_logits(pruned, ids), expected, atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_importance_keeps_networks_first_then_the_largest() -> None:
     scores = np.array([[5.0, 1.0, 4.0, 3.0, 2.0, 0.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     chosen = choose_by_importance(scores, {0: (5,), 1: (0, 1, 2, 3)}, 3)
