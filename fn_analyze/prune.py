@@ -374,6 +374,9 @@ def staged_folder(out: Path) -> Iterator[Path]:
     is removed only then); a failure leaves `out` as it was and no temporary folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes the folder private; give it ordinary permissions
     try:
         yield stage
         if out.exists():

@@ -6,6 +6,8 @@ networks' neurons are kept first; bad input is refused in one line."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +231,9 @@ def test_the_command_prunes_and_refuses_bad_input(tiny_lm_dir: Path, demo_dir: P
     result = runner.invoke(app, [*base, "--keep", "0.7", "--out", str(tmp_path / "p"), *data])
     assert result.exit_code == 0, result.output
     assert "176 -> 123" in result.output and (tmp_path / "p" / PRUNE_RECORD_NAME).is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's private folder
     refused(runner.invoke(app, [*base, "--keep", "0.7", "--out", str(tmp_path / "p"), *data]), "--overwrite")
     refused(runner.invoke(app, [*base, "--keep", "1.5", "--out", str(tmp_path / "q"), *data]), "--keep")
     refused(runner.invoke(app, [*base, "--keep", "0.5", "--out", str(tmp_path / "q")]), "--dataset")
