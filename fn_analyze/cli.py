@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig
+from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig, PruneConfig
 from fn_analyze.demo_data import FAMILIES
 from shared.cli import (
     PlainHelpCommand,
@@ -98,7 +98,8 @@ def show_command(
 @config_options(EvaluateConfig)
 def evaluate_command(settings: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
-    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base."""
+    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
+    with --pruned, a pruned folder next to its original and random prunings."""
     from fn_analyze.eval_table import format_table
     from fn_analyze.evaluate import evaluate
 
@@ -107,6 +108,12 @@ def evaluate_command(settings: dict[str, Any]) -> None:
         from fn_analyze.tuned import evaluate_tuned, format_tuned_table
 
         typer.echo(format_tuned_table(evaluate_tuned(config)))
+        typer.echo(f"results: {config.out}")
+        return
+    if config.pruned is not None:
+        from fn_analyze.pruned_eval import evaluate_pruned, format_pruned_table
+
+        typer.echo(format_pruned_table(evaluate_pruned(config)))
         typer.echo(f"results: {config.out}")
         return
     typer.echo(format_table(evaluate(config)))
@@ -123,6 +130,17 @@ def compare_command(settings: dict[str, Any]) -> None:
     config = CompareConfig(**settings)
     typer.echo(format_comparison(compare(config)))
     typer.echo(f"results: {config.out}\nheatmap: {config.plot_path}")
+
+
+@app.command("prune", cls=PlainHelpCommand)
+@handle_errors("fn-analyze prune")
+@config_options(PruneConfig)
+def prune_command(settings: dict[str, Any]) -> None:
+    """Remove MLP neurons physically, the same share per layer, keeping a mask file's networks first:
+    a smaller, faster plain model folder, its provenance, and the mask remapped to it."""
+    from fn_analyze.prune import format_prune_summary, prune
+
+    typer.echo(format_prune_summary(prune(PruneConfig(**settings))))
 
 
 @app.command("demo-data", cls=PlainHelpCommand)

