@@ -22,7 +22,7 @@ from shared.cli import (
     setup_logging,
     typer_app,
 )
-from shared.progress import show_progress
+from shared.progress import progress_shown_while
 from shared.threads import set_thread_defaults
 
 app = typer_app(help="Find functional networks (ICA over MLP neurons) in a language model.", no_args_is_help=True)
@@ -37,7 +37,7 @@ def _root(
     ] = None,
 ) -> None:
     setup_logging(bool(verbose))
-    show_progress(verbose is not False)
+    ctx.with_resource(progress_shown_while(verbose is not False))  # bars unless --quiet, for the command
     ctx.with_resource(library_warnings(bool(verbose)))  # held until the command returns
     ctx.with_resource(progress_on_stdout())
 

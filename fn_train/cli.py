@@ -27,7 +27,7 @@ from shared.cli import (
 )
 from shared.errors import ParameterError, UserError
 from shared.options import flag_namer
-from shared.progress import show_progress
+from shared.progress import progress_shown_while
 from shared.threads import set_thread_defaults
 
 EXPERIMENT = "experiment"
@@ -44,13 +44,12 @@ def run(
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them.
     `fn-train experiment --config FILE` compares arms over seeds against random neurons (see its --help)."""
     setup_logging(bool(verbose))
-    show_progress(verbose is not False)
     from shared.models import check_model_reachable
 
     check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
     from fn_train.trainer import train
 
-    with library_warnings(bool(verbose)), progress_on_stdout():
+    with library_warnings(bool(verbose)), progress_on_stdout(), progress_shown_while(verbose is not False):
         train(train_config.TrainConfig(**settings))
 
 
@@ -69,7 +68,6 @@ def experiment(
     magnitude bin; score each on the task's held-out rows and a retention set. Writes results.json, table.txt
     and results.png in the config's out folder; re-run the same command to resume an interrupted experiment."""
     setup_logging(bool(verbose))
-    show_progress(verbose is not False)
     from fn_train.experiment.config import load_experiment_config
 
     settings = load_experiment_config(config)
@@ -80,7 +78,7 @@ def experiment(
     from fn_train.experiment.runner import run_experiment
 
     try:
-        with library_warnings(bool(verbose)), progress_on_stdout():
+        with library_warnings(bool(verbose)), progress_on_stdout(), progress_shown_while(verbose is not False):
             results = run_experiment(settings, keep_runs=keep_runs)
     except ParameterError as exc:  # a run's fn-train settings (train: in the file), worded as fn-train's flags
         raise UserError(exc.as_flags(flag_namer(train_config.TrainConfig, both_spellings=True))) from exc

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -29,6 +31,17 @@ def progress_log(stage: str) -> logging.Logger:
 def show_progress(shown: bool) -> None:
     global _shown
     _shown = shown
+
+
+@contextmanager
+def progress_shown_while(shown: bool) -> Iterator[None]:
+    """Bars on (or off) for the block, as they were after it: a command's setting ends with it."""
+    before = _shown
+    show_progress(shown)
+    try:
+        yield
+    finally:
+        show_progress(before)
 
 
 def progress_shown() -> bool:

@@ -254,13 +254,9 @@ def test_collect_shows_a_progress_bar_on_stderr_unless_quiet(
     from typer.testing import CliRunner
 
     from fn_analyze.cli import app
-    from shared.progress import show_progress
 
     args = ["collect", "--model", str(tiny_lm_dir), "--dataset", str(demo_dir / "data.jsonl"), "--out", str(tmp_path)]
-    try:
-        result = CliRunner().invoke(app, [*flags, *args])
-    finally:
-        show_progress(False)  # a library call's default
+    result = CliRunner().invoke(app, [*flags, *args])
     assert result.exit_code == 0, result.output
     bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("collect:")]
     if flags:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fn_analyze.cli import app as analyze_app
 from fn_analyze.collect import CollectConfig, collect
 from fn_train.cli import app as train_app
-from shared.progress import show_progress
+from shared.progress import progress_shown
 from tests.helpers import train_args
 
 
@@ -29,11 +29,9 @@ def small_folder(tmp_path_factory, tiny_lm_dir: Path, demo_dir: Path) -> Path:
 @pytest.mark.parametrize("flags", [[], ["--quiet"]])
 def test_ica_shows_its_passes_and_runs_unless_quiet(small_folder: Path, tmp_path: Path, flags: list[str]) -> None:
     args = ["ica", "--activations", str(small_folder), "--n-components", "3", "--runs", "2", "--no-register"]
-    try:
-        result = CliRunner().invoke(analyze_app, [*flags, *args, "--out", str(tmp_path / "m.json")])
-    finally:
-        show_progress(False)
+    result = CliRunner().invoke(analyze_app, [*flags, *args, "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
+    assert not progress_shown()  # the command's setting ended with it: a library call after it prints nothing
     passes, runs = _bars(result.stderr, "ica reduction"), _bars(result.stderr, "ica runs")
     if flags:
         assert passes == runs == [], result.stderr
@@ -48,10 +46,8 @@ def test_training_shows_its_steps_unless_quiet(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, flags: list[str]
 ) -> None:
     args = train_args(tiny_lm_dir, demo_dir / "train.csv", tmp_path / "out", max_steps=2)
-    try:
-        result = CliRunner().invoke(train_app, [*flags, *args])
-    finally:
-        show_progress(False)
+    result = CliRunner().invoke(train_app, [*flags, *args])
     assert result.exit_code == 0, result.output
+    assert not progress_shown()
     steps = [line for line in result.stderr.replace("\r", "\n").splitlines() if "2/2 [" in line]
     assert bool(steps) != bool(flags), result.stderr
