@@ -26,7 +26,7 @@ from typer.core import TyperCommand, TyperGroup
 from shared.errors import Interrupted, ParameterError, UserError, library_shutdown_is_unsafe
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, flag_namer, option_spec
-from shared.progress import PROGRESS
+from shared.progress import PROGRESS, close_open_bars
 from shared.threads import thread_note
 
 P = ParamSpec("P")
@@ -147,17 +147,20 @@ def handle_errors(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
             try:
                 return command(*args, **kwargs)
             except UserError as exc:
+                close_open_bars()
                 message = exc.as_flags() if isinstance(exc, ParameterError) else str(exc)
                 typer.echo(f"error: {_one_line(message)}", err=True)
                 _exit_now_if_unsafe(2)
                 raise typer.Exit(code=2) from None
             except Interrupted as exc:
+                close_open_bars()
                 typer.echo(f"stopped by {exc.signal_name}: {_one_line(str(exc))}", err=True)
                 _exit_now_if_unsafe(128 + exc.signal_number)
                 raise typer.Exit(code=128 + exc.signal_number) from None
             except (typer.Exit, typer.Abort):
                 raise
             except Exception as exc:
+                close_open_bars()
                 if _verbose:
                     traceback.print_exception(exc, file=sys.stderr)
                 frame = traceback.extract_tb(exc.__traceback__)[-1]

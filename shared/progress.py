@@ -52,3 +52,10 @@ def progress_shown() -> bool:
 def progress_bar(*, disable: bool = False, **kwargs: Any) -> tqdm:
     """A tqdm bar on stderr (kwargs as tqdm's), hidden when progress is switched off or `disable`."""
     return tqdm(file=sys.stderr, disable=disable or not _shown, **kwargs)
+
+
+def close_open_bars() -> None:
+    """End every bar still open (a library's, left by a step that failed mid-way, as the Trainer's is),
+    so that the line printed next stands on a line of its own, not after the bar's last state."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
