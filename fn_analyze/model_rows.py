@@ -41,6 +41,7 @@ class RecordRun:
     _records: np.ndarray
     _positions: np.ndarray
     _token_ids: np.ndarray
+    value_bytes = 2  # float16, as collect would write them
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         """Each batch's rows (float16, on the host), in record order; `block_rows` is the model's

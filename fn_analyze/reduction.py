@@ -158,10 +158,11 @@ RESIDENT_SHARE = 0.5
 
 
 def fits_on_device(shards: Sequence[RowShard], device: str) -> bool:
-    """Whether the rows, at 4 bytes a value (float16 rows take half), fit RESIDENT_SHARE of the CUDA
-    device's free memory."""
+    """Whether the rows, as `ResidentShard` holds them (float16 rows as they are, others as float32),
+    fit RESIDENT_SHARE of the CUDA device's free memory."""
     free, _total = torch.cuda.mem_get_info(torch.device(device))
-    return sum(4 * shard.n_tokens * shard.n_columns for shard in shards) <= RESIDENT_SHARE * free
+    held = sum(getattr(shard, "value_bytes", 4) * shard.n_tokens * shard.n_columns for shard in shards)
+    return held <= RESIDENT_SHARE * free
 
 
 @dataclass(frozen=True, eq=False)

@@ -41,6 +41,7 @@ class ShardFile:
     path: str
     n_tokens: int
     n_columns: int
+    value_bytes = 2  # float16, as collect writes them
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         return read_shard(self.path, self.n_tokens, self.n_columns, block_rows)
@@ -136,6 +137,11 @@ class MatrixShard:
     @property
     def n_columns(self) -> int:
         return self.source.n_neurons
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes a value takes when held on a device: float16 as it is, anything wider as float32."""
+        return 2 if self.source.matrix.dtype == np.float16 else 4
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         for start in range(0, self.n_tokens, block_rows):

@@ -180,3 +180,24 @@ def test_float64_products_converge_at_least_as_fast_to_the_same_maps(collected: 
         assert b.converged and b.passes <= a.passes
         np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-5)
         np.testing.assert_allclose(b.maps, a.maps, atol=1e-4)
+
+
+def test_rows_fit_the_device_by_the_bytes_they_are_held_in(collected: Path, monkeypatch) -> None:
+    import torch
+
+    from fn_analyze.reduction import fits_on_device
+    from fn_analyze.token_rows import ActivationMatrix, shards_of
+
+    shards = shards_of(open_activations(collected))
+    values = sum(shard.n_tokens * shard.n_columns for shard in shards)
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 10 * values))
+    free["bytes"] = 4 * values  # half of it holds the float16 rows exactly
+    assert fits_on_device(shards, "cuda:0")
+    free["bytes"] = 4 * values - 4
+    assert not fits_on_device(shards, "cuda:0")
+    as_float32 = shards_of(ActivationMatrix.of(np.zeros((values // 352, 352), dtype=np.float32), layers=[0, 1]))
+    free["bytes"] = 4 * values
+    assert not fits_on_device(as_float32, "cuda:0")  # held as float32: twice the bytes
+    free["bytes"] = 8 * values
+    assert fits_on_device(as_float32, "cuda:0")
