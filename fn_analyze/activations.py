@@ -51,7 +51,10 @@ from shared.jsonio import replace_durably, write_json_atomic
 from shared.masks import ModelInfo
 from shared.paths import file_in_folder
 
-_ABANDONED: list[h5py.File] = []  # shards given up after a failed write: never closed (see ShardWriter.abort)
+# Shards given up after a failed write, with their datasets' handles: never closed, not even by the
+# garbage collector (see ShardWriter.abort).
+_ABANDONED: list[tuple[h5py.File, dict[str, h5py.Dataset]]] = []
+_ROW_DATASETS = (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET)
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
 FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
 HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
@@ -84,6 +87,9 @@ class ShardWriter:
         self.run_key = run_key
         self.completed: list[dict[str, Any]] = list(completed or [])
         self._file: h5py.File | None = None
+        # The open shard's datasets, held for its life: a temporary handle freed after a failed write
+        # would close its dataset in the garbage collector, which HDF5 then fails loudly.
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._path: Path | None = None
         self._rows = 0
         self._pending: list[tuple[np.ndarray, ...]] = []
@@ -107,6 +113,7 @@ class ShardWriter:
                 key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),), fletcher32=True
             )
         self._file.attrs["run_key"] = self.run_key
+        self._datasets = {key: self._file[key] for key in _ROW_DATASETS}
         self._rows = 0
 
     def write(
@@ -147,10 +154,8 @@ class ShardWriter:
         assert self._file is not None
         columns = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._pending, strict=True)]
         take = len(columns[0])
-        for key, values in zip(
-            (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET), columns, strict=True
-        ):
-            dataset = self._file[key]
+        for key, values in zip(_ROW_DATASETS, columns, strict=True):
+            dataset = self._datasets[key]
             dataset.resize(self._rows + take, axis=0)
             dataset[self._rows : self._rows + take] = values
         self._rows += take
@@ -163,6 +168,7 @@ class ShardWriter:
 
     def _finish(self) -> None:
         assert self._file is not None and self._path is not None
+        self._datasets = {}
         self._file.close()
         self._file = None
         replace_durably(Path(str(self._path) + PARTIAL_SUFFIX), self._path)
@@ -190,14 +196,14 @@ class ShardWriter:
             return
         partial = Path(str(self._path) + PARTIAL_SUFFIX)
         if discard:
-            _ABANDONED.append(self._file)
+            _ABANDONED.append((self._file, self._datasets))
             skip_library_shutdown()
             with contextlib.suppress(FileNotFoundError):
                 os.truncate(partial, 0)
             partial.unlink(missing_ok=True)
         else:
             self._file.close()
-        self._file = None
+        self._file, self._datasets = None, {}
 
     def close(self) -> list[dict[str, Any]]:
         self._flush()
@@ -207,7 +213,7 @@ class ShardWriter:
             else:
                 self._file.close()
                 Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
-                self._file = None
+                self._file, self._datasets = None, {}
         return self.completed
 
 
