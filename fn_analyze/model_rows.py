@@ -13,10 +13,8 @@ rows are recomputed on every pass (the moments', each product's, the set-aside's
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,9 +120,8 @@ def model_rows(config: CollectConfig, model: torch.nn.Module | None = None, toke
     recorder = recording.recorder
     everything = list(range(len(plan.sequences)))
     per_run = RUN_BATCHES * recorder.batch_size
-    runs = []
+    runs, taken = [], 0
     for first in range(0, len(everything), per_run):
-        taken = sum(len(run._records) for run in runs)
         budget = None if config.max_tokens is None else config.max_tokens - taken
         if budget is not None and budget <= 0:
             break
@@ -138,9 +135,5 @@ def model_rows(config: CollectConfig, model: torch.nn.Module | None = None, toke
         runs.append(
             RecordRun(recorder, chosen, len(records), recording.n_columns, records.astype(np.int64), positions, ids)
         )
+        taken += len(records)
     return ModelRows(plan, recording, tuple(runs))
-
-
-def recording_config(model: str, dataset: str, **options: Any) -> CollectConfig:
-    """A collect config for rows that are read, not written (its output folder is never used)."""
-    return CollectConfig(dataset=dataset, out=Path(os.devnull), model=model, **options)
