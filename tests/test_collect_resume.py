@@ -3,7 +3,6 @@ several processes under torchrun write per-rank shards that ica reads as one."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import signal
 import subprocess
@@ -34,29 +33,51 @@ def _cli(args: list[str]) -> list[str]:
 ENV = subprocess_env(OMP_NUM_THREADS="1")
 
 
+# collect as the command line runs it, in a process that kills itself with SIGKILL once the third
+# shard is written and flushed but not yet closed or renamed: a kill mid-shard at the same point in
+# every run. (A SIGKILL sent from this process after the third shard's file appeared missed it under
+# load: a shard's file lives only for its one block's write, so collect had often closed it already.)
+_KILLED_IN_THE_THIRD_SHARD = """
+import os, signal, sys
+from fn_analyze.activations import ShardWriter
+finish = ShardWriter._finish
+def killed_in_the_third_shard(self):
+    if len(self.completed) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    finish(self)
+ShardWriter._finish = killed_in_the_third_shard
+from fn_analyze.cli import main
+sys.argv = ["fn-analyze", *sys.argv[1:]]
+main()
+"""
+
+
 @pytest.mark.slow  # about 40 s: two collect processes over 1,200 records
 def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
     tiny_lm_dir: Path, big_data: Path, big_data_collected: Path, tmp_path: Path
 ) -> None:
-    # 4 MB shards: a shard takes long enough to record that the kill lands inside the third one even
-    # when this process is scheduled late (with 1 MB shards under load, collect had passed it).
     args = ["--dataset", str(big_data), "--model", str(tiny_lm_dir), "--batch-size", "1", "--shard-size-mb", "4"]
     out = tmp_path / "killed"
-    process = subprocess.Popen(
-        _cli([*args, "--out", str(out)]), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_IN_THE_THIRD_SHARD, "collect", *args, "--out", str(out)],
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
-    wait_for_file(out / "shard-r00-00002.h5.partial", process, created=True)  # two shards finished, the third begun
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "manifest.json").exists()
-    assert list(out.glob("*.partial"))  # killed mid-shard
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        "shard-r00-00000.h5",
+        "shard-r00-00001.h5",
+        "shard-r00-00002.h5.partial",
+    ]
 
     with pytest.raises(UserError, match="unfinished collect with other arguments"):
         collect(CollectConfig(dataset=str(big_data), out=out, model=str(tiny_lm_dir), max_length=64, shard_size_mb=1))
 
     resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert re.search(r"resuming from [23] finished shard\(s\)", resumed.stdout), resumed.stdout
+    assert "resuming from 2 finished shard(s)" in resumed.stdout, resumed.stdout
 
     after, whole = shard_rows(out), shard_rows(big_data_collected)
     assert open_activations(out).n_tokens == open_activations(big_data_collected).n_tokens == len(whole["position"])
