@@ -16,7 +16,8 @@ shards on a file system every worker can read.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,51 @@ def shard_moments(
     return total.cpu().numpy()
 
 
+def centered_blocks(
+    shard: RowShard,
+    means: np.ndarray,  # (views, neurons)
+    inv_scales: np.ndarray | None,  # (views, neurons); None: centered only
+    splits: int,
+    device: str,
+    rows: RowFilter = ALL_ROWS,
+    clip: np.ndarray | None = None,
+    precision: str = "float32",
+) -> Iterator[list[torch.Tensor]]:
+    """A shard's blocks as the products read them: for each block, each view's rows centered (and
+    scaled) by the view's own moments, in `precision`."""
+    dev, dtype = torch.device(device), getattr(torch, precision)
+    means_t = torch.as_tensor(means, dtype=torch.float32, device=dev)
+    scales_t = None if inv_scales is None else torch.as_tensor(inv_scales, dtype=torch.float32, device=dev)
+    for block, views in _shard_blocks(shard, dev, splits, rows, clip):
+        centered = []
+        for view, selected in enumerate(views):
+            x = _centered(block, selected, means_t[view])
+            if scales_t is not None:
+                x *= scales_t[view]
+            centered.append(x if dtype == torch.float32 else x.to(dtype))
+        yield centered
+
+
+def block_products(
+    blocks: Iterable[list[torch.Tensor]],
+    groups: Sequence[tuple[int, int]],
+    bases: Sequence[Sequence[np.ndarray]],  # [group][view]
+    device: str,
+    precision: str = "float32",
+) -> list[list[np.ndarray]]:
+    """For each column group g and view v: sum over the blocks of X_gv^T (X_gv basis_gv), products
+    in `precision` (float32 or float64), float64 sums."""
+    dev, dtype = torch.device(device), getattr(torch, precision)
+    bases_t = [[torch.as_tensor(b, dtype=dtype, device=dev) for b in views] for views in bases]
+    outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
+    for centered in blocks:
+        for view, x in enumerate(centered):
+            for g, (start, stop) in enumerate(groups):
+                part = x[:, start:stop]
+                outs[g][view] += (part.T @ (part @ bases_t[g][view])).to(torch.float64)
+    return [[out.cpu().numpy() for out in views] for views in outs]
+
+
 def shard_products(
     shard: RowShard,
     groups: Sequence[tuple[int, int]],
@@ -134,22 +180,43 @@ def shard_products(
     """For each column group g and view v: sum over the shard's rows of view v of X_gv^T (X_gv basis_gv),
     X centered (and scaled) by the view's own moments; products in `precision` (float32 or float64),
     float64 sums."""
-    dev, dtype = torch.device(device), getattr(torch, precision)
-    means_t = torch.as_tensor(means, dtype=torch.float32, device=dev)
-    scales_t = None if inv_scales is None else torch.as_tensor(inv_scales, dtype=torch.float32, device=dev)
-    bases_t = [[torch.as_tensor(b, dtype=dtype, device=dev) for b in views] for views in bases]
-    outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
-    for block, views in _shard_blocks(shard, dev, splits, rows, clip):
-        for view, selected in enumerate(views):
-            x = _centered(block, selected, means_t[view])
-            if scales_t is not None:
-                x *= scales_t[view]
-            if dtype != torch.float32:
-                x = x.to(dtype)
-            for g, (start, stop) in enumerate(groups):
-                part = x[:, start:stop]
-                outs[g][view] += (part.T @ (part @ bases_t[g][view])).to(torch.float64)
-    return [[out.cpu().numpy() for out in views] for views in outs]
+    blocks = centered_blocks(shard, means, inv_scales, splits, device, rows, clip, precision)
+    return block_products(blocks, groups, bases, device, precision)
+
+
+@dataclass(frozen=True, eq=False)
+class HeldShard:
+    """A shard's centered (and scaled) blocks, made by the first pass and kept for the others: the
+    passes after it are only products, with no reading, converting, gathering or centering."""
+
+    blocks: tuple[list[torch.Tensor], ...]
+
+    def products(
+        self, groups: Sequence[tuple[int, int]], bases: Sequence[Sequence[np.ndarray]], device: str, precision: str
+    ) -> list[list[np.ndarray]]:
+        return block_products(self.blocks, groups, bases, device, precision)
+
+
+def held_bytes(shards: Sequence[RowShard], splits: int, precision: str) -> int:
+    """What the centered blocks of every view take in `precision` (at most: a row filter keeps fewer
+    rows): the whole data once, and the splits, which share its rows out, once more."""
+    values = sum(shard.n_tokens * shard.n_columns for shard in shards)
+    return (1 + (splits > 0)) * values * torch.finfo(getattr(torch, precision)).bits // 8
+
+
+def available_memory(device: str) -> int:
+    """Bytes free for new tensors: the CUDA device's free memory, else the host's available memory
+    (MemAvailable: free memory and the page cache the kernel can drop)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 # Of the device's free memory, the share the rows may take when held there between passes: the rest
@@ -160,9 +227,8 @@ RESIDENT_SHARE = 0.5
 def fits_on_device(shards: Sequence[RowShard], device: str) -> bool:
     """Whether the rows, as `ResidentShard` holds them (float16 rows as they are, others as float32),
     fit RESIDENT_SHARE of the CUDA device's free memory."""
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
     held = sum(getattr(shard, "value_bytes", 4) * shard.n_tokens * shard.n_columns for shard in shards)
-    return held <= RESIDENT_SHARE * free
+    return held <= RESIDENT_SHARE * available_memory(device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -208,7 +274,7 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def sum_over_shards(function: Callable[..., Any], shards: Sequence[RowShard], args: tuple, engine: str) -> Any:
+def sum_over_shards(function: Callable[..., Any], shards: Sequence[Any], args: tuple, engine: str) -> Any:
     """sum_s function(shard_s, *args): in this process, or as a dask graph with a tree sum."""
     if engine == "local":
         total = None
@@ -311,6 +377,7 @@ def reduce(
     device: str = "cpu",
     precision: str | None = None,
     resident: bool | None = None,
+    hold: bool | None = None,
 ) -> list[list[Reduction]]:
     """Subspace iteration with Rayleigh-Ritz, run until the top-k maps stop moving, for every column
     group and every view of the data: [group][view], view 0 the whole data, view 1 + s the records
@@ -327,15 +394,27 @@ def reduce(
     `prep` (fn_analyze/preprocess.py) leaves token rows out, clips values and scales columns, in
     every pass alike; its default changes nothing.
 
-    On CUDA (the defaults of `precision` and `resident`, None) the products are float64 and the rows are
-    read once and held in device memory when they fit (`ResidentShard`); elsewhere the products are
-    float32 and every pass reads the shards again, so memory stays bounded by the reduced size.
+    On CUDA (the default `precision`, None) the products are float64, elsewhere float32. `hold` (default:
+    when they fit RESIDENT_SHARE of the device's available memory, engine local) keeps the blocks the
+    first pass centered (`HeldShard`), so the passes after it only multiply: on the demo's 2-core CPU
+    machine reading, converting, gathering the splits' rows and centering took more time than the
+    products. Failing that, on CUDA the raw rows are read once and held on the device when they fit
+    (`resident`, `ResidentShard`); otherwise every pass reads the shards again, so memory stays
+    bounded by the reduced size. The results are the same bit for bit whichever way the rows come.
     """
     shards = shards_of(acts)
     on_cuda = torch.device(device).type == "cuda"
     precision = precision or ("float64" if on_cuda else "float32")
+    if hold is None:
+        hold = engine == "local" and held_bytes(shards, splits, precision) <= RESIDENT_SHARE * available_memory(device)
     if resident is None:
-        resident = on_cuda and engine == "local" and fits_on_device(shards, device)
+        resident = on_cuda and engine == "local" and not hold and fits_on_device(shards, device)
+    if hold:
+        log.info(
+            "reduction: the centered rows are held in %s memory between passes (%.2f GiB)",
+            device,
+            held_bytes(shards, splits, precision) / 2**30,
+        )
     if resident:
         shards = [ResidentShard.read(shard, device) for shard in shards]
         log.info("reduction: the rows are held on %s between passes", device)
@@ -359,11 +438,22 @@ def reduce(
         fixed = (groups, means, inv_scales)
         filters = (prep.rows, prep.clip)
         previous: list[list[np.ndarray]] | None = None
+        held: list[HeldShard] | None = None
         with progress_bar(total=max_passes, desc="ica reduction", unit="pass", leave=False) as bar:
             for passes in range(1, max_passes + 1):
-                products = sum_over_shards(
-                    shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine
-                )
+                if hold:
+                    if held is None:
+                        held = [
+                            HeldShard(
+                                tuple(centered_blocks(shard, means, inv_scales, splits, device, *filters, precision))
+                            )
+                            for shard in shards
+                        ]
+                    products = sum_over_shards(HeldShard.products, held, (groups, bases, device, precision), "local")
+                else:
+                    products = sum_over_shards(
+                        shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine
+                    )
                 ritz = [
                     [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
                     for bs, ps in zip(bases, products, strict=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from fn_analyze.config import IcaConfig
 from fn_analyze.ica import run_ica
 from fn_analyze.model_rows import RUN_BATCHES, model_rows
 from fn_analyze.preprocess import Preprocessing, RowFilter
-from fn_analyze.reduction import reduce
+from fn_analyze.reduction import held_bytes, reduce
+from fn_analyze.token_rows import shards_of
 from shared.masks import load_mask_file
 from tests.helpers import refused
 
@@ -135,38 +137,41 @@ def _settings(**overrides):
     return dict(k=6, prep=Preprocessing(), seed=0, oversample=10, tol=1e-6, max_passes=40, splits=2) | overrides
 
 
-def test_rows_held_in_memory_give_the_streamed_reduction_bit_for_bit(collected: Path) -> None:
+@pytest.mark.parametrize(
+    "held", [{"hold": True, "resident": False}, {"hold": False, "resident": True}], ids=["centered", "raw"]
+)
+def test_rows_held_in_memory_give_the_streamed_reduction_bit_for_bit(collected: Path, held: dict) -> None:
     acts = open_activations(collected)
     groups = [(0, 176), (176, acts.n_neurons)]  # one ICA per layer: two column groups
-    prep = Preprocessing(rows=RowFilter(positions=(0,)))  # the kept rows chosen on held blocks too
-    streamed = reduce(acts, groups, **_settings(prep=prep), resident=False)
-    held = reduce(acts, groups, **_settings(prep=prep), resident=True)
-    for streamed_group, held_group in zip(streamed, held, strict=True):
+    # The kept rows chosen on held blocks too; scaled columns, so the held blocks are scaled as well.
+    prep = Preprocessing(rows=RowFilter(positions=(0,)), scale="layer")
+    streamed = reduce(acts, groups, **_settings(prep=prep), resident=False, hold=False)
+    kept = reduce(acts, groups, **_settings(prep=prep), **held)
+    for streamed_group, held_group in zip(streamed, kept, strict=True):
         for a, b in zip(streamed_group, held_group, strict=True):
-            assert (a.passes, a.n_rows) == (b.passes, b.n_rows)
+            assert (a.passes, a.n_rows) == (b.passes, b.n_rows) and a.passes > 2
             np.testing.assert_array_equal(a.maps, b.maps)
             np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
 
 
-def test_held_model_rows_run_the_model_once(tiny_lm_dir: Path, demo_dir: Path) -> None:
-    forwards = {"held": 0, "recomputed": 0}
-    results = {}
-    for name, resident in (("held", True), ("recomputed", False)):
-        rows = _rows(tiny_lm_dir, demo_dir)
-        backbone = rows.recording.recorder.backbone
+def test_the_centered_rows_are_held_when_they_fit_the_memory(collected: Path, monkeypatch, caplog) -> None:
+    from fn_analyze import reduction
 
-        def count(module, args, kwargs, name=name):
-            forwards[name] += 1
-
-        handle = backbone.register_forward_pre_hook(count, with_kwargs=True)
-        try:
-            results[name] = reduce(rows, [(0, rows.n_neurons)], **_settings(), resident=resident)
-        finally:
-            handle.remove()
-    batches = -(-39 // BATCH)  # the 39 records of the budget, BATCH at a time
-    assert forwards["held"] == batches
-    assert forwards["recomputed"] == batches * (1 + results["recomputed"][0][0].passes)  # the moments, each pass
-    np.testing.assert_array_equal(results["held"][0][0].maps, results["recomputed"][0][0].maps)
+    acts = open_activations(collected)
+    n_shards = len(shards_of(acts))
+    needed = held_bytes(shards_of(acts), splits=2, precision="float32")
+    assert needed == 2 * acts.n_tokens * acts.n_neurons * 4
+    made = []
+    centered_blocks = reduction.centered_blocks
+    monkeypatch.setattr(reduction, "centered_blocks", lambda *args: made.append(1) or centered_blocks(*args))
+    for available, held in ((2 * needed, True), (2 * needed - 2, False)):  # RESIDENT_SHARE: half of what is available
+        made.clear()
+        monkeypatch.setattr(reduction, "available_memory", lambda device, available=available: available)
+        with caplog.at_level(logging.INFO, logger="fn_analyze.reduction"):
+            passes = reduce(acts, [(0, acts.n_neurons)], **_settings())[0][0].passes
+        assert len(made) == n_shards * (1 if held else passes)  # centered once, or on every pass
+        assert ("centered rows are held" in caplog.text) == held
+        caplog.clear()
 
 
 def test_float64_products_converge_at_least_as_fast_to_the_same_maps(collected: Path) -> None:
