@@ -322,6 +322,7 @@ def unmix_activations(acts: TokenRows, config: IcaParams) -> Unmixed:
             config.splits,
             config.engine,
             device,
+            hold=config.in_memory,
         )
     if not all(view.converged for views in reductions for view in views):
         record = _reduction_record(reductions, k_max)
@@ -381,7 +382,7 @@ def _set_aside_record(acts: TokenRows, prep: Preprocessing) -> dict[str, Any]:
 
 
 # Settings of the ICA that say where it ran, not what it found: left out of a mask file's record.
-_NOT_RECORDED = ("engine", "dask_scheduler", "device")
+_NOT_RECORDED = ("engine", "dask_scheduler", "device", "in_memory")
 
 
 @dataclass(eq=False)

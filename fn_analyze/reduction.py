@@ -377,7 +377,7 @@ def reduce(
     device: str = "cpu",
     precision: str | None = None,
     resident: bool | None = None,
-    hold: bool | None = None,
+    hold: bool = False,
 ) -> list[list[Reduction]]:
     """Subspace iteration with Rayleigh-Ritz, run until the top-k maps stop moving, for every column
     group and every view of the data: [group][view], view 0 the whole data, view 1 + s the records
@@ -394,27 +394,30 @@ def reduce(
     `prep` (fn_analyze/preprocess.py) leaves token rows out, clips values and scales columns, in
     every pass alike; its default changes nothing.
 
-    On CUDA (the default `precision`, None) the products are float64, elsewhere float32. `hold` (default:
-    when they fit RESIDENT_SHARE of the device's available memory, engine local) keeps the blocks the
-    first pass centered (`HeldShard`), so the passes after it only multiply: on the demo's 2-core CPU
-    machine reading, converting, gathering the splits' rows and centering took more time than the
-    products. Failing that, on CUDA the raw rows are read once and held on the device when they fit
-    (`resident`, `ResidentShard`); otherwise every pass reads the shards again, so memory stays
-    bounded by the reduced size. The results are the same bit for bit whichever way the rows come.
+    On CUDA (the default `precision`, None) the products are float64, elsewhere float32. By default
+    every pass reads the shards again, so memory stays bounded by the reduced size, except that on
+    CUDA the raw rows are read once and held on the device when they fit (`resident`, `ResidentShard`).
+    `hold` keeps the blocks the first pass centered (`HeldShard`) when they fit RESIDENT_SHARE of
+    the device's available memory (engine local), so the passes after it only multiply: on the
+    demo's 2-core CPU machine, reading, converting, gathering the splits' rows and centering took
+    more time than the products. The results are the same bit for bit whichever way the rows come.
     """
     shards = shards_of(acts)
     on_cuda = torch.device(device).type == "cuda"
     precision = precision or ("float64" if on_cuda else "float32")
-    if hold is None:
-        hold = engine == "local" and held_bytes(shards, splits, precision) <= RESIDENT_SHARE * available_memory(device)
+    needed = held_bytes(shards, splits, precision)
+    if hold and (engine != "local" or needed > RESIDENT_SHARE * available_memory(device)):
+        log.warning(
+            "the centered rows (%.2f GiB) do not fit half the %s memory available (or the engine is not local): "
+            "the reduction reads them on every pass",
+            needed / 2**30,
+            device,
+        )
+        hold = False
     if resident is None:
         resident = on_cuda and engine == "local" and not hold and fits_on_device(shards, device)
     if hold:
-        log.info(
-            "reduction: the centered rows are held in %s memory between passes (%.2f GiB)",
-            device,
-            held_bytes(shards, splits, precision) / 2**30,
-        )
+        log.info("reduction: the centered rows are held in %s memory between passes (%.2f GiB)", device, needed / 2**30)
     if resident:
         shards = [ResidentShard.read(shard, device) for shard in shards]
         log.info("reduction: the rows are held on %s between passes", device)

@@ -154,7 +154,7 @@ def test_rows_held_in_memory_give_the_streamed_reduction_bit_for_bit(collected: 
             np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
 
 
-def test_the_centered_rows_are_held_when_they_fit_the_memory(collected: Path, monkeypatch, caplog) -> None:
+def test_the_centered_rows_are_held_when_asked_and_they_fit_the_memory(collected: Path, monkeypatch, caplog) -> None:
     from fn_analyze import reduction
 
     acts = open_activations(collected)
@@ -164,13 +164,15 @@ def test_the_centered_rows_are_held_when_they_fit_the_memory(collected: Path, mo
     made = []
     centered_blocks = reduction.centered_blocks
     monkeypatch.setattr(reduction, "centered_blocks", lambda *args: made.append(1) or centered_blocks(*args))
-    for available, held in ((2 * needed, True), (2 * needed - 2, False)):  # RESIDENT_SHARE: half of what is available
+    # RESIDENT_SHARE: half of what is available; not asked: streamed whatever the memory.
+    for available, hold, held in ((2 * needed, True, True), (2 * needed - 2, True, False), (10**15, False, False)):
         made.clear()
         monkeypatch.setattr(reduction, "available_memory", lambda device, available=available: available)
         with caplog.at_level(logging.INFO, logger="fn_analyze.reduction"):
-            passes = reduce(acts, [(0, acts.n_neurons)], **_settings())[0][0].passes
+            passes = reduce(acts, [(0, acts.n_neurons)], **_settings(), hold=hold)[0][0].passes
         assert len(made) == n_shards * (1 if held else passes)  # centered once, or on every pass
         assert ("centered rows are held" in caplog.text) == held
+        assert ("do not fit half" in caplog.text) == (hold and not held)
         caplog.clear()
 
 
