@@ -1,0 +1,98 @@
+"""What recording costs per token beside the forward pass, one part at a time, on SmolLM2's row width.
+
+collect's recording does, per token: the copy in the hook (gather the kept rows of each layer's
+down-projection input into the float16 row), the HDF5 write of the row with Fletcher-32 checksums
+on every chunk (`ShardWriter`), and the SHA-256 digest of each closed shard, read back
+(`shared.digests.file_digest`). Each part is timed here on random rows with the calls collect
+makes, and the same HDF5 write without the checksums beside it, so the checksums' own cost shows.
+
+    python bench/recording_costs.py [--tokens 2048] [--layers 30] [--width 1536] [--batch-tokens 320]
+
+Prints microseconds per token of each part; ends with one line `recording_costs: ratio=X`: the
+HDF5 write with checksums over the same write without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from fn_analyze.activations import CHUNK_ROWS
+from shared.digests import file_digest
+
+
+def hook_copy_us(layers: int, width: int, batch_tokens: int, repeats: int = 20) -> float:
+    """The hook's copy (as `RowCopier`: index_select of the kept rows into a float16 column slot)."""
+    inputs = torch.randn(batch_tokens + batch_tokens // 8, width)  # padding rows left out by the gather
+    kept = torch.arange(batch_tokens)
+    rows = torch.empty((batch_tokens, layers * width), dtype=torch.float16)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for layer in range(layers):
+            rows[:, layer * width : (layer + 1) * width] = inputs.index_select(0, kept)
+    return (time.perf_counter() - start) / repeats / batch_tokens * 1e6
+
+
+def hdf5_write_us(folder: Path, rows: np.ndarray, checksums: bool, block: int = 512) -> float:
+    """Rows appended in blocks with a flush after each, as `ShardWriter` writes them; closed."""
+    path = folder / f"rows-{checksums}.h5"
+    start = time.perf_counter()
+    with h5py.File(path, "w") as handle:
+        dataset = handle.create_dataset(
+            "activations",
+            shape=(0, rows.shape[1]),
+            maxshape=(None, rows.shape[1]),
+            dtype="float16",
+            chunks=(CHUNK_ROWS, rows.shape[1]),
+            fletcher32=checksums,
+        )
+        for first in range(0, len(rows), block):
+            dataset.resize(min(first + block, len(rows)), axis=0)
+            dataset[first : first + block] = rows[first : first + block]
+            handle.flush()
+    return (time.perf_counter() - start) / len(rows) * 1e6
+
+
+def digest_us(folder: Path, rows: np.ndarray) -> float:
+    """`file_digest` of a shard of these rows (written with checksums, as collect does)."""
+    hdf5_write_us(folder, rows, checksums=True)
+    start = time.perf_counter()
+    file_digest(folder / "rows-True.h5")
+    return (time.perf_counter() - start) / len(rows) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=30, help="SmolLM2-135M: 30")
+    parser.add_argument("--width", type=int, default=1536, help="SmolLM2-135M: 1,536 neurons a layer")
+    parser.add_argument("--batch-tokens", type=int, default=320, help="kept tokens of one batch")
+    args = parser.parse_args()
+    rows = np.random.default_rng(0).standard_normal((args.tokens, args.layers * args.width)).astype(np.float16)
+    with tempfile.TemporaryDirectory(dir=".") as work:
+        folder = Path(work)
+        costs = {
+            "hook copy": hook_copy_us(args.layers, args.width, args.batch_tokens),
+            "hdf5 write, Fletcher-32": hdf5_write_us(folder, rows, checksums=True),
+            "hdf5 write, no checksums": hdf5_write_us(folder, rows, checksums=False),
+            "sha-256 digest of the shard": digest_us(folder, rows),
+        }
+    row_kb = rows.shape[1] * 2 / 1000
+    threads = torch.get_num_threads()
+    print(f"{args.tokens} tokens x {rows.shape[1]} neurons ({row_kb:.0f} KB a row), torch threads {threads}")
+    for part, micros in costs.items():
+        print(f"{part}: {micros:.0f} us/token ({row_kb * 1e3 / micros:,.0f} MB/s)")
+    collect = costs["hook copy"] + costs["hdf5 write, Fletcher-32"] + costs["sha-256 digest of the shard"]
+    print(f"what collect does beside the forward pass: {collect:.0f} us/token")
+    ratio = costs["hdf5 write, Fletcher-32"] / costs["hdf5 write, no checksums"]
+    print(f"recording_costs: ratio={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
