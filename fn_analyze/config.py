@@ -216,6 +216,10 @@ class IcaParams:
             raise ParameterError(
                 "unknown {engine} {value!r}; use one of {known}", value=self.engine, known=", ".join(ENGINES)
             )
+        if self.in_memory and self.engine != "local":
+            raise ParameterError(
+                "{in_memory} keeps the rows in this process; drop it or {engine} {value}", value=self.engine
+            )
         if self.dask_scheduler is not None and self.engine != "dask":
             raise ParameterError("{dask_scheduler} needs {engine} dask; add it or drop {dask_scheduler}")
 

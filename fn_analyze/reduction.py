@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from fn_analyze.preprocess import ALL_ROWS, Preprocessing, RowFilter, inverse_scales
 from fn_analyze.token_rows import RowShard, TokenRows, shards_of
-from shared.errors import UserError
+from shared.errors import ParameterError, UserError
 from shared.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -182,19 +182,6 @@ def shard_products(
     float64 sums."""
     blocks = centered_blocks(shard, means, inv_scales, splits, device, rows, clip, precision)
     return block_products(blocks, groups, bases, device, precision)
-
-
-@dataclass(frozen=True, eq=False)
-class HeldShard:
-    """A shard's centered (and scaled) blocks, made by the first pass and kept for the others: the
-    passes after it are only products, with no reading, converting, gathering or centering."""
-
-    blocks: tuple[list[torch.Tensor], ...]
-
-    def products(
-        self, groups: Sequence[tuple[int, int]], bases: Sequence[Sequence[np.ndarray]], device: str, precision: str
-    ) -> list[list[np.ndarray]]:
-        return block_products(self.blocks, groups, bases, device, precision)
 
 
 def held_bytes(shards: Sequence[RowShard], splits: int, precision: str) -> int:
@@ -397,19 +384,21 @@ def reduce(
     On CUDA (the default `precision`, None) the products are float64, elsewhere float32. By default
     every pass reads the shards again, so memory stays bounded by the reduced size, except that on
     CUDA the raw rows are read once and held on the device when they fit (`resident`, `ResidentShard`).
-    `hold` keeps the blocks the first pass centered (`HeldShard`) when they fit RESIDENT_SHARE of
-    the device's available memory (engine local), so the passes after it only multiply: on the
+    `hold` (engine local) keeps every shard's blocks as the first pass centered them, when they fit
+    RESIDENT_SHARE of the device's available memory, so the passes after it only multiply: on the
     demo's 2-core CPU machine, reading, converting, gathering the splits' rows and centering took
     more time than the products. The results are the same bit for bit whichever way the rows come.
     """
     shards = shards_of(acts)
     on_cuda = torch.device(device).type == "cuda"
     precision = precision or ("float64" if on_cuda else "float32")
+    if hold and engine != "local":
+        raise ParameterError("{hold} keeps the rows in this process; drop it or {engine} {value}", value=engine)
     needed = held_bytes(shards, splits, precision)
-    if hold and (engine != "local" or needed > RESIDENT_SHARE * available_memory(device)):
+    if hold and needed > RESIDENT_SHARE * available_memory(device):
         log.warning(
-            "the centered rows (%.2f GiB) do not fit half the %s memory available (or the engine is not local): "
-            "the reduction reads them on every pass",
+            "the centered rows (%.2f GiB) do not fit half the %s memory available: the reduction reads them on "
+            "every pass",
             needed / 2**30,
             device,
         )
@@ -441,18 +430,16 @@ def reduce(
         fixed = (groups, means, inv_scales)
         filters = (prep.rows, prep.clip)
         previous: list[list[np.ndarray]] | None = None
-        held: list[HeldShard] | None = None
+        # Each shard's centered blocks, when held: the same tensors each pass would otherwise make again.
+        held = (
+            [tuple(centered_blocks(shard, *fixed[1:], splits, device, *filters, precision)) for shard in shards]
+            if hold
+            else []
+        )
         with progress_bar(total=max_passes, desc="ica reduction", unit="pass", leave=False) as bar:
             for passes in range(1, max_passes + 1):
                 if hold:
-                    if held is None:
-                        held = [
-                            HeldShard(
-                                tuple(centered_blocks(shard, means, inv_scales, splits, device, *filters, precision))
-                            )
-                            for shard in shards
-                        ]
-                    products = sum_over_shards(HeldShard.products, held, (groups, bases, device, precision), "local")
+                    products = sum_over_shards(block_products, held, (groups, bases, device, precision), "local")
                 else:
                     products = sum_over_shards(
                         shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine

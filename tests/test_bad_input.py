@@ -244,6 +244,15 @@ def test_damaged_manifest_is_refused_with_one_line(small_activations: Path, tmp_
     refused(_ica(small_activations, tmp_path / "m.json"), fragment, "re-run `fn-analyze collect`")
 
 
+def test_in_memory_with_the_dask_engine_is_refused(small_activations: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    refused(
+        _ica(small_activations, out, "--in-memory", "--engine", "dask"),
+        "--in-memory keeps the rows in this process; drop it or --engine dask",
+    )
+    assert not out.exists()
+
+
 @pytest.mark.slow  # about 10 s: the connection is given up after its timeout
 def test_dask_scheduler_without_the_dask_engine_or_unreachable_is_refused(
     small_activations: Path, tmp_path: Path, monkeypatch

@@ -19,6 +19,7 @@ from fn_analyze.model_rows import RUN_BATCHES, model_rows
 from fn_analyze.preprocess import Preprocessing, RowFilter
 from fn_analyze.reduction import held_bytes, reduce
 from fn_analyze.token_rows import shards_of
+from shared.errors import ParameterError
 from shared.masks import load_mask_file
 from tests.helpers import refused
 
@@ -174,6 +175,11 @@ def test_the_centered_rows_are_held_when_asked_and_they_fit_the_memory(collected
         assert ("centered rows are held" in caplog.text) == held
         assert ("do not fit half" in caplog.text) == (hold and not held)
         caplog.clear()
+
+
+def test_holding_the_rows_is_refused_with_the_dask_engine(collected: Path) -> None:
+    with pytest.raises(ParameterError, match="hold keeps the rows in this process; drop it or engine dask"):
+        reduce(open_activations(collected), [(0, 352)], **_settings(), hold=True, engine="dask")
 
 
 def test_float64_products_converge_at_least_as_fast_to_the_same_maps(collected: Path) -> None:
