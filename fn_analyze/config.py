@@ -161,7 +161,7 @@ class IcaParams:
     in_memory: bool = option(  # fn_analyze/reduction.py: reduce's `hold`
         False,
         help="Hold the centered rows in memory between the reduction's passes when they fit half the "
-        "available memory: faster (the demo's ica in 2 min 33 s, not 4 min 32 s), memory grows with the tokens.",
+        "available memory: faster (the passes after the first only multiply), but memory grows with the tokens.",
     )
 
     def __post_init__(self) -> None:
