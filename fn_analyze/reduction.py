@@ -432,7 +432,7 @@ def reduce(
         previous: list[list[np.ndarray]] | None = None
         # Each shard's centered blocks, when held: the same tensors each pass would otherwise make again.
         held = (
-            [tuple(centered_blocks(shard, *fixed[1:], splits, device, *filters, precision)) for shard in shards]
+            [tuple(centered_blocks(shard, means, inv_scales, splits, device, *filters, precision)) for shard in shards]
             if hold
             else []
         )
