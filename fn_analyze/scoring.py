@@ -74,17 +74,50 @@ class EvalSet:
 
 
 @dataclass(frozen=True)
+class RowScores:
+    """Each row's own figures, in the order of the evaluation set's rows (`EvalSet.rows`; for
+    multiple choice, its records), so two conditions scored on the same rows can be compared row by
+    row (paired) and their uncertainty taken from the rows (`shared.statistics`)."""
+
+    loss: tuple[float, ...]  # mean negative log-likelihood of each row's answer tokens
+    tokens: tuple[int, ...]  # answer tokens of each row: the weight of its loss in the set's loss
+    exact_match: tuple[float, ...] | None = None  # 1.0 / 0.0 per row
+    contains: tuple[float, ...] | None = None
+    accuracy: tuple[float, ...] | None = None  # per multiple-choice record
+    accuracy_norm: tuple[float, ...] | None = None
+
+    def figure(self, name: str) -> tuple[tuple[float, ...], tuple[int, ...] | None] | None:
+        """(per-row values, weights or None for equal weights) of `name` (`loss` or an accuracy field),
+        None when this score has no such figure."""
+        if name == "loss":
+            return self.loss, self.tokens
+        values = getattr(self, name)
+        return None if values is None else (values, None)
+
+    def to_dict(self) -> dict[str, list]:
+        return {name: list(values) for name, values in vars(self).items() if values is not None}
+
+
+@dataclass(frozen=True)
 class Score:
     loss: float  # mean negative log-likelihood per answer token
     exact_match: float | None  # share of rows whose greedy answer equals the reference (normalized)
     contains: float | None = None  # share of rows whose greedy generation contains the reference (normalized)
     accuracy: float | None = None  # multiple choice: share of records whose most likely choice is right (acc)
     accuracy_norm: float | None = None  # the same with log-likelihoods per character of the choice (acc_norm)
+    rows: RowScores | None = None  # the same figures row by row
 
     @property
     def headline_accuracy(self) -> float | None:
         """The accuracy the ratios are taken of: acc for multiple choice, else contains."""
         return self.accuracy if self.accuracy is not None else self.contains
+
+    @property
+    def headline_accuracy_name(self) -> str | None:
+        """The field `headline_accuracy` reads."""
+        if self.accuracy is not None:
+            return "accuracy"
+        return "contains" if self.contains is not None else None
 
     @property
     def perplexity(self) -> float:
@@ -262,15 +295,27 @@ def _answer_logits(
 
 def answer_losses(model: nn.Module, batches: list[Batch], copies: int = 1) -> list[float]:
     """Mean negative log-likelihood per answer token, over all batches (token-weighted), of each copy."""
-    totals, count = [0.0] * copies, 0
+    return [sum(nll) / sum(tokens) for nll, tokens in row_answer_nll(model, batches, copies)]
+
+
+def row_answer_nll(
+    model: nn.Module, batches: list[Batch], copies: int = 1
+) -> list[tuple[list[float], list[int]]]:
+    """Per copy: (summed negative log-likelihood of each row's answer tokens, the row's answer-token
+    count), both in the rows' order (`Batch.index`)."""
+    n_rows = sum(len(batch.index) for batch in batches)
+    sums = [[0.0] * n_rows for _ in range(copies)]
+    counts = [0] * n_rows
     for batch, logits, targets in _answer_logits(model, batches, copies):
         rows = len(batch.input_ids)
-        for c in range(copies):
-            part, wanted = logits[c * rows : (c + 1) * rows], targets[c * rows : (c + 1) * rows]
-            loss = F.cross_entropy(part.float().transpose(1, 2), wanted, ignore_index=-100, reduction="sum")
-            totals[c] += float(loss)
-        count += int((targets[:rows] != -100).sum())
-    return [total / count for total in totals]
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        per_row = per_token.double().sum(dim=1).tolist()
+        tokens = (targets[:rows] != -100).sum(dim=1).tolist()
+        for i, index in enumerate(batch.index):
+            counts[index] = int(tokens[i])
+            for c in range(copies):
+                sums[c][index] = per_row[c * rows + i]
+    return [(copy_sums, counts) for copy_sums in sums]
 
 
 def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
@@ -308,18 +353,28 @@ def choice_accuracies(
     model: nn.Module, choices: ChoiceSet, batches: list[Batch], copies: int = 1
 ) -> list[tuple[float, float]]:
     """`choice_accuracy` of each copy of the rows."""
+    return [
+        (sum(hits) / len(hits), sum(hits_norm) / len(hits_norm))
+        for hits, hits_norm in record_choice_hits(model, choices, batches, copies)
+    ]
+
+
+def record_choice_hits(
+    model: nn.Module, choices: ChoiceSet, batches: list[Batch], copies: int = 1
+) -> list[tuple[list[float], list[float]]]:
+    """Per copy: (acc, acc_norm) of each multiple-choice record, 1.0 or 0.0, in the records' order."""
     per_record: list[list[int]] = [[] for _ in choices.gold]
     for row, record in enumerate(choices.record):
         per_record[record].append(row)
     results = []
     for logprobs in copies_logprobs(model, batches, copies):
-        hits = hits_norm = 0
+        hits, hits_norm = [], []
         for record, rows in enumerate(per_record):
             scores = [logprobs[row] for row in rows]
             normed = [logprobs[row] / max(choices.chars[row], 1) for row in rows]
-            hits += int(max(range(len(rows)), key=lambda i: (scores[i], -i)) == choices.gold[record])
-            hits_norm += int(max(range(len(rows)), key=lambda i: (normed[i], -i)) == choices.gold[record])
-        results.append((hits / len(per_record), hits_norm / len(per_record)))
+            hits.append(float(max(range(len(rows)), key=lambda i: (scores[i], -i)) == choices.gold[record]))
+            hits_norm.append(float(max(range(len(rows)), key=lambda i: (normed[i], -i)) == choices.gold[record]))
+        results.append((hits, hits_norm))
     return results
 
 
@@ -348,9 +403,21 @@ def generation_scores(
 ) -> list[tuple[float, float]]:
     """(exact match, answer contained) of the greedy answers (at most `max_new_tokens`), normalized,
     of each copy (copy-major rows, as `_answer_logits`)."""
+    return [
+        (sum(hits) / len(hits), sum(inside) / len(inside))
+        for hits, inside in row_generation_hits(model, tokenizer, batches, max_new_tokens, copies)
+    ]
+
+
+def row_generation_hits(
+    model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int, copies: int = 1
+) -> list[tuple[list[float], list[float]]]:
+    """Per copy: (exact match, answer contained) of each row's greedy answer, 1.0 or 0.0, in the rows' order."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    hits, contained, count = [0] * copies, [0] * copies, 0
+    n_rows = sum(len(batch.index) for batch in batches)
+    hits = [[0.0] * n_rows for _ in range(copies)]
+    contained = [[0.0] * n_rows for _ in range(copies)]
     with torch.inference_mode():
         for batch in batches:
             width = max(len(p) for p in batch.prompts)
@@ -369,12 +436,12 @@ def generation_scores(
                 pad_token_id=pad_id,
             )
             for row, generated in enumerate(out[:, width:]):
-                answer = batch.answers[row % len(batch.answers)] or ""
+                copy_index, i = divmod(row, len(batch.answers))
+                answer = batch.answers[i] or ""
                 text = tokenizer.decode(generated, skip_special_tokens=True)
-                hits[row // len(batch.answers)] += int(normalize_answer(text) == normalize_answer(answer))
-                contained[row // len(batch.answers)] += int(answer_contained(text, answer))
-            count += len(batch.answers)
-    return [(hit / count, inside / count) for hit, inside in zip(hits, contained, strict=True)]
+                hits[copy_index][batch.index[i]] = float(normalize_answer(text) == normalize_answer(answer))
+                contained[copy_index][batch.index[i]] = float(answer_contained(text, answer))
+    return list(zip(hits, contained, strict=True))
 
 
 def score(
@@ -389,14 +456,23 @@ def score(
     """The answer loss; greedy exact match and containment when asked; acc and acc_norm
     when `choices` (the choice set and its batches) are given: one Score per copy (one per
     condition of `shared.hooks.stacked_down_projections`)."""
-    losses = answer_losses(model, batches, copies)
-    generated = generation_scores(model, tokenizer, batches, max_new_tokens, copies) if with_exact_match else None
-    accuracies = choice_accuracies(model, *choices, copies) if choices is not None else None
-    return [
-        Score(
-            loss,
-            *(generated[c] if generated else (None, None)),
-            *(accuracies[c] if accuracies else (None, None)),
+    nll = row_answer_nll(model, batches, copies)
+    generated = row_generation_hits(model, tokenizer, batches, max_new_tokens, copies) if with_exact_match else None
+    accuracies = record_choice_hits(model, *choices, copies) if choices is not None else None
+    scores = []
+    for c, (sums, tokens) in enumerate(nll):
+        em, inside = generated[c] if generated else (None, None)
+        acc, acc_norm = accuracies[c] if accuracies else (None, None)
+        rows = RowScores(
+            tuple(total / max(count, 1) for total, count in zip(sums, tokens, strict=True)),
+            tuple(tokens),
+            *(tuple(values) if values is not None else None for values in (em, inside, acc, acc_norm)),
         )
-        for c, loss in enumerate(losses)
-    ]
+        scores.append(
+            Score(
+                sum(sums) / sum(tokens),
+                *(sum(values) / len(values) if values is not None else None for values in (em, inside, acc, acc_norm)),
+                rows=rows,
+            )
+        )
+    return scores

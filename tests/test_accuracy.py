@@ -11,7 +11,14 @@ import torch
 
 from fn_analyze.eval_table import format_table
 from fn_analyze.evaluate import EvaluateConfig, evaluate
-from fn_analyze.scoring import answer_contained, answer_logprobs, choice_accuracy, load_eval_set, make_batches
+from fn_analyze.scoring import (
+    answer_contained,
+    answer_logprobs,
+    choice_accuracy,
+    load_eval_set,
+    make_batches,
+    score,
+)
 from shared.data import DataFormat, render_prompt, resolve_template, to_example
 from shared.models import load_causal_lm, load_tokenizer
 from tests.helpers import assert_every_printed_figure_is_stored, refused_by_config, write_mask
@@ -70,6 +77,10 @@ def test_accuracy_equals_a_hand_computation_from_the_logits(tiny_lm_dir: Path, m
     acc, acc_norm = choice_accuracy(model, eval_set.choices, batches)
     assert acc == sum(b == g for b, g in zip(best, gold, strict=True)) / 5
     assert acc_norm == sum(b == g for b, g in zip(best_norm, gold, strict=True)) / 5
+    rows = score(model, tokenizer, make_batches(eval_set, 4, tokenizer.pad_token_id), False, 4,
+                 (eval_set.choices, batches))[0].rows  # fmt: skip
+    assert rows.accuracy == tuple(float(b == g) for b, g in zip(best, gold, strict=True))
+    assert rows.accuracy_norm == tuple(float(b == g) for b, g in zip(best_norm, gold, strict=True))
 
 
 def test_accuracy_follows_the_choice_the_model_prefers(tiny_lm_dir: Path, mc_file: Path) -> None:

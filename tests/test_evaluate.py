@@ -15,7 +15,7 @@ from fn_analyze.eval_table import format_table
 from fn_analyze.evaluate import EvaluateConfig, evaluate
 from fn_analyze.magnitude import magnitude_from_activations
 from fn_analyze.neuron_sets import draw_matched, pairs
-from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer
+from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer, score
 from shared.errors import UserError
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from tests.helpers import (
@@ -157,6 +157,15 @@ def test_answer_loss_is_the_models_loss_on_the_answer_tokens(tiny_lm_dir: Path, 
     assert batches[0].shared_prefix > 0  # the rows' common start is run once and its cache reused
     batched = answer_loss(model, batches)
     assert batched == pytest.approx(expected_total / expected_count, rel=1e-5)
+    rows = score(model, tokenizer, batches, False, 4)[0].rows
+    assert sum(rows.tokens) == expected_count and len(rows.loss) == len(eval_set.rows)
+    with torch.no_grad():  # each row's own loss, in the eval set's order (the batches sort them by length)
+        for row, loss, count in zip(eval_set.rows, rows.loss, rows.tokens, strict=True):
+            ids = torch.tensor([row.input_ids])
+            labels = ids.clone()
+            labels[:, : row.n_prompt] = -100
+            assert count == int((labels[:, 1:] != -100).sum())
+            assert loss == pytest.approx(float(model(input_ids=ids, labels=labels).loss), rel=1e-4)
 
 
 def test_plain_template_learns_eos_and_plain_text_is_scored_on_every_token(tiny_lm_dir: Path, tmp_path: Path) -> None:
