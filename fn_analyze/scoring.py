@@ -298,9 +298,7 @@ def answer_losses(model: nn.Module, batches: list[Batch], copies: int = 1) -> li
     return [sum(nll) / sum(tokens) for nll, tokens in row_answer_nll(model, batches, copies)]
 
 
-def row_answer_nll(
-    model: nn.Module, batches: list[Batch], copies: int = 1
-) -> list[tuple[list[float], list[int]]]:
+def row_answer_nll(model: nn.Module, batches: list[Batch], copies: int = 1) -> list[tuple[list[float], list[int]]]:
     """Per copy: (summed negative log-likelihood of each row's answer tokens, the row's answer-token
     count), both in the rows' order (`Batch.index`)."""
     n_rows = sum(len(batch.index) for batch in batches)
