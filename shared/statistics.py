@@ -81,6 +81,8 @@ class Difference:
         most |difference|. None when no number of seeds is enough: the row component alone (the
         limit as seeds grow) keeps the standard error too large, and more rows are needed, not
         more seeds. Raises ValueError after one seed, whose seed component is unknown."""
+        _check_probability(power, "power")
+        _check_probability(alpha, "alpha")
         target = abs(float(difference))
         if not target > 0:
             raise ValueError(f"difference must be non-zero and finite, got {difference}")
@@ -93,7 +95,7 @@ class Difference:
             )
             if floor >= target:
                 return None
-        low, high = 1, 2  # detectable(low) > target >= detectable(high), low = 1 standing for "none"
+        low, high = 1, 2  # detectable(low) > target >= detectable(high); one seed is never predicted
         while self.detectable(power, alpha, seeds=high) > target:
             low, high = high, high * 2
         while high - low > 1:

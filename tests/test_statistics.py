@@ -159,6 +159,8 @@ def test_detectable_shrinks_as_seeds_grow_and_seeds_for_inverts_it() -> None:
     assert result.seeds_for(result.detectable() * (1 + 1e-9)) == 4
     assert result.seeds_for(result.detectable(seeds=12) * (1 + 1e-9)) == 12
     assert result.seeds_for(10.0) == 2
+    with pytest.raises(ValueError, match="power"):
+        result.seeds_for(0.1, power=80)
     row_limit = math.sqrt(result.components.row / result.n_rows)
     assert result.seeds_for(row_limit) is None  # no number of seeds beats the rows' own noise
 
