@@ -131,7 +131,8 @@ def row_of(option: str, mode: str, mask: Path, results: Path | None, repro: dict
     for name, condition in (("off", off), ("kept", kept)):
         controls = condition["controls"] if condition else {}
         for control, short in (("layer_matched", "layer"), ("magnitude_matched", "mag")):
-            row[f"{name}_{short}"] = controls.get(control, {}).get("ratio")
+            # None where no random sets were drawn or the ratio is not readable (the random sets' extra loss is noise)
+            row[f"{name}_{short}"] = controls[control]["ratio"]["value"] if control in controls else None
     base = data["baseline"].get("accuracy")
     if base is not None and off is not None:
         row["acc_base"] = base

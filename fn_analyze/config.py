@@ -354,9 +354,11 @@ class EvaluateConfig:
         4, help="Masks scored together in one forward pass (each on its own copy of the batch)."
     )
     draws: int = option(5, help="Random sets per control for the union rows.")
-    # Every draw is a pass over the data, and a mask file has many networks: one draw each keeps
-    # the demo to minutes on 2 CPU cores.
-    network_draws: int = option(1, help="Random sets per control for each network's own row (0: no control).")
+    # A network's ratio carries an interval resampling the rows and the random sets: with one set there is
+    # no spread between sets to resample, and the network's rank among them says nothing. 5, as --draws:
+    # the fewest with which the interval holds the sets' spread and a network can rank above every set
+    # (a chance of 1 in 6 for a network no different from random neurons). Every draw is a pass over the data.
+    network_draws: int = option(5, help="Random sets per control for each network's own row (0: no control).")
     per_network: bool = option(  # False: the union rows only (a sweep's table needs no more)
         True, off="union_only", help="Also each network switched off on its own."
     )

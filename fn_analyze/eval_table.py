@@ -2,20 +2,98 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+RATIO_WIDTH = 20  # "2.19x [1.60, 3.10]"
+VERDICT_CONTROL = "magnitude_matched"  # the stricter control: the verdicts are read against it
 
-def _fmt_control(control: dict[str, Any] | None) -> tuple[str, str]:
+
+def _fmt_control(control: dict[str, Any] | None) -> str:
     if control is None:
-        return "-", "-"
-    ratio = "n/a" if control["ratio"] is None else f"{control['ratio']:.2f}x"
+        return "-"
     if control["draws"] == 1:  # no spread to show
-        return f"{control['mean']:.3f} (1)", ratio
-    return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})", ratio
+        return f"{control['mean']:.3f} (1)"
+    return f"{control['mean']:.3f} ± {control['std']:.3f} ({control['draws']})"
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
+def _decimals(*values: float) -> int:
+    """Decimals that give the largest of `values` three significant digits, at most two."""
+    largest = max((abs(v) for v in values if math.isfinite(v)), default=0.0)
+    return 2 if largest == 0 else min(2, max(0, 2 - math.floor(math.log10(largest))))
+
+
+def ratio_text(ratio: dict[str, Any] | None) -> str:
+    """A ratio with its interval, e.g. `2.19x [1.60, 3.10]`; `n/r` (not readable) where the random
+    sets' harm is within noise of zero, so that no number stands for it; `-` where none was measured."""
+    if ratio is None:
+        return "-"
+    if not ratio["readable"]:
+        return "n/r"
+    digits = _decimals(ratio["value"], ratio["low"], ratio["high"])
+    return f"{ratio['value']:.{digits}f}x [{ratio['low']:.{digits}f}, {ratio['high']:.{digits}f}]"
+
+
+def _interval_text(value: float, low: float, high: float) -> str:
+    digits = max(3, _decimals(value, low, high))
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def verdict(name: str, mode: str, control: str, ratio: dict[str, Any], harm: str) -> str:
+    """One line on a condition against a control: its ratio, interval and rank, and what they show.
+    `harm` names the ratio's figure ("extra loss", "accuracy lost"). For key (switched off) above one
+    is the networks mattering more than random neurons; for complement (kept alone) below one is them
+    keeping the model better than random neurons do."""
+    action = "off" if mode == "key" else "kept alone"
+    head = f"{name} {action} vs {control.replace('_', '-')}"
+    noise = _interval_text(ratio["denominator"], ratio["denominator_low"], ratio["denominator_high"])
+    if not ratio["readable"]:
+        return f"{head}: not readable: the random sets' {harm} is within noise of zero ({noise})"
+    shown = (
+        f"{head}: {ratio_text(ratio)} the random sets' {harm}, "
+        f"{ratio['rank']} of {ratio['n_draws']} random sets with as much"
+    )
+    if ratio["denominator"] < 0:
+        return f"{shown}: no comparison: the random sets' {harm} is below zero ({noise})"
+    if ratio["low"] > 1:
+        word = "more than random neurons of its size" if mode == "key" else "random neurons alone keep the model better"
+        return f"{shown}: above one ({word})"
+    if ratio["high"] < 1:
+        word = (
+            "less than random neurons of its size" if mode == "key" else "it alone keeps the model better than random"
+        )
+        return f"{shown}: below one ({word})"
+    return f"{shown}: not shown (the interval holds one)"
+
+
+def _verdicts(results: dict[str, Any], metric: str | None) -> list[str]:
+    """A verdict on each condition's loss against the magnitude-matched random sets, and for the union
+    rows on the accuracy too; then how the intervals were made."""
+    lines = [f"verdicts, against the {VERDICT_CONTROL.replace('_', '-')} random sets:"]
+    methods: dict[str, None] = {}
+    confidence = 0.0
+    for row in results["conditions"]:
+        control = row["controls"].get(VERDICT_CONTROL)
+        if control is None:
+            continue
+        lines.append("  " + verdict(row["name"], row["mode"], VERDICT_CONTROL, control["ratio"], "extra loss"))
+        if metric is not None and row["kind"] == "union" and control.get("accuracy_ratio") is not None:
+            ratio = control["accuracy_ratio"]
+            lines.append("  " + verdict(row["name"], row["mode"], VERDICT_CONTROL, ratio, f"{metric} lost"))
+        for summary in row["controls"].values():
+            for ratio in (summary["ratio"], summary.get("accuracy_ratio")):
+                if ratio is not None:
+                    methods[ratio["method"] + (f" ({ratio['note']})" if ratio["note"] else "")] = None
+                    confidence = ratio["confidence"]
+    if len(lines) == 1:
+        return []
+    lines += [f"interval ({confidence:.0%}): {method}" for method in methods]
+    lines.append(
+        "rank: how many random sets have at least the condition's extra loss (accuracy lost); "
+        "n/r: not readable, the random sets' mean harm is within noise of zero (its interval holds zero), "
+        "so its ratio is no number"
+    )
+    return lines
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -56,7 +134,7 @@ def format_table(results: dict[str, Any]) -> str:
         "that is the condition's own neurons)",
         "reading the ratio: for key (switched off), above one means the networks matter more than random neurons; "
         "for complement (only they kept), lower is better: below one means the networks alone preserve the "
-        "model better than random neurons alone; n/a: the random sets added no loss, so there is no ratio",
+        "model better than random neurons alone; [low, high]: its interval",
         f"{top}: the condition's neurons among the {magnitude['top_n']} largest-magnitude ones; "
         "(n) after a random sets' loss: how many sets were drawn (mean ± standard deviation over them)",
     ]
@@ -65,17 +143,17 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
     if data["held_out"] is False:
         lines.append("warning: this is the data the networks were found on, not held-out data")
-    lines.append("")
+    lines += ["", *_verdicts(results, metric), ""]
     acc_head = f" {'acc':>5}" if metric else ""
-    control_acc_head = f" {'acc':>5} {'drop':>7}" if metric else ""
+    control_acc_head = f" {'acc':>5} {'drop':>{RATIO_WIDTH}}" if metric else ""
     header = (
         f"{'condition':<24} {'mode':<10} {'neurons':>7} {top:>6} {'loss':>7}"
         + (f" {'EM':>5}" if em else "")
         + acc_head
-        + f" | {'layer-matched':<22} {'ratio':>7}"
+        + f" | {'layer-matched':<22} {'ratio':>{RATIO_WIDTH}}"
         + (f" {'EM':>5}" if em else "")
         + control_acc_head
-        + f" | {'magnitude-matched':<22} {'ratio':>7} {'shared':>6}"
+        + f" | {'magnitude-matched':<22} {'ratio':>{RATIO_WIDTH}} {'shared':>6}"
         + (f" {'EM':>5}" if em else "")
         + control_acc_head
     )
@@ -86,13 +164,12 @@ def format_table(results: dict[str, Any]) -> str:
         if not metric:
             return ""
         if control is None:
-            return f" {'-':>5} {'-':>7}"
-        return f" {control[metric]:>5.3f} {_fmt_ratio(control.get('accuracy_ratio')):>7}"
+            return f" {'-':>5} {'-':>{RATIO_WIDTH}}"
+        return f" {control[metric]:>5.3f} {ratio_text(control.get('accuracy_ratio')):>{RATIO_WIDTH}}"
 
     for row in results["conditions"]:
         layer, mag = row["controls"].get("layer_matched"), row["controls"].get("magnitude_matched")
-        layer_text, layer_ratio = _fmt_control(layer)
-        mag_text, mag_ratio = _fmt_control(mag)
+        layer_ratio, mag_ratio = (ratio_text(c["ratio"] if c else None) for c in (layer, mag))
         line = (
             f"{row['name']:<24} {row['mode']:<10} {row['neurons']:>7} {row['top_magnitude_held']:>6} "
             f"{row['loss']:>7.3f}"
@@ -101,11 +178,13 @@ def format_table(results: dict[str, Any]) -> str:
             line += f" {row['exact_match']:>5.3f}"
         if metric:
             line += f" {row[metric]:>5.3f}"
-        line += f" | {layer_text:<22} {layer_ratio:>7}"
+        line += f" | {_fmt_control(layer):<22} {layer_ratio:>{RATIO_WIDTH}}"
         if em:
             line += f" {layer['exact_match']:>5.3f}" if layer else f" {'-':>5}"
         line += control_accuracy(layer)
-        line += f" | {mag_text:<22} {mag_ratio:>7} " + (f"{100 * mag['overlap']:>5.0f}%" if mag else f"{'-':>6}")
+        line += f" | {_fmt_control(mag):<22} {mag_ratio:>{RATIO_WIDTH}} " + (
+            f"{100 * mag['overlap']:>5.0f}%" if mag else f"{'-':>6}"
+        )
         if em:
             line += f" {mag['exact_match']:>5.3f}" if mag else f" {'-':>5}"
         line += control_accuracy(mag)

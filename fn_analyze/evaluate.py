@@ -13,7 +13,9 @@ random neuron sets of the same size, drawn two ways (see `neuron_sets`):
 The ratio reported is the network's extra loss over the control's mean extra loss
 ((loss - baseline) / (control - baseline)): above 1 the network matters more than random
 neurons of its size; for `complement`, below 1 keeping the network is better than keeping
-random neurons.
+random neurons. Each ratio carries an interval that resamples the scored rows and, independently,
+the random sets (`shared.statistics.ratio_interval`), and the condition's rank among the sets; a
+ratio whose denominator is within noise of zero has no value (not readable).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from shared.masks import (
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.paths import check_writable_file
 from shared.progress import progress_bar
+from shared.statistics import ratio_interval
 
 log = logging.getLogger(__name__)
 
@@ -155,38 +158,54 @@ def _conditions(
     return conditions
 
 
-def _ratio(value: float, control: float, base: float) -> float | None:
-    """Extra loss of the condition over the control's; undefined when the control adds none."""
-    return (value - base) / (control - base) if control - base > 1e-9 else None
-
-
-def _accuracy_ratio(value: float, control: float, base: float) -> float | None:
-    """Accuracy lost by the condition over the accuracy the control loses; undefined when it loses none."""
-    return (base - value) / (base - control) if base - control > 1e-9 else None
-
-
 ACCURACY_FIELDS: tuple[str, ...] = ("exact_match", "contains", "accuracy", "accuracy_norm")
 
 
-def _summary(scores: list[Score], overlaps: list[float], result: Score, base: Score) -> dict[str, Any]:
+def summarize_control(
+    scores: list[Score], overlaps: list[float], result: Score, base: Score, seed: int
+) -> dict[str, Any]:
+    """One control of a condition: its draws' losses and accuracies, and the condition's ratios over
+    them (loss, and the headline accuracy where there is one) with their intervals; `seed` seeds the
+    intervals' resampling."""
     losses = [s.loss for s in scores]
-    mean = float(np.mean(losses))
     summary: dict[str, Any] = {
         "draws": len(losses),
         "losses": losses,
-        "mean": mean,
+        "mean": float(np.mean(losses)),
         "std": float(np.std(losses)),
-        "ratio": _ratio(result.loss, mean, base.loss),
+        "ratio": ratio_of("loss", result, base, scores, seed),
         "overlap": float(np.mean(overlaps)),  # share of the drawn neurons that are the condition's own
     }
     summary.update(_accuracy_means(scores))
-    headline = [s.headline_accuracy for s in scores]
-    if headline[0] is not None:
-        summary["accuracy_std"] = float(np.std(headline))
-        summary["accuracy_ratio"] = _accuracy_ratio(
-            result.headline_accuracy, float(np.mean(headline)), base.headline_accuracy
-        )
+    headline = base.headline_accuracy_name
+    if headline is not None:
+        summary["accuracy_std"] = float(np.std([s.headline_accuracy for s in scores]))
+        summary["accuracy_ratio"] = ratio_of(headline, result, base, scores, seed)
     return summary
+
+
+def ratio_of(figure: str, result: Score, base: Score, controls: list[Score], seed: int) -> dict[str, Any]:
+    """The condition's harm on `figure` (extra loss; for an accuracy, accuracy lost) over the random
+    sets' mean harm, with its interval resampling the rows and the random sets
+    (`shared.statistics.ratio_interval`); its value is None where that mean harm is within noise of zero."""
+    values, weights = _row_figure(result, figure)
+    ratio = ratio_interval(
+        values,
+        _row_figure(base, figure)[0],
+        np.stack([_row_figure(control, figure)[0] for control in controls]),
+        weights,
+        lower_is_better=figure == "loss",
+        seed=seed,
+    )
+    return asdict(ratio)
+
+
+def _row_figure(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:
+    assert scored.rows is not None  # every score of an evaluation keeps its rows
+    found = scored.rows.figure(figure)
+    assert found is not None
+    values, weights = found
+    return np.asarray(values, dtype=float), None if weights is None else np.asarray(weights, dtype=float)
 
 
 def _accuracy_means(scores: list[Score]) -> dict[str, float]:
@@ -371,7 +390,10 @@ def _score_conditions(
             for neurons in [condition.neurons, *(d for control in CONTROLS for d in drawn[control])]
         ]
         scored = iter(evaluator.masked(sets, progress))
-        rows = [_row(condition, drawn, scored, base) for condition, drawn in zip(conditions, draws, strict=True)]
+        rows = [
+            _row(condition, drawn, scored, base, config.seed)
+            for condition, drawn in zip(conditions, draws, strict=True)
+        ]
         random_fraction = None
         if config.random_fraction is not None:
             random_fraction = _random_fraction(evaluator, config, allowed, magnitude.measured_layers(), progress)
@@ -406,7 +428,7 @@ def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: floa
             "means_source": ablation.means.source if ablation.means is not None else None,
         },
         "accuracy_metric": _accuracy_metric(measured.base),
-        "baseline": _score_dict(measured.base),
+        "baseline": score_dict(measured.base),
         "conditions": measured.rows,
         "random_fraction": measured.random_fraction,
         "skipped": [
@@ -441,9 +463,11 @@ def evaluate(config: EvaluateConfig, model: nn.Module | None = None, tokenizer: 
     return results
 
 
-def _row(condition: Condition, drawn: dict[str, list[NeuronSet]], scored: Iterator, base: Score) -> dict[str, Any]:
+def _row(
+    condition: Condition, drawn: dict[str, list[NeuronSet]], scored: Iterator, base: Score, seed: int
+) -> dict[str, Any]:
     """One condition's row of the results: its score, then each control's draws' (taken from
-    `scored` in the order the sets were listed)."""
+    `scored` in the order the sets were listed) with the condition's ratios over them."""
     result, closed = next(scored)
     own = pairs(condition.neurons)
     controls = {}
@@ -451,7 +475,7 @@ def _row(condition: Condition, drawn: dict[str, list[NeuronSet]], scored: Iterat
         scores = [next(scored)[0] for _ in drawn[control]]
         overlaps = [len(pairs(neurons) & own) / len(own) for neurons in drawn[control]]
         if scores:
-            controls[control] = _summary(scores, overlaps, result, base)
+            controls[control] = summarize_control(scores, overlaps, result, base, seed)
     return {
         "name": condition.name,
         "kind": condition.kind,
@@ -461,7 +485,7 @@ def _row(condition: Condition, drawn: dict[str, list[NeuronSet]], scored: Iterat
         "layers": len(condition.neurons),
         "top_magnitude_held": condition.top_held,
         "closed_layers": list(closed),
-        **_score_dict(result),
+        **score_dict(result),
         "controls": controls,
     }
 
@@ -510,7 +534,8 @@ def _accuracy_metric(base: Score) -> str | None:
     return "contains" if base.contains is not None else None
 
 
-def _score_dict(result: Score) -> dict[str, Any]:
+def score_dict(result: Score) -> dict[str, Any]:
+    """The loss, perplexity and whichever accuracies `result` has, as the results JSON holds them."""
     scored: dict[str, Any] = {"loss": result.loss, "perplexity": result.perplexity}
     for name in ACCURACY_FIELDS:
         if getattr(result, name) is not None:

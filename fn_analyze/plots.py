@@ -22,7 +22,9 @@ MAGNITUDE_COLOR = "#e08214"
 
 
 def plot_evaluation(results: dict[str, Any], path: Path) -> None:
-    """Extra answer loss of each condition next to its random controls; one panel per kind of condition."""
+    """Extra answer loss of each condition next to its random controls (left), and its loss ratio over
+    each control with the ratio's interval (right); one row of panels per kind of condition. A ratio
+    that is not readable is marked n/r, not drawn."""
     panels = [
         ("union", "key", "The networks switched off together (mode key): more loss = the model needs them"),
         ("union", "complement", "Only the networks kept, every other MLP neuron off (mode complement): less = enough"),
@@ -30,43 +32,67 @@ def plot_evaluation(results: dict[str, Any], path: Path) -> None:
     ]
     panels = [p for p in panels if any((r["kind"], r["mode"]) == p[:2] for r in results["conditions"])]
     heights = [1 + sum((r["kind"], r["mode"]) == p[:2] for r in results["conditions"]) for p in panels]
-    fig = _figure(figsize=(10, 1.6 + 0.6 * sum(heights)), layout="constrained")
-    axes = fig.subplots(len(panels), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig = _figure(figsize=(13, 1.6 + 0.6 * sum(heights)), layout="constrained")
+    axes = fig.subplots(
+        len(panels), 2, gridspec_kw={"height_ratios": heights, "width_ratios": [3, 2]}, squeeze=False, sharey="row"
+    )
     base = results["baseline"]["loss"]
     series = (
         (None, NETWORK_COLOR, "the networks' neurons"),
-        ("layer_matched", LAYER_COLOR, "random neurons, same count per layer (mean ± sd over draws)"),
-        ("magnitude_matched", MAGNITUDE_COLOR, "random neurons, same count per layer and magnitude bin (mean ± sd)"),
+        ("layer_matched", LAYER_COLOR, "random neurons, same count per layer (mean over draws, its interval)"),
+        ("magnitude_matched", MAGNITUDE_COLOR, "random neurons, same count per layer and magnitude bin (the same)"),
     )
     bar = 0.26
-    for ax, (kind, mode, title) in zip(axes[:, 0], panels, strict=True):
+    for (ax, ratio_ax), (kind, mode, title) in zip(axes, panels, strict=True):
         rows = [r for r in results["conditions"] if (r["kind"], r["mode"]) == (kind, mode)]
         y = np.arange(len(rows))[::-1].astype(float)
         for offset, (key, color, label) in enumerate(series):
             if key is None:
                 values, spreads = [r["loss"] - base for r in rows], None
             else:
-                values = [r["controls"][key]["mean"] - base if key in r["controls"] else np.nan for r in rows]
-                spreads = [r["controls"][key]["std"] if key in r["controls"] else 0.0 for r in rows]
+                ratios = [r["controls"][key]["ratio"] if key in r["controls"] else None for r in rows]
+                values = [np.nan if q is None else q["denominator"] for q in ratios]
+                spreads = np.array(
+                    [[0.0, 0.0] if q is None else [q["denominator"] - q["denominator_low"],
+                                                   q["denominator_high"] - q["denominator"]] for q in ratios]
+                ).T  # fmt: skip
             ax.barh(y + bar * (1 - offset), values, bar, xerr=spreads, color=color, label=label, capsize=2)
+            if key is not None:
+                _ratio_points(ratio_ax, y + bar * (1 - offset), ratios, color)
         ax.axvline(0.0, color="black", linewidth=0.8)
-        labels = []
-        for r in rows:
-            ratios = [r["controls"].get(k, {}).get("ratio") for k in ("layer_matched", "magnitude_matched")]
-            text = " / ".join("n/a" if v is None else f"{v:.1f}x" for v in ratios) if r["controls"] else "none drawn"
-            labels.append(f"{r['name']}: {r['neurons']} neurons\nratio vs random: {text}")
+        ratio_ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        low, high = ratio_ax.get_xlim()
+        ratio_ax.set_xlim(min(low, 0.0), max(high, 2.0))  # one, and random's side of it, always in view
+        labels = [
+            f"{r['name']}: {r['neurons']} neurons" + ("" if r["controls"] else "\nno random sets drawn") for r in rows
+        ]
         ax.set_yticks(y, labels, fontsize=8)
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_xlabel(f"extra answer-token loss over the baseline ({base:.3f}, nothing switched off)", fontsize=8)
+        ratio_ax.set_xlabel("ratio: the networks' extra loss / the random sets' (n/r: not readable)", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     data = results["dataset"]
     fig.suptitle(
         f"{results['model']} on {data['source']} ({data['rows']} rows): switching MLP neurons off\n"
-        "ratio = the networks' extra loss / random sets' extra loss (layer-matched / magnitude-matched)",
+        "error bars: intervals resampling the rows and the random sets; a ratio whose denominator is within "
+        "noise of zero is not readable",
         fontsize=10,
     )
     fig.legend(handles, labels, loc="outside lower center", ncol=1, fontsize=8, frameon=False)
     _save(fig, path)
+
+
+def _ratio_points(ax: Any, y: np.ndarray, ratios: list[dict[str, Any] | None], color: str) -> None:
+    """Each readable ratio as a point with its interval; an unreadable one as the text n/r at one."""
+    for position, ratio in zip(y, ratios, strict=True):
+        if ratio is None:
+            continue
+        if not ratio["readable"]:
+            ax.text(0.01, position, "n/r: not readable", va="center", fontsize=7, color=color,
+                    transform=ax.get_yaxis_transform())  # fmt: skip
+            continue
+        error = [[ratio["value"] - ratio["low"]], [ratio["high"] - ratio["value"]]]
+        ax.errorbar([ratio["value"]], [position], xerr=error, fmt="o", color=color, capsize=2, markersize=4)
 
 
 def plot_iou(matrix: np.ndarray, ids_a: list[int], ids_b: list[int], name_a: str, name_b: str, path: Path) -> None:

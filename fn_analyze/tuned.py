@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.evaluate import ACCURACY_FIELDS, _score_dict
+from fn_analyze.evaluate import ACCURACY_FIELDS, score_dict
 from fn_analyze.scoring import EvalSet, load_eval_set, make_batches, score
 from shared import __version__
 from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION
@@ -50,7 +50,7 @@ def _scores(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: Evalu
             choices = (eval_set.choices, make_batches(eval_set.choices, config.batch_size, tokenizer.pad_token_id))
         with_generation = config.exact_match and eval_set.has_answers
         scored = score(model, tokenizer, batches, with_generation, config.max_new_tokens, choices)[0]
-        found.append(_score_dict(scored))
+        found.append(score_dict(scored))
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,12 @@ import torch
 
 import fn_analyze.evaluate as evaluate_module
 from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.eval_table import format_table
-from fn_analyze.evaluate import EvaluateConfig, evaluate
+from fn_analyze.eval_table import format_table, ratio_text, verdict
+from fn_analyze.evaluate import EvaluateConfig, evaluate, summarize_control
 from fn_analyze.magnitude import magnitude_from_activations
 from fn_analyze.neuron_sets import draw_matched, pairs
-from fn_analyze.scoring import answer_loss, load_eval_set, make_batches, normalize_answer, score
+from fn_analyze.plots import plot_evaluation
+from fn_analyze.scoring import RowScores, Score, answer_loss, load_eval_set, make_batches, normalize_answer, score
 from shared.errors import UserError
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from tests.helpers import (
@@ -135,6 +137,22 @@ def test_json_holds_every_figure_the_table_prints(
     assert_png(out.with_suffix(".png"))
     assert "exact_match" in results["baseline"]
     assert "exact_match" in results["conditions"][0]["controls"]["magnitude_matched"]
+    # Every condition's ratio over every control carries its interval, rank and draws, for the loss and
+    # for the headline accuracy (here: the answer contained in the generation).
+    for row in results["conditions"]:
+        for summary in row["controls"].values():
+            for ratio in (summary["ratio"], summary["accuracy_ratio"]):
+                assert ratio["n_draws"] == summary["draws"] and ratio["n_rows"] == results["dataset"]["rows"]
+                assert 0 <= ratio["rank"] <= ratio["n_draws"] and "resamples" in ratio["method"]
+                assert ratio["denominator_low"] <= ratio["denominator"] <= ratio["denominator_high"]
+                if ratio["readable"]:
+                    assert ratio["low"] <= ratio["high"]
+                else:
+                    assert ratio["value"] is ratio["low"] is ratio["high"] is None
+        assert summary["accuracy_ratio"]["lower_is_better"] is False
+    table = format_table(results)
+    assert table.index("verdicts, against the magnitude-matched") < table.index("\ncondition ")
+    assert "union of 3 networks off vs magnitude-matched: " in table and "network 2 off vs" in table
 
 
 def test_answer_loss_is_the_models_loss_on_the_answer_tokens(tiny_lm_dir: Path, demo_dir: Path) -> None:
@@ -269,8 +287,19 @@ def test_evaluate_command_prints_the_table_and_refuses_bad_input(
     result = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     assert "network 1" in result.output and "magnitude-matched" in result.output
-    for legend in ("for complement (only they kept), lower is better", "n/a: the random sets added no loss"):
-        assert legend in result.output  # the table's marks are explained: n/a, top100, (n)
+    for legend in ("for complement (only they kept), lower is better", "n/r: not readable", "rank: how many"):
+        assert legend in result.output  # the table's marks are explained: n/r, rank, top100, (n)
+    # A verdict on each condition at the top, and with one draw the interval says it resamples the rows only.
+    verdicts = result.output.split("verdicts, against the magnitude-matched random sets:")[1].split("\ncondition ")[0]
+    assert "network 1 off vs magnitude-matched: " in verdicts
+    assert "network 1 kept alone vs magnitude-matched: " in verdicts
+    assert "one random set: only rows are resampled" in verdicts
+    stored = json.loads((tmp_path / "r.json").read_text())
+    for row in stored["conditions"]:
+        for summary in row["controls"].values():
+            ratio = summary["ratio"]
+            assert (ratio["n_draws"], ratio["n_rows"]) == (1, 4) and ratio["method"].startswith("row bootstrap")
+            assert (ratio["value"] is None) == (not ratio["readable"])
     assert "top100: the condition's neurons among the 100 largest" in result.output and "(n) after" in result.output
     assert_png(tmp_path / "r.png")
     again = runner.invoke(app, [*base, "--networks", "1", "--out", str(tmp_path / "r.json")])
@@ -381,3 +410,89 @@ def test_random_sets_leave_out_the_set_aside_neurons_and_the_massive_group_is_me
         5,
     )
     assert all(allowed[layer, n] for _, _, allowed, _ in record_draws for layer, n in aside_pairs)
+
+
+def _planted(harm: float, control_harms: list[float], noise: float, rows: int = 60) -> tuple[Score, Score, list[Score]]:
+    """(base, condition, random sets) scored on the same rows: the condition `harm` above the base on
+    every row and each random set its own harm, each row jittered by `noise`."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 6, size=rows)
+    base_rows = 2.0 + rng.normal(0.0, 0.3, size=rows)
+
+    def scored(values: np.ndarray) -> Score:
+        loss = float(values @ tokens / tokens.sum())
+        return Score(loss, None, rows=RowScores(tuple(values.tolist()), tuple(tokens.tolist())))
+
+    shifted = [scored(base_rows + h + rng.normal(0.0, noise, size=rows)) for h in [harm, *control_harms]]
+    return scored(base_rows), shifted[0], shifted[1:]
+
+
+def _results(conditions: list[dict]) -> dict:
+    """The fields of a results JSON the table reads, around `conditions`."""
+    return {
+        "model": "planted",
+        "dataset": {"source": "rows", "split": "test", "rows": 60, "answer_tokens": 180, "choice_records": 0,
+                    "held_out": None},
+        "baseline": {"loss": 2.0, "perplexity": 7.39},
+        "magnitude": {"statistic": "max |activation|", "source": "planted", "top_n": 100, "top_smallest": 1.0,
+                      "top_largest": 2.0, "excluded": False, "set_aside_left_out": 0},
+        "ablation": {"mode": "mean", "scale_factor": None, "means_source": "planted"},
+        "accuracy_metric": None,
+        "conditions": conditions,
+        "random_fraction": None,
+        "skipped": [],
+    }  # fmt: skip
+
+
+def _condition(name: str, mode: str, result: Score, controls: dict) -> dict:
+    return {"name": name, "kind": "network", "mode": mode, "networks": [3], "neurons": 10, "layers": 1,
+            "top_magnitude_held": 0, "closed_layers": [], "loss": result.loss, "perplexity": 7.4,
+            "controls": controls}  # fmt: skip
+
+
+def test_a_ratio_over_random_sets_that_add_no_loss_beyond_noise_is_not_readable_and_not_printed(
+    tmp_path: Path,
+) -> None:
+    base, result, noise_sets = _planted(0.5, [0.01, -0.01, 0.005, -0.005, 0.0], noise=0.05)
+    unreadable = summarize_control(noise_sets, [0.0] * 5, result, base, seed=0)
+    ratio = unreadable["ratio"]
+    assert not ratio["readable"] and ratio["value"] is ratio["low"] is ratio["high"] is None
+    assert ratio["denominator_low"] < 0 < ratio["denominator_high"]
+    json.dumps(unreadable, allow_nan=False)  # the JSON holds no NaN or infinity in its place
+    assert ratio_text(ratio) == "n/r"
+    line = verdict("network 3", "key", "magnitude_matched", ratio, "extra loss")
+    assert line.startswith("network 3 off vs magnitude-matched: not readable: the random sets' extra loss is within")
+    assert not re.search(r"\dx", line)  # no ratio printed
+    _, _, clear_sets = _planted(0.5, [0.1, 0.12, 0.09, 0.11, 0.1], noise=0.01)
+    readable = summarize_control(clear_sets, [0.0] * 5, result, base, seed=0)
+    results = _results([_condition("network 3", "key", result, {"layer_matched": readable,
+                                                                "magnitude_matched": unreadable})])  # fmt: skip
+    table = format_table(results)
+    (row,) = [line for line in table.splitlines() if line.startswith("network 3 ")]
+    assert row.count("n/r") == 1 and ratio_text(readable["ratio"]) in row
+    assert f"  {line}" in table and "n/r: not readable" in table
+    plot_evaluation(results, tmp_path / "planted.png")
+    assert_png(tmp_path / "planted.png")
+
+
+def test_verdicts_read_each_mode_in_its_own_direction() -> None:
+    base, switched_off, controls = _planted(0.3, [0.1, 0.12, 0.09, 0.11, 0.1], noise=0.01)
+    key = summarize_control(controls, [0.0] * 5, switched_off, base, seed=0)["ratio"]
+    assert key["readable"] and 1 < key["low"] < key["value"] < key["high"]
+    assert key["value"] == pytest.approx(3.0, rel=0.05)
+    assert key["rank"] == 0 and key["n_draws"] == 5  # no random set loses as much as the network
+    assert verdict("network 3", "key", "magnitude_matched", key, "extra loss").endswith(
+        "0 of 5 random sets with as much: above one (more than random neurons of its size)"
+    )
+    _, kept_alone, _ = _planted(0.03, [], noise=0.01)
+    complement = summarize_control(controls, [0.0] * 5, kept_alone, base, seed=0)["ratio"]
+    assert complement["high"] < 1 and complement["rank"] == 5
+    line = verdict("union of 2 networks", "complement", "magnitude_matched", complement, "extra loss")
+    assert line.startswith("union of 2 networks kept alone vs magnitude-matched: 0.")
+    assert line.endswith("5 of 5 random sets with as much: below one (it alone keeps the model better than random)")
+    unclear = summarize_control(controls, [0.0] * 5, _planted(0.105, [], noise=0.01)[1], base, seed=0)["ratio"]
+    assert verdict("network 3", "key", "layer_matched", unclear, "extra loss").endswith(
+        "not shown (the interval holds one)"
+    )
+    # By default a network's own row draws enough random sets for its interval to hold their spread.
+    assert EvaluateConfig(mask_file=Path("m.json"), dataset="d.csv").network_draws == 5
