@@ -1,11 +1,13 @@
 """What does pruning buy and cost? The embedded model pruned to 0.5, 0.7 and 0.9 of its MLP neurons per
 layer (the mask file's networks kept first, then FLAP importance, means folded into the bias), next to
-the original and to a random pruning of the same count per layer (compensated alike), in one run.
+the original, to a random pruning of the same count per layer and to the same count per layer kept by
+importance alone (the networks not kept first: what keeping them adds), all compensated alike, in one run.
 
 Per keep: parameters; tokens/s of a forward pass (a fixed batch of token ids, logits of the last
 position only as in a prefill; the original and the pruned model timed in alternating rounds so both
 see the same load; median of the rounds' ratios);
-answer loss on the demo's held-out rows and accuracy on its sentiment classification rows.
+answer loss on the demo's held-out rows and accuracy on its sentiment classification rows (net: the
+networks first, then importance; rand: random; imp: importance alone).
 
     python bench/prune.py --activations runs/acts --data demo/eval.csv --accuracy-data demo/sentiment.csv
 
@@ -99,32 +101,36 @@ def main() -> None:
 
     header = (
         f"{'keep':>5} {'neurons':>8} {'parameters':>12} {'tok/s orig':>11} {'tok/s pruned':>13} {'speedup':>8} "
-        f"{'loss net':>9} {'loss rand':>10} {'acc net':>8} {'acc rand':>9}"
+        f"{'loss net':>9} {'loss rand':>10} {'loss imp':>9} {'acc net':>8} {'acc rand':>9} {'acc imp':>8}"
     )
     rows, speedups = [], {}
     for keep in (float(k) for k in args.keeps.split(",")):
         n_keep = keep_count(keep, info.intermediate_size)
         kept = choose_by_importance(scores_of, protected, n_keep)
         drawn = choose_at_random(info.n_layers, info.intermediate_size, n_keep, {}, args.seed)
-        pruned, control = copy.deepcopy(model), copy.deepcopy(model)
+        alone = choose_by_importance(scores_of, {}, n_keep)
+        pruned, control, by_importance = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
         prune_model(pruned, kept.kept, moments.mean)
         prune_model(control, drawn.kept, moments.mean)
+        prune_model(by_importance, alone.kept, moments.mean)
         rates = tokens_per_second({"original": model, "pruned": pruned}, ids, args.rounds)
         ratio = statistics.median(p / o for p, o in zip(rates["pruned"], rates["original"], strict=True))
         speedups[keep] = ratio
         loss, accuracy = scores(pruned, tokenizer, loss_batches, choices)
         random_loss, random_accuracy = scores(control, tokenizer, loss_batches, choices)
+        alone_loss, alone_accuracy = scores(by_importance, tokenizer, loss_batches, choices)
         row = (
             f"{keep:>5.2f} {n_keep:>8} {sum(p.numel() for p in pruned.parameters()):>12,} "
             f"{statistics.median(rates['original']):>11.0f} {statistics.median(rates['pruned']):>13.0f} "
-            f"{ratio:>8.3f} {loss:>9.4f} {random_loss:>10.4f} "
+            f"{ratio:>8.3f} {loss:>9.4f} {random_loss:>10.4f} {alone_loss:>9.4f} "
             f"{accuracy if accuracy is None else f'{accuracy:.3f}':>8} "
-            f"{random_accuracy if random_accuracy is None else f'{random_accuracy:.3f}':>9}"
+            f"{random_accuracy if random_accuracy is None else f'{random_accuracy:.3f}':>9} "
+            f"{alone_accuracy if alone_accuracy is None else f'{alone_accuracy:.3f}':>8}"
         )
         rows.append(row)
         networks_cut = sum(kept.networks_cut.values())
         print(f"{row}   (networks' neurons cut: {networks_cut})", flush=True)
-        del pruned, control
+        del pruned, control, by_importance
     print(f"original loss {base_loss:.4f}, accuracy {base_accuracy}; load average {os.getloadavg()[0]:.1f} at end")
     print(header)
     print("\n".join(rows))

@@ -17,7 +17,8 @@ layer, compensated alike: the control.
 
 The output folder holds the model and tokenizer, `fn_prune.json` (provenance), the mask file
 remapped to the new neuron indices (`fn_prune_mask.json`, for fn-train and evaluate on the
-pruned model) and `fn_prune_neurons.npz` (the kept indices and the means used).
+pruned model) and `fn_prune_neurons.npz` (the kept indices, the means used and the importance
+ranked on).
 """
 
 from __future__ import annotations
@@ -298,11 +299,13 @@ def prune(config: PruneConfig) -> PruneResult:
     width = mask.model.intermediate_size
     n_keep = keep_count(config.keep, width)
     protected = union(selected)
+    scores = None
     if config.random:
         chosen = choose_at_random(mask.model.n_layers, width, n_keep, protected, config.seed)
     else:
         assert moments is not None
-        chosen = choose_by_importance(importance(moments, projections, config.compensate), protected, n_keep)
+        scores = importance(moments, projections, config.compensate)
+        chosen = choose_by_importance(scores, protected, n_keep)
     before = sum(p.numel() for p in model.parameters())
     means = moments.mean if config.compensate and moments is not None else None
     prune_model(model, chosen.kept, means)
@@ -313,7 +316,12 @@ def prune(config: PruneConfig) -> PruneResult:
         model.save_pretrained(stage)
         tokenizer.save_pretrained(stage)
         with atomic_file(stage / PRUNE_NEURONS_NAME) as handle:
-            np.savez(handle, kept=chosen.kept, **({"means": moments.mean} if moments is not None else {}))
+            arrays = {"kept": chosen.kept}
+            if moments is not None:
+                arrays["means"] = moments.mean
+            if scores is not None:  # for evaluate --pruned's control: the same count kept by importance alone
+                arrays["importance"] = scores
+            np.savez(handle, **arrays)
         save_mask_file(pruned_mask, stage / PRUNE_MASK_NAME)
         write_json_atomic(stage / PRUNE_RECORD_NAME, record)
     return PruneResult(config.out, record)

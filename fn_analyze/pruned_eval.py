@@ -1,10 +1,15 @@
-"""`fn-analyze evaluate --pruned DIR`: a pruned model next to the model it was pruned from and to
-random prunings of the same count per layer.
+"""`fn-analyze evaluate --pruned DIR`: a pruned model next to the model it was pruned from, to random
+prunings of the same count per layer, and to the same count per layer kept by importance alone.
 
-The three are scored on the same rows: answer loss, and accuracy where the data (multiple choice) or
+All are scored on the same rows: answer loss, and accuracy where the data (multiple choice) or
 --exact-match gives one. The random prunings (--draws, seeded by --seed) keep uniformly drawn neurons,
-as many per layer as the folder's model, and are compensated as it was (with the means it recorded),
-so the comparison isolates which neurons were kept.
+as many per layer as the folder's model; the importance-only pruning keeps each layer's most important
+neurons by the folder's own importance scores, the networks not put first. Both are compensated as the
+folder was (with the means it recorded), so the comparisons isolate which neurons were kept: against
+random prunings, whether the selection matters at all; against importance alone, whether keeping the
+networks first adds anything to importance. Each comparison is the pruned model's figure minus the
+control's, paired by rows, with its interval (`shared.statistics.paired_difference`): over the rows for
+importance alone (one pruning each, nothing drawn), over the rows and the random draws for random prunings.
 """
 
 from __future__ import annotations
@@ -18,16 +23,20 @@ from typing import Any
 import numpy as np
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.evaluate import ACCURACY_FIELDS
-from fn_analyze.prune import choose_at_random, prune_model
-from fn_analyze.scoring import load_eval_set
-from fn_analyze.tuned import _scores
+from fn_analyze.evaluate import ACCURACY_FIELDS, score_dict
+from fn_analyze.prune import choose_at_random, choose_by_importance, prune_model
+from fn_analyze.scoring import Score, load_eval_set
+from fn_analyze.tuned import score_sets
 from shared import __version__
 from shared.constants import EVALUATION_SCHEMA_VERSION, PRUNE_NEURONS_NAME, PRUNE_RECORD_NAME
 from shared.device import choose_device, choose_dtype
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.statistics import paired_difference
+
+IMPORTANCE_ONLY = "importance only"
+RANDOM = "random pruning"
 
 
 def read_prune_record(folder: Path) -> dict[str, Any]:
@@ -46,14 +55,16 @@ def _parameters(model) -> int:
 
 
 def evaluate_pruned(config: EvaluateConfig) -> dict[str, Any]:
-    """Score the original, the pruned folder and random prunings on --dataset; write the results JSON at
-    `config.out` and return it."""
+    """Score the original, the pruned folder, random prunings and the importance-only pruning on --dataset;
+    write the results JSON at `config.out` and return it."""
     assert config.pruned is not None
     started = time.perf_counter()
     record = read_prune_record(config.pruned)
     with np.load(config.pruned / PRUNE_NEURONS_NAME) as stored:
-        n_keep = int(stored["kept"].shape[1])
+        folder_kept = stored["kept"]
         means = stored["means"] if record["compensation"] else None
+        ranked = stored["importance"] if "importance" in stored else None
+    n_keep = int(folder_kept.shape[1])
     base_name = record["base_model"]
     tokenizer = load_tokenizer(base_name)
     tokenizer.padding_side = "right"
@@ -70,31 +81,56 @@ def evaluate_pruned(config: EvaluateConfig) -> dict[str, Any]:
             f"{config.pruned} was pruned from a model of fingerprint {record['base_fingerprint']}, but {base_name!r} "
             f"now loads as {info.fingerprint}; evaluate where the original model is the one that was pruned"
         )
-    rows = [
-        {"name": "original", "parameters": _parameters(original), **_scores(original, tokenizer, [eval_set], config)[0]}
-    ]
-    pruned = load_causal_lm(str(config.pruned), dtype, device)
-    rows.append(
-        {"name": "pruned", "parameters": _parameters(pruned), **_scores(pruned, tokenizer, [eval_set], config)[0]}
-    )
-    del pruned
-    draws = []
-    for draw in range(config.draws):
+
+    def scored(model) -> Score:
+        return score_sets(model, tokenizer, [eval_set], config)[0]
+
+    def pruned_copy(kept: np.ndarray) -> Score:
         model = copy.deepcopy(original)
-        kept = choose_at_random(info.n_layers, info.intermediate_size, n_keep, {}, config.seed, draw).kept
         prune_model(model, kept, means)
-        draws.append(_scores(model, tokenizer, [eval_set], config)[0])
-    losses = [d["loss"] for d in draws]
+        return scored(model)
+
+    original_score = scored(original)
+    pruned = load_causal_lm(str(config.pruned), dtype, device)
+    parameters = _parameters(pruned)
+    pruned_score = scored(pruned)
+    del pruned
+    rows = [
+        {"name": "original", "parameters": _parameters(original), **score_dict(original_score)},
+        {"name": "pruned", "parameters": parameters, **score_dict(pruned_score)},
+    ]
+    draws = [
+        pruned_copy(choose_at_random(info.n_layers, info.intermediate_size, n_keep, {}, config.seed, draw).kept)
+        for draw in range(config.draws)
+    ]
+    losses = [d.loss for d in draws]
     random_row: dict[str, Any] = {
-        "name": "random pruning",
-        "parameters": rows[1]["parameters"],
+        "name": RANDOM,
+        "parameters": parameters,
         "draws": len(draws),
         "losses": losses,
         "loss": float(np.mean(losses)),
         "loss_std": float(np.std(losses)),
     }
-    random_row.update({name: float(np.mean([d[name] for d in draws])) for name in ACCURACY_FIELDS if name in draws[0]})
+    drawn = [score_dict(d) for d in draws]
+    random_row.update({name: float(np.mean([d[name] for d in drawn])) for name in ACCURACY_FIELDS if name in drawn[0]})
     rows.append(random_row)
+    comparisons = _comparisons(pruned_score, RANDOM, draws)
+    left_out = {}
+    if ranked is None:
+        left_out[IMPORTANCE_ONLY] = (
+            "the folder was pruned at random, by no importance"
+            if record["importance"] is None
+            else f"the folder's {PRUNE_NEURONS_NAME} holds no importance scores; prune again to compare with them"
+        )
+    else:
+        kept = choose_by_importance(ranked, {}, n_keep).kept
+        alone = pruned_copy(kept)
+        shared = sum(len(np.intersect1d(a, b)) for a, b in zip(kept, folder_kept, strict=True)) / folder_kept.size
+        # share_kept_alike: of the neurons the folder keeps, the share importance alone keeps too
+        rows.append({"name": IMPORTANCE_ONLY, "parameters": parameters, "share_kept_alike": shared,
+                     **score_dict(alone)})  # fmt: skip
+        comparisons = _comparisons(pruned_score, IMPORTANCE_ONLY, [alone]) + comparisons
     results = {
         "schema_version": EVALUATION_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
@@ -107,6 +143,8 @@ def evaluate_pruned(config: EvaluateConfig) -> dict[str, Any]:
         "compensation": record["compensation"],
         "dataset": {"source": eval_set.source, "split": eval_set.split, "rows": len(eval_set.rows)},
         "rows": rows,
+        "comparisons": comparisons,
+        "left_out": left_out,
         "seed": config.seed,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -114,8 +152,64 @@ def evaluate_pruned(config: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
+def _comparisons(pruned: Score, control: str, scores: list[Score]) -> list[dict[str, Any]]:
+    """The pruned model minus `control` (one score, or one per random draw) on the loss and the headline
+    accuracy, paired by rows: a row's figure under the pruned model against the same row's under each
+    control model."""
+    found = []
+    for figure in ("loss", pruned.headline_accuracy_name):
+        if figure is None:
+            continue
+        values, weights = _rows(pruned, figure)
+        controls = np.stack([_rows(s, figure)[0] for s in scores])
+        arm = np.broadcast_to(values, controls.shape)
+        difference = paired_difference(arm, controls, weights)
+        found.append(
+            {
+                "arm": "pruned",
+                "control": control,
+                "figure": figure,
+                "estimate": difference.estimate,
+                "low": difference.low,
+                "high": difference.high,
+                "p_value": difference.p_value,
+                "confidence": difference.confidence,
+                "draws": difference.n_seeds,
+                "rows": difference.n_rows,
+                "method": difference.method,
+                # a single model against a single model is no draw: the rows are all there is to resample
+                "note": difference.note if control == RANDOM else None,
+            }
+        )
+    return found
+
+
+def _rows(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:
+    assert scored.rows is not None
+    found = scored.rows.figure(figure)
+    assert found is not None
+    values, weights = found
+    return np.asarray(values, dtype=float), None if weights is None else np.asarray(weights, dtype=float)
+
+
+def _difference_line(comparison: dict[str, Any]) -> str:
+    """One comparison: the difference, its interval and p-value, and what it shows."""
+    figure, estimate = comparison["figure"], comparison["estimate"]
+    digits = 4 if figure == "loss" else 3
+    head = (
+        f"pruned - {comparison['control']}, {figure}: {estimate:+.{digits}f} "
+        f"[{comparison['low']:+.{digits}f}, {comparison['high']:+.{digits}f}], "
+        + ("p<0.0001" if comparison["p_value"] < 1e-4 else f"p={comparison['p_value']:.2g}")
+    )
+    if comparison["p_value"] >= 1 - comparison["confidence"]:
+        return f"{head}: no difference shown"
+    better = estimate < 0 if figure == "loss" else estimate > 0
+    return f"{head}: the pruned model does {'better' if better else 'worse'}"
+
+
 def format_pruned_table(results: dict[str, Any]) -> str:
-    """One row per model: parameters, answer loss (random: mean +- std over the draws) and accuracy."""
+    """One row per model: parameters, answer loss (random: mean +- std over the draws) and accuracy; then
+    the pruned model against each control, with intervals."""
     sizes = results["intermediate_size"]
     lines = [
         f"pruned {results['pruned']} ({sizes['before']} -> {sizes['after']} MLP neurons per layer, "
@@ -128,4 +222,19 @@ def format_pruned_table(results: dict[str, Any]) -> str:
         loss = f"{row['loss']:.4f}" + (f" +- {row['loss_std']:.4f}" if "loss_std" in row else "")
         accuracy = ", ".join(f"{name} {row[name]:.3f}" for name in ACCURACY_FIELDS if name in row)
         lines.append(f"{name:<26} {row['parameters']:>12,} {loss:>16}  {accuracy or '-'}")
+    alone = next((row for row in results["rows"] if row["name"] == IMPORTANCE_ONLY), None)
+    if alone is not None:
+        lines.append(
+            f"{IMPORTANCE_ONLY}: each layer's most important neurons, the networks not kept first; "
+            f"{alone['share_kept_alike']:.1%} of the neurons the folder keeps are kept by it too"
+        )
+    lines += [f"{name}: left out, {reason}" for name, reason in results["left_out"].items()]
+    lines.append("")
+    lines += [_difference_line(comparison) for comparison in results["comparisons"]]
+    methods = {
+        f"interval ({c['confidence']:.0%}) against {c['control']}: {c['method']}"
+        + (f"; {c['note']}" if c["note"] else ""): None
+        for c in results["comparisons"]
+    }
+    lines += list(methods)
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from torch import nn
 
 from fn_analyze.config import EvaluateConfig
 from fn_analyze.evaluate import ACCURACY_FIELDS, score_dict
-from fn_analyze.scoring import EvalSet, load_eval_set, make_batches, score
+from fn_analyze.scoring import EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
 from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION
 from shared.device import choose_device, choose_dtype
@@ -41,7 +41,8 @@ def base_of(folder: Path, default: str) -> str:
     return default
 
 
-def _scores(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: EvaluateConfig) -> list[dict[str, Any]]:
+def score_sets(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: EvaluateConfig) -> list[Score]:
+    """`model`'s score on each eval set, with its rows' own figures, as `config` asks (exact match or not)."""
     found = []
     for eval_set in eval_sets:
         batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
@@ -50,7 +51,7 @@ def _scores(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: Evalu
             choices = (eval_set.choices, make_batches(eval_set.choices, config.batch_size, tokenizer.pad_token_id))
         with_generation = config.exact_match and eval_set.has_answers
         scored = score(model, tokenizer, batches, with_generation, config.max_new_tokens, choices)[0]
-        found.append(score_dict(scored))
+        found.append(scored)
     return found
 
 
@@ -73,8 +74,10 @@ def evaluate_tuned(config: EvaluateConfig) -> dict[str, Any]:
     ]
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
-    before = _scores(load_causal_lm(base_name, dtype, device), tokenizer, eval_sets, config)
-    after = _scores(load_trained(config.tuned, dtype, str(device)), tokenizer, eval_sets, config)
+    before = [score_dict(s) for s in score_sets(load_causal_lm(base_name, dtype, device), tokenizer, eval_sets, config)]
+    after = [
+        score_dict(s) for s in score_sets(load_trained(config.tuned, dtype, str(device)), tokenizer, eval_sets, config)
+    ]
     datasets = []
     for (role, _, _), eval_set, base, tuned in zip(roles, eval_sets, before, after, strict=True):
         change = {"loss": tuned["loss"] - base["loss"]}

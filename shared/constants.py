@@ -45,4 +45,4 @@ CACHE_DIR_ENV = "FN_CACHE_DIR"
 PRUNE_SCHEMA_VERSION = 1
 PRUNE_RECORD_NAME = "fn_prune.json"  # provenance: base model, mask file digest, keep, importance, compensation
 PRUNE_MASK_NAME = "fn_prune_mask.json"  # the mask file remapped to the pruned model's neuron indices
-PRUNE_NEURONS_NAME = "fn_prune_neurons.npz"  # kept indices per layer, and the means the compensation used
+PRUNE_NEURONS_NAME = "fn_prune_neurons.npz"  # kept indices per layer, the means the compensation used, the importance

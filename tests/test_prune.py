@@ -200,8 +200,9 @@ def test_prune_writes_a_plain_model_its_provenance_and_a_remapped_mask(pruned_di
     assert record["parameters"]["after"] < record["parameters"]["before"]
     model = AutoModelForCausalLM.from_pretrained(pruned_dir)
     assert model.config.intermediate_size == 88 and model.config.mlp_bias
-    kept = np.load(pruned_dir / PRUNE_NEURONS_NAME)["kept"]
-    assert kept.shape == (2, 88)
+    stored = np.load(pruned_dir / PRUNE_NEURONS_NAME)
+    kept = stored["kept"]
+    assert kept.shape == (2, 88) and stored["importance"].shape == (2, 176)  # the importance it ranked on
     # The remapped mask fits the pruned model (and not the original) and names the same neurons.
     remapped = load_mask_file(pruned_dir / PRUNE_MASK_NAME)
     check_compatible(remapped, model_info(model, str(pruned_dir)))
@@ -272,12 +273,23 @@ def test_evaluate_scores_the_pruned_model_next_to_the_original_and_random_prunin
     result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
-    original, pruned, drawn = results["rows"]
-    assert [row["name"] for row in results["rows"]] == ["original", "pruned", "random pruning"]
-    assert original["parameters"] > pruned["parameters"] == drawn["parameters"]
+    original, pruned, drawn, alone = results["rows"]
+    assert [row["name"] for row in results["rows"]] == ["original", "pruned", "random pruning", "importance only"]
+    assert original["parameters"] > pruned["parameters"] == drawn["parameters"] == alone["parameters"]
     assert len(drawn["losses"]) == 2 and drawn["losses"][0] != drawn["losses"][1]
     assert all(np.isfinite(row["loss"]) for row in results["rows"]) and pruned["loss"] != original["loss"]
     assert "random pruning (2 draws)" in result.output and f"{pruned['loss']:.4f}" in result.output
+    assert 0 < alone["share_kept_alike"] < 1 and alone["loss"] != pruned["loss"]  # the networks changed the choice
+    # The pruned model against each control, paired by rows: importance alone over the rows (one model
+    # each), the random prunings over the rows and the draws.
+    by_control = {c["control"]: c for c in results["comparisons"] if c["figure"] == "loss"}
+    assert by_control["importance only"]["draws"] == 1 and by_control["random pruning"]["draws"] == 2
+    for control, row in (("importance only", alone), ("random pruning", drawn)):
+        comparison = by_control[control]
+        assert comparison["estimate"] == pytest.approx(pruned["loss"] - row["loss"], abs=1e-9)
+        assert comparison["low"] < comparison["estimate"] < comparison["high"]
+        assert comparison["rows"] == results["dataset"]["rows"] and comparison["method"]
+        assert f"pruned - {control}, loss: {comparison['estimate']:+.4f} [" in result.output
     # The first random draw of seed 0 is the model `prune --random` keeps, scored alike.
     mask = pruned_dir.parent / "mask.json"
     config = PruneConfig(mask_file=mask, keep=0.5, out=tmp_path / "random", model=results["base_model"],
@@ -286,7 +298,38 @@ def test_evaluate_scores_the_pruned_model_next_to_the_original_and_random_prunin
     again = CliRunner().invoke(app, [*args[:2], str(tmp_path / "random"), *args[3:], "--out", str(tmp_path / "r.json"),
                                      "--device", "cpu"])  # fmt: skip
     assert again.exit_code == 0, again.output
-    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["loss"] == pytest.approx(drawn["losses"][0])
+    randomly = json.loads((tmp_path / "r.json").read_text())
+    assert randomly["rows"][1]["loss"] == pytest.approx(drawn["losses"][0])
+    assert "importance only" not in [row["name"] for row in randomly["rows"]]
+    assert randomly["left_out"] == {"importance only": "the folder was pruned at random, by no importance"}
+    assert "importance only: left out, the folder was pruned at random" in again.output
+
+
+def test_the_importance_only_control_keeps_each_layers_most_important_neurons(
+    pruned_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import fn_analyze.pruned_eval as pruned_eval
+    from fn_analyze.config import EvaluateConfig
+
+    pruned_with: list[np.ndarray] = []
+
+    def recording(model, kept, means=None):
+        pruned_with.append(kept)
+        prune_model(model, kept, means)
+
+    monkeypatch.setattr(pruned_eval, "prune_model", recording)
+    config = EvaluateConfig(pruned=pruned_dir, dataset=str(demo_dir / "eval.csv"), draws=1, limit=4,
+                            out=tmp_path / "e.json", device="cpu")  # fmt: skip
+    results = pruned_eval.evaluate_pruned(config)
+    stored = np.load(pruned_dir / PRUNE_NEURONS_NAME)
+    ranked, folder = stored["importance"], stored["kept"]
+    assert len(pruned_with) == 2  # one random draw, then importance alone
+    alone = pruned_with[-1]
+    for layer, kept in enumerate(alone):
+        assert len(kept) == 88 and ranked[layer][kept].min() >= np.delete(ranked[layer], kept).max()
+    assert not np.array_equal(alone, folder)  # the folder kept the networks' neurons first
+    shared = sum(len(np.intersect1d(a, b)) for a, b in zip(alone, folder, strict=True)) / folder.size
+    assert results["rows"][-1]["share_kept_alike"] == pytest.approx(shared)
 
 
 def test_evaluate_refuses_a_folder_that_is_not_a_pruned_model(tmp_path: Path, demo_dir: Path) -> None:
