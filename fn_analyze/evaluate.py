@@ -188,11 +188,11 @@ def ratio_of(figure: str, result: Score, base: Score, controls: list[Score], see
     """The condition's harm on `figure` (extra loss; for an accuracy, accuracy lost) over the random
     sets' mean harm, with its interval resampling the rows and the random sets
     (`shared.statistics.ratio_interval`); its value is None where that mean harm is within noise of zero."""
-    values, weights = _row_figure(result, figure)
+    values, weights = row_figure(result, figure)
     ratio = ratio_interval(
         values,
-        _row_figure(base, figure)[0],
-        np.stack([_row_figure(control, figure)[0] for control in controls]),
+        row_figure(base, figure)[0],
+        np.stack([row_figure(control, figure)[0] for control in controls]),
         weights,
         lower_is_better=figure == "loss",
         seed=seed,
@@ -200,7 +200,8 @@ def ratio_of(figure: str, result: Score, base: Score, controls: list[Score], see
     return asdict(ratio)
 
 
-def _row_figure(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:
+def row_figure(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(each row's value, each row's weight or None) of `figure`, as arrays for `shared.statistics`."""
     assert scored.rows is not None  # every score of an evaluation keeps its rows
     found = scored.rows.figure(figure)
     assert found is not None

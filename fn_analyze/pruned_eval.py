@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.evaluate import ACCURACY_FIELDS, score_dict
+from fn_analyze.evaluate import ACCURACY_FIELDS, row_figure, score_dict
 from fn_analyze.prune import choose_at_random, choose_by_importance, prune_model
 from fn_analyze.scoring import Score, load_eval_set
 from fn_analyze.tuned import score_sets
@@ -72,6 +72,12 @@ def evaluate_pruned(config: EvaluateConfig) -> dict[str, Any]:
         config.dataset, tokenizer, config.split, config.data_format, config.template_format, config.limit,
         config.max_length,
     )  # fmt: skip
+    records = min(len(eval_set.rows), eval_set.choices.n_records if eval_set.choices is not None else 2)
+    if records < 2:
+        raise UserError(
+            f"dataset {config.dataset} gave {records} row to score: the comparisons are intervals over the rows "
+            "and need at least 2; raise --limit or give more data"
+        )
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     original = load_causal_lm(base_name, dtype, device)
@@ -160,8 +166,8 @@ def _comparisons(pruned: Score, control: str, scores: list[Score]) -> list[dict[
     for figure in ("loss", pruned.headline_accuracy_name):
         if figure is None:
             continue
-        values, weights = _rows(pruned, figure)
-        controls = np.stack([_rows(s, figure)[0] for s in scores])
+        values, weights = row_figure(pruned, figure)
+        controls = np.stack([row_figure(s, figure)[0] for s in scores])
         arm = np.broadcast_to(values, controls.shape)
         difference = paired_difference(arm, controls, weights)
         found.append(
@@ -182,14 +188,6 @@ def _comparisons(pruned: Score, control: str, scores: list[Score]) -> list[dict[
             }
         )
     return found
-
-
-def _rows(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:
-    assert scored.rows is not None
-    found = scored.rows.figure(figure)
-    assert found is not None
-    values, weights = found
-    return np.asarray(values, dtype=float), None if weights is None else np.asarray(weights, dtype=float)
 
 
 def _difference_line(comparison: dict[str, Any]) -> str:

@@ -353,3 +353,6 @@ def test_evaluate_measures_the_networks_on_the_pruned_model_with_its_mask(
     original_mask = ["--mask-file", str(pruned_dir.parent / "mask.json")]
     again = [*args[:3], *original_mask, *args[5:], "--overwrite"]
     refused(CliRunner().invoke(app, again), "intermediate_size", progress_bars=True)
+    one_row = ["evaluate", "--pruned", str(pruned_dir), "--dataset", str(demo_dir / "eval.csv"), "--limit", "1",
+               "--out", str(tmp_path / "one.json"), "--device", "cpu"]  # fmt: skip
+    refused(CliRunner().invoke(app, one_row), "gave 1 row to score", "raise --limit")
