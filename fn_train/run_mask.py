@@ -145,14 +145,15 @@ class RunMask:
             "mask": self.mask.to_dict(),
             # zero | mean | scale, and what it needs to be reproduced: the factor, or every masked neuron's mean
             **ablation_record(self.layer_masks, self.means_source),
-            **(self._keystone_record() if self.keystone is not None else {}),
+            **self._keystone_record(),
             **(self._tune_record(base_model) if self.tunes else {}),
         }
 
     def _keystone_record(self) -> dict[str, Any]:
         """--keystone: the setting and the neurons it selected (switched off, kept, or tuned unless a random
-        control was drawn for them)."""
-        assert self.keystone_neurons is not None
+        control was drawn for them); nothing without it."""
+        if self.keystone_neurons is None:
+            return {}
         return {
             "keystone": self.keystone,
             "keystone_neurons": {str(layer): list(neurons) for layer, neurons in self.keystone_neurons.items()},

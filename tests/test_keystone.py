@@ -18,6 +18,7 @@ from fn_analyze.cli import app as analyze_app
 from fn_analyze.evaluate import EvaluateConfig, evaluate
 from fn_analyze.neuron_sets import draw_control, draw_matched
 from fn_train.cli import app as train_app
+from fn_train.run_mask import run_mask_from_record
 from fn_train.trainer import train
 from shared.errors import ParameterError, UserError
 from shared.keystone import keep_count, parse_keep, strongest
@@ -178,6 +179,8 @@ def test_fn_train_key_masks_only_the_keystone_neurons(tiny_lm_dir: Path, demo_di
     assert record["keystone_neurons"] == {str(layer): list(ns) for layer, ns in keystone.items()}
     after = neuron_parameters(AutoModelForCausalLM.from_pretrained(out))
     assert_masked_frozen_and_open_moved(neuron_parameters(base), after, {k: list(v) for k, v in keystone.items()})
+    reloaded = run_mask_from_record(record, "fn_mask.json")  # as load_masked_model re-applies it
+    assert reloaded.chosen_neurons == keystone and reloaded.digest == record["digest"]
 
 
 def test_fn_train_tune_trains_the_keystone_and_its_random_control_matches_it(
