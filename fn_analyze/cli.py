@@ -152,6 +152,9 @@ def demo_data_command(
     n_train: Annotated[int, typer.Option(help="Rows in train.csv.")] = 200,
     n_eval: Annotated[int, typer.Option(help="Rows in eval.csv.")] = 100,
     n_sentiment: Annotated[int, typer.Option(help="Rows in sentiment.csv (classification, for accuracy).")] = 100,
+    n_general: Annotated[
+        int, typer.Option(help="Records in general.jsonl (plain everyday prose, loss scored on every token).")
+    ] = 100,
     families: Annotated[
         str,
         typer.Option(
@@ -160,13 +163,21 @@ def demo_data_command(
         ),
     ] = ",".join(FAMILIES),
 ) -> None:
-    """Write the demo instruction data (facts, arithmetic, sentiment, continuation) and a
-    sentiment classification set (question, choices, answer) for accuracy."""
+    """Write the demo instruction data (facts, arithmetic, sentiment, continuation), a
+    sentiment classification set (question, choices, answer) for accuracy, and general.jsonl,
+    plain English prose (text records) whose loss measures forgetting of general text."""
     from fn_analyze.demo_data import write_demo_data
 
     chosen = tuple(family.strip() for family in families.split(",") if family.strip())
     paths = write_demo_data(
-        out, seed=seed, n_collect=n_collect, n_train=n_train, n_eval=n_eval, n_sentiment=n_sentiment, families=chosen
+        out,
+        seed=seed,
+        n_collect=n_collect,
+        n_train=n_train,
+        n_eval=n_eval,
+        n_sentiment=n_sentiment,
+        families=chosen,
+        n_general=n_general,
     )
     for role, path in paths.items():
         typer.echo(f"{role}: {path}")

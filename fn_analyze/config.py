@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError
+from shared.keystone import parse_keep
 from shared.options import option
 
 if TYPE_CHECKING:
@@ -337,6 +338,13 @@ class EvaluateConfig:
     )
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
     networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
+    # The keystone regime (shared.keystone): the union's and each network's rows, and their random controls,
+    # hold only the strongest neurons by |z| in the networks' maps.
+    keystone: int | float | None = option(
+        None,
+        text=True,
+        help="Only the networks' strongest neurons by |z|: a count (50) or a fraction of their neurons (0.01, 1%).",
+    )
     out: Path | None = option(  # the plot is written beside it as .png
         None, help="Results JSON (default runs/eval/<mask>-<data>.json); the plot goes beside it."
     )
@@ -405,6 +413,7 @@ class EvaluateConfig:
             raise ParameterError("{retention} is scored next to {tuned}; add {tuned} or drop {retention}")
         for name, given in (
             ("networks", self.networks is not None),
+            ("keystone", self.keystone is not None),
             ("activations", self.activations is not None),
             ("random_fraction", self.random_fraction is not None),
         ):
@@ -414,6 +423,8 @@ class EvaluateConfig:
                         "{" + name + "} selects or measures networks, which {" + other + "} does not; "
                         "drop {" + name + "}"
                     )
+        if self.keystone is not None:
+            self.keystone = parse_keep(self.keystone, "keystone")
         self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
         self.tuned = Path(self.tuned) if self.tuned is not None else None
         self.pruned = Path(self.pruned) if self.pruned is not None else None

@@ -96,11 +96,18 @@ def unmix_once(maps: np.ndarray, spec: RunSpec, solver: str, max_iter: int, tol:
     fit_rows = maps if spec.rows is None else maps[spec.rows]
     k = maps.shape[1]
     if solver == "fastica":
-        ica = FastICA(
-            n_components=k, whiten="unit-variance", fun="logcosh", max_iter=max_iter, tol=tol, random_state=spec.seed
-        )
-        ica.fit(fit_rows)
-        return zscore_and_flip(ica.transform(maps).astype(np.float64)), bool(ica.n_iter_ < max_iter)
+        # Whitened here, not by FastICA(whiten=...): the reduction's maps are orthonormal, so once
+        # centered all but one of their singular values are equal, and LAPACK may return singular
+        # vectors with exact zeros in their first row; scikit-learn's sign fix (u *= sign(u[0]))
+        # then zeroes those directions, and FastICA unmixed a subspace short of k dimensions
+        # (on the planted test data 6 of 8, two networks mixed into one another).
+        center = fit_rows.mean(axis=0)
+        _, singular, vt = np.linalg.svd(fit_rows - center, full_matrices=False)
+        whitening = vt.T / singular * np.sqrt(len(fit_rows))
+        ica = FastICA(whiten=False, fun="logcosh", max_iter=max_iter, tol=tol, random_state=spec.seed)
+        ica.fit((fit_rows - center) @ whitening)
+        sources = (maps - center) @ whitening @ ica.components_.T
+        return zscore_and_flip(sources.astype(np.float64)), bool(ica.n_iter_ < max_iter)
     if solver == "picard":
         from picard import picard
 

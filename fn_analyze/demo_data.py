@@ -11,6 +11,10 @@ SmolLM2-135M-Instruct can be measured on:
 `sentiment.csv` holds the sentiment family again as classification data (question, choices,
 answer as an index), scored by accuracy like SST-2 in Liu et al.
 
+`general.jsonl` holds plain English prose (`{"text": ...}` records, see `fn_analyze.demo_prose`):
+a retention set scored on every token, the general-text loss shift the forgetting literature
+measures, which learning a short-answer format cannot pass for.
+
 Everything is deterministic from a seed through `random.Random` instances (no global RNG).
 """
 
@@ -20,10 +24,11 @@ import csv
 import io
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fn_analyze.demo_prose import paragraphs
 from shared.errors import UserError
 from shared.jsonio import write_text_atomic
 
@@ -435,6 +440,11 @@ def _write_csv(path: Path, rows: list[QA]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def _write_jsonl(path: Path, records: Iterable[dict[str, str]]) -> None:
+    """One JSON object a line, with no column the tools would ignore (and warn about)."""
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
 SENTIMENT_CHOICES: tuple[str, ...] = ("negative", "positive")  # the answer is the index of the label
 
 
@@ -455,26 +465,31 @@ def write_demo_data(
     n_eval: int = 100,
     n_sentiment: int = 100,
     families: tuple[str, ...] = FAMILIES,
+    n_general: int = 100,
 ) -> dict[str, Path]:
     """Write data.jsonl (n_collect records: question, answer), train.csv and eval.csv
     (header `question,answer`; eval questions disjoint from train) and sentiment.csv
     (n_sentiment reviews as `question,choices,answer`: choices ["negative", "positive"], answer
-    the index of the right one; questions disjoint from train) into out_dir.
+    the index of the right one; questions disjoint from train) and general.jsonl (n_general
+    plain-text records `{"text": ...}`, 2-4 sentences of everyday prose each) into out_dir.
 
     `families` are those of train.csv and eval.csv: without sentiment, sentiment.csv is a retention
-    set, a task the fine-tuning never saw (what `fn-train experiment` measures forgetting on).
+    set, a task the fine-tuning never saw (what `fn-train experiment` measures forgetting on);
+    general.jsonl is a retention set whatever the families, as it is in no task's format.
 
-    Each file uses its own seed derived from `seed` (sentiment.csv's is drawn after the
-    others', so they stay as they were). Returns {"collect", "train", "eval", "sentiment"} -> path.
+    Each file uses its own seed derived from `seed` (sentiment.csv's is drawn after the first
+    three's, general.jsonl's after sentiment.csv's, so the files written before them stay as they
+    were). Returns {"collect", "train", "eval", "sentiment", "general"} -> path.
     """
     out_dir = Path(out_dir)
     derive = random.Random(seed)
-    seed_collect, seed_train, seed_eval, seed_sentiment = (derive.getrandbits(63) for _ in range(4))
+    seed_collect, seed_train, seed_eval, seed_sentiment, seed_general = (derive.getrandbits(63) for _ in range(5))
     collect = generate(n_collect, seed_collect)
     train = generate(n_train, seed_train, families)
     seen = frozenset(qa.question for qa in train)
     evaluation = _generate(n_eval, random.Random(seed_eval), families, seen)
     sentiment = _generate(n_sentiment, random.Random(seed_sentiment), ("sentiment",), seen)
+    general = paragraphs(n_general, random.Random(seed_general))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -482,10 +497,11 @@ def write_demo_data(
         "train": out_dir / "train.csv",
         "eval": out_dir / "eval.csv",
         "sentiment": out_dir / "sentiment.csv",
+        "general": out_dir / "general.jsonl",
     }
-    records = ({"question": qa.question, "answer": qa.answer} for qa in collect)  # no column the tools ignore
-    write_text_atomic(paths["collect"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    _write_jsonl(paths["collect"], ({"question": qa.question, "answer": qa.answer} for qa in collect))
     _write_csv(paths["train"], train)
     _write_csv(paths["eval"], evaluation)
     _write_sentiment_csv(paths["sentiment"], sentiment)
+    _write_jsonl(paths["general"], ({"text": text} for text in general))  # a `text` column: loss on every token
     return paths

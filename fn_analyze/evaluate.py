@@ -3,7 +3,8 @@
 On held-out data, answer-token loss (multiple-choice data: also acc and acc_norm; optionally
 exact match and answer containment of greedy generations) at baseline and with:
 the union of the selected networks switched off (mode key), only the union kept (mode
-complement), and each network switched off on its own. Each of these is compared with
+complement), and each network switched off on its own (with --keystone, each of these sets is only
+its strongest neurons by |z|, `shared.keystone`). Each of these is compared with
 random neuron sets of the same size, drawn two ways (see `neuron_sets`):
 
 - layer-matched: the same number of neurons in every layer (Liu et al.'s random control);
@@ -43,6 +44,7 @@ from shared.digests import file_digest
 from shared.errors import UserError
 from shared.hooks import stacked_down_projections
 from shared.jsonio import write_json_atomic
+from shared.keystone import strongest
 from shared.masks import (
     MASSIVE,
     MaskFile,
@@ -128,13 +130,32 @@ class Evaluator:
         return results
 
 
+def _condition_neurons(
+    selected: list[Network], config: EvaluateConfig, where: str
+) -> dict[tuple[NetworkId, ...], NeuronSet]:
+    """The neurons of the union of the selected networks and (when measured) of each on its own, by their
+    ids: all of them, or with --keystone the strongest of each by |z|."""
+
+    def neurons(networks: list[Network]) -> NeuronSet:
+        return union(networks) if config.keystone is None else strongest(networks, config.keystone, where)
+
+    sets = {tuple(network.id for network in selected): neurons(selected)}
+    if len(selected) > 1 and config.per_network:
+        sets.update({(network.id,): neurons([network]) for network in selected})
+    return sets
+
+
 def _conditions(
-    mask: MaskFile, selected: list[Network], top: set[tuple[int, int]], config: EvaluateConfig
+    mask: MaskFile,
+    selected: list[Network],
+    neurons_of: dict[tuple[NetworkId, ...], NeuronSet],
+    top: set[tuple[int, int]],
+    config: EvaluateConfig,
 ) -> list[Condition]:
     excluded = top if config.exclude_top else set()
-    everything = union(selected)
-    name = f"union of {len(selected)} networks" if len(selected) > 1 else f"network {selected[0].id}"
     ids = tuple(network.id for network in selected)
+    everything = neurons_of[ids]
+    name = f"union of {len(selected)} networks" if len(selected) > 1 else f"network {selected[0].id}"
     held = len(pairs(everything) & top)
     conditions = [
         Condition(name, "union", "key", ids, without(everything, excluded), held, config.draws, 0),
@@ -142,7 +163,7 @@ def _conditions(
     ]
     if len(selected) > 1 and config.per_network:
         for network in selected:
-            neurons = union([network])
+            neurons = neurons_of[(network.id,)]
             conditions.append(
                 Condition(
                     f"network {network.id}",
@@ -233,6 +254,7 @@ class EvaluationPlan:
     config: EvaluateConfig
     mask: MaskFile
     selected: list[Network]
+    neurons: dict[tuple[NetworkId, ...], NeuronSet]  # the union's and each measured network's (`_condition_neurons`)
     tokenizer: Any  # padding on the right
     eval_set: EvalSet
     with_exact_match: bool
@@ -245,6 +267,7 @@ def plan_evaluation(config: EvaluateConfig, tokenizer: Any = None) -> Evaluation
     `tokenizer`, default the model's own, loaded here; its padding side is set to the right)."""
     mask = load_mask_file(config.mask_file)
     selected = select_networks(mask, parse_network_ids(config.networks))
+    neurons = _condition_neurons(selected, config, f"mask file {config.mask_file}")
     magnitude, means = None, None
     if config.activations is not None:  # read before the model loads, so unfit activations fail fast
         magnitude, means = _stats_from_activations(config, config.activations, mask, selected)
@@ -265,7 +288,7 @@ def plan_evaluation(config: EvaluateConfig, tokenizer: Any = None) -> Evaluation
             "exact match needs answers; dataset %s has plain text, so only the loss is measured", config.dataset
         )
     with_exact_match = config.exact_match and eval_set.has_answers
-    return EvaluationPlan(config, mask, selected, tokenizer, eval_set, with_exact_match, magnitude, means)
+    return EvaluationPlan(config, mask, selected, neurons, tokenizer, eval_set, with_exact_match, magnitude, means)
 
 
 def _stats_from_activations(
@@ -339,7 +362,7 @@ def measure_conditions(plan: EvaluationPlan, model: nn.Module | None = None) -> 
         config.conditions_per_pass,
     )
     top = magnitude.top(config.top_n)
-    conditions = _conditions(mask, plan.selected, top, config)
+    conditions = _conditions(mask, plan.selected, plan.neurons, top, config)
     skipped = [c for c in conditions if not c.neurons]
     measured = [c for c in conditions if c.neurons]
     base, rows, random_fraction = _score_conditions(evaluator, measured, magnitude, top, config)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ say = progress_log("ica")
 
 
 AUTO_CANDIDATES = (5, 10, 15, 20, 30, 40)  # the k that `--n-components auto` tries
+Z_DECIMALS = 3  # a mask file's per-neuron z (`--keystone` ranks by it), as its other figures
 
 
 def threshold_maps(z: np.ndarray, threshold: float, percentile: float | None) -> list[np.ndarray]:
@@ -233,11 +234,13 @@ def _networks(
     chosen: Candidate,
     config: IcaParams,
     set_aside: tuple[int, ...] = (),
-) -> tuple[list[tuple[dict[int, tuple[int, ...]], dict[str, Any]]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """(layers, stats) of each emitted network, the figures of the clusters left out as unstable, and
-    the figures of every map (group by group); no network holds a set-aside column (their maps are
-    flat there, this makes it certain)."""
-    found, unstable, figures = [], [], []
+) -> tuple[list[Network], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each emitted network (numbered by size, largest first; each neuron's signed z in its map kept,
+    rounded to Z_DECIMALS), the figures of the clusters left out as unstable, and the figures of every
+    map (group by group); no network holds a set-aside column (their maps are flat there, this makes
+    it certain)."""
+    found: list[Network] = []
+    unstable, figures = [], []
     for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
         agreement = run_agreement(result, config)
         stable = _is_stable(result, agreement, config)
@@ -260,14 +263,22 @@ def _networks(
                 continue
             if len(members) == 0:
                 continue
-            layers: dict[int, list[int]] = {}
+            layers: dict[int, list[tuple[int, float]]] = {}
             for column in members:
                 layer, neuron = acts.column_to_neuron(offset + int(column))
-                layers.setdefault(layer, []).append(neuron)
-            found.append(({layer: tuple(sorted(neurons)) for layer, neurons in layers.items()}, stats))
+                layers.setdefault(layer, []).append((neuron, round(float(result.z[column, j]), Z_DECIMALS)))
+            by_layer = {layer: sorted(pairs) for layer, pairs in layers.items()}
+            found.append(
+                Network(
+                    -1,
+                    {layer: tuple(n for n, _ in pairs) for layer, pairs in by_layer.items()},
+                    stats,
+                    {layer: tuple(z for _, z in pairs) for layer, pairs in by_layer.items()},
+                )
+            )
     # Ids by size, largest first, so that id 0 is the biggest network of a file.
-    found.sort(key=lambda item: (-sum(len(n) for n in item[0].values()), -item[1]["peak_z"]))
-    return found, unstable, figures
+    found.sort(key=lambda network: (-network.size, -network.stats["peak_z"]))
+    return [replace(network, id=i) for i, network in enumerate(found)], unstable, figures
 
 
 def _reduction_record(reductions: list[list[Reduction]], k: int) -> dict[str, Any]:
@@ -437,7 +448,7 @@ class NetworkICA(IcaParams):
         explained = sum(r.eigenvalues[: chosen.k].sum() for r in whole) / max(
             sum(r.total_variance for r in whole), 1e-300
         )
-        self.networks_ = tuple(Network(i, layers, stats) for i, (layers, stats) in enumerate(found))
+        self.networks_ = tuple(found)
         self.maps_ = np.concatenate(
             [
                 _full_width(result.z.T, views[0].columns, acts.n_neurons)

@@ -125,14 +125,21 @@ def plot_networks(mask: MaskFile, path: Path) -> None:
 
 def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], path: Path) -> None:
     """One panel per figure of an `fn-train experiment` (metrics: (name, heading)): each arm's mean
-    over seeds with its sd as error bar, the base model's value (before training) as a dashed line."""
+    over seeds with its sd as error bar, the base model's value (before training) as a dashed line;
+    then one panel per scored figure with each comparison's difference (arm minus control, paired by
+    seed and row) and its 95% interval, filled where the corrected p-value shows a difference."""
     summary, before = results.get("summary", {}), results.get("before", {})
     shown = [(name, heading) for name, heading in metrics if any(name in row["figures"] for row in summary.values())]
+    comparisons = (results.get("comparisons") or {}).get("comparisons") or []
+    compared = list(dict.fromkeys(c["figure"] for c in comparisons))
     groups = list(summary)
     columns = 2
     rows = max(1, -(-len(shown) // columns))
-    fig = _figure(figsize=(11, 1.2 + (0.9 + 0.28 * len(groups)) * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    compared_rows = -(-len(compared) // columns)
+    pairs = max([sum(c["figure"] == name for c in comparisons) for name in compared] or [0])
+    height = 1.2 + (0.9 + 0.28 * len(groups)) * rows + (0.9 + 0.28 * pairs) * compared_rows
+    fig = _figure(figsize=(11, height), layout="constrained")
+    axes = fig.subplots(rows + compared_rows, columns, squeeze=False).ravel()
     colors = [
         MAGNITUDE_COLOR
         if "magnitude" in g
@@ -149,17 +156,42 @@ def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], pat
         sds = [summary[g]["figures"].get(name, {}).get("sd", 0.0) for g in groups]
         ax.barh(y, means, 0.7, xerr=sds, color=colors, capsize=3)
         if name in before:
-            ax.axvline(before[name], color="black", linestyle="--", linewidth=1, label="base model, before")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.axvline(before[name], color="black", linestyle="--", linewidth=1)
         ax.set_yticks(y, [f"{g} (n={summary[g]['n']})" for g in groups], fontsize=7)
-        ax.set_title(heading, fontsize=9, loc="left")
-    for ax in axes[len(shown) :]:
+        ax.set_title(f"{heading} ({_better(name)})", fontsize=9, loc="left")
+    for ax in axes[len(shown) : rows * columns]:
+        ax.set_visible(False)
+    headings = dict(metrics)
+    for ax, name in zip(axes[rows * columns :], compared, strict=False):
+        _plot_differences(ax, [c for c in comparisons if c["figure"] == name], headings.get(name, name))
+    for ax in axes[rows * columns + len(compared) :]:
         ax.set_visible(False)
     config = results["config"]
     fig.suptitle(
         f"fn-train experiment: {config['model']} on {config['train_data']}, {config['steps']} steps; "
-        "mean ± sd over seeds\n(green: plain LoRA; blue: the networks; grey: random, layer-matched; "
-        "orange: random, magnitude-matched)",
+        "mean ± sd over seeds (dashed: the base model, before)\n(green: plain LoRA; blue: the networks; grey: "
+        "random, layer-matched; orange: random, magnitude-matched); below: differences with 95% intervals",
         fontsize=9,
     )
     _save(fig, path)
+
+
+def _better(name: str) -> str:
+    return "higher is better" if name.endswith("accuracy") else "lower is better"
+
+
+def _plot_differences(ax, comparisons: list[dict[str, Any]], heading: str) -> None:
+    """Each comparison's difference and interval on one figure; filled: shown after the correction."""
+    y = np.arange(len(comparisons))[::-1].astype(float)
+    for row, comparison in zip(y, comparisons, strict=True):
+        estimate = comparison["estimate"]
+        error = [[estimate - comparison["low"]], [comparison["high"] - estimate]]
+        shown = comparison["shown"]
+        ax.errorbar(
+            estimate, row, xerr=error, fmt="o", color=NETWORK_COLOR if shown else "#616161",
+            markerfacecolor=NETWORK_COLOR if shown else "white", capsize=3,
+        )  # fmt: skip
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(y, [f"{c['arm']} - {c['control']}" for c in comparisons], fontsize=7)
+    ax.set_ylim(-0.7, len(comparisons) - 0.3)
+    ax.set_title(f"{heading}: arm - control, 95% interval (filled: shown)", fontsize=9, loc="left")

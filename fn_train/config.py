@@ -11,6 +11,7 @@ from typing import Any
 
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError
+from shared.keystone import parse_keep
 from shared.options import option
 
 
@@ -79,6 +80,14 @@ class TrainConfig:
         None,
         hyphenated=True,
         help="With --mask-mode tune: tune random neurons of the networks' counts, matched on layer or magnitude.",
+    )
+    # The keystone regime (shared.keystone): of the selected networks' neurons, only the strongest by |z| in their
+    # maps are switched off, kept or tuned (and matched by --random-neurons); recorded in fn_mask.json.
+    keystone: int | float | None = option(
+        None,
+        text=True,
+        hyphenated=True,
+        help="Only the networks' strongest neurons by |z|: a count (50) or a fraction of their neurons (0.01, 1%).",
     )
     ablation: str = option(
         "zero", hyphenated=True, help="What the mask does to its neurons: zero, mean (their mean activation), scale."
@@ -183,6 +192,7 @@ class TrainConfig:
             for name, given in (
                 ("mask_mode", self.mask_mode is not None),
                 ("networks", self.networks is not None),
+                ("keystone", self.keystone is not None),
                 ("bake_mask", self.bake_mask),
                 ("ablation", self.ablation != "zero"),
                 ("scale_factor", self.scale_factor is not None),
@@ -191,6 +201,8 @@ class TrainConfig:
                 if given:
                     flag = "{" + name + "}"
                     raise ParameterError(f"{flag} given without {{mask_file}}; add {{mask_file}} or drop {flag}")
+        if self.keystone is not None:
+            self.keystone = parse_keep(self.keystone, "keystone")
         if self.mask_mode is not None and self.mask_mode not in TRAIN_MODES:
             raise ParameterError("{mask_mode} {value!r} is unknown; use key, complement or tune", value=self.mask_mode)
         if self.random_neurons is not None:

@@ -16,6 +16,7 @@ from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME, TRAINER_STATE_NAM
 from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
+from shared.keystone import Keep, strongest
 from shared.masks import (
     LayerMasks,
     MaskFile,
@@ -51,6 +52,8 @@ class RunMask:
     means_source: str | None = None  # with mean ablation: where the means were measured
     random_neurons: str | None = None  # tune mode: None (the networks' neurons), or what the random set matches
     random_seed: int | None = None  # the seed of that random set
+    keystone: Keep | None = None  # --keystone: only the networks' strongest neurons by |z| (shared.keystone)
+    keystone_neurons: NeuronSet | None = None  # the neurons --keystone selected (a random control matches them)
 
     @property
     def tunes(self) -> bool:
@@ -97,6 +100,7 @@ class RunMask:
             self.layer_masks.scale_factor,
             self.random_neurons,
             self.random_seed,
+            self.keystone,
         )
 
     def describe(self) -> str:
@@ -141,7 +145,18 @@ class RunMask:
             "mask": self.mask.to_dict(),
             # zero | mean | scale, and what it needs to be reproduced: the factor, or every masked neuron's mean
             **ablation_record(self.layer_masks, self.means_source),
+            **self._keystone_record(),
             **(self._tune_record(base_model) if self.tunes else {}),
+        }
+
+    def _keystone_record(self) -> dict[str, Any]:
+        """--keystone: the setting and the neurons it selected (switched off, kept, or tuned unless a random
+        control was drawn for them); nothing without it."""
+        if self.keystone_neurons is None:
+            return {}
+        return {
+            "keystone": self.keystone,
+            "keystone_neurons": {str(layer): list(neurons) for layer, neurons in self.keystone_neurons.items()},
         }
 
     def _tune_record(self, base_model: str | None) -> dict[str, Any]:
@@ -162,8 +177,11 @@ def _label(
     scale_factor: Any = None,
     random_neurons: Any = None,
     random_seed: Any = None,
+    keystone: Any = None,
 ) -> str:
     ids = "all" if networks is None else ",".join(map(str, networks))
+    if keystone is not None:
+        ids += f", keystone {keystone}"
     if random_neurons is not None:
         ids += f", random neurons matched on {random_neurons}, seed {random_seed}"
     how = (
@@ -176,20 +194,37 @@ def _label(
 
 
 def resolve_run_mask(
-    source: Path, mode: TrainMode, networks: list[NetworkId] | None, ablation: Ablation | None = None
+    source: Path,
+    mode: TrainMode,
+    networks: list[NetworkId] | None,
+    ablation: Ablation | None = None,
+    keystone: Keep | None = None,
 ) -> RunMask:
-    """Load and validate the mask file and the selection; no model needed. A mean ablation
-    is added later (`with_ablation`), once its means are measured."""
+    """Load and validate the mask file and the selection (with `keystone`: only the networks' strongest
+    neurons); no model needed. A mean ablation is added later (`with_ablation`), once its means are measured."""
     mask = load_mask_file(source)
-    layer_masks = build_layer_masks(mask, select_networks(mask, networks), "key" if mode == "tune" else mode)
-    run_mask = RunMask(mask, source, mode, networks, layer_masks)
+    selected, keystone_neurons = _selection(mask, networks, keystone, f"mask file {source}")
+    layer_masks = build_layer_masks(mask, selected, "key" if mode == "tune" else mode)
+    run_mask = RunMask(mask, source, mode, networks, layer_masks, keystone=keystone, keystone_neurons=keystone_neurons)
     return run_mask.with_ablation(ablation) if ablation is not None else run_mask
+
+
+def _selection(
+    mask: MaskFile, networks: list[NetworkId] | None, keystone: Keep | None, where: str
+) -> tuple[list[Network], NeuronSet | None]:
+    """The networks a run masks, or with `keystone` their strongest neurons as one set (and that set)."""
+    selected = select_networks(mask, networks)
+    if keystone is None:
+        return selected, None
+    neurons = strongest(selected, keystone, where)
+    return [Network(-1, neurons)], neurons
 
 
 def run_mask_from_record(record: dict[str, Any], where: str) -> RunMask:
     """The RunMask a saved `fn_mask.json` describes, its ablation included."""
     mask = parse_mask(record.get("mask"), where)
-    mode, networks = record.get("mode"), record.get("networks")
+    mode, networks, keystone = record.get("mode"), record.get("networks"), record.get("keystone")
+    selected, keystone_neurons = _selection(mask, networks, keystone, where)
     if mode == "tune":
         from shared.neuron_deltas import neurons_from_record
 
@@ -197,9 +232,13 @@ def run_mask_from_record(record: dict[str, Any], where: str) -> RunMask:
         return RunMask(
             mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks,
             random_neurons=record.get("random_neurons"), random_seed=record.get("random_seed"),
+            keystone=keystone, keystone_neurons=keystone_neurons,
         )  # fmt: skip
-    layer_masks = build_layer_masks(mask, select_networks(mask, networks), mode)
-    run_mask = RunMask(mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks)
+    layer_masks = build_layer_masks(mask, selected, mode)
+    run_mask = RunMask(
+        mask, Path(str(record.get("mask_file", where))), mode, networks, layer_masks,
+        keystone=keystone, keystone_neurons=keystone_neurons,
+    )  # fmt: skip
     return run_mask.with_ablation(ablation_from_record(record, layer_masks, where))
 
 
@@ -275,6 +314,7 @@ def check_same_mask(checkpoint: Path, run_mask: RunMask | None) -> None:
         recorded.get("scale_factor"),
         recorded.get("random_neurons"),
         recorded.get("random_seed"),
+        recorded.get("keystone"),
     )
     if run_mask is None:
         raise UserError(f"checkpoint {checkpoint} was trained with {past}; pass the same mask flags to resume it")

@@ -325,7 +325,11 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     # magnitudes are: after the model loads.
     ablation = Ablation(config.ablation, config.scale_factor) if config.ablation != "mean" else None
     after_load = config.ablation == "mean" or config.random_neurons == "magnitude"
-    run_mask = resolve_run_mask(config.mask_file, mode, networks, ablation) if config.mask_file is not None else None
+    run_mask = (
+        resolve_run_mask(config.mask_file, mode, networks, ablation, config.keystone)
+        if config.mask_file is not None
+        else None
+    )
     if run_mask is not None:
         run_mask = _tune_control(run_mask, config)
     if checkpoint is not None and not config.ica_on_the_fly and not after_load:
@@ -342,7 +346,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
             from fn_train.ica_mask import mask_from_training_data
 
             run_mask = resolve_run_mask(
-                mask_from_training_data(config, checkpoint is not None), mode, networks, ablation
+                mask_from_training_data(config, checkpoint is not None), mode, networks, ablation, config.keystone
             )
             run_mask = _tune_control(run_mask, config)
             if checkpoint is not None and not after_load:

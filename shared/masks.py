@@ -8,8 +8,13 @@ Format (schema version 2)::
       "model": {"name", "model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint"},
       "source": {...how it was made: activations manifest, ICA parameters...},
       "networks": [{"id": 0, "size": 12, "layers": {"3": [5, 17, ...], ...},
+                    "z": {"3": [3.41, -5.02, ...], ...},
                     "quality": 0.93, "share": 1.0, "stable": true, ...}, ...]
     }
+
+`z` (optional, added within version 2) holds each member neuron's signed z in its network's map,
+parallel to `layers`; `shared.keystone.strongest` ranks neurons by it. Files made before it, the
+set-aside `massive` group and random-control masks have none.
 
 Version 2 added how sure each network is: `quality` (ICASSO's cluster quality index),
 `share` (share of the consensus runs that found it) and `stable`; `source.ica` records
@@ -24,6 +29,7 @@ model is loaded; `check_compatible` refuses a mask made for another model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -70,23 +76,27 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Network:
-    """One functional network: sorted neuron indices per layer."""
+    """One functional network: sorted neuron indices per layer, and (when the ICA recorded it) each
+    neuron's signed z in the network's map, parallel to `layers`."""
 
     id: NetworkId
     layers: dict[int, tuple[int, ...]]
     stats: dict[str, Any] = field(default_factory=dict)  # e.g. peak z-score, stability
+    z: dict[int, tuple[float, ...]] | None = None  # layer -> z of each neuron of layers[layer], in its order
 
     @property
     def size(self) -> int:
         return sum(len(neurons) for neurons in self.layers.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "size": self.size,
             "layers": {str(layer): list(neurons) for layer, neurons in sorted(self.layers.items())},
-            **self.stats,
         }
+        if self.z is not None:
+            out["z"] = {str(layer): list(values) for layer, values in sorted(self.z.items())}
+        return {**out, **self.stats}
 
 
 @dataclass(frozen=True)
@@ -310,8 +320,10 @@ def _parse_network(item: Any, model: ModelInfo, seen_ids: set[int], bad) -> Netw
         raise bad(f"network id {network_id} appears twice; ids must be unique")
     seen_ids.add(network_id)
     layers = _parse_layers(item["layers"], model, network_id, bad)
+    z = None if item.get("z") is None else _parse_z(item["z"], item["layers"], network_id, bad)
     declared = item.get("size")
-    network = Network(network_id, layers, {k: v for k, v in item.items() if k not in ("id", "size", "layers")})
+    stats = {k: v for k, v in item.items() if k not in ("id", "size", "layers", "z")}
+    network = Network(network_id, layers, stats, z)
     if declared is not None and declared != network.size:
         raise bad(f"network {network_id}: 'size' is {declared} but its layers hold {network.size} neurons")
     return network
@@ -343,6 +355,29 @@ def _parse_layers(raw: Any, model: ModelInfo, network_id: NetworkId, bad) -> dic
         if neurons:
             layers[layer] = tuple(sorted(neurons))
     return layers
+
+
+def _parse_z(raw: Any, layers_raw: dict, network_id: NetworkId, bad) -> dict[int, tuple[float, ...]]:
+    """A network's `z` object (its `layers` already checked): the same layers, one finite number per
+    neuron in the order `layers` lists them; returned in the sorted neuron order `Network.layers` keeps."""
+    fix = "regenerate the file with `fn-analyze ica`, or delete the network's 'z'"
+    if not isinstance(raw, dict) or set(raw) != set(layers_raw):
+        raise bad(f"network {network_id}: 'z' must hold the layers of 'layers' ({', '.join(layers_raw)}); {fix}")
+    z: dict[int, tuple[float, ...]] = {}
+    for layer_key, values in raw.items():
+        neurons = layers_raw[layer_key]
+        if (
+            not isinstance(values, list)
+            or len(values) != len(neurons)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):
+            raise bad(
+                f"network {network_id}, layer {layer_key}: 'z' must be {len(neurons)} finite numbers, one per "
+                f"neuron of 'layers'; {fix}"
+            )
+        if neurons:
+            z[int(layer_key)] = tuple(float(v) for _, v in sorted(zip(neurons, values, strict=True)))
+    return z
 
 
 def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file") -> None:

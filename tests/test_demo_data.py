@@ -23,7 +23,7 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     a = write_demo_data(tmp_path / "a", seed=7)
     b = write_demo_data(tmp_path / "b", seed=7)
     c = write_demo_data(tmp_path / "c", seed=8)
-    assert set(a) == {"collect", "train", "eval", "sentiment"}
+    assert set(a) == {"collect", "train", "eval", "sentiment", "general"}
     for key in a:
         assert a[key].read_bytes() == b[key].read_bytes()
         assert a[key].read_bytes() != c[key].read_bytes()
@@ -150,3 +150,79 @@ def test_families_leave_a_retention_set(tmp_path) -> None:
             answers = [row["answer"] for row in csv.DictReader(handle)]
         assert answers and not {"positive", "negative"} & set(answers)
     assert len(paths["sentiment"].read_text().splitlines()) == 101
+
+
+# sha256 prefixes of the files of write_demo_data(seed=5, n_collect=20, n_train=10, n_eval=6, n_sentiment=8)
+# as written before general.jsonl existed
+DIGESTS_BEFORE_GENERAL = {
+    "collect": "4c11341a511fe08f",
+    "train": "6e3ef745302c6d6f",
+    "eval": "5a001e489a86c723",
+    "sentiment": "f68fcf7dedfdf8ec",
+}
+
+
+def _texts(path) -> list[str]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert all(list(record) == ["text"] for record in records)  # plain text, nothing the tools ignore
+    return [record["text"] for record in records]
+
+
+def test_adding_general_jsonl_left_the_other_files_as_they_were(tmp_path) -> None:
+    """general.jsonl's seed is drawn after the others': the files before it are byte for byte the same."""
+    import hashlib
+
+    paths = write_demo_data(tmp_path, seed=5, n_collect=20, n_train=10, n_eval=6, n_sentiment=8)
+    digests = {role: hashlib.sha256(paths[role].read_bytes()).hexdigest()[:16] for role in DIGESTS_BEFORE_GENERAL}
+    assert digests == DIGESTS_BEFORE_GENERAL
+    assert paths["general"].name == "general.jsonl" and paths["general"].is_file()
+
+
+def test_general_jsonl_is_varied_plain_prose_deterministic_from_the_seed(tmp_path) -> None:
+    from fn_analyze.demo_prose import MAX_SENTENCES, MIN_SENTENCES, TOPICS
+
+    pool = {sentence for sentences in TOPICS.values() for sentence in sentences}
+    assert len(pool) == sum(len(sentences) for sentences in TOPICS.values()) >= 100  # no sentence written twice
+    a = _texts(write_demo_data(tmp_path / "a", seed=7)["general"])
+    b = _texts(write_demo_data(tmp_path / "b", seed=7)["general"])
+    c = _texts(write_demo_data(tmp_path / "c", seed=8, n_general=30)["general"])
+    assert a == b and len(a) == 100 and len(c) == 30
+    assert a[:30] != c
+    split = [re.split(r"(?<=\.) ", text) for text in a]
+    for sentences in split:
+        assert set(sentences) <= pool  # whole hand-written sentences, joined by single spaces
+        assert MIN_SENTENCES <= len(set(sentences)) == len(sentences) <= MAX_SENTENCES
+        assert len({topic for topic, written in TOPICS.items() if set(sentences) & set(written)}) == 1
+    assert not any("?" in text or "positive" in text or "negative" in text for text in a)  # no task's format
+    for i, first in enumerate(split):  # no near-duplicates: two records share at most one sentence
+        for second in split[i + 1 :]:
+            assert len(set(first) & set(second)) <= 1
+    used = {sentence for sentences in split for sentence in sentences}
+    assert len(used) >= 0.9 * len(pool)
+    with pytest.raises(UserError, match="general-text"):
+        write_demo_data(tmp_path / "d", n_collect=4, n_train=4, n_eval=4, n_sentiment=4, n_general=0)
+
+
+def test_general_jsonl_is_scored_on_every_token(tmp_path, tiny_tokenizer) -> None:
+    """A `text` column is plain text: evaluation scores the loss on every token, with no prompt."""
+    from fn_analyze.scoring import load_eval_set
+
+    paths = write_demo_data(tmp_path, seed=0, n_collect=4, n_train=4, n_eval=4, n_sentiment=4, n_general=12)
+    eval_set = load_eval_set(str(paths["general"]), tiny_tokenizer)
+    assert eval_set.data_format == "text" and not eval_set.has_answers
+    assert len(eval_set.rows) == 12 and all(row.n_prompt == 0 for row in eval_set.rows)
+    assert eval_set.n_answer_tokens == sum(len(row.input_ids) - 1 for row in eval_set.rows)
+
+
+def test_demo_data_command_writes_general_jsonl(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fn_analyze.cli import app
+
+    args = ["demo-data", "--out", str(tmp_path), "--n-collect", "4", "--n-train", "4", "--n-eval", "4"]
+    result = CliRunner().invoke(app, [*args, "--n-sentiment", "4", "--n-general", "5"])
+    assert result.exit_code == 0, result.output
+    assert f"general: {tmp_path / 'general.jsonl'}" in result.output
+    assert len(_texts(tmp_path / "general.jsonl")) == 5
+    help_text = CliRunner().invoke(app, ["demo-data", "--help"]).output
+    assert "general.jsonl" in help_text and "--n-general" in help_text

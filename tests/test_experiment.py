@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -22,7 +23,8 @@ from fn_train.experiment.config import ExperimentConfig, load_experiment_config
 from fn_train.experiment.report import FIGURE_NAME, RESULTS_NAME, TABLE_NAME, format_table
 from fn_train.experiment.runner import run_experiment
 from shared.errors import Interrupted
-from shared.masks import MaskFile, load_mask_file, save_mask_file
+from shared.keystone import keep_count
+from shared.masks import MaskFile, Network, load_mask_file, save_mask_file
 from tests.helpers import (
     MASKED,
     assert_every_printed_figure_is_stored,
@@ -150,8 +152,21 @@ def test_experiment_runs_every_arm_records_masks_and_resumes(
         figures = record["figures"]
         assert {"task_loss", "retention_loss", "retention_accuracy", "train_seconds", "peak_memory_mb"} <= set(figures)
         assert figures["trainable_parameters"] > 0 and figures["peak_memory_mb"] > 0
+        # Each row's own figures, the weighted mean of which is the run's figure.
+        task = record["rows"]["task"]
+        assert len(task["loss"]) == len(task["tokens"]) == 8
+        weighted = np.dot(task["loss"], task["tokens"]) / sum(task["tokens"])
+        assert weighted == pytest.approx(figures["task_loss"], abs=1e-5)
+        assert np.mean(record["rows"]["retention"]["accuracy"]) == pytest.approx(figures["retention_accuracy"])
     assert results["summary"]["key random-magnitude"]["n"] == 2
+    # The answers: key against each control and against LoRA, on every figure, paired over both seeds.
+    made = results["comparisons"]["comparisons"]
+    assert {(c["arm"], c["control"]) for c in made} == {("key", "random-layer"), ("key", "random-magnitude"),
+                                                        ("key", "lora")}  # fmt: skip
+    assert {c["figure"] for c in made} == {"task_loss", "retention_loss", "retention_accuracy"}
+    assert all(c["n_seeds"] == 2 and c["low"] <= c["estimate"] <= c["high"] for c in made)
     table = format_table(results)
+    assert all(c["verdict"] in table for c in made)
     assert (out / TABLE_NAME).read_text().strip() == table
     # The runs' records hold short strings ("0", the random masks' --networks) that the check would strip
     # from every number: the table's figures are the summary's and the base model's.
@@ -177,6 +192,13 @@ def test_bad_configs_are_refused_in_one_line_before_any_run(
         ({"controls": ["size"]}, "controls: 'size' is unknown"),
         ({"colour": "red"}, "unknown key 'colour'"),
         ({"ablation": "half"}, "ablation"),
+        ({"correction": "bonferroni"}, "correction 'bonferroni' is unknown; use holm or bh"),
+        ({"target_difference": {"loss": -1}}, "target_difference: loss must be a positive number"),
+        ({"target_difference": {"perplexity": 1}}, "target_difference must map loss and/or accuracy"),
+        ({"retention_data": []}, "retention_data must be a data file or a list of them"),
+        ({"keystone": [0.01, "1%"]}, "names one size twice"),
+        ({"keystone": [1.5]}, "keystone as a fraction must lie in (0, 1]"),
+        ({"keystone": [0.01]}, "records no z per neuron"),
     ]
     for overrides, fragment in cases:
         path = tmp_path / "exp.yaml"
@@ -244,3 +266,43 @@ def test_the_tune_arm_trains_only_the_chosen_neurons(
         # LLaMA: a neuron's gate and up rows and its down-projection column, hidden size 64 each; 11 neurons
         assert record["figures"]["trainable_parameters"] == 11 * 3 * 64
     assert runs["tune-random-magnitude-seed0"]["fn_mask"]["mask_file"] == str(control_mask_path(out, "magnitude", 0))
+
+
+def test_a_keystone_sweep_trains_the_top_neurons_by_z_and_matches_each_size_per_layer(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    plain = make_mask(model, MASKED)
+    rng = np.random.default_rng(5)
+    networks = tuple(
+        Network(n.id, n.layers, z={layer: tuple(rng.uniform(3, 9, len(ns)).round(3)) for layer, ns in n.layers.items()})
+        for n in plain.networks
+    )
+    path = tmp_path / "mask-z.json"
+    save_mask_file(MaskFile(plain.model, networks, plain.source), path)
+    out = tmp_path / "exp"
+    settings = _settings(tiny_lm_dir, demo_dir, path, out, arms=["tune"], seeds=1, keystone=[3, 0.5, None])
+    plan = runner_module.plan_experiment(ExperimentConfig(**settings))
+    by_z = sorted(
+        (
+            (abs(z), layer, neuron)
+            for n in networks
+            for layer, ns in n.layers.items()
+            for neuron, z in zip(ns, n.z[layer], strict=True)
+        ),
+        key=lambda item: (-item[0], item[1], item[2]),
+    )
+    union = {(layer, neuron) for n in networks for layer, ns in n.layers.items() for neuron in ns}
+    expected = {"top 3": 3, "top 50%": keep_count(0.5, len(union)), "": len(union)}
+    for size, count in expected.items():
+        chosen = pairs(plan.neurons[size])
+        assert chosen == {(layer, neuron) for _, layer, neuron in by_z[:count]}, size
+    runner_module.prepare(plan, torch.device("cpu"), torch.float32)
+    for size, neurons in plan.neurons.items():
+        per_layer = {layer: len(ns) for layer, ns in neurons.items()}
+        for control in ("layer", "magnitude"):
+            drawn = load_mask_file(control_mask_path(out, control, 0, size)).networks[0].layers
+            assert {layer: len(ns) for layer, ns in drawn.items()} == per_layer, (size, control)
+    trained = {run.group: plan.train_config(run) for run in plan.runs}
+    assert trained["tune top 3"].keystone == 3 and trained["tune top 50%"].keystone == 0.5
+    assert trained["tune"].keystone is None and trained["tune top 3 random-layer"].keystone is None

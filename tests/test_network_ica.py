@@ -11,7 +11,7 @@ import pytest
 
 from fn_analyze.ica import IcaConfig, NetworkICA, run_ica
 from shared.errors import ParameterError
-from shared.masks import ModelInfo
+from shared.masks import MaskFile, ModelInfo
 from tests.helpers import write_activations
 
 LAYERS = [0, 1, 2]
@@ -109,6 +109,23 @@ def test_a_folder_fit_writes_nothing_not_even_the_magnitude_cache(tmp_path: Path
     assert sum(len(neurons) for neurons in ica.set_aside_.values()) == 3
     assert capsys.readouterr() == ("", "")
     assert {path: path.stat().st_mtime_ns for path in _files_under(tmp_path)} == before
+
+
+def test_each_member_neurons_z_is_written_signed_in_the_order_of_layers(tmp_path: Path) -> None:
+    data, _, _ = _planted(seed=4, tokens=800)
+    ica = NetworkICA(**SETTINGS).fit(data, layers=LAYERS)
+    assert ica.networks_
+    for network in ica.networks_:
+        assert network.z is not None and network.z.keys() == network.layers.keys()
+        for layer, neurons in network.layers.items():
+            columns = [LAYERS.index(layer) * WIDTH + n for n in neurons]
+            expected = np.round(ica.maps_[network.stats["component"], columns], 3)
+            assert network.z[layer] == tuple(expected.tolist())  # sign and order as `layers`
+            assert all(abs(z) >= SETTINGS.get("threshold", 3.0) for z in network.z[layer])
+    mask = ica.to_mask_file(MODEL)
+    assert MaskFile.load(mask.save(tmp_path / "m.json")) == mask
+    written = json.loads((tmp_path / "m.json").read_text())["networks"][0]
+    assert [len(z) for z in written["z"].values()] == [len(n) for n in written["layers"].values()]
 
 
 def test_errors_from_python_name_the_parameter(tmp_path: Path) -> None:

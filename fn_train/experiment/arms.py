@@ -1,10 +1,13 @@
-"""The runs of an experiment: every arm over every seed, and each masked arm's random controls.
+"""The runs of an experiment: every arm over every seed and neuron-set size, and each masked arm's
+random controls.
 
-A random control is a neuron set drawn as `fn-analyze evaluate` draws its controls
-(`fn_analyze.neuron_sets.draw_matched`): as many neurons as the selected networks hold in every
-layer (`layer`), or in every layer and magnitude bin (`magnitude`), from the neurons the networks
-could have held (the mask file's set-aside neurons are left out, unless the networks are them).
-One set is drawn per control and seed, and every masked arm of that seed trains with it, so the
+A size is the keystone regime (`shared.keystone`): only the strongest neurons of the selected
+networks by |z| (a count or a fraction of their union); "all" is the networks themselves. A random
+control is a neuron set drawn as `fn-analyze evaluate` draws its controls
+(`fn_analyze.neuron_sets.draw_matched`): as many neurons as the selected set holds in every layer
+(`layer`), or in every layer and magnitude bin (`magnitude`), from the neurons the networks could
+have held (the mask file's set-aside neurons are left out, unless the networks are them). One set is
+drawn per control, size and seed, and every masked arm of that seed and size trains with it, so the
 arms' controls are paired; each is written as a one-network mask file in the experiment folder, so
 its run records it in `fn_mask.json` like any other mask.
 """
@@ -30,33 +33,54 @@ class RunSpec:
     arm: str  # lora | key | complement | tune
     neurons: str  # NETWORKS, random-layer, random-magnitude; "" for plain LoRA (no mask)
     seed: int
+    size: str = ""  # the keystone size's label (`size_label`), "" for all of the networks' neurons
+
+    @property
+    def trained(self) -> str:
+        """The arm and the size of its neuron set: `tune`, `tune top 1%`."""
+        return f"{self.arm} {self.size}" if self.size else self.arm
 
     @property
     def group(self) -> str:
-        """The table's row: the arm, and which neurons it trained with."""
-        return self.arm if not self.neurons or self.neurons == NETWORKS else f"{self.arm} {self.neurons}"
+        """The table's row: the arm, its size, and which neurons it trained with."""
+        return self.trained if not self.neurons or self.neurons == NETWORKS else f"{self.trained} {self.neurons}"
 
     @property
     def name(self) -> str:
         """The run's folder and results key."""
-        return f"{self.group.replace(' ', '-')}-seed{self.seed}"
+        return f"{_file_part(self.group)}-seed{self.seed}"
 
 
-def plan_runs(arms: list[str], controls: list[str], seeds: list[int], masked_arms: list[str]) -> list[RunSpec]:
-    """Seed by seed (a partial experiment holds every arm of its first seeds), arm by arm."""
+def size_label(keep: int | float | None) -> str:
+    """A keystone size as the report names it: `top 1%`, `top 0.1%`, `top 50`; "" for all the neurons."""
+    if keep is None:
+        return ""
+    return f"top {keep:g}" if isinstance(keep, int) else f"top {100 * keep:g}%"
+
+
+def _file_part(text: str) -> str:
+    return text.replace("%", "pct").replace(" ", "-")
+
+
+def plan_runs(
+    arms: list[str], controls: list[str], seeds: list[int], masked_arms: list[str], sizes: list[str]
+) -> list[RunSpec]:
+    """Seed by seed (a partial experiment holds every arm of its first seeds), arm by arm, size by size."""
     runs = []
     for seed in seeds:
         for arm in arms:
             if arm not in masked_arms:
                 runs.append(RunSpec(arm, "", seed))
                 continue
-            runs.append(RunSpec(arm, NETWORKS, seed))
-            runs += [RunSpec(arm, f"random-{control}", seed) for control in controls]
+            for size in sizes:
+                runs.append(RunSpec(arm, NETWORKS, seed, size))
+                runs += [RunSpec(arm, f"random-{control}", seed, size) for control in controls]
     return runs
 
 
-def control_mask_path(out: Path, control: str, seed: int) -> Path:
-    return out / MASKS_FOLDER / f"random-{control}-seed{seed}.json"
+def control_mask_path(out: Path, control: str, seed: int, size: str = "") -> Path:
+    sized = f"-{_file_part(size)}" if size else ""
+    return out / MASKS_FOLDER / f"random-{control}{sized}-seed{seed}.json"
 
 
 def draw_control(

@@ -16,10 +16,14 @@ from typing import Any
 from fn_train.config import TrainConfig
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import UserError
+from shared.keystone import parse_keep
 
 # Arm -> fn-train's --mask-mode (None: plain LoRA, no mask).
 ARM_MODES: dict[str, str | None] = {"lora": None, "key": "key", "complement": "complement", "tune": "tune"}
 CONTROLS: tuple[str, ...] = ("layer", "magnitude")  # random neurons matched per layer / per layer and magnitude bin
+CORRECTIONS: tuple[str, ...] = ("holm", "bh")
+# 0.05 nats of answer loss is about a 5% change of perplexity; 0.05 of accuracy, 5 points.
+TARGET_DIFFERENCE: dict[str, float] = {"loss": 0.05, "accuracy": 0.05}
 # fn-train settings the experiment sets itself for every run: not allowed under `train:`.
 SET_BY_EXPERIMENT = frozenset(
     {
@@ -47,13 +51,20 @@ SET_BY_EXPERIMENT = frozenset(
 class ExperimentConfig:
     train_data: str  # the task's training rows (any format fn-train reads)
     eval_data: str  # the task's held-out rows: answer loss and accuracy before and after
-    retention_data: str  # a second dataset the fine-tuning should not change: what the model forgot
+    # Datasets the fine-tuning should not change: what the model forgot. One or a list; each is reported on its
+    # own. Plain text (a `text` column) is scored on every token, the cross-entropy shift of the forgetting
+    # literature; multiple choice also by acc.
+    retention_data: str | list[str]
     out: Path  # results.json, the table, the PNG, the random controls' mask files, the run folders
     mask_file: Path | None = None  # required by the key, complement and tune arms
     model: str = EMBEDDED_MODEL_NAME
     networks: str | None = None  # ids such as 0,3 (default: every network of the file)
     arms: list[str] = field(default_factory=lambda: list(ARM_MODES))
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))  # each masked arm's random controls
+    # Sizes of the masked arms' neuron sets (the keystone regime, shared.keystone): each a count (50) or a fraction
+    # (0.001, 1%) of the selected networks' neurons, the strongest by |z|; null: all of them. Each size is its
+    # own arm with its own matched controls, e.g. [0.001, 0.01, null].
+    keystone: list[Any] = field(default_factory=lambda: [None])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # a number N means seeds 0..N-1
     steps: int = 30  # optimizer steps per run
     learning_rate: float = 2e-4
@@ -75,6 +86,12 @@ class ExperimentConfig:
     max_seq_length: int = 512
     device: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)  # any other fn-train setting, for every run (lora_r: 8)
+    # The comparisons' p-values are corrected for their number: holm (Holm-Bonferroni, the family-wise error
+    # rate) or bh (Benjamini-Hochberg, the false discovery rate).
+    correction: str = "holm"
+    # The differences a reader wants to be able to see, per kind of figure: where nothing is shown, the
+    # report says how many seeds would detect this difference (80% power).
+    target_difference: dict[str, float] = field(default_factory=lambda: dict(TARGET_DIFFERENCE))
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -92,6 +109,7 @@ class ExperimentConfig:
             raise UserError(f"seeds {self.seeds} repeat a seed; list each once")
         self.arms = _names("arms", self.arms, tuple(ARM_MODES))
         self.controls = _names("controls", self.controls, CONTROLS, allow_empty=True)
+        self.keystone = _sizes(self.keystone)
         if self.masked_arms and self.mask_file is None:
             raise UserError(f"arm {self.masked_arms[0]} needs mask_file; add mask_file: or keep only the lora arm")
         for name in ("steps", "batch_size", "eval_batch_size", "max_new_tokens", "max_seq_length"):
@@ -113,7 +131,19 @@ class ExperimentConfig:
                 raise UserError(f"train: unknown fn-train setting {key!r}; use the names of fn-train --help")
         for path, what in ((self.train_data, "train_data"), (self.eval_data, "eval_data")):
             _check_local(path, what)
-        _check_local(self.retention_data, "retention_data")
+        self.retention_data = _retention_list(self.retention_data)
+        for path in self.retention_data:
+            _check_local(path, "retention_data")
+        if self.correction not in CORRECTIONS:
+            raise UserError(f"correction {self.correction!r} is unknown; use holm or bh")
+        if not isinstance(self.target_difference, dict) or set(self.target_difference) - set(TARGET_DIFFERENCE):
+            raise UserError(
+                f"target_difference must map loss and/or accuracy to a positive number, got {self.target_difference!r}"
+            )
+        for kind, value in self.target_difference.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise UserError(f"target_difference: {kind} must be a positive number such as 0.05, got {value!r}")
+        self.target_difference = {**TARGET_DIFFERENCE, **self.target_difference}
         if self.mask_file is not None and not self.mask_file.is_file():
             raise UserError(f"mask_file {self.mask_file} does not exist; give a file written by `fn-analyze ica`")
 
@@ -124,10 +154,20 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
-    def train_config(self, output_dir: Path, arm: str, seed: int, mask_file: Path | None, networks: str | None):
-        """The TrainConfig of one run: the experiment's budget and data, the arm's mask."""
+    def train_config(
+        self,
+        output_dir: Path,
+        arm: str,
+        seed: int,
+        mask_file: Path | None,
+        networks: str | None,
+        keystone: int | float | None = None,
+    ):
+        """The TrainConfig of one run: the experiment's budget and data, the arm's mask (and its keystone size)."""
         mode = ARM_MODES[arm]
         masked: dict[str, Any] = dict(mask_file=mask_file, mask_mode=mode, networks=networks)
+        if keystone is not None:
+            masked["keystone"] = keystone
         train = self.train
         if mode == "tune":  # switches nothing off and trains its own deltas: no ablation, no LoRA settings
             train = {key: value for key, value in self.train.items() if not key.startswith("lora_")}
@@ -163,6 +203,27 @@ def _names(key: str, value: Any, known: tuple[str, ...], allow_empty: bool = Fal
     if len(set(value)) != len(value):
         raise UserError(f"{key} {value} name one twice; list each once")
     return list(value)
+
+
+def _sizes(value: Any) -> list[int | float | None]:
+    """keystone as a list of sizes (a single size is a list of one), each parsed once, none repeated."""
+    sizes = value if isinstance(value, list) else [value]
+    if not sizes:
+        raise UserError("keystone must list at least one size (null: all of the networks' neurons)")
+    parsed = [None if size is None else parse_keep(size, "keystone") for size in sizes]
+    if len(set(parsed)) != len(parsed):
+        raise UserError(f"keystone {sizes} names one size twice; list each once")
+    return parsed
+
+
+def _retention_list(value: Any) -> list[str]:
+    """retention_data as a list of sources: one, or several (each reported on its own)."""
+    sources = [value] if isinstance(value, str) else value
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
+        raise UserError(f"retention_data must be a data file or a list of them, got {value!r}")
+    if len(set(sources)) != len(sources):
+        raise UserError(f"retention_data {sources} names one twice; list each once")
+    return list(sources)
 
 
 def _check_local(path: str, key: str) -> None:

@@ -1,5 +1,6 @@
-"""What each run is measured by: the project's scoring on two datasets, the trainable parameters
-the Trainer saw, and the peak memory of the training alone."""
+"""What each run is measured by: the project's scoring on the task's held-out rows and on each
+retention set (figures and each row's own, for the paired comparisons), the trainable parameters the
+Trainer saw, and the peak memory of the training alone."""
 
 from __future__ import annotations
 
@@ -22,42 +23,57 @@ _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 class ScoredSet:
     """A dataset ready to score: its rows in batches (and its choices', for multiple choice)."""
 
-    role: str  # task | retention
+    key: str  # the figures' prefix: task, retention (one retention set) or retention_<file stem>
     eval_set: EvalSet
     batches: list[Batch]
     choices: tuple[ChoiceSet, list[Batch]] | None
     generate: bool  # accuracy of short answers by greedy generation
 
     @classmethod
-    def of(cls, role: str, eval_set: EvalSet, batch_size: int, pad_id: int, generate: bool) -> ScoredSet:
+    def of(cls, key: str, eval_set: EvalSet, batch_size: int, pad_id: int, generate: bool) -> ScoredSet:
         choices = None
         if eval_set.choices is not None:
             choices = (eval_set.choices, make_batches(eval_set.choices, batch_size, pad_id))
         batches = make_batches(eval_set, batch_size, pad_id)
-        return cls(role, eval_set, batches, choices, generate and eval_set.has_answers and choices is None)
+        return cls(key, eval_set, batches, choices, generate and eval_set.has_answers and choices is None)
 
-    def measure(self, model: nn.Module, tokenizer, max_new_tokens: int) -> dict[str, float]:
-        """{loss, accuracy}: accuracy is acc for multiple choice, answer contained in the greedy
-        generation with `generate`, absent otherwise."""
+    def measure(self, model: nn.Module, tokenizer, max_new_tokens: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """({loss, accuracy}, the same row by row): accuracy is acc for multiple choice, answer contained
+        in the greedy generation with `generate`, absent otherwise. Rows: `loss` and `tokens` per row,
+        `accuracy` per row (or multiple-choice record), rounded for the record."""
         scored = score(model, tokenizer, self.batches, self.generate, max_new_tokens, self.choices)[0]
+        assert scored.rows is not None
         figures = {"loss": scored.loss}
-        if scored.headline_accuracy is not None:
-            figures["accuracy"] = scored.headline_accuracy
-        return figures
+        rows: dict[str, Any] = {"loss": [round(v, 6) for v in scored.rows.loss], "tokens": list(scored.rows.tokens)}
+        accuracy = scored.headline_accuracy_name
+        if accuracy is not None:
+            figures["accuracy"] = getattr(scored, accuracy)
+            rows["accuracy"] = list(getattr(scored.rows, accuracy))
+        return figures, rows
 
     def describe(self) -> dict[str, Any]:
-        accuracy = "acc" if self.choices is not None else ("answer contained" if self.generate else None)
+        if self.choices is not None:
+            accuracy = "acc"
+        elif self.generate:
+            accuracy = "answer contained"
+        else:
+            accuracy = None
+        plain = not self.eval_set.has_answers
         return {"source": self.eval_set.source, "split": self.eval_set.split, "rows": len(self.eval_set.rows),
-                "accuracy": accuracy}  # fmt: skip
+                "accuracy": accuracy, "plain_text": plain}  # fmt: skip
 
 
-def measure_model(model: nn.Module, tokenizer, sets: list[ScoredSet], max_new_tokens: int) -> dict[str, float]:
-    """`<role>_loss` and `<role>_accuracy` of every set."""
+def measure_model(
+    model: nn.Module, tokenizer, sets: list[ScoredSet], max_new_tokens: int
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """`<key>_loss` and `<key>_accuracy` of every set, and each set's rows' own figures by key."""
     figures: dict[str, float] = {}
+    rows: dict[str, dict[str, Any]] = {}
     for scored_set in sets:
-        for name, value in scored_set.measure(model, tokenizer, max_new_tokens).items():
-            figures[f"{scored_set.role}_{name}"] = value
-    return figures
+        measured, rows[scored_set.key] = scored_set.measure(model, tokenizer, max_new_tokens)
+        for name, value in measured.items():
+            figures[f"{scored_set.key}_{name}"] = value
+    return figures, rows
 
 
 class TrainableCount(TrainerCallback):

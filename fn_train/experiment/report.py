@@ -1,5 +1,7 @@
-"""The experiment's report: each arm's figures as mean ± sd over seeds, as a table (printed and in
-table.txt) and a figure (results.png); every number the table prints is in results.json."""
+"""The experiment's report: first the answers (each masked arm against its controls and plain LoRA,
+paired by seed, with intervals and corrected p-values: `comparisons`), then each arm's figures as
+mean ± sd over seeds, as a table (printed and in table.txt) and a figure (results.png); every number
+the table prints is in results.json."""
 
 from __future__ import annotations
 
@@ -9,24 +11,31 @@ from typing import Any
 import numpy as np
 
 from fn_train.experiment.arms import RunSpec
+from fn_train.experiment.comparisons import compare
 from shared.jsonio import write_text_atomic
 
 RESULTS_NAME = "results.json"
 TABLE_NAME = "table.txt"
 FIGURE_NAME = "results.png"
 
-# (figure, column heading, decimals printed), in the table's order.
-METRICS: tuple[tuple[str, str, int], ...] = (
-    ("task_loss", "task loss", 4),
-    ("task_accuracy", "task acc", 3),
-    ("retention_loss", "retention loss", 4),
-    ("retention_accuracy", "retention acc", 3),
+# (figure, column heading, decimals printed) of every run, after each scored set's loss and accuracy.
+RUN_METRICS: tuple[tuple[str, str, int], ...] = (
     ("train_loss", "train loss", 4),
     ("train_seconds", "train s", 1),
     ("trainable_parameters", "trainable", 0),
     ("peak_memory_mb", "peak MiB", 0),
 )
 BEFORE = "base model (before)"
+
+
+def metrics(results: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(figure, heading, decimals) in the table's order: each scored set's loss and accuracy (the task,
+    then each retention set), then the training's own figures."""
+    scored = []
+    for key in results.get("datasets", {"task": {}, "retention": {}}):
+        label = key.replace("_", " ")
+        scored += [(f"{key}_loss", f"{label} loss", 4), (f"{key}_accuracy", f"{label} acc", 3)]
+    return [*scored, *RUN_METRICS]
 
 
 def summarize(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, dict[str, Any]]:
@@ -39,7 +48,7 @@ def summarize(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, dict[st
         if not records:
             continue
         figures = {}
-        for name, _, _ in METRICS:
+        for name, _, _ in metrics(results):
             values = [r["figures"][name] for r in records if r["figures"].get(name) is not None]
             if values:
                 sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -48,12 +57,34 @@ def summarize(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, dict[st
     return summary
 
 
+def report(results: dict[str, Any], runs: list[RunSpec]) -> None:
+    """The summary and the comparisons of the recorded runs, into `results`."""
+    results["summary"] = summarize(results, runs)
+    results["comparisons"] = compare(results, runs)
+
+
+def format_verdicts(results: dict[str, Any]) -> list[str]:
+    """The answers, one line per comparison, under a line that says how they were made."""
+    made = results.get("comparisons") or {}
+    comparisons = made.get("comparisons") or []
+    if not comparisons:
+        return []
+    seeds = max(c["n_seeds"] for c in comparisons)
+    return [
+        f"answers: each arm minus its control, paired by seed (up to {seeds}) and row; {made['confidence']:.0%} "
+        f"interval (not adjusted) and p-value from {made['method']}; p corrected by {made['correction']} over the "
+        f"{made['count']} comparisons",
+        *(c["verdict"] for c in comparisons),
+        "",
+    ]
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Arms x figures, mean ± sd over seeds, below the base model's scores."""
     summary = results.get("summary", {})
     shown = [
         (name, heading, decimals)
-        for name, heading, decimals in METRICS
+        for name, heading, decimals in metrics(results)
         if name in results.get("before", {}) or any(name in row["figures"] for row in summary.values())
     ]
     width = {name: max(len(heading), 2 * (8 + decimals)) for name, heading, decimals in shown}
@@ -61,6 +92,7 @@ def format_table(results: dict[str, Any]) -> str:
     config = results["config"]
     seeds = ", ".join(str(seed) for seed in config["seeds"])
     lines = [
+        *format_verdicts(results),
         f"fn-train experiment: {config['model']} on {config['train_data']}, {config['steps']} steps, "
         f"seeds {seeds}; mean ± sd over seeds (n: seeds recorded)",
         "arm".ljust(label) + "n".rjust(3) + "  " + "  ".join(h.rjust(width[m]) for m, h, _ in shown),
@@ -77,7 +109,10 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(group.ljust(label) + str(row["n"]).rjust(3) + "  " + "  ".join(cells))
     datasets = results.get("datasets", {})
     for role, data in datasets.items():
-        accuracy = data["accuracy"] or "no accuracy (short answers without generate: true)"
+        if data.get("plain_text"):
+            accuracy = "none (plain text: the loss is on every token)"
+        else:
+            accuracy = data["accuracy"] or "no accuracy (short answers without generate: true)"
         lines.append(f"{role}: {data['source']} ({data['rows']} rows; accuracy: {accuracy})")
     if "peak_memory" in results:
         lines.append(f"peak MiB: {results['peak_memory']}, during training")
@@ -90,5 +125,5 @@ def write_report(results: dict[str, Any], out: Path) -> str:
 
     table = format_table(results)
     write_text_atomic(out / TABLE_NAME, table + "\n")
-    plot_experiment(results, [(name, heading) for name, heading, _ in METRICS], out / FIGURE_NAME)
+    plot_experiment(results, [(name, heading) for name, heading, _ in metrics(results)], out / FIGURE_NAME)
     return table

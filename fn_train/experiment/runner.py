@@ -25,6 +25,7 @@ from fn_train.experiment.arms import (
     control_mask_path,
     draw_control,
     plan_runs,
+    size_label,
     write_control_mask,
 )
 from fn_train.experiment.config import ExperimentConfig
@@ -35,7 +36,7 @@ from fn_train.experiment.measure import (
     peak_memory_mb,
     reset_peak_memory,
 )
-from fn_train.experiment.report import RESULTS_NAME, summarize, write_report
+from fn_train.experiment.report import RESULTS_NAME, report, write_report
 from fn_train.load import load_masked_model
 from shared import __version__
 from shared.arch import find_down_projections
@@ -45,6 +46,7 @@ from shared.digests import file_digest
 from shared.distributed import ranks_from_env
 from shared.errors import Interrupted, ParameterError, UserError
 from shared.jsonio import write_json_atomic
+from shared.keystone import strongest
 from shared.masks import (
     MaskFile,
     NeuronSet,
@@ -74,7 +76,8 @@ class ExperimentPlan:
     config: ExperimentConfig
     runs: list[RunSpec]
     mask: MaskFile | None
-    neurons: NeuronSet  # the selected networks' union ({} without a masked arm)
+    # Each size's neuron set (size label -> set; "" the selected networks' union), {} without a masked arm
+    neurons: dict[str, NeuronSet]
     tokenizer: Any
     sets: list[ScoredSet]  # task, retention
     results: dict[str, Any]  # what an earlier, interrupted start recorded, or a new record
@@ -88,11 +91,17 @@ class ExperimentPlan:
             return None, None
         if run.neurons == NETWORKS:
             return self.config.mask_file, self.config.networks
-        return control_mask_path(self.config.out, run.neurons.removeprefix("random-"), run.seed), "0"
+        return control_mask_path(self.config.out, run.neurons.removeprefix("random-"), run.seed, run.size), "0"
 
     def train_config(self, run: RunSpec):
         mask_file, networks = self.mask_of(run)
-        return self.config.train_config(self.run_folder(run), run.arm, run.seed, mask_file, networks)
+        keystone = self.sizes[run.size] if run.neurons == NETWORKS else None  # a control's file is already its size
+        return self.config.train_config(self.run_folder(run), run.arm, run.seed, mask_file, networks, keystone)
+
+    @property
+    def sizes(self) -> dict[str, int | float | None]:
+        """Each keystone size by its label."""
+        return {size_label(keep): keep for keep in self.config.keystone}
 
 
 def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
@@ -108,8 +117,15 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     if config.masked_arms:
         assert config.mask_file is not None
         mask = load_mask_file(config.mask_file)
-        neurons = union(select_networks(mask, parse_network_ids(config.networks)))
-    runs = plan_runs(config.arms, config.controls, config.seeds, config.masked_arms)
+        selected = select_networks(mask, parse_network_ids(config.networks))
+        neurons = {
+            size_label(keep): union(selected)
+            if keep is None
+            else strongest(selected, keep, f"mask_file {config.mask_file}")
+            for keep in config.keystone
+        }
+    sizes = [size_label(keep) for keep in config.keystone]
+    runs = plan_runs(config.arms, config.controls, config.seeds, config.masked_arms, sizes)
     tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"
     plan = ExperimentPlan(config, runs, mask, neurons, tokenizer, [], results)
@@ -120,13 +136,27 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
             raise ParameterError("run {run}: " + exc.template, run=run.name, **exc.values) from exc
         except UserError as exc:
             raise UserError(f"run {run.name}: {exc}") from exc
-    for role, source, split, limit in (
+    for key, source, split, limit in (
         ("task", config.eval_data, config.eval_split, config.eval_limit),
-        ("retention", config.retention_data, None, config.retention_limit),
+        *((key, source, None, config.retention_limit) for key, source in retention_keys(config.retention_data)),
     ):
         eval_set = load_eval_set(source, tokenizer, split, limit=limit, max_length=config.max_seq_length)
-        plan.sets.append(ScoredSet.of(role, eval_set, config.eval_batch_size, tokenizer.pad_token_id, config.generate))
+        plan.sets.append(ScoredSet.of(key, eval_set, config.eval_batch_size, tokenizer.pad_token_id, config.generate))
     return plan
+
+
+def retention_keys(sources: list[str]) -> list[tuple[str, str]]:
+    """(figure prefix, source) of each retention set: `retention` for a single set, else
+    `retention_<file stem>` (numbered where two stems agree)."""
+    if len(sources) == 1:
+        return [("retention", sources[0])]
+    keys: list[tuple[str, str]] = []
+    for source in sources:
+        key = "retention_" + "".join(c if c.isalnum() else "_" for c in Path(source).stem)
+        while key in {k for k, _ in keys}:
+            key += "_2"
+        keys.append((key, source))
+    return keys
 
 
 def _earlier_results(config: ExperimentConfig) -> dict[str, Any]:
@@ -162,12 +192,13 @@ def prepare(plan: ExperimentPlan, device: torch.device, dtype: torch.dtype) -> N
     """With the base model: check the mask fits it, score it (the "before" figures), and draw the
     random controls' neuron sets (kept from an earlier start: the finished runs used them)."""
     config, results = plan.config, plan.results
-    results["datasets"] = {s.role: s.describe() for s in plan.sets}
+    results["datasets"] = {s.key: s.describe() for s in plan.sets}
     wanted = [
-        (control, seed)
+        (control, seed, size)
         for control in config.controls
         for seed in config.seeds
-        if not control_mask_path(config.out, control, seed).is_file()
+        for size in plan.neurons
+        if not control_mask_path(config.out, control, seed, size).is_file()
     ]
     if "before" in results and not wanted:
         return
@@ -177,19 +208,24 @@ def prepare(plan: ExperimentPlan, device: torch.device, dtype: torch.dtype) -> N
         check_compatible(plan.mask, model_info(base, config.model, projections), where=f"mask_file {config.mask_file}")
     if "before" not in results:
         say.info("fn-train experiment: scoring the base model")
-        results["before"] = measure_model(base, plan.tokenizer, plan.sets, config.max_new_tokens)
+        results["before"] = measure_model(base, plan.tokenizer, plan.sets, config.max_new_tokens)[0]
     if wanted and plan.mask is not None:
         magnitude = _magnitude(plan, base, projections) if "magnitude" in config.controls else None
         if magnitude is not None:
             results["magnitude_source"] = magnitude.source
-        matched = f"networks {config.networks or 'all'} of {config.mask_file}"
-        for control, seed in wanted:
-            drawn = draw_control(plan.mask, plan.neurons, control, seed, magnitude, config.bin_width)
-            write_control_mask(plan.mask, drawn, control, seed, matched, control_mask_path(config.out, control, seed))
+        for control, seed, size in wanted:
+            matched = f"networks {config.networks or 'all'} of {config.mask_file}" + (
+                f", {size} by |z|" if size else ""
+            )
+            drawn = draw_control(plan.mask, plan.neurons[size], control, seed, magnitude, config.bin_width)
+            path = control_mask_path(config.out, control, seed, size)
+            write_control_mask(plan.mask, drawn, control, seed, matched, path)
     results["control_masks"] = {
-        f"random-{control}-seed{seed}": file_digest(control_mask_path(config.out, control, seed))
+        path.stem: file_digest(path)
         for control in (config.controls if plan.mask is not None else [])
         for seed in config.seeds
+        for size in plan.neurons
+        for path in [control_mask_path(config.out, control, seed, size)]
     }
     _save(plan)
     del base
@@ -220,7 +256,7 @@ def run_one(plan: ExperimentPlan, run: RunSpec, device: torch.device, dtype: tor
     metrics = train(train_config, callbacks=[counter])
     peak, _ = peak_memory_mb(device)
     with load_masked_model(folder, dtype, str(device)) as model:
-        after = measure_model(model, plan.tokenizer, plan.sets, plan.config.max_new_tokens)
+        after, rows = measure_model(model, plan.tokenizer, plan.sets, plan.config.max_new_tokens)
     del model
     gc.collect()
     record_path = folder / RUN_MASK_NAME
@@ -238,6 +274,7 @@ def run_one(plan: ExperimentPlan, run: RunSpec, device: torch.device, dtype: tor
     return {
         "arm": run.arm,
         "neurons": run.neurons,
+        "size": run.size,
         "seed": run.seed,
         "group": run.group,
         "figures": {
@@ -247,6 +284,7 @@ def run_one(plan: ExperimentPlan, run: RunSpec, device: torch.device, dtype: tor
             "trainable_parameters": counter.count,
             "peak_memory_mb": peak,
         },
+        "rows": rows,  # each scored row's own figures, for the comparisons paired by seed and row
         "fn_train_config": json.loads((folder / RUN_CONFIG_NAME).read_text(encoding="utf-8")),
         "fn_mask": fn_mask,
         "folder": str(folder),
@@ -304,10 +342,10 @@ def _run_all(
             shutil.rmtree(plan.run_folder(run), ignore_errors=True)
             record["folder"] = None
         done[run.name] = record
-        plan.results["summary"] = summarize(plan.results, plan.runs)
+        report(plan.results, plan.runs)
         _save(plan)
     plan.results["seconds_this_start"] = round(time.perf_counter() - started, 1)
-    plan.results["summary"] = summarize(plan.results, plan.runs)
+    report(plan.results, plan.runs)
     _save(plan)
     if not keep_runs:
         shutil.rmtree(config.out / RUNS_FOLDER, ignore_errors=True)
