@@ -197,7 +197,7 @@ def test_the_token_sample_is_seeded_and_recorded_in_the_manifest(
             CollectConfig(
                 dataset=data, out=tmp_path / name, model=str(tiny_lm_dir), tokens_per_sequence=4, skip_first_token=True
             )
-        )
+        ).manifest
         for name in ("a", "b")
     ]
     assert manifests[0]["sample"] == {
