@@ -2,8 +2,9 @@
 from the repository root after the set-up and `fn-analyze demo-data --out demo`.
 
 Record the demo questions' MLP activations in memory, find networks with `NetworkICA`, look at
-them, switch one off in the model and measure what that does to the answers' loss. Nothing is
-written to disk; about a minute on 2 CPU cores (58 s on the idle project machine, 2026-12-06).
+them, switch one off in the model and measure what that does to the answers' loss on records the
+ICA was not fitted on. Nothing is written to disk; about a minute on 2 CPU cores (58 s on the idle
+project machine, 2026-12-06).
 """
 
 # %% Record activations in memory: the input of every down-projection, for each real token.
@@ -24,11 +25,12 @@ model = load_causal_lm("smollm2-135m", dtype=torch.float32, device="cpu")
 tokenizer = load_tokenizer("smollm2-135m")
 records = [json.loads(line) for line in open("demo/data.jsonl", encoding="utf-8")][:120]
 texts = [f"{r['question']} {r['answer']}" for r in records]
+fitted, held_out = texts[:100], texts[100:]  # the networks are found on the first 100, measured on the rest
 
 projections = find_down_projections(model)
 rows = []
 with captured_down_proj_inputs(projections) as store, torch.no_grad():
-    for text in texts:
+    for text in fitted:
         model(**tokenizer(text, return_tensors="pt"))
         rows.append(torch.cat([store[p.layer][0] for p in projections], dim=1).numpy())  # tokens x (layers*width)
 X = np.concatenate(rows).astype(np.float16).astype(np.float32)  # as collect stores them: float16
@@ -54,9 +56,9 @@ def loss(m, text: str) -> float:
         return float(m(**batch, labels=batch["input_ids"]).loss)
 
 
-held_out = [f"{r['question']} {r['answer']}" for r in records[100:120]]
+# Each neuron's mean activation over the fitted tokens: what the ICA centered the rows by (ica.mean_).
 means = np.full((model.config.num_hidden_layers, X.shape[1] // len(layers)), np.nan, dtype=np.float32)
-means[layers] = X.mean(axis=0).reshape(len(layers), -1)
+means[layers] = ica.mean_.reshape(len(layers), -1)
 base = np.mean([loss(model, text) for text in held_out])
 with mask.apply(model, mode="key", networks=[0], ablation="mean", means=means) as masked:
     off = np.mean([loss(masked, text) for text in held_out])

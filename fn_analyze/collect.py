@@ -555,8 +555,9 @@ def write_manifest(plan: CollectPlan, recording: Recording, part: RankShards) ->
     return manifest
 
 
-def collect(config: CollectConfig, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
-    """Run the model over the dataset and write the activations folder; returns the manifest.
+def collect(config: CollectConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Activations:
+    """Run the model over the dataset and write the activations folder; returns it as `Activations`
+    (its folder and manifest), which `NetworkICA.fit` takes.
 
     The stages, public for notebooks and benchmarks: `plan_collection` (the data and the folder),
     `load_recording` (the model), `record_shards`, `write_manifest`. A `model` and `tokenizer`
@@ -575,8 +576,8 @@ def collect(config: CollectConfig, model: nn.Module | None = None, tokenizer: An
         with process_group(plan.device if model is None else next(model.parameters()).device) as ranks:
             recording = load_recording(plan, model, ranks)
             if plan.finished is not None:
-                return _repair(plan, plan.finished, recording)
-            return write_manifest(plan, recording, record_shards(plan, recording))
+                return Activations(config.out, _repair(plan, plan.finished, recording))
+            return Activations(config.out, write_manifest(plan, recording, record_shards(plan, recording)))
 
 
 def _repair(plan: CollectPlan, finished: Activations, recording: Recording) -> dict[str, Any]:

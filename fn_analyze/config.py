@@ -1,8 +1,9 @@
 """The configurations of fn-analyze's stages, and their options: each field's default and help
 text are the command line's (fn_analyze/cli.py builds the commands from them).
 
-This module imports nothing heavy, so that the command line starts at once: the checks
-that need a stage's own names (its solvers, engines, ...) import them when they run.
+This module imports nothing heavy (no torch, scikit-learn or h5py), so that the command line
+starts at once and a config can be made and checked before anything loads: it holds the names
+the checks accept (solvers, scales, engines, ...), and the stages import them from here.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fn_analyze.numbers import parse_int_list
+from shared.ablation_modes import check_ablation
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError
 from shared.keystone import parse_keep
 from shared.options import option
-
-if TYPE_CHECKING:
-    from fn_analyze.preprocess import RowFilter
 
 AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, the most stable kept
 # `--set-aside auto`: the "massive" neurons, whose max |activation| is at least SET_ASIDE_AUTO_RATIO
@@ -29,6 +29,13 @@ AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, th
 # (docs/science.md: kept/mag 0.50x with them, 1.33x with the 100 set aside).
 SET_ASIDE_AUTO_MAX = 100
 SET_ASIDE_AUTO_RATIO = 20.0
+
+SOLVERS = ("picard", "fastica")  # the consensus's ICA solvers (fn_analyze/consensus.py)
+# Each solver's tolerance: Picard's is on the gradient norm, FastICA's on the change of the
+# unmixing matrix; both are far below the libraries' defaults, which stop before the optimum.
+TOLERANCES = {"picard": 1e-6, "fastica": 1e-8}
+SCALES = ("none", "neuron", "layer")  # what the columns are scaled by before the reduction (fn_analyze/preprocess.py)
+ENGINES = ("local", "dask")  # what runs the reduction's sum over shards (fn_analyze/reduction.py)
 
 _DATA_FORMAT_HELP = "auto, multiple_choice, qa, alpaca, prompt_completion, prompt_response, messages or text"
 _MODEL_HELP = "HF name, local path, or the embedded model."
@@ -78,10 +85,11 @@ class CollectConfig:
 
 
 @dataclass(kw_only=True)
-class IcaParams:
-    """The settings of the ICA that finds networks (`fn_analyze.ica.NetworkICA` is fitted with them):
-    every one is also a flag of `fn-analyze ica`. Keyword-only, so that a subclass's own fields come
-    first (`IcaConfig("runs/acts")`). Checked when made; an error names the parameter."""
+class IcaSettings:
+    """The settings of the ICA that finds networks, as given: every one is also a flag of `fn-analyze
+    ica`. Keyword-only, so that a subclass's own fields come first (`IcaConfig("runs/acts")`).
+    Unchecked: `IcaParams` checks them when made, `fn_analyze.ica.NetworkICA` (an estimator, which
+    keeps its parameters as given) when it is fitted."""
 
     # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
     n_components: int | str = option(
@@ -159,18 +167,20 @@ class IcaParams:
     )
     device: str = option("auto", help="Where the reduction runs: auto (CUDA if present), cpu, cuda:N.")
     # Off by default: the reduction's memory is then bounded by the reduced size, whatever the token count.
-    in_memory: bool = option(  # fn_analyze/reduction.py: reduce's `hold`
+    in_memory: bool = option(  # fn_analyze/reduction.py: ReductionSettings.hold
         False,
         help="Hold the centered rows in memory between the reduction's passes when they fit half the "
         "available memory: faster (the passes after the first only multiply), but memory grows with the tokens.",
     )
 
-    def __post_init__(self) -> None:
-        # The stages' modules import torch and scikit-learn: imported when a config is made.
-        from fn_analyze.consensus import SOLVERS, TOLERANCES
-        from fn_analyze.preprocess import SCALES, parse_int_list
-        from fn_analyze.reduction import ENGINES
 
+@dataclass(kw_only=True)
+class IcaParams(IcaSettings):
+    """The ICA's settings, checked when made (an error names the parameter) and put in the form the
+    stages read: `n_components` and `set_aside_top` an int or "auto", the lists parsed, `scale` and
+    `standardize` agreeing, `tol` the solver's default when not given."""
+
+    def __post_init__(self) -> None:
         self.n_components = _parse_components(self.n_components)
         self.exclude_positions = parse_int_list(self.exclude_positions, "exclude_positions")
         self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "exclude_token_ids")
@@ -223,12 +233,6 @@ class IcaParams:
             )
         if self.dask_scheduler is not None and self.engine != "dask":
             raise ParameterError("{dask_scheduler} needs {engine} dask; add it or drop {dask_scheduler}")
-
-    @property
-    def row_filter(self) -> RowFilter:
-        from fn_analyze.preprocess import RowFilter
-
-        return RowFilter(tuple(self.exclude_positions), tuple(self.exclude_token_ids))
 
     def oversample_for(self, k: int) -> int:
         """Extra columns of the reduction: as many as k (at least 10), so convergence goes as
@@ -397,8 +401,6 @@ class EvaluateConfig:
     device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
 
     def __post_init__(self) -> None:
-        from shared.ablation import check_ablation  # imports torch
-
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
             raise ParameterError(

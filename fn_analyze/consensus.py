@@ -48,13 +48,8 @@ from scipy.spatial.distance import squareform
 from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 
-from fn_analyze.reduction import single_threaded_blas
 from shared.progress import progress_bar
-
-SOLVERS = ("picard", "fastica")
-# Each solver's tolerance: Picard's is on the gradient norm, FastICA's on the change of the
-# unmixing matrix; both are far below the libraries' defaults, which stop before the optimum.
-TOLERANCES = {"picard": 1e-6, "fastica": 1e-8}
+from shared.threads import single_threaded_blas
 
 
 def zscore_and_flip(sources: np.ndarray) -> np.ndarray:

@@ -20,20 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from fn_analyze.activations import Activations, open_activations
-from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig, IcaParams
+from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig, IcaParams, IcaSettings
 from fn_analyze.consensus import Consensus, consensus_ica
 from fn_analyze.model_rows import ModelRows, model_rows
 from fn_analyze.neuron_sets import set_size
 from fn_analyze.preprocess import (
     Preprocessing,
+    RowFilter,
     clip_bounds,
     kept_rows,
     sample_rows,
     set_aside_columns,
 )
-from fn_analyze.reduction import Reduction, engine_session, reduce
+from fn_analyze.reduction import Reduction, ReductionSettings, engine_session, reduce
 from fn_analyze.token_rows import ActivationMatrix, TokenRows, describe_source, read_source
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
@@ -79,9 +81,13 @@ def _component_limit(acts: TokenRows, per_layer: bool, n_rows: int) -> int:
     return min(n_rows, neurons) - 1
 
 
+def _row_filter(config: IcaParams) -> RowFilter:
+    return RowFilter(tuple(config.exclude_positions), tuple(config.exclude_token_ids))
+
+
 def _rows_kept(acts: TokenRows, config: IcaParams) -> int:
     """Token rows that enter the ICA; refused when the row filter leaves none, or the set-aside all neurons."""
-    n_rows = kept_rows(acts, config.row_filter)
+    n_rows = kept_rows(acts, _row_filter(config))
     where = describe_source(acts)
     if n_rows == 0:
         raise ParameterError(
@@ -228,19 +234,61 @@ def _split_iou(result: Consensus, j: int, config: IcaParams) -> float | None:
     return float(np.mean([_iou(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]))
 
 
-def _networks(
+@dataclass(frozen=True)
+class FoundNetwork:
+    """One consensus map thresholded: its network's neurons and how sure the map is, each figure
+    rounded as a mask file records it."""
+
+    neurons: tuple[tuple[int, int, float], ...]  # (layer, neuron, signed z in the map), by column
+    quality: float  # ICASSO's cluster quality
+    share: float  # of the runs that found the map
+    run_iou: float  # median IoU of the whole data's runs' networks with this one
+    split_iou: float | None  # mean IoU of the splits' networks (None: not computed, or a split lacks it)
+    peak_z: float  # the map's largest |z|
+    component: int | str  # the map's index (group:index with one ICA per layer)
+    stable: bool  # passes the min_quality, min_share and min_run_iou levels
+
+    @property
+    def size(self) -> int:
+        return len(self.neurons)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The figures a mask file's network carries."""
+        return {
+            "quality": self.quality,
+            "share": self.share,
+            "run_iou": self.run_iou,
+            "split_iou": self.split_iou,
+            "peak_z": self.peak_z,
+            "component": self.component,
+            "stable": self.stable,
+        }
+
+    def network(self) -> Network:
+        """As a mask file's network (id -1 until numbered), each layer's neurons sorted with their z."""
+        layers: dict[int, list[tuple[int, float]]] = {}
+        for layer, neuron, z in self.neurons:
+            layers.setdefault(layer, []).append((neuron, z))
+        by_layer = {layer: sorted(pairs) for layer, pairs in layers.items()}
+        return Network(
+            -1,
+            {layer: tuple(n for n, _ in pairs) for layer, pairs in by_layer.items()},
+            self.stats,
+            {layer: tuple(z for _, z in pairs) for layer, pairs in by_layer.items()},
+        )
+
+
+def found_networks(
     acts: TokenRows,
     reductions: list[list[Reduction]],
     chosen: Candidate,
     config: IcaParams,
     set_aside: tuple[int, ...] = (),
-) -> tuple[list[Network], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each emitted network (numbered by size, largest first; each neuron's signed z in its map kept,
-    rounded to Z_DECIMALS), the figures of the clusters left out as unstable, and the figures of every
-    map (group by group); no network holds a set-aside column (their maps are flat there, this makes
-    it certain)."""
-    found: list[Network] = []
-    unstable, figures = [], []
+) -> list[FoundNetwork]:
+    """Every consensus map of the chosen k thresholded, group by group, each neuron's signed z rounded
+    to Z_DECIMALS; no network holds a set-aside column (their maps are flat there, this makes it certain)."""
+    found = []
     for group, (views, result) in enumerate(zip(reductions, chosen.results, strict=True)):
         agreement = run_agreement(result, config)
         stable = _is_stable(result, agreement, config)
@@ -248,37 +296,31 @@ def _networks(
         for j, members in enumerate(threshold_maps(result.z, config.threshold, config.percentile)):
             if set_aside:
                 members = members[~np.isin(members + offset, set_aside)]
-            stats = {
-                "quality": round(float(result.quality[j]), 3),
-                "share": round(float(result.share[j]), 3),
-                "run_iou": round(float(agreement[j]), 3),
-                "split_iou": None if (iou := _split_iou(result, j, config)) is None else round(iou, 3),
-                "peak_z": round(float(np.abs(result.z[:, j]).max()), 3),
-                "component": j if len(reductions) == 1 else f"{group}:{j}",
-                "stable": bool(stable[j]),
-            }
-            figures.append({**stats, "size": int(len(members))})
-            if not stable[j] and not config.keep_unstable:
-                unstable.append({**stats, "size": int(len(members))})
-                continue
-            if len(members) == 0:
-                continue
-            layers: dict[int, list[tuple[int, float]]] = {}
-            for column in members:
-                layer, neuron = acts.column_to_neuron(offset + int(column))
-                layers.setdefault(layer, []).append((neuron, round(float(result.z[column, j]), Z_DECIMALS)))
-            by_layer = {layer: sorted(pairs) for layer, pairs in layers.items()}
+            neurons = tuple(
+                (*acts.column_to_neuron(offset + int(column)), round(float(result.z[column, j]), Z_DECIMALS))
+                for column in members
+            )
             found.append(
-                Network(
-                    -1,
-                    {layer: tuple(n for n, _ in pairs) for layer, pairs in by_layer.items()},
-                    stats,
-                    {layer: tuple(z for _, z in pairs) for layer, pairs in by_layer.items()},
+                FoundNetwork(
+                    neurons,
+                    quality=round(float(result.quality[j]), 3),
+                    share=round(float(result.share[j]), 3),
+                    run_iou=round(float(agreement[j]), 3),
+                    split_iou=None if (iou := _split_iou(result, j, config)) is None else round(iou, 3),
+                    peak_z=round(float(np.abs(result.z[:, j]).max()), 3),
+                    component=j if len(reductions) == 1 else f"{group}:{j}",
+                    stable=bool(stable[j]),
                 )
             )
-    # Ids by size, largest first, so that id 0 is the biggest network of a file.
-    found.sort(key=lambda network: (-network.size, -network.stats["peak_z"]))
-    return [replace(network, id=i) for i, network in enumerate(found)], unstable, figures
+    return found
+
+
+def emitted_networks(found: list[FoundNetwork], keep_unstable: bool) -> tuple[Network, ...]:
+    """The stable networks (every one with `keep_unstable`) that hold a neuron, numbered by size,
+    largest first, so that id 0 is the biggest network of a file."""
+    networks = [f.network() for f in found if (f.stable or keep_unstable) and f.size]
+    networks.sort(key=lambda network: (-network.size, -network.stats["peak_z"]))
+    return tuple(replace(network, id=i) for i, network in enumerate(networks))
 
 
 def _reduction_record(reductions: list[list[Reduction]], k: int) -> dict[str, Any]:
@@ -321,20 +363,20 @@ def unmix_activations(acts: TokenRows, config: IcaParams) -> Unmixed:
             f"whole data{f' and on each of {config.splits} disjoint splits of the records' if config.splits else ''}, "
             f"reduction on {device} ({config.engine}){_describe_prep(acts, config, prep, n_rows)}"
         )
-        reductions = reduce(
-            acts,
-            column_groups(acts, config.per_layer),
-            k_max,
-            prep,
-            config.seed,
-            oversample,
-            config.reduction_tol,
-            config.max_passes,
-            config.splits,
-            config.engine,
-            device,
+        settings = ReductionSettings(
+            groups=tuple(column_groups(acts, config.per_layer)),
+            k=k_max,
+            prep=prep,
+            seed=config.seed,
+            oversample=oversample,
+            tol=config.reduction_tol,
+            max_passes=config.max_passes,
+            splits=config.splits,
+            engine=config.engine,
+            device=device,
             hold=config.in_memory,
         )
+        reductions = reduce(acts, settings)
     if not all(view.converged for views in reductions for view in views):
         record = _reduction_record(reductions, k_max)
         log.warning(
@@ -356,14 +398,14 @@ def _preprocessing(acts: TokenRows, config: IcaParams) -> Preprocessing:
     sample of the kept rows (one streamed pass), the set-aside neurons from their magnitudes."""
     clip = None
     if config.clip_percentile is not None:
-        sample = sample_rows(acts, config.row_filter, config.clip_sample_rows, config.seed)
+        sample = sample_rows(acts, _row_filter(config), config.clip_sample_rows, config.seed)
         clip = clip_bounds(sample, config.clip_percentile)
     if config.set_aside_top == AUTO:  # none for the keep-only recipe (see SET_ASIDE_AUTO_MAX)
         auto = config.scale != "layer"
         set_aside = tuple(set_aside_columns(acts, SET_ASIDE_AUTO_MAX, min_ratio=SET_ASIDE_AUTO_RATIO)) if auto else ()
     else:
         set_aside = tuple(set_aside_columns(acts, config.set_aside_top)) if config.set_aside_top else ()
-    return Preprocessing(config.row_filter, clip, config.scale, set_aside)
+    return Preprocessing(_row_filter(config), clip, config.scale, set_aside)
 
 
 def _describe_prep(acts: TokenRows, config: IcaParams, prep: Preprocessing, n_rows: int) -> str:
@@ -396,12 +438,14 @@ def _set_aside_record(acts: TokenRows, prep: Preprocessing) -> dict[str, Any]:
 _NOT_RECORDED = ("engine", "dask_scheduler", "device", "in_memory")
 
 
-@dataclass(eq=False)
-class NetworkICA(IcaParams):
-    """Functional networks by spatial ICA, as an estimator: settings in the constructor (the
-    parameters of `fn-analyze ica`, `IcaParams`), learning in `fit`, what it learned in attributes
-    with a trailing underscore, nothing written and nothing printed (progress goes to the
-    `fn.progress.ica` logger).
+@dataclass(kw_only=True, eq=False, repr=False)
+class NetworkICA(BaseEstimator, IcaSettings):
+    """Functional networks by spatial ICA, as a scikit-learn estimator: settings in the constructor
+    (the parameters of `fn-analyze ica`, `fn_analyze.config.IcaSettings`, keyword-only), kept as
+    given and checked when `fit` runs; learning in `fit`, what it learned in attributes with a
+    trailing underscore, nothing written and nothing printed (progress goes to the
+    `fn.progress.ica` logger). `get_params`, `set_params` and `sklearn.base.clone` work as on any
+    estimator.
 
     >>> ica = NetworkICA(n_components=20).fit("runs/acts")        # an activations folder
     >>> ica = NetworkICA(n_components=8).fit(X, layers=[0, 1, 2])  # tokens x neurons, layer-major
@@ -427,10 +471,12 @@ class NetworkICA(IcaParams):
         positions: Sequence[int] | np.ndarray | None = None,
         token_ids: Sequence[int] | np.ndarray | None = None,
     ) -> NetworkICA:
-        """Find the networks in an activations folder (a path or `Activations`) or an array of
-        tokens x neurons. An array's columns are layer-major over `layers` (default one layer, 0);
-        `records` (each row its own by default) decide the splits, `positions` and `token_ids` (0 by
-        default) what `exclude_positions` and `exclude_token_ids` leave out."""
+        """Find the networks in an activations folder (a path, or the `Activations` that `collect`
+        returns) or an array of tokens x neurons. An array's columns are layer-major over `layers`
+        (default one layer, 0); `records` (each row its own by default) decide the splits, `positions`
+        and `token_ids` (0 by default) what `exclude_positions` and `exclude_token_ids` leave out.
+        A bad parameter is refused here, naming it (`shared.errors.ParameterError`)."""
+        params = IcaParams(**self.get_params())
         if isinstance(X, np.ndarray):
             acts: TokenRows = ActivationMatrix.of(X, layers, records, positions, token_ids)
         else:
@@ -440,29 +486,29 @@ class NetworkICA(IcaParams):
                     "activations folder records its own"
                 )
             acts = read_source(X)
-        _components_to_try(acts, self)  # refused before a set-aside or sample pass
-        unmixed = unmix_activations(acts, self)
+        _components_to_try(acts, params)  # refused before a set-aside or sample pass
+        unmixed = unmix_activations(acts, params)
         reductions, tried, chosen = unmixed.reductions, unmixed.tried, unmixed.chosen
-        found, unstable, figures = _networks(acts, reductions, chosen, self, unmixed.prep.set_aside)
+        found = found_networks(acts, reductions, chosen, params, unmixed.prep.set_aside)
         whole = [views[0] for views in reductions]
         explained = sum(r.eigenvalues[: chosen.k].sum() for r in whole) / max(
             sum(r.total_variance for r in whole), 1e-300
         )
-        self.networks_ = tuple(found)
+        self.networks_ = emitted_networks(found, params.keep_unstable)
         self.maps_ = np.concatenate(
             [
                 _full_width(result.z.T, views[0].columns, acts.n_neurons)
                 for views, result in zip(reductions, chosen.results, strict=True)
             ]
         )
-        self.quality_, self.share_, self.run_iou_ = (
-            np.array([f[key] for f in figures]) for key in ("quality", "share", "run_iou")
-        )
-        self.split_iou_ = np.array([np.nan if f["split_iou"] is None else f["split_iou"] for f in figures])
-        self.stable_ = np.array([f["stable"] for f in figures])
-        self.unstable_ = unstable
+        self.quality_ = np.array([f.quality for f in found])
+        self.share_ = np.array([f.share for f in found])
+        self.run_iou_ = np.array([f.run_iou for f in found])
+        self.split_iou_ = np.array([np.nan if f.split_iou is None else f.split_iou for f in found])
+        self.stable_ = np.array([f.stable for f in found])
+        self.unstable_ = [{**f.stats, "size": f.size} for f in found if not f.stable and not params.keep_unstable]
         self.n_components_ = chosen.k
-        self.stable_per_k_ = {c.k: c.stable_count(self) for c in tried}
+        self.stable_per_k_ = {c.k: c.stable_count(params) for c in tried}
         self.explained_variance_ratio_ = float(explained)
         self.reduction_ = _reduction_record(reductions, chosen.k)
         self.set_aside_ = _set_aside_record(acts, unmixed.prep)["layers"] if unmixed.prep.set_aside else {}
@@ -471,8 +517,12 @@ class NetworkICA(IcaParams):
         self.clip_ = unmixed.prep.clip
         self.layers_ = list(acts.layers)
         self.n_rows_ = whole[0].n_rows
-        self._source = acts
-        self._record = self._ica_record(acts, tried, chosen, unstable, unmixed.prep, reductions)
+        self._acts = acts
+        self._mask_source = {
+            "method": "spatial-ica-per-layer" if params.per_layer else "spatial-ica",
+            "activations": _activations_record(acts),
+            "ica": self._ica_record(params, acts, tried, chosen, unmixed.prep),
+        }
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -498,7 +548,7 @@ class NetworkICA(IcaParams):
         recorded on; an array's networks need it). Refused for a model whose layers or MLP width
         the fitted columns do not match, or another model than the folder's."""
         self._check_fitted()
-        acts = self._source
+        acts = self._acts
         recorded = not isinstance(acts, ActivationMatrix)  # a folder's or a model's rows know their model
         if model is None:
             if not recorded:
@@ -524,43 +574,32 @@ class NetworkICA(IcaParams):
                 layers=list(acts.layers),
                 fitted=acts.intermediate_size,
             )
-        source = {
-            "method": "spatial-ica-per-layer" if self.per_layer else "spatial-ica",
-            "activations": _activations_record(acts),
-            "ica": self._record,
-        }
-        return MaskFile(model=model, networks=self.networks_, source=source)
+        return MaskFile(model=model, networks=self.networks_, source=self._mask_source)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "networks_"):
             raise ParameterError("this NetworkICA is not fitted yet; call fit({X}) first")
 
     def _ica_record(
-        self,
-        acts: TokenRows,
-        tried: list[Candidate],
-        chosen: Candidate,
-        unstable: list[dict[str, Any]],
-        prep: Preprocessing,
-        reductions: list[list[Reduction]],
+        self, params: IcaParams, acts: TokenRows, tried: list[Candidate], chosen: Candidate, prep: Preprocessing
     ) -> dict[str, Any]:
-        """What a mask file's `source.ica` records: the settings, and how the fit went."""
+        """What a mask file's `source.ica` records: the checked settings, and how the fit went."""
         record = {
-            **{k: v for k, v in asdict(self).items() if k not in _NOT_RECORDED},
+            **{k: v for k, v in asdict(params).items() if k not in _NOT_RECORDED},
             "n_components": chosen.k,
-            "n_components_requested": self.n_components,
+            "n_components_requested": params.n_components,
             "stable_per_k": {str(k): count for k, count in self.stable_per_k_.items()},
-            "oversample": self.oversample_for(max(c.k for c in tried)),
-            "threshold_rule": "abs-percentile" if self.percentile is not None else "abs-zscore",
+            "oversample": params.oversample_for(max(c.k for c in tried)),
+            "threshold_rule": "abs-percentile" if params.percentile is not None else "abs-zscore",
             "rows_kept": self.n_rows_,
             "explained_variance_ratio": round(self.explained_variance_ratio_, 4),
             "reduction": self.reduction_,
             "converged_runs": int(min(r.converged_runs for r in chosen.results)),
             "partial_clusters": int(sum(r.partial_clusters for r in chosen.results)),
-            "unstable": unstable,
+            "unstable": self.unstable_,
             "empty_components_dropped": sum(len(r.quality) for r in chosen.results)
             - len(self.networks_)
-            - len(unstable),
+            - len(self.unstable_),
         }
         if prep.set_aside:
             record["set_aside"] = _set_aside_record(acts, prep)
@@ -594,7 +633,7 @@ def run_ica(config: IcaConfig) -> MaskFile:
     recomputed on each pass), write the mask file (and its line in the folder's index.json); returns it."""
     acts = open_activations(config.activations) if config.activations else model_rows(config.recording())
     estimator = NetworkICA(**config.params)
-    _components_to_try(acts, estimator)  # refused before anything is written
+    _components_to_try(acts, config)  # refused before anything is written
     out = config.out or default_out(acts, config)
     check_mask_out(out, config.overwrite, config.register)
     mask = estimator.fit(acts).to_mask_file()

@@ -7,7 +7,7 @@ C Q = sum_s X_s^T (X_s Q), computed shard by shard in float32 blocks and accumul
 float64, so memory is (neurons x components) whatever the token count. One pass serves
 several column groups at once (all layers together, or each layer on its own).
 
-Each shard's part is a plain function of (shard, small arrays), so the sum runs
+Each shard's part is a plain function of (shard, the settings, small arrays), so the sum runs
 in this process (`engine="local"`) or as dask tasks (`engine="dask"`): on dask's local
 scheduler, or on a cluster when a `dask.distributed` Client is connected, with the
 shards on a file system every worker can read.
@@ -24,17 +24,40 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
-from fn_analyze.preprocess import ALL_ROWS, Preprocessing, RowFilter, inverse_scales
+from fn_analyze.config import ENGINES
+from fn_analyze.preprocess import Preprocessing, inverse_scales
 from fn_analyze.token_rows import RowShard, TokenRows, shards_of
 from shared.errors import ParameterError, UserError
 from shared.progress import progress_bar
+from shared.threads import single_threaded_blas
 
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 128 * 2**20  # float32 bytes per block of token rows read from a shard
-ENGINES = ("local", "dask")
+
+
+@dataclass(frozen=True)
+class ReductionSettings:
+    """How `reduce` runs, in one object its workers are sent (picklable, for the dask engine)."""
+
+    groups: tuple[tuple[int, int], ...]  # [start, stop) column ranges, each reduced on its own
+    k: int  # principal maps kept per group and view
+    prep: Preprocessing = Preprocessing()  # rows left out, clipping, scaling, set-aside; the default changes nothing
+    seed: int = 0  # of the random start
+    oversample: int = 10  # extra columns: convergence goes as lambda_{k+oversample+1} / lambda_k per pass
+    tol: float = 1e-6  # the iteration stops when the top-k maps move less than this (sine of the largest angle)
+    max_passes: int = 40
+    splits: int = 0  # views beside the whole data: the records whose index modulo splits is s (0: none)
+    engine: str = "local"  # local, or dask: the sums over shards as dask tasks
+    device: str = "cpu"
+    precision: str | None = None  # of the products; None: float64 on CUDA, float32 elsewhere
+    resident: bool | None = None  # the raw rows held on the device; None: on CUDA when they fit
+    hold: bool = False  # the centered rows held between passes when they fit (engine local)
+
+    @property
+    def product_precision(self) -> str:
+        return self.precision or ("float64" if torch.device(self.device).type == "cuda" else "float32")
 
 
 @dataclass
@@ -67,15 +90,14 @@ class Reduction:
         return self.subspace_change <= self.tolerance
 
 
-def _shard_blocks(
-    shard: RowShard, device: torch.device, splits: int, rows: RowFilter, clip: np.ndarray | None
-) -> Iterator[tuple[torch.Tensor, list[Any]]]:
-    """A shard's kept token rows (`rows`: all by default) as float32 blocks on `device`, each value
-    clipped to its column's [low, high] when `clip` is given, each block with its views' row
-    selections: slice(None) for the whole data, then the rows of each split (record index modulo `splits`)."""
+def _shard_blocks(shard: RowShard, settings: ReductionSettings) -> Iterator[tuple[torch.Tensor, list[Any]]]:
+    """A shard's kept token rows (the preprocessing's row filter) as float32 blocks on the settings' device,
+    each value clipped to its column's [low, high] when the preprocessing clips, each block with its views'
+    row selections: slice(None) for the whole data, then the rows of each split (record index modulo `splits`)."""
+    device, splits, clip = torch.device(settings.device), settings.splits, settings.prep.clip
     block_rows = max(1, BLOCK_BYTES // (4 * shard.n_columns))
     split_of = shard.records() % splits if splits else None
-    keep = rows.keep(shard)
+    keep = settings.prep.rows.keep(shard)
     bounds = None if clip is None else torch.as_tensor(clip, dtype=torch.float32, device=device)
     start = 0
     for block in shard.blocks(block_rows):
@@ -105,13 +127,11 @@ def _centered(block: torch.Tensor, selected: Any, mean: torch.Tensor) -> torch.T
     return block - mean if isinstance(selected, slice) else block.index_select(0, selected).sub_(mean)
 
 
-def shard_moments(
-    shard: RowShard, splits: int, device: str, rows: RowFilter = ALL_ROWS, clip: np.ndarray | None = None
-) -> np.ndarray:
+def shard_moments(shard: RowShard, settings: ReductionSettings) -> np.ndarray:
     """(views, 3, neurons) float64: each view's row count, per-neuron sum and sum of squares (kept, clipped rows)."""
-    dev = torch.device(device)
-    total = torch.zeros((1 + splits, 3, shard.n_columns), dtype=torch.float64, device=dev)
-    for block, views in _shard_blocks(shard, dev, splits, rows, clip):
+    dev = torch.device(settings.device)
+    total = torch.zeros((1 + settings.splits, 3, shard.n_columns), dtype=torch.float64, device=dev)
+    for block, views in _shard_blocks(shard, settings):
         for view, selected in enumerate(views):
             x = _selected(block, selected)
             total[view, 0] += len(x)
@@ -122,20 +142,16 @@ def shard_moments(
 
 def centered_blocks(
     shard: RowShard,
+    settings: ReductionSettings,
     means: np.ndarray,  # (views, neurons)
     inv_scales: np.ndarray | None,  # (views, neurons); None: centered only
-    splits: int,
-    device: str,
-    rows: RowFilter = ALL_ROWS,
-    clip: np.ndarray | None = None,
-    precision: str = "float32",
 ) -> Iterator[list[torch.Tensor]]:
     """A shard's blocks as the products read them: for each block, each view's rows centered (and
-    scaled) by the view's own moments, in `precision`."""
-    dev, dtype = torch.device(device), getattr(torch, precision)
+    scaled) by the view's own moments, in the products' precision."""
+    dev, dtype = torch.device(settings.device), getattr(torch, settings.product_precision)
     means_t = torch.as_tensor(means, dtype=torch.float32, device=dev)
     scales_t = None if inv_scales is None else torch.as_tensor(inv_scales, dtype=torch.float32, device=dev)
-    for block, views in _shard_blocks(shard, dev, splits, rows, clip):
+    for block, views in _shard_blocks(shard, settings):
         centered = []
         for view, selected in enumerate(views):
             x = _centered(block, selected, means_t[view])
@@ -147,19 +163,17 @@ def centered_blocks(
 
 def block_products(
     blocks: Iterable[list[torch.Tensor]],
-    groups: Sequence[tuple[int, int]],
+    settings: ReductionSettings,
     bases: Sequence[Sequence[np.ndarray]],  # [group][view]
-    device: str,
-    precision: str = "float32",
 ) -> list[list[np.ndarray]]:
     """For each column group g and view v: sum over the blocks of X_gv^T (X_gv basis_gv), products
-    in `precision` (float32 or float64), float64 sums."""
-    dev, dtype = torch.device(device), getattr(torch, precision)
+    in the settings' precision (float32 or float64), float64 sums."""
+    dev, dtype = torch.device(settings.device), getattr(torch, settings.product_precision)
     bases_t = [[torch.as_tensor(b, dtype=dtype, device=dev) for b in views] for views in bases]
     outs = [[torch.zeros(b.shape, dtype=torch.float64, device=dev) for b in views] for views in bases_t]
     for centered in blocks:
         for view, x in enumerate(centered):
-            for g, (start, stop) in enumerate(groups):
+            for g, (start, stop) in enumerate(settings.groups):
                 part = x[:, start:stop]
                 outs[g][view] += (part.T @ (part @ bases_t[g][view])).to(torch.float64)
     return [[out.cpu().numpy() for out in views] for views in outs]
@@ -167,21 +181,15 @@ def block_products(
 
 def shard_products(
     shard: RowShard,
-    groups: Sequence[tuple[int, int]],
+    settings: ReductionSettings,
     means: np.ndarray,  # (views, neurons)
     inv_scales: np.ndarray | None,  # (views, neurons); None: centered only
     bases: Sequence[Sequence[np.ndarray]],  # [group][view]
-    splits: int,
-    device: str,
-    rows: RowFilter = ALL_ROWS,
-    clip: np.ndarray | None = None,
-    precision: str = "float32",
 ) -> list[list[np.ndarray]]:
     """For each column group g and view v: sum over the shard's rows of view v of X_gv^T (X_gv basis_gv),
-    X centered (and scaled) by the view's own moments; products in `precision` (float32 or float64),
-    float64 sums."""
-    blocks = centered_blocks(shard, means, inv_scales, splits, device, rows, clip, precision)
-    return block_products(blocks, groups, bases, device, precision)
+    X centered (and scaled) by the view's own moments; products in the settings' precision (float32 or
+    float64), float64 sums."""
+    return block_products(centered_blocks(shard, settings, means, inv_scales), settings, bases)
 
 
 def held_bytes(shards: Sequence[RowShard], splits: int, precision: str) -> int:
@@ -315,21 +323,6 @@ def full_float32_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-@contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """numpy's BLAS (OpenBLAS) on one thread for the block.
-
-    The arrays numpy works on here are small (a QR of neurons x 2k, the ICA runs on
-    neurons x k), and OpenBLAS's own threads, waking for each of them, fight torch's OpenMP
-    threads (which spin after every product) and each other for the cores: on the 2-core
-    machine one Picard run on the bench's 2,048 x 32 maps took 3.3 s with OpenBLAS's 2
-    threads and 0.05 s with one, with bit-identical results (one thread computes each output
-    element either way). Parallelism comes from running independent work side by side instead.
-    """
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 def _ritz(basis: np.ndarray, product: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rayleigh-Ritz on span(basis): all Ritz values (descending) and the top-k Ritz vectors."""
     small = basis.T @ product
@@ -350,22 +343,7 @@ def signed(maps: np.ndarray) -> np.ndarray:
     return maps * np.where(peaks < 0, -1.0, 1.0)
 
 
-def reduce(
-    acts: TokenRows,
-    groups: Sequence[tuple[int, int]],
-    k: int,
-    prep: Preprocessing,
-    seed: int,
-    oversample: int,
-    tol: float,
-    max_passes: int,
-    splits: int = 0,
-    engine: str = "local",
-    device: str = "cpu",
-    precision: str | None = None,
-    resident: bool | None = None,
-    hold: bool = False,
-) -> list[list[Reduction]]:
+def reduce(acts: TokenRows, settings: ReductionSettings) -> list[list[Reduction]]:
     """Subspace iteration with Rayleigh-Ritz, run until the top-k maps stop moving, for every column
     group and every view of the data: [group][view], view 0 the whole data, view 1 + s the records
     whose index modulo `splits` is s (disjoint halves of the text for splits=2), each centered
@@ -390,8 +368,9 @@ def reduce(
     more time than the products. The results are the same bit for bit whichever way the rows come.
     """
     shards = shards_of(acts)
-    on_cuda = torch.device(device).type == "cuda"
-    precision = precision or ("float64" if on_cuda else "float32")
+    device, engine, splits, k, tol = settings.device, settings.engine, settings.splits, settings.k, settings.tol
+    groups, precision = settings.groups, settings.product_precision
+    hold = settings.hold
     if hold and engine != "local":
         raise ParameterError("{hold} keeps the rows in this process; drop it or {engine} {value}", value=engine)
     needed = held_bytes(shards, splits, precision)
@@ -403,7 +382,9 @@ def reduce(
             device,
         )
         hold = False
+    resident = settings.resident
     if resident is None:
+        on_cuda = torch.device(device).type == "cuda"
         resident = on_cuda and engine == "local" and not hold and fits_on_device(shards, device)
     if hold:
         log.info("reduction: the centered rows are held in %s memory between passes (%.2f GiB)", device, needed / 2**30)
@@ -412,38 +393,30 @@ def reduce(
         log.info("reduction: the rows are held on %s between passes", device)
     views = 1 + splits
     with full_float32_matmul(), single_threaded_blas():
-        moments = sum_over_shards(shard_moments, shards, (splits, device, prep.rows, prep.clip), engine)
+        moments = sum_over_shards(shard_moments, shards, (settings,), engine)
         counts = np.maximum(moments[:, 0, :1], 1.0)  # (views, 1)
         means = moments[:, 1] / counts
         stds = np.sqrt(np.maximum(moments[:, 2] / counts - means**2, 0.0))
-        inv_scales = inverse_scales(stds, acts.intermediate_size, prep.scale, prep.set_aside)
+        inv_scales = inverse_scales(stds, acts.intermediate_size, settings.prep.scale, settings.prep.set_aside)
         # What each view's columns hold after scaling: their total variance is that of the scaled data.
         scaled_stds = stds if inv_scales is None else stds * inv_scales
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(settings.seed)
         bases = [
             [
-                np.linalg.qr(rng.standard_normal((stop - start, min(stop - start, k + oversample))))[0]
+                np.linalg.qr(rng.standard_normal((stop - start, min(stop - start, k + settings.oversample))))[0]
                 for _ in range(views)
             ]
             for start, stop in groups
         ]
-        fixed = (groups, means, inv_scales)
-        filters = (prep.rows, prep.clip)
         previous: list[list[np.ndarray]] | None = None
         # Each shard's centered blocks, when held: the same tensors each pass would otherwise make again.
-        held = (
-            [tuple(centered_blocks(shard, means, inv_scales, splits, device, *filters, precision)) for shard in shards]
-            if hold
-            else []
-        )
-        with progress_bar(total=max_passes, desc="ica reduction", unit="pass", leave=False) as bar:
-            for passes in range(1, max_passes + 1):
+        held = [tuple(centered_blocks(shard, settings, means, inv_scales)) for shard in shards] if hold else []
+        with progress_bar(total=settings.max_passes, desc="ica reduction", unit="pass", leave=False) as bar:
+            for passes in range(1, settings.max_passes + 1):
                 if hold:
-                    products = sum_over_shards(block_products, held, (groups, bases, device, precision), "local")
+                    products = sum_over_shards(block_products, held, (settings, bases), "local")
                 else:
-                    products = sum_over_shards(
-                        shard_products, shards, (*fixed, bases, splits, device, *filters, precision), engine
-                    )
+                    products = sum_over_shards(shard_products, shards, (settings, means, inv_scales, bases), engine)
                 ritz = [
                     [_ritz(basis, product, k) for basis, product in zip(bs, ps, strict=True)]
                     for bs, ps in zip(bases, products, strict=True)

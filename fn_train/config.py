@@ -9,10 +9,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shared.ablation_modes import check_ablation
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError
 from shared.keystone import parse_keep
 from shared.options import option
+
+# key and complement switch neurons off; tune trains only the chosen neurons' own weights (fn_train/run_mask.py).
+TRAIN_MODES: tuple[str, ...] = ("key", "complement", "tune")
+RANDOM_NEURONS: tuple[str, ...] = ("layer", "magnitude")  # what a random control set is matched on
 
 
 @dataclass
@@ -178,10 +183,6 @@ class TrainConfig:
             raise ParameterError("{lora_dropout} must lie in [0, 1), got {value}", value=self.lora_dropout)
 
     def _check_mask_flags(self) -> None:
-        # Imported here: these modules import torch, which the command line must not wait for.
-        from fn_train.run_mask import RANDOM_NEURONS, TRAIN_MODES
-        from shared.ablation import check_ablation
-
         if self.mask_file is not None:
             self.mask_file = Path(self.mask_file)
             if self.ica_on_the_fly:

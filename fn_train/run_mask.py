@@ -37,8 +37,6 @@ COMPLEMENT_DEFAULT_KEPT = 1.09
 # key and complement switch neurons off (shared.masks.MASK_MODES); tune switches nothing off and trains
 # only the chosen neurons' own weights (shared.neuron_deltas).
 TrainMode = Literal["key", "complement", "tune"]
-TRAIN_MODES: tuple[str, ...] = ("key", "complement", "tune")
-RANDOM_NEURONS: tuple[str, ...] = ("layer", "magnitude")  # what a random control set is matched on
 
 
 @dataclass(frozen=True)

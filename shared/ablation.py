@@ -15,18 +15,15 @@ inference reproduces them bit for bit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from shared.ablation_modes import ABLATIONS, check_ablation
 from shared.errors import ParameterError, UserError
 from shared.masks import LayerMasks
-
-ABLATIONS: tuple[str, ...] = ("zero", "mean", "scale")
-DEFAULT_SCALE_FACTOR = 2.0  # amplify twofold, as Liu et al. do, when --scale-factor is not given
 
 
 @dataclass(frozen=True)
@@ -36,24 +33,6 @@ class NeuronMeans:
     values: np.ndarray  # (n_layers, intermediate_size) float32; NaN for layers not measured
     source: str  # where it was measured, for the report and fn_mask.json
     n_tokens: int
-
-
-def check_ablation(mode: str, scale_factor: float | None) -> float | None:
-    """Validate the parameters `ablation` (its `mode`) and `scale_factor` together; returns the factor
-    to use (None unless `scale`)."""
-    if mode not in ABLATIONS:
-        raise ParameterError("{ablation} {mode!r} is unknown; use zero, mean or scale", mode=mode)
-    if mode != "scale":
-        if scale_factor is not None:
-            raise ParameterError(
-                "{scale_factor} is given but {ablation} is {mode}; add {ablation} scale or drop {scale_factor}",
-                mode=mode,
-            )
-        return None
-    factor = DEFAULT_SCALE_FACTOR if scale_factor is None else float(scale_factor)
-    if not math.isfinite(factor):
-        raise ParameterError("{scale_factor} must be a finite number, got {value}", value=scale_factor)
-    return factor
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from fn_train.load import load_masked_model
 from fn_train.run_mask import resolve_run_mask, run_mask_from_record
 from fn_train.saving import bake_mask
-from shared.ablation import Ablation, NeuronMeans, check_ablation
+from shared.ablation import Ablation, NeuronMeans
+from shared.ablation_modes import check_ablation
 from shared.arch import find_down_projections
 from shared.errors import UserError
 from shared.hooks import apply_mask, count_hooks, pre_hooks, resolve_mask

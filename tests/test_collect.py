@@ -47,7 +47,7 @@ def test_collect_records_every_real_token_exactly(
             max_length=48,
             shard_size_mb=1,
         )
-    )
+    ).manifest
     tokenizer = load_tokenizer(str(tiny_lm_dir))
     texts = _texts(tiny_lm_dir, demo_dir / "data.jsonl")
     lengths = [min(len(ids), 48) for ids in tokenizer(texts)["input_ids"]]
@@ -80,7 +80,7 @@ def test_layers_and_max_tokens(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
         CollectConfig(
             dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "a", model=str(tiny_lm_dir), layers="1", max_tokens=100
         )
-    )
+    ).manifest
     assert manifest["layers"] == [1] and manifest["n_tokens"] == 100
     with h5py.File(tmp_path / "a" / manifest["shards"][0]["file"], "r") as handle:
         assert handle["activations"].shape == (100, 176)
@@ -144,7 +144,7 @@ def test_gpt2_conv1d_model_is_collected_and_trained_with_a_mask(
         CollectConfig(
             dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", model=str(tiny_gpt2_dir), max_tokens=400
         )
-    )
+    ).manifest
     assert manifest["model"]["model_type"] == "gpt2" and manifest["model"]["intermediate_size"] == 256
     # A random tiny model has no stable network: this test is about GPT-2's Conv1D path, so keep them all.
     mask = run_ica(

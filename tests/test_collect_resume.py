@@ -140,7 +140,7 @@ def test_token_rate_keeps_about_that_share(tiny_lm_dir: Path, demo_dir: Path, tm
     data = str(demo_dir / "data.jsonl")
     full = collect(CollectConfig(dataset=data, out=tmp_path / "full", model=str(tiny_lm_dir)))
     part = collect(CollectConfig(dataset=data, out=tmp_path / "part", model=str(tiny_lm_dir), token_rate=0.25))
-    assert 0.2 < part["n_tokens"] / full["n_tokens"] < 0.3
+    assert 0.2 < part.n_tokens / full.n_tokens < 0.3
 
 
 def test_subsampling_flags_are_checked() -> None:

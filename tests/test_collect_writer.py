@@ -101,7 +101,7 @@ def test_a_second_collect_into_a_folder_being_written_is_refused_naming_the_firs
             collect(config)
         assert sorted(p.name for p in out.iterdir()) == [WRITER_LOCK_NAME]  # nothing of the second written
     assert not out.exists()  # the folder the lock made, empty, is gone with it
-    manifest = collect(config)
+    manifest = collect(config).manifest
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-r00-00000.h5"]  # the lock file gone
     assert manifest["n_tokens"] == open_activations(out).n_tokens
 
@@ -197,7 +197,7 @@ def test_the_token_sample_is_seeded_and_recorded_in_the_manifest(
             CollectConfig(
                 dataset=data, out=tmp_path / name, model=str(tiny_lm_dir), tokens_per_sequence=4, skip_first_token=True
             )
-        )
+        ).manifest
         for name in ("a", "b")
     ]
     assert manifests[0]["sample"] == {
@@ -212,7 +212,7 @@ def test_the_token_sample_is_seeded_and_recorded_in_the_manifest(
     assert np.bincount(rows[0]["sequence_index"]).max() == 4
     other = collect(
         CollectConfig(dataset=data, out=tmp_path / "c", model=str(tiny_lm_dir), tokens_per_sequence=4, seed=1)
-    )
+    ).manifest
     assert other["sample"]["seed"] == 1 and other["sample"]["skip_first_token"] is False
     assert not np.array_equal(shard_rows(tmp_path / "c")["position"], rows[0]["position"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +253,7 @@ def test_dask_engine_gives_the_local_engines_networks(tmp_path: Path) -> None:
 def test_reduction_matches_the_exact_principal_subspace(tmp_path: Path) -> None:
     from fn_analyze.activations import open_activations
     from fn_analyze.preprocess import Preprocessing
-    from fn_analyze.reduction import reduce
+    from fn_analyze.reduction import ReductionSettings, reduce
 
     data, _ = _planted(tokens=2000)
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=600)
@@ -260,7 +261,8 @@ def test_reduction_matches_the_exact_principal_subspace(tmp_path: Path) -> None:
     centered = exact_data - exact_data.mean(axis=0)
     eigenvalues, vectors = np.linalg.eigh(centered.T @ centered)
     top = vectors[:, ::-1][:, :5]
-    ((reduction,),) = reduce(open_activations(folder), [(0, data.shape[1])], 5, Preprocessing(), 0, 10, 1e-6, 100)
+    settings = ReductionSettings(((0, data.shape[1]),), 5, Preprocessing(), seed=0, tol=1e-6, max_passes=100)
+    ((reduction,),) = reduce(open_activations(folder), settings)
     assert reduction.converged and reduction.passes < 100
     np.testing.assert_allclose(reduction.eigenvalues, eigenvalues[::-1][:5], rtol=1e-6)
     assert np.linalg.norm(top - reduction.maps @ (reduction.maps.T @ top)) < 1e-5  # same subspace
@@ -268,7 +270,7 @@ def test_reduction_matches_the_exact_principal_subspace(tmp_path: Path) -> None:
     true_gap = eigenvalues[::-1][4] / eigenvalues[::-1][5]
     assert true_gap <= reduction.eigen_gap <= 1.1 * true_gap
     # Another random start converges to the same maps (each signed by its peak).
-    ((other,),) = reduce(open_activations(folder), [(0, data.shape[1])], 5, Preprocessing(), 7, 10, 1e-6, 100)
+    ((other,),) = reduce(open_activations(folder), replace(settings, seed=7))
     np.testing.assert_allclose(other.maps, reduction.maps, atol=1e-5)
 
 
@@ -280,12 +282,13 @@ def test_ica_finds_the_components_of_sklearns_default_fastica(tmp_path: Path) ->
     from fn_analyze.activations import open_activations
     from fn_analyze.consensus import consensus_ica
     from fn_analyze.preprocess import Preprocessing
-    from fn_analyze.reduction import reduce
+    from fn_analyze.reduction import ReductionSettings, reduce
 
     data, _ = _planted(tokens=2000, n_networks=6)
     data -= data.mean(axis=0)  # ica centers each neuron; hand sklearn the same centered matrix
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=1000)
-    ((reduction,),) = reduce(open_activations(folder), [(0, data.shape[1])], 6, Preprocessing(), 0, 10, 1e-6, 100)
+    settings = ReductionSettings(((0, data.shape[1]),), 6, Preprocessing(), seed=0, tol=1e-6, max_passes=100)
+    ((reduction,),) = reduce(open_activations(folder), settings)
     ours = consensus_ica([reduction.maps], runs=3, seed=0, solver="picard", bootstrap=False, max_iter=5000, tol=1e-6).z
     reference = FastICA(n_components=6, whiten="unit-variance", random_state=0).fit_transform(
         data.astype(np.float16).astype(np.float64).T

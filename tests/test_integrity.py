@@ -88,7 +88,7 @@ def test_a_folder_without_checksums_still_reads_and_verify_says_so(tmp_path: Pat
 def test_rerunning_collect_re_records_only_the_damaged_shard(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
     config = CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "acts", model=str(tiny_lm_dir))
     config.shard_size_mb = 1  # two shards of the demo data
-    first = collect(config)
+    first = collect(config).manifest
     assert len(first["shards"]) == 2 and all(s["digest"].startswith("sha256:") for s in first["shards"])
     whole = {name: (tmp_path / "acts" / name).read_bytes() for name in ("shard-r00-00000.h5", "shard-r00-00001.h5")}
     with h5py.File(tmp_path / "acts" / "shard-r00-00001.h5", "r") as handle:
@@ -96,7 +96,7 @@ def test_rerunning_collect_re_records_only_the_damaged_shard(tiny_lm_dir: Path, 
     _cut(tmp_path / "acts" / "shard-r00-00001.h5")
 
     config.batch_size = 3  # batch size does not decide the rows
-    repaired = collect(config)
+    repaired = collect(config).manifest
     assert (tmp_path / "acts" / "shard-r00-00000.h5").read_bytes() == whole["shard-r00-00000.h5"]  # left alone
     assert repaired["shards"][0] == first["shards"][0] and repaired["n_tokens"] == first["n_tokens"]
     with h5py.File(tmp_path / "acts" / "shard-r00-00001.h5", "r") as handle:

@@ -17,7 +17,7 @@ from fn_analyze.config import IcaConfig
 from fn_analyze.ica import run_ica
 from fn_analyze.model_rows import RUN_BATCHES, model_rows
 from fn_analyze.preprocess import Preprocessing, RowFilter
-from fn_analyze.reduction import held_bytes, reduce
+from fn_analyze.reduction import ReductionSettings, held_bytes, reduce
 from fn_analyze.token_rows import shards_of
 from shared.errors import ParameterError
 from shared.masks import load_mask_file
@@ -73,10 +73,9 @@ def test_the_reduction_of_the_model_rows_equals_the_cached_one(
     collected: Path, tiny_lm_dir: Path, demo_dir: Path
 ) -> None:
     acts, rows = open_activations(collected), _rows(tiny_lm_dir, demo_dir)
-    groups = [(0, acts.n_neurons)]
-    settings = dict(k=6, prep=Preprocessing(), seed=0, oversample=10, tol=1e-6, max_passes=40, splits=2)
-    cached = reduce(acts, groups, **settings)
-    recomputed = reduce(rows, groups, **settings)
+    settings = _settings(groups=((0, acts.n_neurons),))
+    cached = reduce(acts, settings)
+    recomputed = reduce(rows, settings)
     for cached_view, recomputed_view in zip(cached[0], recomputed[0], strict=True):
         assert recomputed_view.passes == cached_view.passes
         assert recomputed_view.n_rows == cached_view.n_rows
@@ -134,8 +133,8 @@ def test_the_source_is_a_folder_or_a_model_and_a_dataset(args: list[str], fragme
     refused(result, *fragments)
 
 
-def _settings(**overrides):
-    return dict(k=6, prep=Preprocessing(), seed=0, oversample=10, tol=1e-6, max_passes=40, splits=2) | overrides
+def _settings(groups: tuple[tuple[int, int], ...], **overrides) -> ReductionSettings:
+    return ReductionSettings(groups, k=6, seed=0, oversample=10, tol=1e-6, max_passes=40, splits=2, **overrides)
 
 
 @pytest.mark.parametrize(
@@ -143,11 +142,11 @@ def _settings(**overrides):
 )
 def test_rows_held_in_memory_give_the_streamed_reduction_bit_for_bit(collected: Path, held: dict) -> None:
     acts = open_activations(collected)
-    groups = [(0, 176), (176, acts.n_neurons)]  # one ICA per layer: two column groups
+    groups = ((0, 176), (176, acts.n_neurons))  # one ICA per layer: two column groups
     # The kept rows chosen on held blocks too; scaled columns, so the held blocks are scaled as well.
     prep = Preprocessing(rows=RowFilter(positions=(0,)), scale="layer")
-    streamed = reduce(acts, groups, **_settings(prep=prep), resident=False, hold=False)
-    kept = reduce(acts, groups, **_settings(prep=prep), **held)
+    streamed = reduce(acts, _settings(groups, prep=prep, resident=False, hold=False))
+    kept = reduce(acts, _settings(groups, prep=prep, **held))
     for streamed_group, held_group in zip(streamed, kept, strict=True):
         for a, b in zip(streamed_group, held_group, strict=True):
             assert (a.passes, a.n_rows) == (b.passes, b.n_rows) and a.passes > 2
@@ -170,7 +169,7 @@ def test_the_centered_rows_are_held_when_asked_and_they_fit_the_memory(collected
         made.clear()
         monkeypatch.setattr(reduction, "available_memory", lambda device, available=available: available)
         with caplog.at_level(logging.INFO, logger="fn_analyze.reduction"):
-            passes = reduce(acts, [(0, acts.n_neurons)], **_settings(), hold=hold)[0][0].passes
+            passes = reduce(acts, _settings(((0, acts.n_neurons),), hold=hold))[0][0].passes
         assert len(made) == n_shards * (1 if held else passes)  # centered once, or on every pass
         assert ("centered rows are held" in caplog.text) == held
         assert ("do not fit half" in caplog.text) == (hold and not held)
@@ -179,16 +178,16 @@ def test_the_centered_rows_are_held_when_asked_and_they_fit_the_memory(collected
 
 def test_holding_the_rows_is_refused_with_the_dask_engine(collected: Path) -> None:
     with pytest.raises(ParameterError, match="hold keeps the rows in this process; drop it or engine dask"):
-        reduce(open_activations(collected), [(0, 352)], **_settings(), hold=True, engine="dask")
+        reduce(open_activations(collected), _settings(((0, 352),), hold=True, engine="dask"))
 
 
 def test_float64_products_converge_at_least_as_fast_to_the_same_maps(collected: Path) -> None:
     """On these rows float32 products stall at their rounding noise (40 passes, not converged) where
     float64 ones converge: why the reduction runs float64 products on a GPU."""
     acts = open_activations(collected)
-    groups = [(0, acts.n_neurons)]
-    single = reduce(acts, groups, **_settings(), precision="float32")
-    double = reduce(acts, groups, **_settings(), precision="float64")
+    groups = ((0, acts.n_neurons),)
+    single = reduce(acts, _settings(groups, precision="float32"))
+    double = reduce(acts, _settings(groups, precision="float64"))
     for a, b in zip(single[0], double[0], strict=True):
         assert b.converged and b.passes <= a.passes
         np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-5)

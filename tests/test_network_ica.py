@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 
+from fn_analyze.collect import collect
+from fn_analyze.config import CollectConfig, IcaSettings
 from fn_analyze.ica import IcaConfig, NetworkICA, run_ica
 from shared.errors import ParameterError
 from shared.masks import MaskFile, ModelInfo
@@ -97,6 +101,17 @@ def test_a_folder_or_its_activations_fit_as_run_ica_does(tmp_path: Path, monkeyp
         NetworkICA(**SETTINGS).fit(folder, layers=LAYERS)
 
 
+def test_what_collect_returns_fits_as_its_folder_does(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "acts"
+    acts = collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=out, model=str(tiny_lm_dir), max_tokens=400))
+    assert acts.folder == out and acts.n_tokens == 400
+    # A tiny random model has no stable network: every cluster kept, so that there are networks to compare.
+    settings = dict(n_components=4, runs=2, keep_unstable=True)
+    returned = NetworkICA(**settings).fit(acts)
+    assert returned.networks_
+    assert returned.to_mask_file() == NetworkICA(**settings).fit(out).to_mask_file()
+
+
 def test_a_folder_fit_writes_nothing_not_even_the_magnitude_cache(tmp_path: Path, monkeypatch, capsys) -> None:
     """Setting the largest neurons aside needs their magnitudes: measured on the folder, kept nowhere."""
     monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
@@ -128,11 +143,41 @@ def test_each_member_neurons_z_is_written_signed_in_the_order_of_layers(tmp_path
     assert [len(z) for z in written["z"].values()] == [len(n) for n in written["layers"].values()]
 
 
+def test_it_is_a_scikit_learn_estimator_whose_parameters_are_kept_as_given() -> None:
+    ica = NetworkICA(n_components="auto", exclude_positions="0,3", solver="fastica", standardize=True)
+    params = ica.get_params()
+    assert params["n_components"] == "auto" and params["exclude_positions"] == "0,3"  # not parsed
+    assert params["tol"] is None and params["scale"] == "none"  # nor filled in, nor rewritten
+    assert set(params) == {f.name for f in fields(IcaSettings)}
+    copy = clone(ica)
+    assert copy is not ica and copy.get_params() == params
+    assert ica.set_params(n_components=8, runs=2) is ica and (ica.n_components, ica.runs) == (8, 2)
+    assert clone(ica).get_params() == {**params, "n_components": 8, "runs": 2}
+
+
+def test_a_bad_parameter_is_taken_as_given_and_refused_by_fit_naming_it() -> None:
+    data, _, _ = _planted(tokens=30)
+    for given, message in (
+        (dict(n_components=0), "^n_components must be at least 1, got 0$"),
+        (dict(dask_scheduler="tcp://x:1"), "^dask_scheduler needs engine dask; add it or drop dask_scheduler$"),
+        (dict(solver="jade"), "^unknown solver 'jade'; use one of picard, fastica$"),
+    ):
+        ica = NetworkICA(**given)  # kept as given
+        assert clone(ica).get_params() == ica.get_params()
+        with pytest.raises(ParameterError, match=message):
+            ica.fit(data, layers=LAYERS)
+        assert not hasattr(ica, "networks_")
+
+
+def test_a_clone_of_a_fitted_estimator_is_unfitted_and_fits_to_the_same_networks() -> None:
+    data, _, _ = _planted(seed=5, tokens=800)
+    fitted = NetworkICA(**SETTINGS).fit(data, layers=LAYERS)
+    copy = clone(fitted)
+    assert not hasattr(copy, "networks_")
+    assert copy.fit(data, layers=LAYERS).networks_ == fitted.networks_
+
+
 def test_errors_from_python_name_the_parameter(tmp_path: Path) -> None:
-    with pytest.raises(ParameterError, match="^n_components must be at least 1, got 0$"):
-        NetworkICA(n_components=0)
-    with pytest.raises(ParameterError, match="^dask_scheduler needs engine dask; add it or drop dask_scheduler$"):
-        NetworkICA(dask_scheduler="tcp://x:1")
     data, _, _ = _planted(tokens=30)
     with pytest.raises(ParameterError, match="n_components 40 is larger than the data allows: 30 tokens"):
         NetworkICA(n_components=40).fit(data, layers=LAYERS)

@@ -166,6 +166,42 @@ def test_building_the_command_lines_imports_no_heavy_library() -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_building_every_config_imports_no_heavy_library(tmp_path: Path) -> None:
+    """Each config is checked when made, against name tables its own module holds: making one (or being
+    refused) imports none of the stages' libraries, so a notebook or the command line can check
+    settings before anything loads."""
+    mask = tmp_path / "m.json"
+    mask.write_text("{}")
+    code = f"""
+import sys
+from fn_analyze.config import (
+    CollectConfig, CompareConfig, EvaluateConfig, IcaConfig, IcaParams, PruneConfig,
+)
+from fn_train.config import TrainConfig
+from fn_train.experiment.config import ExperimentConfig
+from shared.errors import ParameterError
+
+CollectConfig(dataset="d", out="o", layers="0,2")
+IcaParams(n_components="auto", exclude_positions="0", scale="layer", solver="fastica")
+IcaConfig("acts", exclude_token_ids=[1, 2], engine="dask", set_aside_top="5")
+EvaluateConfig(dataset="d", mask_file="m.json", ablation="scale", keystone="1%")
+EvaluateConfig(dataset="d", tuned="out")
+CompareConfig("a.json", "b.json")
+PruneConfig(mask_file="m.json", keep=0.5, out="o", dataset="d")
+TrainConfig(dataset_name_or_path="d", output_dir="o", mask_file="m.json", mask_mode="complement", ablation="mean")
+TrainConfig(dataset_name_or_path="d", output_dir="o", mask_file="m.json", mask_mode="tune", random_neurons="layer")
+ExperimentConfig(train_data="t", eval_data="e", retention_data="r", out="o", mask_file={str(mask)!r}, keystone=[50])
+for bad in (dict(solver="x"), dict(scale="x"), dict(engine="x")):
+    try:
+        IcaParams(**bad)
+    except ParameterError:
+        pass
+print(sorted(m for m in ("torch", "sklearn", "h5py", "transformers") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def _flags_of(command: Any) -> set[str]:
     return {opt for param in command.params for opt in (*param.opts, *param.secondary_opts) if opt.startswith("--")}
 

@@ -22,7 +22,7 @@ from fn_analyze.preprocess import (
     sample_rows,
     set_aside_columns,
 )
-from fn_analyze.reduction import reduce, shard_moments, shards_of, sum_over_shards
+from fn_analyze.reduction import ReductionSettings, reduce, shard_moments, shards_of, sum_over_shards
 from fn_analyze.show import describe
 from shared.errors import UserError
 from shared.masks import union
@@ -55,7 +55,9 @@ def _exact_top(matrix: np.ndarray, k: int) -> np.ndarray:
 
 def _reduce(folder: Path, prep: Preprocessing, splits: int = 0, groups=None, max_passes: int = 100):
     acts = open_activations(folder)
-    return reduce(acts, groups or [(0, acts.n_neurons)], K, prep, 0, 10, 1e-7, max_passes, splits)
+    groups = tuple(groups or [(0, acts.n_neurons)])
+    settings = ReductionSettings(groups, K, prep, seed=0, oversample=10, tol=1e-7, max_passes=max_passes, splits=splits)
+    return reduce(acts, settings)
 
 
 def test_default_preprocessing_changes_nothing(tmp_path: Path) -> None:
@@ -86,7 +88,8 @@ def test_excluded_positions_leave_the_moments_and_products_of_the_kept_rows(tmp_
     rows = RowFilter(positions=(0, 3), token_ids=(5,))
     kept = ~np.isin(positions, [0, 3]) & (token_ids != 5)
     shards = shards_of(open_activations(folder))
-    moments = sum_over_shards(shard_moments, shards, (2, "cpu", rows, None), "local")
+    settings = ReductionSettings(((0, data.shape[1]),), K, Preprocessing(rows=rows), splits=2)
+    moments = sum_over_shards(shard_moments, shards, (settings,), "local")
     x = data.astype(np.float16).astype(np.float64)
     for view, selected in enumerate(
         [kept, kept & (np.arange(len(data)) % 2 == 0), kept & (np.arange(len(data)) % 2 == 1)]
