@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from shared.errors import ParameterError, UserError
-from shared.masks import LayerMasks
+from shared.layer_masks import LayerMasks
 
 ABLATIONS: tuple[str, ...] = ("zero", "mean", "scale")
 DEFAULT_SCALE_FACTOR = 2.0  # amplify twofold, as Liu et al. do, when --scale-factor is not given
