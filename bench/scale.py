@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qw
 
 from fn_analyze.collect import CollectConfig, load_recording, plan_collection, record_shards, write_manifest
 from fn_analyze.demo_data import write_demo_data
-from shared.hooks import apply_mask
+from shared.masked_model import MaskedModel
 from shared.masks import MaskFile, Network
 from shared.models import load_tokenizer, model_info
 
@@ -189,7 +189,7 @@ def masked_training_step(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = 0.0
-    with apply_mask(peft_model, random_mask(model, name, seed=0), "key"):
+    with MaskedModel(peft_model, random_mask(model, name, seed=0), "key"):
         for _ in range(2):
             synchronize(device)
             start = time.perf_counter()

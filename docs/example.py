@@ -15,8 +15,11 @@ import numpy as np
 import torch
 
 from fn_analyze.ica import NetworkICA
+from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
+from shared.figures import networks_figure
 from shared.hooks import captured_down_proj_inputs
+from shared.masked_model import MaskedModel
 from shared.masks import MaskFile
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
@@ -46,7 +49,7 @@ for network in ica.networks_[:5]:
 
 # %% The networks as a mask file of this model (ica.to_mask_file(...).save("mine.json") keeps it).
 mask: MaskFile = ica.to_mask_file(model_info(model, "smollm2-135m"))
-fig = mask.plot()  # a matplotlib Figure: shown by a notebook, written only by mask.plot("file.png")
+fig = networks_figure(mask)  # a matplotlib Figure: shown by a notebook, written by shared.figures.save_png
 
 
 # %% Switch network 0 off (its neurons at their mean activation) and measure the answers' loss.
@@ -60,6 +63,7 @@ def loss(m, text: str) -> float:
 means = np.full((model.config.num_hidden_layers, X.shape[1] // len(layers)), np.nan, dtype=np.float32)
 means[layers] = ica.mean_.reshape(len(layers), -1)
 base = np.mean([loss(model, text) for text in held_out])
-with mask.apply(model, mode="key", networks=[0], ablation="mean", means=means) as masked:
+mean = Ablation("mean", means=NeuronMeans(means, "the demo questions' tokens", X.shape[0]))
+with MaskedModel(model, mask, mode="key", networks=[0], ablation=mean) as masked:
     off = np.mean([loss(masked, text) for text in held_out])
 print(f"loss {base:.3f} -> {off:.3f} with network 0 ({mask.networks[0].size} neurons) at its mean")

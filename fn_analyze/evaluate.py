@@ -45,6 +45,7 @@ from shared.errors import UserError
 from shared.hooks import stacked_down_projections
 from shared.jsonio import write_json_atomic
 from shared.keystone import strongest
+from shared.layer_masks import build_layer_masks
 from shared.masks import (
     MASSIVE,
     MaskFile,
@@ -52,7 +53,6 @@ from shared.masks import (
     Network,
     NetworkId,
     NeuronSet,
-    build_layer_masks,
     check_compatible,
     load_mask_file,
     parse_network_ids,

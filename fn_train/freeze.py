@@ -25,7 +25,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from shared.arch import DownProjection, mlp_input_projections
-from shared.masks import LayerMasks
+from shared.layer_masks import LayerMasks
 
 
 @dataclass

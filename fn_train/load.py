@@ -1,9 +1,10 @@
 """One call to use what fn-train saved: the model (adapter on its base, or the full model)
-with the run's mask installed, as a `MaskedModel` (shared.hooks) that lifts it on request.
+with the run's mask installed, as a `MaskedModel` (shared.masked_model) that lifts it on request.
 
     model = load_masked_model("runs/ft")      # the mask stays on until model.remove_mask()
     with load_masked_model("runs/ft") as model:  # or until the block ends
         logits = model(**batch).logits
+    plain = load_masked_model("runs/ft").merge_and_unload()  # or written into the weights
 
 A run saved with --bake-mask needs no hook (its weights hold the mask); one saved without
 it gets the mask hooks from its `fn_mask.json` (mode, networks, and ablation: zero, the
@@ -20,7 +21,7 @@ import torch
 from fn_train.run_mask import run_mask_from_record
 from shared.arch import find_down_projections
 from shared.constants import RUN_MASK_NAME, TUNED_DELTAS_NAME
-from shared.hooks import MaskedModel, keep_entered, masked_down_projections
+from shared.masked_model import MaskedModel
 from shared.masks import check_compatible
 from shared.models import model_info
 from shared.trained import load_trained, run_record, tuned_base_and_deltas
@@ -40,13 +41,11 @@ def load_masked_model(
         check_compatible(
             run_mask_from_record(record, record_path).mask, model_info(model, str(output_dir)), record_path
         )
-        stack, _ = keep_entered([deltas.applied()])
-        return MaskedModel(model, stack)
+        return MaskedModel.from_deltas(model, deltas)
     model = load_trained(output_dir, dtype, device, trust_remote_code)
     if record is None or record.get("baked"):
-        return MaskedModel(model, keep_entered([])[0])
+        return MaskedModel.from_layer_masks(model, None)
     run_mask = run_mask_from_record(record, record_path)
     projections = find_down_projections(model)
     check_compatible(run_mask.mask, model_info(model, str(output_dir), projections), where=record_path)
-    stack, _ = keep_entered([masked_down_projections(projections, run_mask.layer_masks)])
-    return MaskedModel(model, stack, run_mask.layer_masks)
+    return MaskedModel.from_layer_masks(model, run_mask.layer_masks)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from shared.arch import DownProjection
-from shared.masks import LayerMasks
+from shared.layer_masks import LayerMasks
 
 
 def zero_lora_columns_of_masked_neurons(projections: list[DownProjection], layer_masks: LayerMasks) -> int:

@@ -17,13 +17,12 @@ from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.keystone import Keep, strongest
+from shared.layer_masks import LayerMasks, build_layer_masks
 from shared.masks import (
-    LayerMasks,
     MaskFile,
     Network,
     NetworkId,
     NeuronSet,
-    build_layer_masks,
     load_mask_file,
     made_for,
     parse_mask,

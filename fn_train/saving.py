@@ -10,56 +10,21 @@ from torch import nn
 from fn_train.config import TrainConfig
 from fn_train.output import staged_save
 from fn_train.run_mask import RunMask
-from shared.arch import base_layer, config_of, find_down_projections
+from shared.arch import config_of
 from shared.constants import RUN_MASK_NAME, TUNED_DELTAS_NAME
 from shared.device import choose_dtype
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
-from shared.masks import LayerMasks
-from shared.mlp_bias import add_mlp_biases, can_add_mlp_biases
+from shared.layer_masks import LayerMasks
+from shared.masked_model import MaskedModel
+from shared.mlp_bias import can_add_mlp_biases
 from shared.models import load_causal_lm
 from shared.neuron_deltas import deltas_of
 
 
-def bake_mask(model: nn.Module, layer_masks: LayerMasks) -> None:
-    """Write the mask into the down-projections' weights, so the plain model behaves as the
-    hooked one with no hook: `zero` writes each masked neuron's weights as zero (its input
-    meets a zero weight instead of a zero mask; the bias, added after, is the same in both);
-    `scale` multiplies them by the factor; `mean` moves each masked neuron's constant
-    contribution, weight x mean, into the bias and zeroes its weights (a down-projection
-    without a bias gets one: see `shared.mlp_bias`)."""
-    projections = find_down_projections(model)
-    by_layer = {p.layer: p for p in projections}
-    if layer_masks.ablation == "mean":
-        add_mlp_biases(
-            model,
-            "--bake-mask with --ablation mean writes the means into the down-projection's bias",
-            "save without --bake-mask and load with fn_train.load.load_masked_model",
-            projections,
-        )
-    with torch.no_grad():
-        for layer, vector in layer_masks.vectors.items():
-            projection = by_layer[layer]
-            module = base_layer(projection.module)
-            weight = module.weight
-            linear = projection.orientation == "linear"  # Linear weight is (out, in); Conv1D's is (in, out)
-            if layer_masks.ablation == "mean":
-                # float64 sum, then cast: the bias holds sum_j W[:, j] * mean_j over the masked neurons.
-                fill = layer_masks.fills[layer].to(device=weight.device, dtype=torch.float64)
-                off = (vector == 0).nonzero().flatten().to(weight.device)
-                columns = weight.double().index_select(1 if linear else 0, off)
-                shift = columns @ fill[off] if linear else fill[off] @ columns
-                module.bias.add_(shift.to(module.bias.dtype))
-            if layer_masks.ablation == "scale":
-                multiplier = torch.where(vector.bool(), torch.ones_like(vector), vector + layer_masks.scale_factor)
-            else:
-                multiplier = vector
-            keep = multiplier.to(device=weight.device, dtype=weight.dtype)
-            weight.mul_(keep if linear else keep[:, None])
-
-
 def check_bakeable(model: nn.Module, layer_masks: LayerMasks) -> None:
-    """Refuse, before training, a mean ablation that `add_mlp_biases` could not bake."""
+    """Refuse, before training, a mean ablation that `MaskedModel.merge_and_unload` could not bake (its
+    down-projection has no bias and its config cannot add one: `shared.mlp_bias`)."""
     if layer_masks.ablation != "mean":
         return
     if not can_add_mlp_biases(model):
@@ -122,7 +87,7 @@ def save_outputs(trainer, config: TrainConfig, run_mask: RunMask | None) -> str:
             else:
                 model, saved = trainer.accelerator.unwrap_model(trainer.model), "model"
             if config.bake_mask and run_mask is not None:
-                bake_mask(model, run_mask.layer_masks)
+                model = MaskedModel.from_layer_masks(model, run_mask.layer_masks).merge_and_unload()
                 saved += " with the mask baked in"
             model.save_pretrained(stage)
             trainer.processing_class.save_pretrained(stage)

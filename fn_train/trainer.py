@@ -34,8 +34,8 @@ from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
 from shared.distributed import ranks_from_env
 from shared.errors import Interrupted, ParameterError, UserError, is_disk_full
-from shared.hooks import masked_down_projections
 from shared.jsonio import write_json_atomic
+from shared.masked_model import MaskedModel
 from shared.masks import MaskFile, check_compatible, parse_network_ids
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.progress import progress_log
@@ -204,28 +204,29 @@ def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMea
     )
 
 
-def _install_mask(trainer, run_mask: RunMask) -> contextlib.AbstractContextManager:
+def _install_mask(trainer, run_mask: RunMask) -> MaskedModel:
     """Zero LoRA's A columns of masked neurons, add the callbacks that keep them frozen and
-    record the mask in checkpoints; returns the context manager that hooks the mask on the
+    record the mask in checkpoints; returns the model with the mask hooked on the
     down-projections in the model now (after PEFT wrapped them: a LoRA branch on the
-    down-projection sees the masked input too)."""
+    down-projection sees the masked input too), lifted at the end of a `with` block."""
     projections = find_down_projections(trainer.model)
     layer_masks = run_mask.layer_masks
     zero_lora_columns_of_masked_neurons(projections, layer_masks)
     trainer.add_callback(KeepMaskedNeuronsFrozen(masked_neuron_slices(trainer.model, projections, layer_masks)))
     trainer.add_callback(MaskRecordInCheckpoints(run_mask))
-    return masked_down_projections(projections, layer_masks)
+    return MaskedModel.from_layer_masks(trainer.model, layer_masks)
 
 
-def _install_tuning(trainer, run_mask: RunMask, base_model: str) -> contextlib.AbstractContextManager:
+def _install_tuning(trainer, run_mask: RunMask, base_model: str) -> MaskedModel:
     """Tune mode: freeze the model, attach the deltas of the run's neurons, say what trains, record the
-    neurons in checkpoints; returns the context manager that adds the deltas to the model's outputs."""
+    neurons in checkpoints; returns the model with the deltas added to its outputs until the end of a `with`
+    block."""
     from fn_train.tune import attach_tuned_neurons
 
     deltas, trainable = attach_tuned_neurons(trainer.model, run_mask)
     _say(trainable)
     trainer.add_callback(MaskRecordInCheckpoints(run_mask, base_model))
-    return deltas.applied()
+    return MaskedModel.from_deltas(trainer.model, deltas)
 
 
 def _tune_control(run_mask: RunMask, config: TrainConfig, trainer=None) -> RunMask:
@@ -364,7 +365,8 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
         if run_mask is not None and config.bake_mask:
             check_bakeable(trainer.model, run_mask.layer_masks)
         if run_mask is not None:
-            masking = (
+            # On the stack too, so that a failure before training starts leaves no hook behind.
+            masking = stack.enter_context(
                 _install_tuning(trainer, run_mask, config.model_name_or_path)
                 if run_mask.tunes
                 else _install_mask(trainer, run_mask)

@@ -23,7 +23,7 @@ import torch
 
 from shared.ablation_modes import ABLATIONS, check_ablation
 from shared.errors import ParameterError, UserError
-from shared.masks import LayerMasks
+from shared.layer_masks import LayerMasks
 
 
 @dataclass(frozen=True)

@@ -6,31 +6,14 @@ so every handle is removed in `finally` (as TransformerLens's `hooks()` does).
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import nn
 
-from shared.ablation import Ablation, NeuronMeans
-from shared.arch import DownProjection, find_down_projections
-from shared.masks import (
-    LayerMasks,
-    MaskFile,
-    MaskMode,
-    NetworkId,
-    build_layer_masks,
-    check_compatible,
-    load_mask_file,
-    select_networks,
-)
-from shared.models import model_info
-
-log = logging.getLogger(__name__)
+from shared.arch import DownProjection
+from shared.layer_masks import LayerMasks
 
 PreHook = Callable[[nn.Module, tuple], tuple | None]
 Hook = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
@@ -132,20 +115,13 @@ def layer_hook(conditions: Sequence[LayerMasks], layer: int) -> PreHook:
 
 
 @contextmanager
-def masked_down_projections(projections: list[DownProjection], layer_masks: LayerMasks) -> Iterator[LayerMasks]:
-    """Apply each layer's mask to its down-projection's input while the block runs: multiply
-    by the 0/1 vector (`zero`), replace the intervened neurons by their means (`mean`) or
-    multiply them by a factor (`scale`)."""
-    with stacked_down_projections(projections, [layer_masks]):
-        yield layer_masks
-
-
-@contextmanager
 def stacked_down_projections(projections: list[DownProjection], conditions: Sequence[LayerMasks]) -> Iterator[None]:
     """Several masks in one forward pass: a batch of C x B rows holds condition c's copy of the
-    B rows at rows c*B to (c+1)*B - 1, and each copy gets its own mask (as
-    `masked_down_projections` applies one). Every row is computed as it would be alone, so
-    C conditions cost one pass of C times the rows instead of C passes."""
+    B rows at rows c*B to (c+1)*B - 1, and each copy gets its own mask: multiplied by the 0/1
+    vector (`zero`), the intervened neurons replaced by their means (`mean`) or multiplied by a
+    factor (`scale`). Every row is computed as it would be alone, so C conditions cost one pass of
+    C times the rows instead of C passes. One condition is one mask on a whole batch: what
+    `shared.masked_model.MaskedModel` installs."""
     by_layer = {p.layer: p for p in projections}
     layers = sorted({layer for masks in conditions for layer in masks.vectors})
     with pre_hooks([(by_layer[layer].module, layer_hook(conditions, layer)) for layer in layers]):
@@ -168,125 +144,3 @@ def captured_down_proj_inputs(
     wanted = [p for p in projections if layers is None or p.layer in layers]
     with pre_hooks([(p.module, _capture_hook(p.layer, store)) for p in wanted]):
         yield store
-
-
-def resolve_mask(
-    model: nn.Module,
-    mask: MaskFile | str | Path,
-    networks: list[NetworkId] | None,
-    mode: MaskMode,
-    ablation: Ablation | None = None,
-) -> tuple[list[DownProjection], LayerMasks]:
-    """Load (if a path), check against `model`, select networks and build per-layer vectors
-    (intervening by `ablation`, default zero)."""
-    if not isinstance(mask, MaskFile):
-        mask = load_mask_file(Path(mask))
-    projections = find_down_projections(model)
-    name = str(getattr(getattr(model, "config", None), "name_or_path", "model"))
-    check_compatible(mask, model_info(model, name, projections))
-    layer_masks = (ablation or Ablation()).apply(build_layer_masks(mask, select_networks(mask, networks), mode))
-    if layer_masks.fully_closed_layers:
-        log.warning(
-            "complement mask: no selected neuron in layer(s) %s; %s",
-            ",".join(str(layer) for layer in layer_masks.fully_closed_layers),
-            {"zero": "their MLP output is zero", "mean": "their MLP output is constant (every neuron at its mean)"}.get(
-                layer_masks.ablation, "every neuron of them is scaled"
-            ),
-        )
-    return projections, layer_masks
-
-
-@contextmanager
-def apply_mask(
-    model: nn.Module,
-    mask: MaskFile | str | Path,
-    mode: MaskMode = "key",
-    networks: list[NetworkId] | None = None,
-    ablation: str = "zero",
-    scale_factor: float | None = None,
-    means: NeuronMeans | np.ndarray | None = None,
-) -> Iterator[LayerMasks]:
-    """One call: mask `model`'s down-projection inputs with a mask file, for the block.
-
-    `ablation` says what happens to the selected neurons: zero (default), mean (replaced by
-    `means`, an (n_layers, intermediate_size) array or `NeuronMeans`, e.g.
-    `fn_analyze.magnitude.means_from_activations`), or scale (multiplied by `scale_factor`).
-
-    >>> with apply_mask(model, "mask_artifacts/smollm2-demo.json", "key", [0, 3]):
-    ...     logits = model(**batch).logits
-    """
-    if means is not None and not isinstance(means, NeuronMeans):
-        means = NeuronMeans(np.asarray(means, dtype=np.float32), "means given to apply_mask", 0)
-    projections, layer_masks = resolve_mask(model, mask, networks, mode, Ablation(ablation, scale_factor, means))
-    with masked_down_projections(projections, layer_masks):
-        yield layer_masks
-
-
-class MaskedModel(nn.Module):
-    """A model with a mask installed (hooks on its down-projections, or tune deltas), until
-    `remove_mask()` lifts it or a `with` block around it ends, as PEFT's `PeftModel` wraps a model
-    with its adapter. It runs, and answers every attribute, as the model does; `model` is the
-    model itself. The hooks belong to this object, not to the call that made it: lift them
-    (or use `with`) before using the model without its mask.
-
-    >>> masked = MaskFile.load("mask_artifacts/smollm2-demo.json").apply(model, "key", [0, 3])
-    >>> masked(**batch).logits          # networks 0 and 3 off
-    >>> model = masked.remove_mask()    # the hooks are gone
-    """
-
-    def __init__(self, model: nn.Module, installed: ExitStack, layer_masks: LayerMasks | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self._installed = installed  # what lifts the mask: the hooks' context managers, entered
-        self.layer_masks = layer_masks  # None for a mask that is not per-layer vectors (tune deltas)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":  # not set yet (inside __init__): no model to ask
-                raise
-            return getattr(self.model, name)
-
-    @property
-    def masked(self) -> bool:
-        """Whether the mask is still installed."""
-        return self._installed is not None
-
-    def remove_mask(self) -> nn.Module:
-        """Lift the mask (every hook it put on the model); returns the model. Lifting twice is a no-op."""
-        if self._installed is not None:
-            installed, self._installed = self._installed, None
-            installed.close()
-        return self.model
-
-    def __enter__(self) -> MaskedModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove_mask()
-
-
-def keep_entered(masks: Iterable[AbstractContextManager[Any]]) -> tuple[ExitStack, list[Any]]:
-    """Enter each context manager that puts a mask on a model, and keep them open; on a failure the ones
-    entered are left again (no hook stays behind). Returns the stack that leaves them and what each gave."""
-    with ExitStack() as stack:
-        given = [stack.enter_context(mask) for mask in masks]
-        return stack.pop_all(), given
-
-
-def mask_model(
-    model: nn.Module,
-    mask: MaskFile | str | Path,
-    mode: MaskMode = "key",
-    networks: list[NetworkId] | None = None,
-    ablation: str = "zero",
-    scale_factor: float | None = None,
-    means: NeuronMeans | np.ndarray | None = None,
-) -> MaskedModel:
-    """`apply_mask`, kept on: the model with its mask installed until `remove_mask()` or the end of `with`."""
-    stack, (layer_masks,) = keep_entered([apply_mask(model, mask, mode, networks, ablation, scale_factor, means)])
-    return MaskedModel(model, stack, layer_masks)

@@ -73,7 +73,7 @@ def strongest(networks: Sequence[Network], keep: Keep, where: str = "the mask fi
     a file written before z was recorded). For a mask file and ids:
     `strongest(select_networks(mask, ids), keep)`.
     """
-    from shared.masks import MASSIVE  # imports torch: not at the top, which configs import
+    from shared.masks import MASSIVE  # imports numpy: not at the top, which configs import
 
     keep = parse_keep(keep)
     scores: dict[tuple[int, int], float] = {}

@@ -24,6 +24,9 @@ networks' figures kept as they are. A file of a newer version is refused.
 
 Loading validates everything and fails with one line naming the problem before any
 model is loaded; `check_compatible` refuses a mask made for another model.
+
+The file is data: this module imports no torch (a test holds it to that). The per-layer tensors
+are `shared.layer_masks`; putting a mask on a model is `shared.masked_model.MaskedModel`.
 """
 
 from __future__ import annotations
@@ -33,21 +36,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-import torch
-from torch import nn
 
 from shared import __version__
 from shared.constants import MASK_SCHEMA_VERSION
 from shared.errors import ParameterError, UserError
 from shared.jsonio import write_json_atomic
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-    from shared.hooks import MaskedModel
 
 MaskMode = Literal["key", "complement"]
 MASK_MODES: tuple[str, ...] = ("key", "complement")
@@ -119,7 +115,8 @@ class MaskFile:
     def network_ids(self) -> list[NetworkId]:
         return [network.id for network in self.networks]
 
-    # The verbs, as PEFT's and SAELens's objects carry theirs: load, save, select, union, iou/compare, plot, apply.
+    # The verbs of a data object, as PEFT's configs carry theirs: load, save, select, union, iou/compare. What touches
+    # a model is `shared.masked_model.MaskedModel`; the figure is `shared.figures.networks_figure`.
 
     @classmethod
     def load(cls, path: str | Path) -> MaskFile:
@@ -167,32 +164,6 @@ class MaskFile:
             (self.networks[r].id, other.networks[c].id, float(matrix[r, c])) for r, c in zip(rows, cols, strict=True)
         ]
         return sorted(pairs, key=lambda pair: -pair[2])
-
-    def plot(self, path: str | Path | None = None) -> Figure:
-        """The networks' neurons per layer as a matplotlib Figure; written as PNG only when `path` is given."""
-        from shared.figures import networks_figure, save_png
-
-        fig = networks_figure(self)
-        if path is not None:
-            save_png(fig, Path(path))
-        return fig
-
-    def apply(
-        self,
-        model: nn.Module,
-        mode: MaskMode = "key",
-        networks: Iterable[NetworkId] | None = None,
-        ablation: str = "zero",
-        scale_factor: float | None = None,
-        means: Any = None,
-    ) -> MaskedModel:
-        """`model` with these networks switched off (`key`) or alone kept (`complement`), until
-        `remove_mask()` or the end of a `with` block; refused for a model the file was not made for.
-        `ablation`, `scale_factor`, `means`: as `shared.hooks.apply_mask`."""
-        from shared.hooks import mask_model
-
-        chosen = None if networks is None else list(networks)
-        return mask_model(model, self, mode, chosen, ablation, scale_factor, means)
 
     def massive(self) -> Network | None:
         """The neurons the ICA set aside as massive (`source.ica.set_aside`), as a network named
@@ -461,48 +432,3 @@ def _id_range(ids: list[NetworkId]) -> str:
     if ids == list(range(ids[0], ids[-1] + 1)):
         return f"{ids[0]}-{ids[-1]}"
     return ",".join(str(i) for i in ids)
-
-
-@dataclass(frozen=True)
-class LayerMasks:
-    """Per-layer 0/1 vectors for the down-projection inputs, and what they imply.
-
-    A 0 marks a neuron the mask intervenes on; how it does (`shared.ablation`): `zero`
-    multiplies its input by 0, `mean` replaces it by `fills[layer][neuron]` (the neuron's
-    mean activation), `scale` multiplies it by `scale_factor`.
-    """
-
-    vectors: dict[int, torch.Tensor]  # layer -> float 0/1 of length intermediate_size
-    fully_closed_layers: tuple[int, ...]  # layers whose MLP is switched off entirely
-    masked_neurons: int  # neurons set to zero over all layers
-    ablation: str = "zero"  # zero | mean | scale (see shared.ablation)
-    scale_factor: float | None = None  # with `scale`: what an intervened neuron's input is multiplied by
-    fills: dict[int, torch.Tensor] = field(default_factory=dict)  # with `mean`: layer -> float32 means (0 where open)
-
-
-def build_layer_masks(mask: MaskFile, networks: list[Network], mode: MaskMode) -> LayerMasks:
-    """0/1 vectors: `key` zeroes the networks' neurons; `complement` zeroes all others.
-
-    In `complement` mode a layer where no selected neuron lies gets an all-zero vector:
-    that layer's MLP is switched off, and `fully_closed_layers` says so.
-    Layers that a `key` mask leaves untouched get no vector (no hook needed).
-    """
-    if mode not in MASK_MODES:
-        raise UserError(f"unknown mask mode {mode!r}; use key or complement")
-    size = mask.model.intermediate_size
-    selected = union(networks)
-    vectors: dict[int, torch.Tensor] = {}
-    if mode == "key":
-        for layer, chosen in selected.items():
-            vector = torch.ones(size)
-            vector[list(chosen)] = 0.0
-            vectors[layer] = vector
-    else:
-        for layer in range(mask.model.n_layers):
-            vector = torch.zeros(size)
-            if layer in selected:
-                vector[list(selected[layer])] = 1.0
-            vectors[layer] = vector
-    closed = tuple(layer for layer, vector in sorted(vectors.items()) if not vector.any())
-    masked = int(sum(int((vector == 0).sum()) for vector in vectors.values()))
-    return LayerMasks(vectors, closed, masked)

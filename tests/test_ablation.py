@@ -14,12 +14,12 @@ from transformers import AutoModelForCausalLM
 
 from fn_train.load import load_masked_model
 from fn_train.run_mask import resolve_run_mask, run_mask_from_record
-from fn_train.saving import bake_mask
 from shared.ablation import Ablation, NeuronMeans
 from shared.ablation_modes import check_ablation
 from shared.arch import find_down_projections
 from shared.errors import UserError
-from shared.hooks import apply_mask, count_hooks, pre_hooks, resolve_mask
+from shared.hooks import count_hooks, pre_hooks
+from shared.masked_model import MaskedModel
 from tests.helpers import (
     forward_logits,
     intermediate_size,
@@ -60,20 +60,20 @@ def _replaced(model, replacement: dict[int, tuple[list[int], torch.Tensor]]):
 def test_mean_ablation_replaces_the_input_by_the_stored_means_bit_for_bit(model_type: str, mode: str) -> None:
     model = tiny_model(model_type)
     mask = make_mask(model, spread_networks(model))
-    means = _means(model)
+    means = NeuronMeans(_means(model), "test", 1)
     size = intermediate_size(model.config)
     ids = random_ids(model)
-    with apply_mask(model, mask, mode, networks=[0], ablation="mean", means=means) as layer_masks:
+    with MaskedModel(model, mask, mode, networks=[0], ablation=Ablation("mean", means=means)) as masked:
         hooked = forward_logits(model, ids)
-    assert count_hooks(model) == 0 and layer_masks.ablation == "mean"
+    assert count_hooks(model) == 0 and masked.layer_masks.ablation == "mean"
     selected = {layer: list(neurons) for layer, neurons in mask.networks[0].layers.items()}
     if mode == "complement":
         selected = {layer: [n for n in range(size) if n not in selected.get(layer, [])] for layer in (0, 1)}
-    by_hand = {layer: (neurons, torch.from_numpy(means[layer][neurons])) for layer, neurons in selected.items()}
+    by_hand = {layer: (neurons, torch.from_numpy(means.values[layer][neurons])) for layer, neurons in selected.items()}
     with _replaced(model, by_hand):
         expected = forward_logits(model, ids)
     assert torch.equal(hooked, expected)
-    with apply_mask(model, mask, mode, networks=[0]):
+    with MaskedModel(model, mask, mode, networks=[0]):
         zeroed = forward_logits(model, ids)
     assert not torch.equal(hooked, zeroed)  # mean is not zero
 
@@ -89,15 +89,15 @@ def test_scale_ablation_multiplies_the_selected_neurons() -> None:
         x[..., list(neurons)] *= 3.0
         return (x, *args[1:])
 
-    with apply_mask(model, mask, "key", networks=[1], ablation="scale", scale_factor=3.0):
+    with MaskedModel(model, mask, "key", networks=[1], ablation=Ablation("scale", 3.0)):
         hooked = forward_logits(model, ids)
     with pre_hooks([(find_down_projections(model)[1].module, scaled)]):
         expected = forward_logits(model, ids)
     assert torch.equal(hooked, expected)
     assert not torch.equal(hooked, forward_logits(model, ids))
-    with apply_mask(model, mask, "key", networks=[1], ablation="scale", scale_factor=0.0):
+    with MaskedModel(model, mask, "key", networks=[1], ablation=Ablation("scale", 0.0)):
         zero_scaled = forward_logits(model, ids)
-    with apply_mask(model, mask, "key", networks=[1]):
+    with MaskedModel(model, mask, "key", networks=[1]):
         assert torch.equal(zero_scaled, forward_logits(model, ids))  # a factor of 0 is zero ablation
 
 
@@ -116,10 +116,9 @@ def test_baked_ablation_equals_the_hooked_one(model_type: str, mode: str, ablati
     mask = make_mask(model, spread_networks(model))
     ids = random_ids(model)
     settings = dict(means=NeuronMeans(_means(model), "test", 1)) if ablation == "mean" else dict(scale_factor=2.5)
-    with apply_mask(model, mask, mode, [0], ablation, settings.get("scale_factor"), settings.get("means")):
+    with MaskedModel(model, mask, mode, [0], Ablation(ablation, **settings)):
         hooked = forward_logits(model, ids)
-    baked = copy.deepcopy(model)
-    bake_mask(baked, resolve_mask(baked, mask, [0], mode, Ablation(ablation, **settings))[1])
+    baked = MaskedModel(copy.deepcopy(model), mask, mode, [0], Ablation(ablation, **settings)).merge_and_unload()
     assert count_hooks(baked) == 0
     # Weight x mean summed into the bias is not the hooked order of sums: equal up to float rounding.
     torch.testing.assert_close(forward_logits(baked, ids), hooked, atol=1e-5, rtol=1e-5)
@@ -132,10 +131,9 @@ def test_baked_mean_ablation_of_a_llama_without_mlp_bias_loads_plainly(tmp_path)
     mask = make_mask(model, spread_networks(model))
     means = NeuronMeans(_means(model), "test", 1)
     ids = random_ids(model)
-    with apply_mask(model, mask, "key", [0, 1], "mean", means=means):
+    with MaskedModel(model, mask, "key", [0, 1], Ablation("mean", means=means)):
         hooked = forward_logits(model, ids)
-    baked = copy.deepcopy(model)
-    bake_mask(baked, resolve_mask(baked, mask, [0, 1], "key", Ablation("mean", means=means))[1])
+    baked = MaskedModel(copy.deepcopy(model), mask, "key", [0, 1], Ablation("mean", means=means)).merge_and_unload()
     baked.save_pretrained(tmp_path / "baked")
     assert json.loads((tmp_path / "baked" / "config.json").read_text())["mlp_bias"] is True
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "baked")
@@ -147,9 +145,11 @@ def test_baked_mean_ablation_of_a_llama_without_mlp_bias_loads_plainly(tmp_path)
 def test_baking_a_mean_into_a_model_that_cannot_load_a_bias_is_refused() -> None:
     model = tiny_model("qwen2")  # no MLP bias and no config setting for one
     mask = make_mask(model, spread_networks(model))
-    layer_masks = resolve_mask(model, mask, [0], "key", Ablation("mean", means=NeuronMeans(_means(model), "t", 1)))[1]
+    masked = MaskedModel(model, mask, "key", [0], Ablation("mean", means=NeuronMeans(_means(model), "t", 1)))
     with pytest.raises(UserError, match="qwen2's down-projection has none and its config cannot turn one on"):
-        bake_mask(model, layer_masks)
+        masked.merge_and_unload()
+    assert masked.masked and count_hooks(model) == 2  # refused before any weight changed: the mask stays on
+    masked.remove_mask()
 
 
 def test_mean_ablation_needs_means_for_every_intervened_layer() -> None:
@@ -158,11 +158,9 @@ def test_mean_ablation_needs_means_for_every_intervened_layer() -> None:
     partial = _means(model)
     partial[1] = np.nan  # layer 1 not measured
     with pytest.raises(UserError, match="lack layer 1, where the mask intervenes"):
-        with apply_mask(model, mask, "key", ablation="mean", means=partial):
-            pass
+        MaskedModel(model, mask, "key", ablation=Ablation("mean", means=NeuronMeans(partial, "test", 1)))
     with pytest.raises(UserError, match="^ablation mean needs the neurons' mean activations"):
-        with apply_mask(model, mask, "key", ablation="mean"):
-            pass
+        MaskedModel(model, mask, "key", ablation=Ablation("mean"))
     assert count_hooks(model) == 0
 
 
@@ -211,7 +209,7 @@ def test_loader_reapplies_a_recorded_mean_ablation(tiny_lm_dir, tmp_path) -> Non
     model.save_pretrained(out)
     (out / "fn_mask.json").write_text(json.dumps(run_mask.record()))
     ids = random_ids(model)
-    with apply_mask(model, path, "key", [0], "mean", means=means):
+    with MaskedModel(model, path, "key", [0], Ablation("mean", means=means)):
         expected = forward_logits(model, ids)
     with load_masked_model(out) as loaded:
         assert count_hooks(loaded) == 2
@@ -227,14 +225,13 @@ def test_lora_on_the_down_projection_sees_the_ablated_input(ablation: str) -> No
 
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["down_proj"], init_lora_weights=False))
     mask = make_mask(model, spread_networks(model))
-    means = _means(model)
     ids = random_ids(model)
-    settings = dict(means=means) if ablation == "mean" else dict(scale_factor=2.0)
-    with apply_mask(model, mask, "key", [0], ablation, **settings):
+    settings = dict(means=NeuronMeans(_means(model), "test", 1)) if ablation == "mean" else dict(scale_factor=2.0)
+    with MaskedModel(model, mask, "key", [0], Ablation(ablation, **settings)):
         clean = forward_logits(model, ids)
         assert len(find_down_projections(model)[0].module._forward_pre_hooks) == 1
     noise = perturbed_inputs(model, {0: mask.networks[0].layers[0]})
-    with noise, apply_mask(model, mask, "key", [0], ablation, **settings):
+    with noise, MaskedModel(model, mask, "key", [0], Ablation(ablation, **settings)):
         perturbed = forward_logits(model, ids)
     assert torch.equal(perturbed, clean) == (ablation == "mean")
     assert count_hooks(model) == 0

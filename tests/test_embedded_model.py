@@ -17,7 +17,8 @@ from fn_analyze.demo_data import write_demo_data
 from fn_analyze.ica import IcaConfig, run_ica
 from fn_train.config import TrainConfig
 from fn_train.trainer import train
-from shared.hooks import apply_mask, count_hooks
+from shared.hooks import count_hooks
+from shared.masked_model import MaskedModel
 from shared.models import load_causal_lm, load_tokenizer
 from tests.helpers import ROOT, subprocess_env
 
@@ -46,7 +47,7 @@ def test_embedded_model_collect_ica_mask_train(demo_dir: Path, embedded_acts: Pa
     batch = tokenizer(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():
         base = model(**batch).logits
-        with apply_mask(model, mask, "key", networks=[0]):
+        with MaskedModel(model, mask, "key", networks=[0]):
             ablated = model(**batch).logits
             assert count_hooks(model) == len(mask.networks[0].layers)  # one hook per layer it touches
         restored = model(**batch).logits

@@ -1,4 +1,5 @@
-"""Masking: a masked neuron contributes nothing, bit for bit, and hooks never outlive their block."""
+"""Masking through MaskedModel: a masked neuron contributes nothing, bit for bit, and hooks never outlive
+their block."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from shared.arch import find_down_projections
-from shared.hooks import apply_mask, count_hooks
+from shared.hooks import count_hooks
+from shared.masked_model import MaskedModel
 from tests.helpers import (
     forward_logits,
     intermediate_size,
@@ -27,9 +29,9 @@ def test_key_mask_ignores_masked_neurons_bit_for_bit(model_type: str) -> None:
     ids = random_ids(model)
     masked = {0: mask.networks[0].layers[0], 1: mask.networks[0].layers[1] + mask.networks[1].layers[1]}
     unmasked = {1: [0]}  # neuron 0 of layer 1 is in no network
-    with perturbed_inputs(model, masked), apply_mask(model, mask, "key"):
+    with perturbed_inputs(model, masked), MaskedModel(model, mask, "key"):
         perturbed = forward_logits(model, ids)
-    with apply_mask(model, mask, "key"):
+    with MaskedModel(model, mask, "key"):
         clean = forward_logits(model, ids)
         with perturbed_inputs(model, unmasked):
             control = forward_logits(model, ids)
@@ -47,13 +49,13 @@ def test_complement_mask_ignores_every_unselected_neuron(model_type: str) -> Non
     ids = random_ids(model)
     selected = set(mask.networks[1].layers[1])
     outside = {0: list(range(size)), 1: [n for n in range(size) if n not in selected]}
-    with perturbed_inputs(model, outside), apply_mask(model, mask, "complement", networks=[1]):
+    with perturbed_inputs(model, outside), MaskedModel(model, mask, "complement", networks=[1]):
         perturbed = forward_logits(model, ids)
-    with apply_mask(model, mask, "complement", networks=[1]) as layer_masks:
+    with MaskedModel(model, mask, "complement", networks=[1]) as masked:
         clean = forward_logits(model, ids)
         with perturbed_inputs(model, {1: sorted(selected)}):
             control = forward_logits(model, ids)
-    assert layer_masks.fully_closed_layers == (0,)
+    assert masked.layer_masks.fully_closed_layers == (0,)
     assert torch.equal(perturbed, clean)
     assert not torch.equal(control, clean)
 
@@ -69,13 +71,13 @@ def test_lora_on_the_down_projection_does_not_leak(model_type: str) -> None:
     mask = make_mask(model, spread_networks(model))
     ids = random_ids(model)
     masked = {0: mask.networks[0].layers[0]}
-    with perturbed_inputs(model, masked), apply_mask(model, mask, "key", networks=[0]):
+    with perturbed_inputs(model, masked), MaskedModel(model, mask, "key", networks=[0]):
         perturbed = forward_logits(model, ids)
-    with apply_mask(model, mask, "key", networks=[0]):
+    with MaskedModel(model, mask, "key", networks=[0]):
         clean = forward_logits(model, ids)
     assert torch.equal(perturbed, clean)
     # The hook sits on the LoRA wrapper, so the LoRA branch sees the masked input as well.
-    with apply_mask(model, mask, "key", networks=[0]):
+    with MaskedModel(model, mask, "key", networks=[0]):
         projection = find_down_projections(model)[0]
         assert hasattr(projection.module, "lora_A")
         assert len(projection.module._forward_pre_hooks) == 1
@@ -85,7 +87,7 @@ def test_hooks_are_removed_when_the_block_fails() -> None:
     model = tiny_model("llama")
     mask = make_mask(model, spread_networks(model))
     with pytest.raises(RuntimeError, match="boom"):
-        with apply_mask(model, mask, "key"):
+        with MaskedModel(model, mask, "key"):
             assert count_hooks(model) == 2
             raise RuntimeError("boom")
     assert count_hooks(model) == 0
@@ -94,6 +96,6 @@ def test_hooks_are_removed_when_the_block_fails() -> None:
 def test_mask_keeps_the_input_dtype() -> None:
     model = tiny_model("llama").to(torch.bfloat16)
     mask = make_mask(model, spread_networks(model))
-    with apply_mask(model, mask, "key"):
+    with MaskedModel(model, mask, "key"):
         logits = forward_logits(model, random_ids(model))
     assert logits.dtype == torch.bfloat16

@@ -1,19 +1,21 @@
-"""MaskFile's verbs (load, save, select, union, iou, compare, plot, apply) and MaskedModel."""
+"""MaskFile's verbs (load, save, select, union, iou, compare), its figure, and that the type imports no torch."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.figure import Figure
 
 from shared.errors import ParameterError, UserError
-from shared.hooks import MaskedModel, apply_mask, count_hooks
+from shared.figures import networks_figure, save_png
 from shared.masks import MaskFile, load_mask_file
-from tests.helpers import assert_png, forward_logits, make_mask, random_ids, tiny_model
+from tests.helpers import assert_png, make_mask, tiny_model
 
 NETWORKS = {0: {0: [1, 2, 3], 1: [4]}, 1: {1: [4, 5, 6]}, 2: {0: [7]}}
 
@@ -49,40 +51,30 @@ def test_iou_and_compare_match_networks_one_to_one(model) -> None:
         mask.iou(stranger)
 
 
-def test_plot_writes_only_when_given_a_path(model, tmp_path: Path, monkeypatch) -> None:
+def test_networks_figure_writes_only_when_saved(model, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     mask = make_mask(model, NETWORKS)
-    assert isinstance(mask.plot(), Figure)
+    fig = networks_figure(mask)
+    assert isinstance(fig, Figure)
     assert os.listdir(tmp_path) == []
-    mask.plot(tmp_path / "networks.png")
+    save_png(fig, tmp_path / "networks.png")
     assert_png(tmp_path / "networks.png")
 
 
-def test_apply_keeps_the_mask_on_until_it_is_lifted(model) -> None:
-    mask = make_mask(model, NETWORKS)
-    ids = random_ids(model)
-    plain = forward_logits(model, ids)
-    with apply_mask(model, mask, "key", [0, 1]):
-        expected = forward_logits(model, ids)
-    masked = mask.apply(model, mode="key", networks=[0, 1])
-    assert isinstance(masked, MaskedModel) and masked.masked and masked.model is model
-    assert count_hooks(model) == 2  # one per layer the networks touch
-    assert torch.equal(forward_logits(masked, ids), expected)
-    assert torch.equal(forward_logits(model, ids), expected)  # the hooks are on the model itself
-    assert masked.config is model.config  # attributes are the model's
-    assert masked.remove_mask() is model
-    assert count_hooks(model) == 0 and not masked.masked
-    masked.remove_mask()  # twice: nothing more to lift
-    assert torch.equal(forward_logits(model, ids), plain)
-    with mask.apply(model, mode="complement", networks=[2]) as kept:
-        assert count_hooks(model) == 2  # complement: every layer has a vector
-        assert not torch.equal(forward_logits(kept, ids), plain)
-    assert count_hooks(model) == 0
-
-
-def test_apply_refuses_a_model_the_file_was_not_made_for_and_leaves_no_hook(model) -> None:
-    mask = make_mask(model, NETWORKS)
-    other = tiny_model("llama", intermediate_size=96)
-    with pytest.raises(UserError, match="was made for model"):
-        mask.apply(other)
-    assert count_hooks(other) == 0
+def test_the_mask_file_type_imports_no_torch(model, tmp_path: Path) -> None:
+    """A mask file is data: loading one, selecting and comparing its networks needs no torch (run in a
+    clean interpreter, where nothing else has imported it)."""
+    make_mask(model, NETWORKS).save(tmp_path / "m.json")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from shared.masks import MaskFile
+        mask = MaskFile.load({str(tmp_path / "m.json")!r})
+        assert mask.select([0, 1]).union() == {{0: (1, 2, 3), 1: (4, 5, 6)}}
+        assert mask.compare(mask)[0][2] == 1.0
+        assert "torch" not in sys.modules, "shared.masks imported torch"
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from shared.errors import UserError
+from shared.layer_masks import build_layer_masks
 from shared.mask_index import read_index, register_mask
 from shared.masks import (
-    build_layer_masks,
     check_compatible,
     load_mask_file,
     parse_network_ids,

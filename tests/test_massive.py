@@ -9,10 +9,10 @@ import pytest
 
 from fn_train.run_mask import resolve_run_mask
 from shared.errors import UserError
+from shared.layer_masks import build_layer_masks
 from shared.masks import (
     MASSIVE,
     MaskFile,
-    build_layer_masks,
     made_for,
     parse_network_ids,
     save_mask_file,

@@ -16,9 +16,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from fn_train.freeze import KeepMaskedNeuronsFrozen, masked_neuron_slices
+from shared.ablation import Ablation, NeuronMeans
 from shared.arch import DOWN_PROJ_BY_MODEL_TYPE, base_layer, find_down_projections, mlp_input_projections
-from shared.hooks import apply_mask, count_hooks
-from shared.masks import build_layer_masks
+from shared.hooks import count_hooks
+from shared.layer_masks import build_layer_masks
+from shared.masked_model import MaskedModel
 from shared.neuron_deltas import attach_neuron_deltas
 from tests.helpers import HIDDEN, MODEL_TYPES, make_mask, tiny_config
 
@@ -133,17 +135,18 @@ def test_masks_act_on_the_down_projection_as_written_weights_do(model_type: str)
     plain = _logits(model, ids)
     off = {0: [1, 5, width - 1], 1: [2, 3]}
     means = np.random.default_rng(0).normal(0.0, 1.0, (2, width)).astype(np.float32)
-    for ablation, extra in (("zero", {}), ("mean", {"means": means}), ("scale", {"scale_factor": 2.0})):
-        with apply_mask(model, mask, "key", [0], ablation=ablation, **extra):
+    ablations = (Ablation(), Ablation("mean", means=NeuronMeans(means, "test", 1)), Ablation("scale", 2.0))
+    for ablation in ablations:
+        with MaskedModel(model, mask, "key", [0], ablation):
             assert count_hooks(model) == 2
             hooked = _logits(model, ids)
         assert count_hooks(model) == 0
-        written = _written_into_weights(model, off, ablation, fill=means, factor=2.0)
+        written = _written_into_weights(model, off, ablation.mode, fill=means, factor=2.0)
         torch.testing.assert_close(hooked, _logits(written, ids), atol=1e-5, rtol=1e-4)
-        assert not torch.allclose(hooked, plain, atol=1e-6), ablation
+        assert not torch.allclose(hooked, plain, atol=1e-6), ablation.mode
     # complement of network 1 is key of every other neuron (layer 0 wholly off)
     everything_else = {0: list(range(width)), 1: [n for n in range(width) if n not in range(10, 30)]}
-    with apply_mask(model, mask, "complement", [1]):
+    with MaskedModel(model, mask, "complement", [1]):
         kept = _logits(model, ids)
     torch.testing.assert_close(kept, _logits(_written_into_weights(model, everything_else, "zero"), ids))
 
@@ -166,7 +169,7 @@ def test_masked_neurons_parameters_stay_bit_identical_through_a_training_step(mo
     keeper = KeepMaskedNeuronsFrozen(slices)
     keeper.on_train_begin(None, None, None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    with apply_mask(model, mask, "key", [0]):
+    with MaskedModel(model, mask, "key", [0]):
         model(input_ids=_ids(model)).logits.float().pow(2).mean().backward()
     optimizer.step()
     keeper.on_optimizer_step(None, None, None)

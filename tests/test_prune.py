@@ -24,8 +24,10 @@ from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.constants import PRUNE_MASK_NAME, PRUNE_NEURONS_NAME, PRUNE_RECORD_NAME
 from shared.errors import UserError
-from shared.hooks import count_hooks, masked_down_projections
-from shared.masks import LayerMasks, check_compatible, load_mask_file
+from shared.hooks import count_hooks
+from shared.layer_masks import LayerMasks
+from shared.masked_model import MaskedModel
+from shared.masks import check_compatible, load_mask_file
 from shared.models import model_info
 from tests.helpers import (
     forward_logits,
@@ -64,7 +66,7 @@ def _masked_logits(model, kept: np.ndarray, means: np.ndarray | None, ids: torch
         vectors[layer] = vector
     layer_masks = LayerMasks(vectors, (), int(sum(int((v == 0).sum()) for v in vectors.values())))
     ablation = Ablation() if means is None else Ablation("mean", means=NeuronMeans(means.astype(np.float32), "t", 1))
-    with masked_down_projections(find_down_projections(model), ablation.apply(layer_masks)):
+    with MaskedModel.from_layer_masks(model, ablation.apply(layer_masks)):
         return forward_logits(model, ids)
 
 

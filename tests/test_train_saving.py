@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 import fn_train.quantization as quantization_module
 from fn_train.config import TrainConfig
 from fn_train.load import load_masked_model
-from fn_train.saving import bake_mask
 from fn_train.trainer import train
-from shared.hooks import apply_mask, count_hooks, resolve_mask
+from shared.hooks import count_hooks
+from shared.masked_model import MaskedModel
 from tests.helpers import (
     MASKED,
     forward_logits,
@@ -39,10 +39,9 @@ def test_baked_model_without_hooks_equals_the_hooked_model(model_type: str, mode
     size = intermediate_size(model.config)
     mask = make_mask(model, {0: {0: list(range(0, size, 3))}, 1: {1: [2, 4, 6]}})
     ids = random_ids(model)
-    with apply_mask(model, mask, mode, networks=[1]):
+    with MaskedModel(model, mask, mode, networks=[1]):
         hooked = forward_logits(model, ids)
-    baked = copy.deepcopy(model)
-    bake_mask(baked, resolve_mask(baked, mask, [1], mode)[1])
+    baked = MaskedModel(copy.deepcopy(model), mask, mode, networks=[1]).merge_and_unload()
     assert count_hooks(baked) == 0
     assert torch.equal(forward_logits(baked, ids), hooked)
     assert not torch.equal(forward_logits(model, ids), hooked)  # the mask does change the model
@@ -109,9 +108,9 @@ def test_quantized_lora_still_masks_bit_for_bit(tiny_lm_dir, bits: int) -> None:
     assert type(down.base_layer).__name__ == ("Linear4bit" if bits == 4 else "Linear8bitLt")
     mask = make_mask(model, {0: {0: list(range(0, 176, 3)), 1: [1, 2, 3]}})
     ids = random_ids(model)
-    with perturbed_inputs(model, {0: list(range(0, 176, 3)), 1: [1, 2, 3]}), apply_mask(model, mask, "key"):
+    with perturbed_inputs(model, {0: list(range(0, 176, 3)), 1: [1, 2, 3]}), MaskedModel(model, mask, "key"):
         perturbed = forward_logits(model, ids)
-    with apply_mask(model, mask, "key"):
+    with MaskedModel(model, mask, "key"):
         clean = forward_logits(model, ids)
         with perturbed_inputs(model, {0: [1]}):
             control = forward_logits(model, ids)
