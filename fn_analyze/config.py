@@ -530,7 +530,8 @@ def evaluation_config(given: dict[str, Any]) -> ScoringParams:
             "(measure a pruned folder), exactly one of them"
         )
     config = EVALUATIONS[chosen[0]][0]
-    for name in given.keys() - {field.name for field in fields(config)}:
+    own = {field.name for field in fields(config)}
+    for name in (name for name in given if name not in own):  # in the command's order: the same one each time
         does = " or ".join(what for use, what in EVALUATIONS.values() if name in {f.name for f in fields(use)})
         given_as = f"{name}=False" if given[name] is False else name  # an off-switch, as given (`--union-only`)
         raise ParameterError(f"{{{given_as}}} {does}, which {{{chosen[0]}}} does not; drop {{{given_as}}}")
