@@ -96,7 +96,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict:
     """Train one arm and score it next to the base; returns its figures."""
     import torch
 
-    from fn_analyze.config import EvaluateConfig
+    from fn_analyze.config import TunedEvalConfig
     from fn_analyze.tuned import evaluate_tuned
     from fn_train.config import TrainConfig
     from fn_train.trainer import train
@@ -129,7 +129,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict:
     train(config, callbacks=[recorder])
     seconds = time.perf_counter() - started
     scored = evaluate_tuned(
-        EvaluateConfig(
+        TunedEvalConfig(
             dataset=str(paths["eval"]),
             tuned=folder,
             retention=str(retention),

@@ -11,7 +11,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from fn_analyze.config import CollectConfig, CompareConfig, EvaluateConfig, IcaConfig, PruneConfig
+from fn_analyze.config import (
+    CollectConfig,
+    CompareConfig,
+    EvaluateConfig,
+    IcaConfig,
+    PruneConfig,
+    PrunedEvalConfig,
+    TunedEvalConfig,
+    evaluation_config,
+)
 from fn_analyze.demo_data import FAMILIES
 from shared.cli import (
     PlainHelpCommand,
@@ -95,29 +104,28 @@ def show_command(
 
 @app.command("evaluate", cls=PlainHelpCommand)
 @handle_errors("fn-analyze evaluate")
-@config_options(EvaluateConfig)
-def evaluate_command(settings: dict[str, Any]) -> None:
+@config_options(EvaluateConfig, TunedEvalConfig, PrunedEvalConfig)
+def evaluate_command(given: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
     (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
     with --pruned, a pruned folder next to its original and random prunings."""
-    from fn_analyze.eval_table import format_table
-    from fn_analyze.evaluate import evaluate
-
-    config = EvaluateConfig(**settings)
-    if config.tuned is not None:
+    config = evaluation_config(given)
+    if isinstance(config, TunedEvalConfig):
         from fn_analyze.tuned import evaluate_tuned, format_tuned_table
 
         typer.echo(format_tuned_table(evaluate_tuned(config)))
-        typer.echo(f"results: {config.out}")
-        return
-    if config.pruned is not None:
+    elif isinstance(config, PrunedEvalConfig):
         from fn_analyze.pruned_eval import evaluate_pruned, format_pruned_table
 
         typer.echo(format_pruned_table(evaluate_pruned(config)))
-        typer.echo(f"results: {config.out}")
-        return
-    typer.echo(format_table(evaluate(config)))
-    typer.echo(f"results: {config.out}\nplot: {config.plot_path}")
+    else:
+        from fn_analyze.eval_table import format_table
+        from fn_analyze.evaluate import evaluate
+
+        typer.echo(format_table(evaluate(config)))
+    typer.echo(f"results: {config.out}")
+    if isinstance(config, EvaluateConfig):
+        typer.echo(f"plot: {config.plot_path}")
 
 
 @app.command("compare", cls=PlainHelpCommand)

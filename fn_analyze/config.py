@@ -9,7 +9,8 @@ the checks accept (solvers, scales, engines, ...), and the stages import them fr
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from abc import ABC, abstractmethod
+from dataclasses import KW_ONLY, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -327,19 +328,76 @@ def _parse_components(value: int | str) -> int | str:
 
 
 @dataclass
-class EvaluateConfig:
+class ScoringParams(ABC):
+    """What every use of `fn-analyze evaluate` reads: the held-out data, how it is read and scored, and
+    where the results go. The data and what a use measures are positional
+    (`EvaluateConfig("eval.csv", "mask.json")`), the rest keyword-only. Checked when made; an error
+    names the parameter."""
+
     dataset: str = option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")
-    # Required unless --tuned is given; then the mask's networks are not measured.
-    mask_file: Path | None = option(None, help="The mask file whose networks are measured.")
-    # What fine-tuning changed and kept: a fn-train output folder (tune deltas, LoRA adapter or full model) or
-    # any fine-tuned model folder, scored next to its base (the one the folder names, else --model).
-    tuned: Path | None = option(None, help="A fine-tuned folder to score next to its base, instead of masks.")
-    # A folder written by `fn-analyze prune`, scored next to the model it was pruned from and to random prunings
-    # of the same count per layer (--draws of them, seeded by --seed, compensated as the folder was).
-    pruned: Path | None = option(None, help="A pruned folder to score next to its original and random prunings.")
-    retention: str | None = option(  # e.g. a family the tuning did not train on
-        None, help="With --tuned: a second dataset, of what the model should keep knowing."
+    _: KW_ONLY
+    out: Path | None = option(  # a mask file's plot is written beside it as .png
+        None,
+        help="Results JSON (default runs/eval/<mask or folder>-<data>.json); with --mask-file the plot goes beside it.",
     )
+    overwrite: bool = option(False, help="Replace an existing results file and its plot.")
+    split: str | None = option(None, help="Dataset split (default validation/test, else train).")
+    data_format: str = option("auto", help=_DATA_FORMAT_HELP)
+    template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
+    limit: int | None = option(200, help="Evaluate the first N records.")  # None: all
+    max_length: int = option(512, help="Truncate records to this many tokens.")
+    batch_size: int = option(16, help="Records per forward pass.")
+    exact_match: bool = option(  # a greedy generation per condition and draw: several times the cost of the loss
+        False, help="Also greedy-generate answers (slower)."
+    )
+    max_new_tokens: int = option(16, help="Tokens generated per answer for exact match.")
+    dtype: str = option("auto", help="auto|float32|float16|bfloat16")
+    device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
+
+    def __post_init__(self) -> None:
+        if self.out is None:  # named after the data too: a run on other data must not replace this one's results
+            self.out = Path("runs") / "eval" / f"{self.measured}-{Path(self.dataset).stem}.json"
+        self.out = Path(self.out)
+        if self.out.suffix != ".json":
+            raise ParameterError(
+                "{out} {value} must end in .json (the plot is written beside it as .png)", value=self.out
+            )
+        for name, least in (("batch_size", 1), ("max_length", 2)):
+            if getattr(self, name) < least:
+                raise ParameterError(
+                    "{" + name + "} must be at least {least}, got {value}", least=least, value=getattr(self, name)
+                )
+        for name in ("limit", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=value)
+
+    @property
+    @abstractmethod
+    def measured(self) -> str:
+        """What is measured, as the default results file names it."""
+
+
+@dataclass(kw_only=True)
+class ControlParams(ScoringParams):
+    """The random controls of the uses that draw them: random neuron sets next to a mask file's networks,
+    random prunings next to a pruned folder."""
+
+    draws: int = option(5, help="Random sets per control for the union rows; with --pruned, random prunings.")
+    seed: int = option(0, help="Seed of the random sets (or prunings).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.draws < 1:
+            raise ParameterError("{draws} must be at least 1, got {value}", value=self.draws)
+
+
+@dataclass
+class EvaluateConfig(ControlParams):
+    """`fn-analyze evaluate --mask-file`: a mask file's networks switched off and kept alone, against
+    random neuron sets (`fn_analyze.evaluate.evaluate`)."""
+
+    mask_file: Path = option(help="The mask file whose networks are measured.")
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
     networks: str | None = option(None, help="Network ids, e.g. 0,3,5-7, or massive (default all).")
     # The keystone regime (shared.keystone): the union's and each network's rows, and their random controls,
@@ -349,23 +407,12 @@ class EvaluateConfig:
         text=True,
         help="Only the networks' strongest neurons by |z|: a count (50) or a fraction of their neurons (0.01, 1%).",
     )
-    out: Path | None = option(  # the plot is written beside it as .png
-        None, help="Results JSON (default runs/eval/<mask>-<data>.json); the plot goes beside it."
-    )
-    overwrite: bool = option(False, help="Replace an existing results file and its plot.")
-    split: str | None = option(None, help="Dataset split (default validation/test, else train).")
-    data_format: str = option("auto", help=_DATA_FORMAT_HELP)
-    template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
-    limit: int | None = option(200, help="Evaluate the first N records.")  # None: all
-    max_length: int = option(512, help="Truncate records to this many tokens.")
-    batch_size: int = option(16, help="Records per forward pass.")
     # Masks scored in one forward pass, each on its own copy of the batch's rows (per-row masks,
     # shared.hooks.stacked_down_projections): the same losses to float rounding, in fewer, larger
     # passes. 1: one mask a pass.
     conditions_per_pass: int = option(
         4, help="Masks scored together in one forward pass (each on its own copy of the batch)."
     )
-    draws: int = option(5, help="Random sets per control for the union rows.")
     # A network's ratio carries an interval resampling the rows and the random sets: with one set there is
     # no spread between sets to resample, and the network's rank among them says nothing. 5, as --draws:
     # the fewest with which the interval holds the sets' spread and a network can rank above every set
@@ -374,7 +421,6 @@ class EvaluateConfig:
     per_network: bool = option(  # False: the union rows only (a sweep's table needs no more)
         True, off="union_only", help="Also each network switched off on its own."
     )
-    seed: int = option(0, help="Seed of the random sets.")
     activations: Path | None = option(
         None, help="Activations folder for neuron magnitudes (default: a pass over the eval data)."
     )
@@ -385,10 +431,6 @@ class EvaluateConfig:
     bin_width: float = option(  # 0.1: a factor 1.26
         0.1, help="Magnitude bin width, in decades of max |activation|."
     )
-    exact_match: bool = option(  # a greedy generation per condition and draw: several times the cost of the loss
-        False, help="Also greedy-generate answers (slower)."
-    )
-    max_new_tokens: int = option(16, help="Tokens generated per answer for exact match.")
     # mean: the field's standard control. Zeroing a massive-activation neuron throws the model off its
     # distribution whatever network it is in; on the demo, zeroed networks hurt 1.1-1.7x magnitude-matched
     # random sets in every sweep row, mean-ablated ones up to 2.5x (docs/science.md).
@@ -397,78 +439,105 @@ class EvaluateConfig:
     random_fraction: float | None = option(  # Liu et al.: 0.15
         None, help="Also mask this share of all neurons, drawn uniformly (--draws times), e.g. 0.15."
     )
-    dtype: str = option("auto", help="auto|float32|float16|bfloat16")
-    device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
 
     def __post_init__(self) -> None:
+        self.mask_file = Path(self.mask_file)
+        super().__post_init__()
         self.scale_factor = check_ablation(self.ablation, self.scale_factor)
         if self.random_fraction is not None and not 0 < self.random_fraction < 1:
             raise ParameterError(
                 "{random_fraction} must lie between 0 and 1 (e.g. 0.15), got {value}", value=self.random_fraction
             )
-        if sum(given is not None for given in (self.mask_file, self.tuned, self.pruned)) != 1:
-            raise ParameterError(
-                "give {mask_file} (measure networks) or {tuned} (measure a fine-tuned folder) or {pruned} "
-                "(measure a pruned folder), exactly one of them"
-            )
-        if self.retention is not None and self.tuned is None:
-            raise ParameterError("{retention} is scored next to {tuned}; add {tuned} or drop {retention}")
-        for name, given in (
-            ("networks", self.networks is not None),
-            ("keystone", self.keystone is not None),
-            ("activations", self.activations is not None),
-            ("random_fraction", self.random_fraction is not None),
-        ):
-            for other, folder in (("tuned", self.tuned), ("pruned", self.pruned)):
-                if given and folder is not None:
-                    raise ParameterError(
-                        "{" + name + "} selects or measures networks, which {" + other + "} does not; "
-                        "drop {" + name + "}"
-                    )
         if self.keystone is not None:
             self.keystone = parse_keep(self.keystone, "keystone")
-        self.mask_file = Path(self.mask_file) if self.mask_file is not None else None
-        self.tuned = Path(self.tuned) if self.tuned is not None else None
-        self.pruned = Path(self.pruned) if self.pruned is not None else None
-        if self.mask_file is not None:
-            measured = self.mask_file.stem
-        elif self.tuned is not None:
-            measured = f"{self.tuned.name}-tuned"
-        else:
-            measured = f"{self.pruned.name}-pruned"
-        if self.out is None:  # named after the data too: a run on other data must not replace this one's results
-            self.out = Path("runs") / "eval" / f"{measured}-{Path(self.dataset).stem}.json"
-        self.out = Path(self.out)
         if self.activations is not None:
             self.activations = Path(self.activations)
-        if self.out.suffix != ".json":
-            raise ParameterError(
-                "{out} {value} must end in .json (the plot is written beside it as .png)", value=self.out
-            )
-        for name, least in (
-            ("draws", 1),
-            ("network_draws", 0),
-            ("batch_size", 1),
-            ("conditions_per_pass", 1),
-            ("max_length", 2),
-        ):
+        for name, least in (("network_draws", 0), ("conditions_per_pass", 1), ("top_n", 1)):
             if getattr(self, name) < least:
                 raise ParameterError(
                     "{" + name + "} must be at least {least}, got {value}", least=least, value=getattr(self, name)
                 )
-        for name in ("limit", "top_n", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=value)
         if not self.bin_width > 0:
             raise ParameterError(
                 "{bin_width} must be positive (decades of magnitude), got {value}", value=self.bin_width
             )
 
     @property
+    def measured(self) -> str:
+        return self.mask_file.stem
+
+    @property
     def plot_path(self) -> Path:
         assert self.out is not None
         return self.out.with_suffix(".png")
+
+
+@dataclass
+class TunedEvalConfig(ScoringParams):
+    """`fn-analyze evaluate --tuned`: what fine-tuning changed and kept, the tuned folder scored next to its
+    base on the data and on a retention set (`fn_analyze.tuned.evaluate_tuned`)."""
+
+    # A fn-train output folder (tune deltas, LoRA adapter or full model) or any fine-tuned model folder,
+    # scored next to its base (the one the folder names, else --model).
+    tuned: Path = option(help="A fine-tuned folder to score next to its base, instead of masks.")
+    retention: str | None = option(  # e.g. a family the tuning did not train on
+        None, help="With --tuned: a second dataset, of what the model should keep knowing."
+    )
+    model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
+
+    def __post_init__(self) -> None:
+        self.tuned = Path(self.tuned)
+        super().__post_init__()
+
+    @property
+    def measured(self) -> str:
+        return f"{self.tuned.name}-tuned"
+
+
+@dataclass
+class PrunedEvalConfig(ControlParams):
+    """`fn-analyze evaluate --pruned`: a folder written by `fn-analyze prune` scored next to the model it was
+    pruned from (the folder names it), to random prunings of the same count per layer (`draws` of them,
+    seeded by `seed`, compensated as the folder was) and to importance alone
+    (`fn_analyze.pruned_eval.evaluate_pruned`)."""
+
+    pruned: Path = option(help="A pruned folder to score next to its original and random prunings.")
+
+    def __post_init__(self) -> None:
+        self.pruned = Path(self.pruned)
+        super().__post_init__()
+
+    @property
+    def measured(self) -> str:
+        return f"{self.pruned.name}-pruned"
+
+
+# The uses of `fn-analyze evaluate`, by the option that chooses each, and what each does (as the message
+# refusing an option of another use says it).
+EVALUATIONS: dict[str, tuple[type[ScoringParams], str]] = {
+    "mask_file": (EvaluateConfig, "selects or measures networks"),
+    "tuned": (TunedEvalConfig, "scores a fine-tuned folder"),
+    "pruned": (PrunedEvalConfig, "scores a pruned folder"),
+}
+
+
+def evaluation_config(given: dict[str, Any]) -> ScoringParams:
+    """The config of the use of `fn-analyze evaluate` that the settings `given` (by field name, the command
+    line's given options) choose by naming a mask file, a tuned folder or a pruned folder. A setting of
+    another use is refused, with what it does."""
+    chosen = [name for name in EVALUATIONS if given.get(name) is not None]
+    if len(chosen) != 1:
+        raise ParameterError(
+            "give {mask_file} (measure networks) or {tuned} (measure a fine-tuned folder) or {pruned} "
+            "(measure a pruned folder), exactly one of them"
+        )
+    config = EVALUATIONS[chosen[0]][0]
+    own = {field.name for field in fields(config)}
+    for name in (name for name in given if name not in own):  # in the command's order: the same one each time
+        does = " or ".join(what for use, what in EVALUATIONS.values() if name in {f.name for f in fields(use)})
+        given_as = f"{name}=False" if given[name] is False else name  # an off-switch, as given (`--union-only`)
+        raise ParameterError(f"{{{given_as}}} {does}, which {{{chosen[0]}}} does not; drop {{{given_as}}}")
+    return config(**given)
 
 
 @dataclass

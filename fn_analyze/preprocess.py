@@ -1,4 +1,4 @@
-"""Preprocessing before the ICA that looks for function, not magnitude (issue 11, item 3).
+"""Preprocessing before the ICA that looks for function, not magnitude.
 
 A few MLP neurons carry "massive activations" (Sun et al. 2024), mostly at the first token
 of every sequence; centered activations are dominated by them and by the last layers, where

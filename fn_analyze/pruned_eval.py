@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fn_analyze.config import EvaluateConfig
+from fn_analyze.config import PrunedEvalConfig
 from fn_analyze.evaluate import ACCURACY_FIELDS, row_figure, score_dict
 from fn_analyze.prune import choose_at_random, choose_by_importance, prune_model
 from fn_analyze.scoring import Score, load_eval_set
@@ -33,6 +33,7 @@ from shared.device import choose_device, choose_dtype
 from shared.errors import UserError
 from shared.jsonio import write_json_atomic
 from shared.models import load_causal_lm, load_tokenizer, model_info
+from shared.paths import check_writable_file
 from shared.statistics import paired_difference
 
 IMPORTANCE_ONLY = "importance only"
@@ -54,10 +55,10 @@ def _parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def evaluate_pruned(config: EvaluateConfig) -> dict[str, Any]:
+def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
     """Score the original, the pruned folder, random prunings and the importance-only pruning on --dataset;
     write the results JSON at `config.out` and return it."""
-    assert config.pruned is not None
+    check_writable_file(config.out, "--out", config.overwrite)
     started = time.perf_counter()
     record = read_prune_record(config.pruned)
     with np.load(config.pruned / PRUNE_NEURONS_NAME) as stored:

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from fn_analyze.config import EvaluateConfig
+from fn_analyze.config import ScoringParams, TunedEvalConfig
 from fn_analyze.evaluate import ACCURACY_FIELDS, score_dict
 from fn_analyze.scoring import EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
@@ -24,6 +24,7 @@ from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION
 from shared.device import choose_device, choose_dtype
 from shared.jsonio import write_json_atomic
 from shared.models import load_causal_lm, load_tokenizer
+from shared.paths import check_writable_file
 from shared.trained import load_trained, run_record
 
 
@@ -41,7 +42,7 @@ def base_of(folder: Path, default: str) -> str:
     return default
 
 
-def score_sets(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: EvaluateConfig) -> list[Score]:
+def score_sets(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: ScoringParams) -> list[Score]:
     """`model`'s score on each eval set, with its rows' own figures, as `config` asks (exact match or not)."""
     found = []
     for eval_set in eval_sets:
@@ -55,10 +56,10 @@ def score_sets(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: Ev
     return found
 
 
-def evaluate_tuned(config: EvaluateConfig) -> dict[str, Any]:
+def evaluate_tuned(config: TunedEvalConfig) -> dict[str, Any]:
     """Score the base and the fine-tuned folder on --dataset (and --retention); write the results JSON
     at `config.out` and return it."""
-    assert config.tuned is not None
+    check_writable_file(config.out, "--out", config.overwrite)
     started = time.perf_counter()
     base_name = base_of(config.tuned, config.model)
     tokenizer = load_tokenizer(base_name)

@@ -263,10 +263,13 @@ def typer_app(**settings: Any) -> typer.Typer:
     )
 
 
+_CONTEXT = "command_context"  # the parameter of a command built from several configs that receives its context
+
+
 def config_options(
-    config: type, *, both_spellings: bool = False, config_file: str | None = None
+    *configs: type, both_spellings: bool = False, config_file: str | None = None
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
-    """A typer command whose options are the fields of the dataclass `config` declared with
+    """A typer command whose options are the fields of a config dataclass declared with
     `shared.options.option`, in field order, then the decorated function's own options (its
     parameters after the first), then, when `config_file` names the tool, `--config FILE`.
 
@@ -274,27 +277,48 @@ def config_options(
     underscore spelling first and the hyphenated one beside it (`--max_length`,
     `--max-length`). A boolean is an on/off pair (`--overwrite/--no-overwrite`). The
     function gets the fields' values as a dict, its first argument, and builds the config
-    from it itself: it chooses when (fn-train checks the model first) and from which module."""
+    from it itself: it chooses when (fn-train checks the model first) and from which module.
+
+    One command may serve several configs (`fn-analyze evaluate`: one for each thing it measures).
+    Its options are all of theirs, each once (a field that several configs have must be declared
+    alike in each); a field that one config requires and another lacks is optional on the command
+    line. The function then gets only the options given (on the command line or in --config): it
+    chooses the config from them and can refuse an option that config lacks, and the config's own
+    defaults fill in the rest."""
 
     def decorate(body: Callable[..., R]) -> Callable[..., R]:
-        hints = typing.get_type_hints(config)
+        found: dict[str, tuple[dataclasses.Field, OptionSpec, Any]] = {}
+        for config in configs:
+            hints = typing.get_type_hints(config)
+            for field in dataclasses.fields(config):
+                if (spec := option_spec(field)) is None:
+                    continue
+                first, first_spec, _ = found.setdefault(field.name, (field, spec, hints[field.name]))
+                if (first_spec, first.default, first.default_factory) != (spec, field.default, field.default_factory):
+                    raise TypeError(f"{config.__name__}.{field.name} is declared unlike an earlier config's")
         # In the constructor's order: a keyword-only base's fields after the subclass's own (IcaConfig's).
-        ordered = sorted(dataclasses.fields(config), key=lambda field: field.kw_only is True)
-        specs = {field.name: (field, spec) for field in ordered if (spec := option_spec(field)) is not None}
+        names = sorted(found, key=lambda name: found[name][0].kw_only is True)
+        everywhere = set.intersection(*({field.name for field in dataclasses.fields(c)} for c in configs))
         parameters = [
-            _option_parameter(field, spec, hints[name], both_spellings) for name, (field, spec) in specs.items()
+            _option_parameter(*found[name], both_spellings, optional=name not in everywhere) for name in names
         ]
         own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
         parameters += [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in own]
         if config_file is not None:
             parameters.append(_config_file_parameter(config_file))
+        if len(configs) > 1:  # typer passes the click context, which knows which options were given
+            parameters.append(inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
-        flag_of = flag_namer(config, both_spellings=both_spellings)
+        flag_of = flag_namer(*configs, both_spellings=both_spellings)
 
         @functools.wraps(body)
         def command(**values: Any) -> R:
             values.pop("config", None)  # already read: its settings arrived as the other options' values
-            settings = {name: values.pop(name) for name in specs}
+            settings = {name: values.pop(name) for name in names}
+            if len(configs) > 1:
+                # By the source's name: typer ships its own copy of click from 0.26 on, whose enum is another class.
+                source = values.pop(_CONTEXT).get_parameter_source
+                settings = {name: value for name, value in settings.items() if source(name).name != "DEFAULT"}
             try:
                 return body(settings, **values)
             except ParameterError as exc:  # worded with the parameters' names: reworded with this command's flags
@@ -313,12 +337,17 @@ def _spelled(name: str, both_spellings: bool) -> list[str]:
     return [name, hyphenated] if both_spellings else [hyphenated]
 
 
-def _option_parameter(field: dataclasses.Field, spec: OptionSpec, hint: Any, both_spellings: bool) -> inspect.Parameter:
-    """The typer parameter of one config field: its flags, help text, type and default."""
+def _option_parameter(
+    field: dataclasses.Field, spec: OptionSpec, hint: Any, both_spellings: bool, optional: bool = False
+) -> inspect.Parameter:
+    """The typer parameter of one config field: its flags, help text, type and default (None when
+    `optional`, for a field the config requires that the command's other configs lack)."""
     if field.default is not dataclasses.MISSING:
         default = field.default
     elif field.default_factory is not dataclasses.MISSING:
         default = None  # a list or the like: not given on the command line unless asked for
+    elif optional:
+        default, hint = None, Optional[hint]
     else:
         default = inspect.Parameter.empty  # a required option
     if spec.text:

@@ -54,8 +54,8 @@ def option_spec(field: dataclasses.Field) -> OptionSpec | None:
     return field.metadata.get(_KEY)
 
 
-def flag_namer(config: type, *, both_spellings: bool = False) -> Callable[[str], str]:
-    """How the command built from `config` writes a parameter of a `shared.errors.ParameterError` as
+def flag_namer(*configs: type, both_spellings: bool = False) -> Callable[[str], str]:
+    """How the command built from `configs` writes a parameter of a `shared.errors.ParameterError` as
     its flag (`ParameterError.as_flags`): a field as its flag (`n_components` -> `--n-components`;
     with both spellings the underscore one unless the field is `hyphenated`), a boolean's
     `name=False` as its off-switch (`use_peft=False` -> `--no_peft`), any other name likewise."""
@@ -64,7 +64,7 @@ def flag_namer(config: type, *, both_spellings: bool = False) -> Callable[[str],
         return "--" + (name if both_spellings and not hyphenated else name.replace("_", "-"))
 
     flags: dict[str, str] = {}
-    for field in dataclasses.fields(config):
+    for field in (field for config in configs for field in dataclasses.fields(config)):
         spec = option_spec(field)
         if spec is None or spec.argument:
             continue

@@ -5,7 +5,7 @@ Left alone, OpenMP (torch's CPU kernels, and MKL under them) runs one thread per
 lets a thread that ran out of work spin for a while before it sleeps. With another busy
 process on the machine, the spinning threads take the cores the neighbour needs, and every
 parallel region waits for its one thread that the kernel descheduled: three fn-train steps on
-2 cores took 132 s beside one busy process against 5.5 s with one thread (issue 27).
+2 cores took 132 s beside one busy process against 5.5 s with one thread.
 
 So, unless the user set them: `OMP_WAIT_POLICY=PASSIVE` (a thread without work sleeps at
 once) and `OMP_NUM_THREADS` = the cores that are free now (measured over a short sample of

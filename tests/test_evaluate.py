@@ -12,6 +12,7 @@ import torch
 
 import fn_analyze.evaluate as evaluate_module
 from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.config import PrunedEvalConfig, TunedEvalConfig
 from fn_analyze.eval_table import format_table, ratio_text, verdict
 from fn_analyze.evaluate import EvaluateConfig, evaluate, summarize_control
 from fn_analyze.magnitude import magnitude_from_activations
@@ -316,6 +317,77 @@ def test_the_default_results_file_is_named_after_the_mask_and_the_data(tiny_mask
     """Another dataset's run must not replace these results: the data's name is in the file's."""
     assert EvaluateConfig(mask_file=tiny_mask, dataset="demo/eval.csv").out == Path("runs/eval/mask-eval.json")
     assert EvaluateConfig(mask_file=tiny_mask, dataset="org/sst2").out == Path("runs/eval/mask-sst2.json")
+
+
+def test_each_use_of_evaluate_has_a_config_of_the_fields_it_reads(tiny_mask: Path) -> None:
+    tuned = TunedEvalConfig("demo/eval.csv", Path("runs/tuned"), retention="demo/sentiment.csv")
+    pruned = PrunedEvalConfig("demo/eval.csv", Path("runs/pruned"), draws=2)
+    assert (tuned.out, pruned.out) == (
+        Path("runs/eval/tuned-tuned-eval.json"),
+        Path("runs/eval/pruned-pruned-eval.json"),
+    )
+    for config, lacks in (
+        (tuned, ("mask_file", "pruned", "networks", "keystone", "draws", "seed")),
+        (pruned, ("mask_file", "tuned", "retention", "model", "networks", "ablation")),
+        (EvaluateConfig("demo/eval.csv", tiny_mask), ("tuned", "pruned", "retention")),
+    ):
+        assert not any(hasattr(config, name) for name in lacks), config
+    with pytest.raises(TypeError, match="mask_file"):
+        TunedEvalConfig(dataset="d.csv", tuned=Path("t"), mask_file=tiny_mask)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="keystone"):
+        PrunedEvalConfig(dataset="d.csv", pruned=Path("p"), keystone=5)  # type: ignore[call-arg]
+    refused_by_config(
+        lambda: PrunedEvalConfig(dataset="d.csv", pruned=Path("p"), draws=0),
+        PrunedEvalConfig,
+        "--draws must be at least 1",
+    )
+
+
+@pytest.mark.parametrize(
+    ("use", "expected", "runner", "formatter"),
+    [
+        (["--mask-file", "m.json", "--networks", "0"], EvaluateConfig("d.csv", Path("m.json"), networks="0", limit=3),
+         "evaluate.evaluate", "eval_table.format_table"),
+        (["--tuned", "t", "--retention", "r.csv"], TunedEvalConfig("d.csv", Path("t"), retention="r.csv", limit=3),
+         "tuned.evaluate_tuned", "tuned.format_tuned_table"),
+        (["--pruned", "p", "--draws", "2"], PrunedEvalConfig("d.csv", Path("p"), draws=2, limit=3),
+         "pruned_eval.evaluate_pruned", "pruned_eval.format_pruned_table"),
+    ],
+    ids=["mask", "tuned", "pruned"],
+)  # fmt: skip
+def test_the_command_builds_the_config_of_the_use_given(use, expected, runner, formatter, monkeypatch) -> None:
+    """The options given choose the use; its config holds them, and its own defaults for the rest."""
+    from typer.testing import CliRunner
+
+    from fn_analyze.cli import app
+
+    built = []
+    monkeypatch.setattr(f"fn_analyze.{runner}", built.append)
+    monkeypatch.setattr(f"fn_analyze.{formatter}", lambda results: "table")
+    result = CliRunner().invoke(app, ["evaluate", "--dataset", "d.csv", *use, "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert built == [expected] and f"table\nresults: {expected.out}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--tuned", "t", "--keystone", "50"], ("--keystone selects or measures networks, which --tuned does not",)),
+        (["--tuned", "t", "--draws", "5"], ("--draws selects or measures networks or scores a pruned folder",)),
+        (["--pruned", "p", "--union-only"], ("--union-only selects or measures networks", "drop --union-only")),
+        (["--pruned", "p", "--model", "m"], ("--model", "which --pruned does not")),
+        (["--mask-file", "m.json", "--retention", "r.csv"], ("--retention scores a fine-tuned folder",)),
+        (["--pruned", "p", "--tuned", "t"], ("give --mask-file (measure networks) or --tuned", "exactly one")),
+        ([], ("give --mask-file (measure networks) or --tuned", "exactly one")),
+    ],
+    ids=["keystone-tuned", "draws-tuned", "union-only-pruned", "model-pruned", "retention-mask", "two-uses", "none"],
+)
+def test_an_option_of_another_use_is_refused(args: list[str], fragments: tuple[str, ...]) -> None:
+    from typer.testing import CliRunner
+
+    from fn_analyze.cli import app
+
+    refused(CliRunner().invoke(app, ["evaluate", "--dataset", "d.csv", *args]), *fragments)
 
 
 def test_magnitude_matched_draw_keeps_a_lone_massive_neuron_and_respects_exclusion() -> None:

@@ -128,6 +128,42 @@ def test_a_config_file_sets_defaults_that_flags_override(tmp_path: Path) -> None
     )
 
 
+@dataclass
+class Other:
+    """A second use of Toy's command: `name` declared alike, `level` its own and required."""
+
+    name: str = option(help="A required name.")
+    level: int = option(help="A required level.")
+    max_length: int = option(8, help="Longest sequence.")
+
+
+def test_one_command_for_several_configs_passes_only_the_options_given(tmp_path: Path) -> None:
+    seen: list[dict[str, Any]] = []
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    @app.command()
+    @config_options(Other, Toy, config_file="toy")
+    def both(settings: dict[str, Any]) -> None:
+        seen.append(settings)
+
+    params = _options(app)
+    assert list(params)[:4] == ["name", "level", "max_length", "source"] and "command_context" not in params
+    assert params["name"].required and not params["level"].required and not params["source"].required
+    assert runner.invoke(app, ["--name", "a", "--level", "2"]).exit_code == 0
+    assert seen[-1] == {"name": "a", "level": 2}  # the defaults are the chosen config's to fill in
+    settings = tmp_path / "run.yaml"
+    settings.write_text("max_length: 8\nno_cache: true\n")
+    assert runner.invoke(app, ["in.txt", "--name", "a", "--config", str(settings)]).exit_code == 0
+    assert seen[-1] == {"name": "a", "source": Path("in.txt"), "max_length": 8, "use_cache": False}
+
+    @dataclass
+    class Unlike:
+        max_length: int = option(9, help="Longest sequence.")
+
+    with pytest.raises(TypeError, match="Unlike.max_length is declared unlike"):
+        config_options(Toy, Unlike)(both)
+
+
 def _parse(app: typer.Typer, args: list[str]) -> dict[str, Any]:
     """The values a command's options take from `args`, parsed as the command line parses them."""
     command = typer.main.get_command(app)

@@ -311,7 +311,7 @@ def test_the_importance_only_control_keeps_each_layers_most_important_neurons(
     pruned_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import fn_analyze.pruned_eval as pruned_eval
-    from fn_analyze.config import EvaluateConfig
+    from fn_analyze.config import PrunedEvalConfig
 
     pruned_with: list[np.ndarray] = []
 
@@ -320,8 +320,8 @@ def test_the_importance_only_control_keeps_each_layers_most_important_neurons(
         prune_model(model, kept, means)
 
     monkeypatch.setattr(pruned_eval, "prune_model", recording)
-    config = EvaluateConfig(pruned=pruned_dir, dataset=str(demo_dir / "eval.csv"), draws=1, limit=4,
-                            out=tmp_path / "e.json", device="cpu")  # fmt: skip
+    config = PrunedEvalConfig(pruned=pruned_dir, dataset=str(demo_dir / "eval.csv"), draws=1, limit=4,
+                              out=tmp_path / "e.json", device="cpu")  # fmt: skip
     results = pruned_eval.evaluate_pruned(config)
     stored = np.load(pruned_dir / PRUNE_NEURONS_NAME)
     ranked, folder = stored["importance"], stored["kept"]
