@@ -211,7 +211,7 @@ def test_building_every_config_imports_no_heavy_library(tmp_path: Path) -> None:
     code = f"""
 import sys
 from fn_analyze.config import (
-    CollectConfig, CompareConfig, EvaluateConfig, IcaConfig, IcaParams, PruneConfig,
+    CollectConfig, CompareConfig, EvaluateConfig, IcaConfig, IcaParams, PruneConfig, PrunedEvalConfig, TunedEvalConfig,
 )
 from fn_train.config import TrainConfig
 from fn_train.experiment.config import ExperimentConfig
@@ -221,7 +221,8 @@ CollectConfig(dataset="d", out="o", layers="0,2")
 IcaParams(n_components="auto", exclude_positions="0", scale="layer", solver="fastica")
 IcaConfig("acts", exclude_token_ids=[1, 2], engine="dask", set_aside_top="5")
 EvaluateConfig(dataset="d", mask_file="m.json", ablation="scale", keystone="1%")
-EvaluateConfig(dataset="d", tuned="out")
+TunedEvalConfig("d", "out")
+PrunedEvalConfig("d", "pruned")
 CompareConfig("a.json", "b.json")
 PruneConfig(mask_file="m.json", keep=0.5, out="o", dataset="d")
 TrainConfig(dataset_name_or_path="d", output_dir="o", mask_file="m.json", mask_mode="complement", ablation="mean")
