@@ -210,7 +210,8 @@ def apply_mask(
 
     `ablation` says what happens to the selected neurons: zero (default), mean (replaced by
     `means`, an (n_layers, intermediate_size) array or `NeuronMeans`, e.g.
-    `fn_analyze.magnitude.means_from_activations`), or scale (multiplied by `scale_factor`).
+    `fn_analyze.magnitude.stats_from_activations(folder, model, ["mean"]).means()`), or scale
+    (multiplied by `scale_factor`).
 
     >>> with apply_mask(model, "mask_artifacts/smollm2-demo.json", "key", [0, 3]):
     ...     logits = model(**batch).logits
