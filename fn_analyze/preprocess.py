@@ -32,29 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fn_analyze.token_rows import RowShard, TokenRows, magnitude_of, shards_of
-from shared.errors import ParameterError
 
 SCALES = ("none", "neuron", "layer")
 SAMPLE_COLUMNS = 4096  # neurons per block when the percentiles are computed, to bound float32 copies
-
-
-def parse_int_list(value: str | Sequence[int] | None, parameter: str) -> list[int]:
-    """`"0,1"` (or a sequence of integers) -> [0, 1]; None or "" -> []; refused unless non-negative integers
-    (the error names `parameter`)."""
-    if value is None:
-        return []
-    items = [item.strip() for item in value.split(",")] if isinstance(value, str) else list(value)
-    items = [item for item in items if item != ""]
-    try:
-        numbers = [int(item) for item in items]
-    except (TypeError, ValueError):
-        raise ParameterError(
-            "{" + parameter + "} must be a comma-separated list of integers, got {value!r}", value=value
-        ) from None
-    negative = [n for n in numbers if n < 0]
-    if negative:
-        raise ParameterError("{" + parameter + "} takes non-negative integers, got {got}", got=negative[0])
-    return sorted(set(numbers))
 
 
 @dataclass(frozen=True)
