@@ -25,7 +25,8 @@ import time
 import numpy as np
 import torch
 
-from fn_analyze.importance import importance, moments_from_activations, moments_from_forward
+from fn_analyze.importance import MOMENTS, importance
+from fn_analyze.magnitude import stats_from_activations, stats_from_forward
 from fn_analyze.prune import choose_at_random, choose_by_importance, keep_count, prune_model
 from fn_analyze.scoring import load_eval_set, make_batches, score
 from shared.arch import find_down_projections
@@ -86,9 +87,9 @@ def main() -> None:
             choices = (accuracy_set.choices, make_batches(accuracy_set.choices, 16, tokenizer.pad_token_id))
     started = time.perf_counter()
     if args.activations:
-        moments = moments_from_activations(args.activations, info)
+        moments = stats_from_activations(args.activations, info, MOMENTS, cache=True)
     else:
-        moments = moments_from_forward(model.base_model, projections, loss_batches, f"a pass over {args.data}")
+        moments = stats_from_forward(model.base_model, projections, loss_batches, f"a pass over {args.data}", MOMENTS)
     print(f"moments from {moments.source} in {time.perf_counter() - started:.1f} s", flush=True)
     scores_of = importance(moments, projections, compensated=True)
     protected = union(mask.networks)
@@ -110,9 +111,9 @@ def main() -> None:
         drawn = choose_at_random(info.n_layers, info.intermediate_size, n_keep, {}, args.seed)
         alone = choose_by_importance(scores_of, {}, n_keep)
         pruned, control, by_importance = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
-        prune_model(pruned, kept.kept, moments.mean)
-        prune_model(control, drawn.kept, moments.mean)
-        prune_model(by_importance, alone.kept, moments.mean)
+        prune_model(pruned, kept.kept, moments.need("mean"))
+        prune_model(control, drawn.kept, moments.need("mean"))
+        prune_model(by_importance, alone.kept, moments.need("mean"))
         rates = tokens_per_second({"original": model, "pruned": pruned}, ids, args.rounds)
         ratio = statistics.median(p / o for p, o in zip(rates["pruned"], rates["original"], strict=True))
         speedups[keep] = ratio

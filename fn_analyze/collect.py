@@ -34,12 +34,13 @@ from shared.data import check_answers_fit, render_text
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest, file_digest
 from shared.distributed import Ranks, process_group, rank_device, ranks_from_env
-from shared.errors import Interrupted, UserError, is_disk_full
+from shared.errors import Interrupted, ParameterError, UserError, is_disk_full
 from shared.examples import Examples, load_examples
 from shared.hooks import pre_hooks
 from shared.jsonio import write_json_atomic
 from shared.masks import ModelInfo
 from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, model_info
+from shared.numbers import parse_numbers
 from shared.progress import progress_bar, progress_log
 from shared.signals import stop_on_signals
 
@@ -48,24 +49,17 @@ say = progress_log("collect")
 
 
 def parse_layers(text: str | None, n_layers: int) -> list[int]:
-    """`"0,2:5,8"` -> [0, 2, 3, 4, 8] (slices as in Python); None -> every layer."""
+    """`"0,2-5,8"` -> [0, 2, 3, 4, 5, 8] (`shared.numbers`: ranges include their end); None or "all" -> every layer."""
     if text is None or text.strip().lower() in ("", "all"):
         return list(range(n_layers))
-    layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                start, _, stop = part.partition(":")
-                layers.update(range(n_layers)[slice(int(start) if start else None, int(stop) if stop else None)])
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise UserError(f"--layers {text!r}: {part!r} is not a layer index or start:stop range") from None
-    bad = sorted(layer for layer in layers if not 0 <= layer < n_layers)
-    if bad or not layers:
-        raise UserError(f"--layers {text!r}: layer {bad[0] if bad else '?'} out of range (model has {n_layers} layers)")
-    return sorted(layers)
+    layers = parse_numbers(text, "layers")
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise ParameterError(
+            "{layers} {value!r}: layer {bad} is out of range; the model has layers 0-{last}",
+            value=text, bad=bad[0], last=n_layers - 1,
+        )  # fmt: skip
+    return layers
 
 
 def _check_out(out: Path, overwrite: bool) -> Activations | None:

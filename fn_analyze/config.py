@@ -19,6 +19,7 @@ from shared.ablation_modes import check_ablation
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError
 from shared.keystone import parse_keep
+from shared.numbers import parse_numbers
 from shared.options import option
 
 AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, the most stable kept
@@ -51,7 +52,7 @@ class CollectConfig:
     data_format: str = option("auto", help=_DATA_FORMAT_HELP)
     # rendered as training renders it (see shared.data)
     template_format: str = option("auto", help="auto|chat|alpaca|plain, as fn-train renders.")
-    layers: str | None = option(None, help="Layers to record, e.g. 0,2:5,8 (default all).")
+    layers: str | None = option(None, help="Layers to record, e.g. 0,2-5,8 (ranges include their end; default all).")
     max_tokens: int | None = option(None, help="Stop after this many tokens.")
     max_length: int = option(256, help="Truncate sequences to this many tokens.")
     batch_size: int = option(8, help="Sequences per forward pass.")
@@ -183,8 +184,8 @@ class IcaParams(IcaSettings):
 
     def __post_init__(self) -> None:
         self.n_components = _parse_components(self.n_components)
-        self.exclude_positions = parse_int_list(self.exclude_positions, "exclude_positions")
-        self.exclude_token_ids = parse_int_list(self.exclude_token_ids, "exclude_token_ids")
+        self.exclude_positions = parse_numbers(self.exclude_positions, "exclude_positions")
+        self.exclude_token_ids = parse_numbers(self.exclude_token_ids, "exclude_token_ids")
         if self.scale not in SCALES:
             raise ParameterError(
                 "unknown {scale} {value!r}; use one of {known}", value=self.scale, known=", ".join(SCALES)

@@ -32,7 +32,7 @@ import numpy as np
 from torch import nn
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.magnitude import NeuronMagnitude, activation_stats, stats_from_forward
+from fn_analyze.magnitude import NeuronMagnitude, Statistic, stats_from_activations, stats_from_forward
 from fn_analyze.neuron_sets import control_pool, draw_matched, pairs, set_size, without
 from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
@@ -296,8 +296,8 @@ def _stats_from_activations(
 ) -> tuple[NeuronMagnitude, NeuronMeans | None]:
     """The neurons' magnitudes (and, for --ablation mean, means) from an activations folder that
     holds every layer they are needed for."""
-    magnitude, means = activation_stats(folder, mask.model, want_means=config.ablation == "mean", cache=True)
-    assert magnitude is not None
+    stats = stats_from_activations(folder, mask.model, _wanted(config), cache=True)
+    magnitude = stats.magnitude()
     missing = sorted(set(union(selected)) - set(magnitude.measured_layers()))
     if missing:
         raise UserError(
@@ -312,7 +312,12 @@ def _stats_from_activations(
             "layer's means (keeping only the networks sets every other neuron to its mean); give activations "
             "of every layer, or leave out --activations to measure the means on the eval data"
         )
-    return magnitude, means
+    return magnitude, stats.means() if config.ablation == "mean" else None
+
+
+def _wanted(config: EvaluateConfig) -> list[Statistic]:
+    """The neurons' statistics an evaluation uses: magnitudes, and the means for --ablation mean."""
+    return ["max_abs", "mean"] if config.ablation == "mean" else ["max_abs"]
 
 
 @dataclass(frozen=True)
@@ -342,9 +347,10 @@ def measure_conditions(plan: EvaluationPlan, model: nn.Module | None = None) -> 
     batches = make_batches(eval_set, config.batch_size, pad_id)
     magnitude, means = plan.magnitude, plan.means
     if magnitude is None:
-        magnitude, means = stats_from_forward(
-            model.base_model, projections, batches, mask.model.intermediate_size, f"a pass over {config.dataset}"
+        stats = stats_from_forward(
+            model.base_model, projections, batches, f"a pass over {config.dataset}", _wanted(config)
         )
+        magnitude, means = stats.magnitude(), stats.means() if config.ablation == "mean" else None
     ablation = Ablation(config.ablation, config.scale_factor, means if config.ablation == "mean" else None)
     choices = None
     if eval_set.choices is not None:

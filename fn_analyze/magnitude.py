@@ -1,20 +1,28 @@
-"""Per-neuron activation statistics: magnitude (max |activation| over tokens), for
-magnitude-matched controls, and mean, for mean ablation (`shared.ablation`).
+"""Per-neuron statistics of the MLP neurons' activations (the down-projection input) over real
+tokens, in one pass: max |activation| (magnitude, for magnitude-matched controls), mean (for mean
+ablation, `shared.ablation`) and mean square (with the mean, the moments pruning ranks neurons by,
+`fn_analyze.importance`). A pass computes only the statistics asked for.
 
-A few MLP neurons carry "massive activations" (max |activation| in the thousands where
-most stay below ten); switching one off can hurt a model whatever network it is in.
-Both statistics come from an activations folder (one streamed pass over its shards that
-keeps per-neuron maxima and float64 sums, never the matrix) or from a forward pass over data.
-A folder's statistics are cached by manifest digest under FN_CACHE_DIR, so that the runs that
-ask (`cache=True`: evaluate, fn-train's --means-from, the experiment) read it once; the cache is
-read by every call and written only by those, so a library fit (NetworkICA) writes nothing.
+A few MLP neurons carry "massive activations" (max |activation| in the thousands where most stay
+below ten); switching one off can hurt a model whatever network it is in.
+
+The statistics come from an activations folder (one streamed pass over its shards that keeps
+per-neuron maxima and float64 sums, never the matrix) or from a forward pass over data.
+
+The cache: a folder's statistics are kept under FN_CACHE_DIR/neuron-stats/, one file per statistic,
+named by what was measured: the digest of the folder's manifest (which tokens, on which model) and
+the statistic (`<digest>-mean.npy`). Every call reads the cache; only a call with `cache=True` writes
+what it computed (the commands: evaluate, prune, fn-train's --means-from, the experiment), so a
+library fit (NetworkICA) writes nothing. A forward pass is not cached: its data and model vary.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +42,9 @@ from shared.models import cache_dir
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 2048  # token rows per block read from the shards
+
+Statistic = Literal["max_abs", "mean", "mean_square"]
+STATISTICS: tuple[Statistic, ...] = ("max_abs", "mean", "mean_square")
 
 
 @dataclass(frozen=True)
@@ -60,73 +71,90 @@ class NeuronMagnitude:
         return np.where(np.isfinite(bins), bins, np.iinfo(np.int32).min).astype(np.int64)
 
 
-def magnitude_from_activations(folder: Path, model: ModelInfo, *, cache: bool = False) -> NeuronMagnitude:
-    """Max |activation| per neuron over an activations folder recorded on `model` (cached with `cache`)."""
-    return activation_stats(folder, model, want_means=False, cache=cache)[0]
+@dataclass(frozen=True)
+class NeuronStats:
+    """Statistics of every neuron over the real tokens of some data, each (n_layers, intermediate_size)
+    float64 with NaN for layers not measured; a statistic not asked for is None."""
+
+    max_abs: np.ndarray | None
+    mean: np.ndarray | None
+    mean_square: np.ndarray | None
+    source: str  # where they were measured, for the report and the provenance records
+    n_tokens: int
+
+    def need(self, statistic: Statistic) -> np.ndarray:
+        values = getattr(self, statistic)
+        if values is None:
+            raise ValueError(f"{statistic} was not measured; ask for it in the pass that made these statistics")
+        return values
+
+    def magnitude(self) -> NeuronMagnitude:
+        return NeuronMagnitude(self.need("max_abs"), self.source, self.n_tokens)
+
+    def means(self) -> NeuronMeans:
+        """The means as mean ablation takes them (`shared.ablation`)."""
+        return NeuronMeans(self.need("mean").astype(np.float32), self.source, self.n_tokens)
+
+    @property
+    def variance(self) -> np.ndarray:
+        return np.maximum(self.need("mean_square") - self.need("mean") ** 2, 0.0)
 
 
-def means_from_activations(folder: Path, model: ModelInfo, *, cache: bool = False) -> NeuronMeans:
-    """Mean activation per neuron over an activations folder recorded on `model` (cached with `cache`)."""
-    means = activation_stats(folder, model, want_magnitude=False, cache=cache)[1]
-    assert means is not None
-    return means
+def _stats(values: dict[Statistic, np.ndarray], source: str, n_tokens: int) -> NeuronStats:
+    return NeuronStats(values.get("max_abs"), values.get("mean"), values.get("mean_square"), source, n_tokens)
 
 
-def activation_stats(
-    folder: Path, model: ModelInfo, want_magnitude: bool = True, want_means: bool = True, *, cache: bool = False
-) -> tuple[NeuronMagnitude | None, NeuronMeans | None]:
-    """The statistics asked for, from the cache or from one streamed pass over the shards, whose
-    results are written to the cache only with `cache`."""
+def stats_from_activations(
+    folder: Path, model: ModelInfo, wanted: Iterable[Statistic], *, cache: bool = False
+) -> NeuronStats:
+    """The statistics `wanted` over an activations folder recorded on `model`: those in the cache read
+    from it, the others from one streamed pass over the shards (written to the cache with `cache`)."""
     acts = open_activations(folder)
     if acts.model.fingerprint != model.fingerprint:
         raise UserError(
             f"activations {folder} were recorded on {acts.model.name!r} (fingerprint {acts.model.fingerprint}), "
-            f"not on {model.name!r} ({model.fingerprint}); give activations of the mask file's model"
+            f"not on {model.name!r} ({model.fingerprint}); give activations of {model.name!r}"
         )
     digest = file_digest(acts.folder / MANIFEST_NAME).split(":", 1)[1]
-    cached = {"max_abs": cache_dir() / "magnitudes" / f"{digest}.npy", "mean": cache_dir() / "means" / f"{digest}.npy"}
-    wanted = [name for name, want in (("max_abs", want_magnitude), ("mean", want_means)) if want]
+    cached = {name: cache_dir() / "neuron-stats" / f"{digest}-{name}.npy" for name in STATISTICS}
+    wanted = list(dict.fromkeys(wanted))
     found = {name: np.load(cached[name]) for name in wanted if cached[name].is_file()}
     for name in found:
         log.info("neuron %s from cache %s", name, cached[name])
     missing = [name for name in wanted if name not in found]
     if missing:
-        peak = np.zeros(acts.n_neurons, dtype=np.float32)
-        total = np.zeros(acts.n_neurons, dtype=np.float64)
+        sums = {name: np.zeros(acts.n_neurons, dtype=np.float64) for name in missing}
         for block in acts.blocks(BLOCK_ROWS):
-            if "max_abs" in missing:
-                np.maximum(peak, np.abs(block).max(axis=0), out=peak)
-            if "mean" in missing:
-                total += block.sum(axis=0, dtype=np.float64)
-        for name, flat in (("max_abs", peak), ("mean", total / max(acts.n_tokens, 1))):
-            if name in missing:
-                full = np.full((model.n_layers, model.intermediate_size), np.nan)
-                full[acts.layers] = flat.reshape(len(acts.layers), acts.intermediate_size)
-                if cache:
-                    with atomic_file(cached[name]) as handle:
-                        np.save(handle, full)
-                found[name] = full
-    source = f"activations {folder} ({acts.n_tokens} tokens)"
-    magnitude = NeuronMagnitude(found["max_abs"], source, acts.n_tokens) if want_magnitude else None
-    means = NeuronMeans(found["mean"].astype(np.float32), source, acts.n_tokens) if want_means else None
-    return magnitude, means
-
-
-def magnitude_from_forward(
-    backbone: nn.Module, projections: list[DownProjection], batches, intermediate_size: int, source: str
-) -> NeuronMagnitude:
-    """Max |activation| per neuron over the real tokens of `batches` (input_ids, attention_mask)."""
-    return stats_from_forward(backbone, projections, batches, intermediate_size, source)[0]
+            if "max_abs" in sums:
+                np.maximum(sums["max_abs"], np.abs(block).max(axis=0), out=sums["max_abs"])
+            if "mean" in sums or "mean_square" in sums:
+                wide = block.astype(np.float64)
+                if "mean" in sums:
+                    sums["mean"] += wide.sum(axis=0)
+                if "mean_square" in sums:
+                    sums["mean_square"] += (wide * wide).sum(axis=0)
+        count = max(acts.n_tokens, 1)
+        for name, flat in sums.items():
+            full = np.full((model.n_layers, model.intermediate_size), np.nan)
+            per_token = flat if name == "max_abs" else flat / count
+            full[acts.layers] = per_token.reshape(len(acts.layers), acts.intermediate_size)  # the manifest's order
+            if cache:
+                with atomic_file(cached[name]) as handle:
+                    np.save(handle, full)
+            found[name] = full
+    return _stats(found, f"activations {folder} ({acts.n_tokens} tokens)", acts.n_tokens)
 
 
 def stats_from_forward(
-    backbone: nn.Module, projections: list[DownProjection], batches, intermediate_size: int, source: str
-) -> tuple[NeuronMagnitude, NeuronMeans]:
-    """Max |activation| and mean activation per neuron over the real tokens of `batches`
-    (anything with input_ids and attention_mask), in one pass."""
+    backbone: nn.Module, projections: list[DownProjection], batches: Iterable[Any], source: str,
+    wanted: Iterable[Statistic],
+) -> NeuronStats:  # fmt: skip
+    """The statistics `wanted` over the real tokens of `batches` (anything with input_ids and
+    attention_mask; padding is left out), in one pass of `backbone`."""
+    wanted = set(wanted)
     device = next(backbone.parameters()).device
-    peak = torch.zeros(len(projections), intermediate_size, dtype=torch.float64)
-    total = torch.zeros(len(projections), intermediate_size, dtype=torch.float64)
+    shape = (len(projections), projections[0].in_features)
+    sums = {name: torch.zeros(shape, dtype=torch.float64) for name in STATISTICS if name in wanted}
     n_tokens = 0
     with captured_down_proj_inputs(projections) as store, torch.inference_mode():
         for batch in batches:
@@ -134,13 +162,21 @@ def stats_from_forward(
             backbone(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
             for p in projections:
                 rows = store[p.layer][real]
-                peak[p.layer] = torch.maximum(peak[p.layer], rows.abs().amax(dim=0).double().cpu())
-                total[p.layer] += rows.double().sum(dim=0).cpu()
+                if "max_abs" in sums:
+                    peak = rows.abs().amax(dim=0).double().cpu()
+                    sums["max_abs"][p.layer] = torch.maximum(sums["max_abs"][p.layer], peak)
+                if "mean" in sums or "mean_square" in sums:
+                    wide = rows.double()
+                    if "mean" in sums:
+                        sums["mean"][p.layer] += wide.sum(dim=0).cpu()
+                    if "mean_square" in sums:
+                        sums["mean_square"][p.layer] += (wide * wide).sum(dim=0).cpu()
             store.clear()
             n_tokens += int(real.sum())
-    described = f"{source} ({n_tokens} tokens)"
-    means = (total / max(n_tokens, 1)).numpy().astype(np.float32)
-    return NeuronMagnitude(peak.numpy(), described, n_tokens), NeuronMeans(means, described, n_tokens)
+    if n_tokens == 0:
+        raise UserError(f"{source} holds no token to measure the neurons on; give more data")
+    values = {name: (total if name == "max_abs" else total / n_tokens).numpy() for name, total in sums.items()}
+    return _stats(values, f"{source} ({n_tokens} tokens)", n_tokens)
 
 
 @dataclass(frozen=True)
@@ -153,13 +189,13 @@ def stats_from_sequences(
     model: nn.Module,
     projections: list[DownProjection],
     sequences: list[list[int]],
-    intermediate_size: int,
     source: str,
+    wanted: Iterable[Statistic],
     batch_size: int = 8,
     pad_id: int = 0,
-) -> tuple[NeuronMagnitude, NeuronMeans]:
-    """Max |activation| and mean activation per neuron over token-id sequences (e.g. the tokenized
-    training rows), right-padded into batches; the model runs in eval mode (no dropout) and is put back."""
+) -> NeuronStats:
+    """The statistics `wanted` over token-id sequences (e.g. the tokenized training rows), right-padded
+    into batches; the model runs in eval mode (no dropout) and is put back."""
     batches = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
@@ -173,19 +209,6 @@ def stats_from_sequences(
     was_training = model.training
     model.eval()
     try:
-        return stats_from_forward(model, projections, batches, intermediate_size, source)
+        return stats_from_forward(model, projections, batches, source, wanted)
     finally:
         model.train(was_training)
-
-
-def means_from_sequences(
-    model: nn.Module,
-    projections: list[DownProjection],
-    sequences: list[list[int]],
-    intermediate_size: int,
-    source: str,
-    batch_size: int = 8,
-    pad_id: int = 0,
-) -> NeuronMeans:
-    """Mean activation per neuron over token-id sequences (see `stats_from_sequences`)."""
-    return stats_from_sequences(model, projections, sequences, intermediate_size, source, batch_size, pad_id)[1]

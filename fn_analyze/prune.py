@@ -39,8 +39,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from fn_analyze.activations import open_activations
 from fn_analyze.config import PruneConfig
-from fn_analyze.importance import NeuronMoments, importance, moments_from_activations, moments_from_forward
+from fn_analyze.importance import MOMENTS, importance
+from fn_analyze.magnitude import NeuronStats, stats_from_activations, stats_from_forward
 from shared import __version__
 from shared.arch import DownProjection, base_layer, config_of, find_down_projections, mlp_input_projections
 from shared.constants import (
@@ -261,12 +263,20 @@ class PruneResult:
     record: dict[str, Any]  # what fn_prune.json holds
 
 
-def measure_moments(config: PruneConfig, model: nn.Module, projections: list[DownProjection], mask: MaskFile):
-    """The neurons' moments from --activations or a pass over --dataset; None when not needed."""
+def measure_moments(
+    config: PruneConfig, model: nn.Module, projections: list[DownProjection], mask: MaskFile
+) -> NeuronStats | None:
+    """The neurons' moments from --activations (cached) or a pass over --dataset; None when not needed."""
     if not config.needs_moments:
         return None
     if config.activations is not None:
-        return moments_from_activations(config.activations, mask.model)
+        missing = sorted(set(range(mask.model.n_layers)) - set(open_activations(config.activations).layers))
+        if missing:
+            raise UserError(
+                f"activations {config.activations} lack layer {missing[0]}, and pruning ranks the neurons of every "
+                "layer; collect every layer, or give --dataset to measure on data"
+            )
+        return stats_from_activations(config.activations, mask.model, MOMENTS, cache=True)
     from fn_analyze.scoring import load_eval_set, make_batches
 
     tokenizer = load_tokenizer(config.model)
@@ -276,7 +286,7 @@ def measure_moments(config: PruneConfig, model: nn.Module, projections: list[Dow
         config.max_length,
     )  # fmt: skip
     batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
-    return moments_from_forward(model.base_model, projections, batches, f"a pass over {config.dataset}")
+    return stats_from_forward(model.base_model, projections, batches, f"a pass over {config.dataset}", MOMENTS)
 
 
 def prune(config: PruneConfig) -> PruneResult:
@@ -307,7 +317,7 @@ def prune(config: PruneConfig) -> PruneResult:
         scores = importance(moments, projections, config.compensate)
         chosen = choose_by_importance(scores, protected, n_keep)
     before = sum(p.numel() for p in model.parameters())
-    means = moments.mean if config.compensate and moments is not None else None
+    means = moments.need("mean") if config.compensate and moments is not None else None
     prune_model(model, chosen.kept, means)
     record = _record(config, mask, selected, chosen, moments, width, before, model)
     pruned_mask = remap_mask(mask, chosen.kept, model_info(model, str(config.out)), record)
@@ -318,7 +328,7 @@ def prune(config: PruneConfig) -> PruneResult:
         with atomic_file(stage / PRUNE_NEURONS_NAME) as handle:
             arrays = {"kept": chosen.kept}
             if moments is not None:
-                arrays["means"] = moments.mean
+                arrays["means"] = moments.need("mean")
             if scores is not None:  # for evaluate --pruned's control: the same count kept by importance alone
                 arrays["importance"] = scores
             np.savez(handle, **arrays)
@@ -332,7 +342,7 @@ def _record(
     mask: MaskFile,
     selected: list[Network],
     chosen: KeptNeurons,
-    moments: NeuronMoments | None,
+    moments: NeuronStats | None,
     width: int,
     before: int,
     model: nn.Module,

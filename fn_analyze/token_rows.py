@@ -173,12 +173,12 @@ def shards_of(source: TokenRows) -> list[RowShard]:
 
 
 def magnitude_of(source: TokenRows) -> NeuronMagnitude:
-    """Max |activation| of every neuron: the folder's (`magnitude_from_activations`: from the cache when
+    """Max |activation| of every neuron: the folder's (`stats_from_activations`: from the cache when
     a command left it there, else one pass, written nowhere), the matrix's, or the model's rows' (one pass)."""
-    from fn_analyze.magnitude import NeuronMagnitude, magnitude_from_activations
+    from fn_analyze.magnitude import NeuronMagnitude, stats_from_activations
 
     if isinstance(source, Activations):
-        return magnitude_from_activations(source.folder, source.model)
+        return stats_from_activations(source.folder, source.model, ["max_abs"]).magnitude()
     if isinstance(source, ModelRows):  # one pass of the model
         peak = np.zeros(source.n_neurons, dtype=np.float32)
         for run in source.runs:

@@ -187,21 +187,20 @@ def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMea
     """The neurons' mean activations for --ablation mean: from --means-from (an activations
     folder of this model), else a pass of the model as it starts training (LoRA adds nothing
     yet) over the first MEANS_MAX_TOKENS tokens of the tokenized training rows."""
-    from fn_analyze.magnitude import means_from_activations, means_from_sequences
+    from fn_analyze.magnitude import stats_from_activations, stats_from_sequences
 
     if config.means_from is not None:
-        return means_from_activations(config.means_from, run_mask.mask.model, cache=True)
+        return stats_from_activations(config.means_from, run_mask.mask.model, ["mean"], cache=True).means()
     sequences = leading_sequences(trainer.train_dataset, MEANS_MAX_TOKENS)
-    projections = find_down_projections(trainer.model)
-    return means_from_sequences(
+    return stats_from_sequences(
         trainer.model,
-        projections,
+        find_down_projections(trainer.model),
         sequences,
-        projections[0].in_features,
         f"{len(sequences)} rows of {config.dataset_name_or_path}",
+        ["mean"],
         batch_size=config.per_device_train_batch_size,
         pad_id=trainer.processing_class.pad_token_id or 0,
-    )
+    ).means()
 
 
 def _install_mask(trainer, run_mask: RunMask) -> MaskedModel:

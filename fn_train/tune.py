@@ -72,11 +72,11 @@ def training_magnitude(trainer, config, run_mask: RunMask) -> NeuronMagnitude:
         trainer.model,
         projections,
         sequences,
-        run_mask.mask.model.intermediate_size,
         f"{len(sequences)} rows of {config.dataset_name_or_path}",
+        ["max_abs"],
         batch_size=config.per_device_train_batch_size,
         pad_id=trainer.processing_class.pad_token_id or 0,
-    )[0]
+    ).magnitude()
 
 
 def random_control(run_mask: RunMask, matched_on: str, seed: int, magnitude: NeuronMagnitude | None) -> RunMask:

@@ -48,7 +48,7 @@ class Ablation:
         if self.mode == "mean" and self.means is None:
             raise ParameterError(
                 "{ablation} mean needs the neurons' mean activations; give an activations folder "
-                "(fn_analyze.magnitude.means_from_activations) or measure them on data"
+                "(fn_analyze.magnitude.stats_from_activations) or measure them on data"
             )
 
     def describe(self) -> str:

@@ -44,6 +44,7 @@ from shared import __version__
 from shared.constants import MASK_SCHEMA_VERSION
 from shared.errors import ParameterError, UserError
 from shared.jsonio import write_json_atomic
+from shared.numbers import parse_numbers
 
 MaskMode = Literal["key", "complement"]
 MASK_MODES: tuple[str, ...] = ("key", "complement")
@@ -363,34 +364,20 @@ def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file"
 
 
 def parse_network_ids(text: str | None) -> list[NetworkId] | None:
-    """`"0,3,5-7"` -> [0, 3, 5, 6, 7]; `"massive"` names the set-aside neurons; None or "all" -> None
-    (every network).
+    """`"0,3,5-7"` -> [0, 3, 5, 6, 7] (`shared.numbers`: ranges include their end); `"massive"` names the
+    set-aside neurons (listed after the numbers); None or "all" -> None (every network).
 
-    An empty value or an empty range ("5-3") is an error, not "all": it selects nothing.
+    An empty value is an error, not "all": it selects nothing.
     """
     if text is None or text.strip().lower() == "all":
         return None
     if not text.strip():
-        raise UserError(f"--networks is empty; give ids like 0,3,5-7 or {MASSIVE}, or all (the default)")
-    ids: list[NetworkId] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part.lower() == MASSIVE:
-            ids.append(MASSIVE)
-            continue
-        try:
-            if "-" in part:
-                start, end = (int(x) for x in part.split("-", 1))
-                if end < start:
-                    raise UserError(f"--networks {text!r}: range {part} is empty; write it as {end}-{start}")
-                ids.extend(range(start, end + 1))
-            else:
-                ids.append(int(part))
-        except ValueError:
-            raise UserError(
-                f"--networks {text!r}: {part!r} is not a network id; use ids like 0,3,5-7 or {MASSIVE}"
-            ) from None
-    return ids
+        raise ParameterError(
+            "{networks} is empty; give ids like 0,3,5-7 or {massive}, or all (the default)", massive=MASSIVE
+        )
+    ids: list[NetworkId] = list(parse_numbers(text, "networks", names=(MASSIVE,)))
+    named = any(part.strip().lower() == MASSIVE for part in text.split(","))
+    return ids + [MASSIVE] if named else ids
 
 
 def select_networks(mask: MaskFile, ids: list[NetworkId] | None) -> list[Network]:

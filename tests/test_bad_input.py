@@ -111,11 +111,12 @@ def test_mask_for_another_model_is_refused_by_fn_train(
     [
         ("9", "network id 9 is not in the mask file (ids: 0-2)"),
         ("", "--networks is empty"),
-        ("5-3", "range 5-3 is empty; write it as 3-5"),
-        ("one", "'one' is not a network id"),
+        ("5-3", "--networks '5-3': range 5-3 is reversed; write 3-5 (end included)"),
+        ("2:5", "--networks 2:5 uses the old a:b range (end excluded); write 2-4 (end included)"),
+        ("one", "'one' is not a number or range; write numbers such as 0,2-5,8 or massive"),
         ("2", "network(s) 2 hold no neuron"),
     ],
-    ids=["unknown-id", "empty", "empty-range", "not-a-number", "selection-without-neurons"],
+    ids=["unknown-id", "empty", "reversed-range", "old-range", "not-a-number", "selection-without-neurons"],
 )
 def test_bad_network_selection_is_refused_by_fn_train(
     tiny_llama, tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, networks: str, message: str
@@ -125,6 +126,26 @@ def test_bad_network_selection_is_refused_by_fn_train(
     args = train_args(tiny_lm_dir, demo_dir / "train.csv", out, "--mask-file", str(mask), "--networks", networks)
     refused(runner.invoke(train_app, args), message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ("2:5", "--layers 2:5 uses the old a:b range (end excluded); write 2-4 (end included)"),
+        ("0,,1", "--layers '0,,1' has an empty item; write numbers such as 0,2-5,8"),
+        ("1-0", "--layers '1-0': range 1-0 is reversed; write 0-1 (end included)"),
+        ("-1", "--layers '-1': -1 is negative; numbers start at 0"),
+        ("0-2", "--layers '0-2': layer 2 is out of range; the model has layers 0-1"),
+    ],
+    ids=["old-range", "empty-item", "reversed-range", "negative", "out-of-range"],
+)
+def test_bad_layers_are_refused_by_collect(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, layers: str, message: str
+) -> None:
+    acts = tmp_path / "acts"
+    args = _collect_args(tiny_lm_dir, demo_dir / "data.jsonl", acts, "--layers", layers)
+    refused(runner.invoke(analyze_app, args), message)
+    assert not acts.exists()
 
 
 # --- datasets ---------------------------------------------------------------------------

@@ -89,11 +89,12 @@ def test_layers_and_max_tokens(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
 
 
 def test_parse_layers() -> None:
-    assert parse_layers("0,2:5,8", 10) == [0, 2, 3, 4, 8]
-    assert parse_layers(None, 3) == [0, 1, 2]
-    assert parse_layers("-2:", 10) == [8, 9]
-    with pytest.raises(UserError, match="layer 12 out of range"):
+    assert parse_layers("0,2-5,8", 10) == [0, 2, 3, 4, 5, 8]
+    assert parse_layers(None, 3) == [0, 1, 2] and parse_layers("all", 3) == [0, 1, 2]
+    with pytest.raises(UserError, match=r"layers '12': layer 12 is out of range; the model has layers 0-9"):
         parse_layers("12", 10)
+    with pytest.raises(UserError, match=r"layers 2:5 uses the old a:b range \(end excluded\); write 2-4"):
+        parse_layers("0,2:5,8", 10)
 
 
 def test_folder_that_is_not_ours_is_refused_and_left_alone(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:

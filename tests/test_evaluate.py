@@ -15,7 +15,7 @@ from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.config import PrunedEvalConfig, TunedEvalConfig
 from fn_analyze.eval_table import format_table, ratio_text, verdict
 from fn_analyze.evaluate import EvaluateConfig, evaluate, summarize_control
-from fn_analyze.magnitude import magnitude_from_activations
+from fn_analyze.magnitude import stats_from_activations
 from fn_analyze.neuron_sets import draw_matched, pairs
 from fn_analyze.plots import plot_evaluation
 from fn_analyze.scoring import RowScores, Score, answer_loss, load_eval_set, make_batches, normalize_answer, score
@@ -213,12 +213,12 @@ def test_magnitudes_from_activations_exclude_top_and_are_cached(
     collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=acts, model=str(tiny_lm_dir), device="cpu"))
     model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
     info = model_info(model, "tiny")
-    magnitude = magnitude_from_activations(acts, info)
+    magnitude = stats_from_activations(acts, info, ["max_abs"]).magnitude()
     assert not list((tmp_path / "cache").rglob("*.npy"))  # measured, written nowhere unless asked
-    assert np.array_equal(magnitude_from_activations(acts, info, cache=True).max_abs, magnitude.max_abs)
-    (stored,) = (tmp_path / "cache" / "magnitudes").glob("*.npy")  # kept: read once, then from the cache
+    assert np.array_equal(stats_from_activations(acts, info, ["max_abs"], cache=True).max_abs, magnitude.max_abs)
+    (stored,) = (tmp_path / "cache" / "neuron-stats").glob("*-max_abs.npy")  # kept: read once, then from the cache
     np.save(stored, np.ones_like(magnitude.max_abs))
-    assert np.array_equal(magnitude_from_activations(acts, info).max_abs, np.ones_like(magnitude.max_abs))
+    assert np.array_equal(stats_from_activations(acts, info, ["max_abs"]).max_abs, np.ones_like(magnitude.max_abs))
     np.save(stored, magnitude.max_abs)
     from fn_analyze.activations import open_activations
 
@@ -227,7 +227,7 @@ def test_magnitudes_from_activations_exclude_top_and_are_cached(
     top = magnitude.top(20)
     flat = sorted(peak.tolist(), reverse=True)
     assert len(top) == 20 and min(magnitude.max_abs[layer, n] for layer, n in top) == flat[19]
-    assert np.array_equal(magnitude_from_activations(acts, info).max_abs, magnitude.max_abs)
+    assert np.array_equal(stats_from_activations(acts, info, ["max_abs"]).max_abs, magnitude.max_abs)
 
     results = evaluate(
         _config(tiny_lm_dir, demo_dir, tiny_mask, tmp_path / "r.json", activations=acts, top_n=20, exclude_top=True)

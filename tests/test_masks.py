@@ -93,7 +93,7 @@ def test_selection(llama) -> None:
     assert [n.id for n in select_networks(mask, [2, 0, 2])] == [2, 0]
     with pytest.raises(UserError, match="network id 9 is not in the mask file"):
         select_networks(mask, [9])
-    with pytest.raises(UserError, match="not a network id"):
+    with pytest.raises(UserError, match="not a number or range"):
         parse_network_ids("zero")
 
 

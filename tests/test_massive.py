@@ -56,7 +56,7 @@ def test_a_file_without_set_aside_neurons_refuses_the_massive_group(llama) -> No
     assert mask.massive() is None
     with pytest.raises(UserError, match="--networks massive: the mask file sets no neuron aside"):
         select_networks(mask, [0, MASSIVE])
-    with pytest.raises(UserError, match="'massiv' is not a network id; use ids like 0,3,5-7 or massive"):
+    with pytest.raises(UserError, match="'massiv' is not a number or range; write numbers such as 0,2-5,8 or massive"):
         parse_network_ids("0,massiv")
 
 

@@ -253,8 +253,8 @@ def small_activations(tmp_path: Path) -> Path:
     [
         (["--scale", "zscore"], ["unknown --scale 'zscore'; use one of none, neuron, layer"]),
         (["--standardize", "--scale", "layer"], ["--standardize is --scale neuron"]),
-        (["--exclude-positions", "first"], ["--exclude-positions must be a comma-separated list of integers"]),
-        (["--exclude-token-ids", "-3"], ["--exclude-token-ids takes non-negative integers, got -3"]),
+        (["--exclude-positions", "first"], ["--exclude-positions 'first': 'first' is not a number or range"]),
+        (["--exclude-token-ids", "-3"], ["--exclude-token-ids '-3': -3 is negative"]),
         (["--exclude-positions", "0"], ["leave no token row of", "300 tokens"]),
         (["--clip-percentile", "40"], ["--clip-percentile must lie strictly between 50 and 100, got 40.0"]),
         (["--clip-sample-rows", "5"], ["--clip-sample-rows must be at least 100, got 5"]),

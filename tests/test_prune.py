@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from fn_analyze.cli import app
-from fn_analyze.config import PruneConfig
-from fn_analyze.importance import NeuronMoments, importance, moments_from_activations, moments_from_forward
+from fn_analyze.collect import collect
+from fn_analyze.config import CollectConfig, PruneConfig
+from fn_analyze.importance import importance
+from fn_analyze.magnitude import NeuronStats, stats_from_activations
 from fn_analyze.prune import choose_at_random, choose_by_importance, keep_count, prune, prune_model
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
@@ -35,7 +37,6 @@ from tests.helpers import (
     random_ids,
     refused,
     tiny_model,
-    write_activations,
     write_mask,
 )
 
@@ -152,30 +153,10 @@ def test_importance_is_variance_times_column_norm_when_compensated() -> None:
     projections = find_down_projections(model)
     size = intermediate_size(model.config)
     mean = np.full((2, size), 2.0)
-    moments = NeuronMoments(mean, mean**2 + 0.25, "t", 1)  # variance 0.25, E[a^2] 4.25
+    moments = NeuronStats(None, mean, mean**2 + 0.25, "t", 1)  # variance 0.25, E[a^2] 4.25
     norms = np.stack([(p.module.weight.detach().double() ** 2).sum(0).numpy() for p in projections])
     np.testing.assert_allclose(importance(moments, projections, compensated=True), 0.25 * norms)
     np.testing.assert_allclose(importance(moments, projections, compensated=False), 4.25 * norms)
-
-
-def test_moments_from_activations_match_a_direct_computation(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
-    rng = np.random.default_rng(0)
-    matrix = rng.normal(1.0, 2.0, size=(300, 2 * 6)).astype(np.float16)
-    folder = write_activations(tmp_path / "acts", matrix, [1, 0], 6, rows_per_shard=100)  # layers out of order
-    info = load_info(folder)
-    for _ in range(2):  # computed, then read from the cache
-        moments = moments_from_activations(folder, info)
-        wide = matrix.astype(np.float64)
-        np.testing.assert_allclose(moments.mean[1], wide[:, :6].mean(0))
-        np.testing.assert_allclose(moments.mean[0], wide[:, 6:].mean(0))
-        np.testing.assert_allclose(moments.mean_square[0], (wide[:, 6:] ** 2).mean(0))
-
-
-def load_info(folder: Path):
-    from fn_analyze.activations import open_activations
-
-    return open_activations(folder).model
 
 
 def _write_mask(model_dir: Path, path: Path) -> Path:
@@ -191,6 +172,26 @@ def pruned_dir(tmp_path_factory, tiny_lm_dir: Path, demo_dir: Path) -> Path:
     prune(PruneConfig(mask_file=mask, keep=0.5, out=folder / "pruned", model=str(tiny_lm_dir),
                       dataset=str(demo_dir / "eval.csv"), device="cpu"))  # fmt: skip
     return folder / "pruned"
+
+
+def test_prune_from_activations_caches_its_moments_and_needs_every_layer(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
+    mask = _write_mask(tiny_lm_dir, tmp_path / "mask.json")
+    data = str(demo_dir / "data.jsonl")
+    for name, layers in (("acts", None), ("half", "1")):
+        collect(CollectConfig(dataset=data, out=tmp_path / name, model=str(tiny_lm_dir), layers=layers, device="cpu"))
+    common = dict(mask_file=mask, keep=0.5, model=str(tiny_lm_dir), device="cpu")
+    with pytest.raises(UserError, match="lack layer 0, and pruning ranks the neurons of every layer"):
+        prune(PruneConfig(out=tmp_path / "p0", activations=tmp_path / "half", **common))
+    prune(PruneConfig(out=tmp_path / "p", activations=tmp_path / "acts", **common))
+    record = json.loads((tmp_path / "p" / PRUNE_RECORD_NAME).read_text())
+    assert record["measured_on"].startswith(f"activations {tmp_path / 'acts'} (")
+    cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache" / "neuron-stats").iterdir())
+    assert cached == ["mean.npy", "mean_square.npy"]  # written by the command, read by the next call
+    stats = stats_from_activations(tmp_path / "acts", load_mask_file(mask).model, ["mean"])
+    np.testing.assert_array_equal(np.load(tmp_path / "p" / PRUNE_NEURONS_NAME)["means"], stats.mean)
 
 
 def test_prune_writes_a_plain_model_its_provenance_and_a_remapped_mask(pruned_dir: Path, tiny_lm_dir: Path) -> None:
@@ -251,20 +252,6 @@ def test_the_command_prunes_and_refuses_bad_input(tiny_lm_dir: Path, demo_dir: P
     record = json.loads((tmp_path / "p" / PRUNE_RECORD_NAME).read_text())
     assert record["selection"] == "random (seed 0)" and not record["compensation"]
     assert not list(tmp_path.glob(".p.*"))  # no staging folder left
-
-
-def test_moments_from_forward_see_only_real_tokens(tiny_lm_dir: Path) -> None:
-    from fn_analyze.magnitude import TokenBatch
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
-    projections = find_down_projections(model)
-    ids = torch.randint(5, 100, (2, 6), generator=torch.Generator().manual_seed(0))
-    padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)
-    mask = torch.cat([torch.ones(2, 6, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)], dim=1)
-    alone = moments_from_forward(model.model, projections, [TokenBatch(ids, torch.ones_like(ids))], "a")
-    with_padding = moments_from_forward(model.model, projections, [TokenBatch(padded, mask)], "b")
-    assert alone.n_tokens == with_padding.n_tokens == 12
-    np.testing.assert_allclose(with_padding.mean_square, alone.mean_square, rtol=1e-5)
 
 
 def test_evaluate_scores_the_pruned_model_next_to_the_original_and_random_prunings(

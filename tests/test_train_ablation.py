@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import fn_train.trainer as trainer_module
 from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.magnitude import means_from_activations
+from fn_analyze.magnitude import stats_from_activations
 from fn_train.config import TrainConfig
 from fn_train.load import load_masked_model
 from fn_train.trainer import train
@@ -66,7 +66,7 @@ def test_baked_mean_ablation_of_a_training_run_loads_plainly(tiny_lm_dir, demo_d
     train(small_run(tiny_lm_dir, demo_dir, hooked_dir, mask, **common))
     train(small_run(tiny_lm_dir, demo_dir, baked_dir, mask, bake_mask=True, **common))
     record = json.loads((hooked_dir / "fn_mask.json").read_text())
-    means = means_from_activations(acts, model_info(base, "tiny")).values
+    means = stats_from_activations(acts, model_info(base, "tiny"), ["mean"]).means().values
     for layer, neurons in masked_by_layer([0, 1]).items():
         assert record["means"][str(layer)] == [float(v) for v in means[layer][sorted(neurons)]]
     ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))

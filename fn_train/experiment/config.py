@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fn_train.config import TrainConfig
 from shared.constants import EMBEDDED_MODEL_NAME
-from shared.errors import UserError
+from shared.errors import ParameterError, UserError
 from shared.keystone import parse_keep
+from shared.numbers import parse_numbers
+
+T = TypeVar("T")
 
 # Arm -> fn-train's --mask-mode (None: plain LoRA, no mask).
 ARM_MODES: dict[str, str | None] = {"lora": None, "key": "key", "complement": "complement", "tune": "tune"}
@@ -58,14 +62,15 @@ class ExperimentConfig:
     out: Path  # results.json, the table, the PNG, the random controls' mask files, the run folders
     mask_file: Path | None = None  # required by the key, complement and tune arms
     model: str = EMBEDDED_MODEL_NAME
-    networks: str | None = None  # ids such as 0,3 (default: every network of the file)
+    networks: str | None = None  # ids such as 0,3,5-7 or massive (default: every network of the file)
     arms: list[str] = field(default_factory=lambda: list(ARM_MODES))
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))  # each masked arm's random controls
     # Sizes of the masked arms' neuron sets (the keystone regime, shared.keystone): each a count (50) or a fraction
     # (0.001, 1%) of the selected networks' neurons, the strongest by |z|; null: all of them. Each size is its
     # own arm with its own matched controls, e.g. [0.001, 0.01, null].
     keystone: list[Any] = field(default_factory=lambda: [None])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # a number N means seeds 0..N-1
+    # A number N means seeds 0..N-1; a list as [4, 9] or "0,2-5" (ranges include their end) names the seeds.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 30  # optimizer steps per run
     learning_rate: float = 2e-4
     batch_size: int = 4
@@ -103,10 +108,15 @@ class ExperimentConfig:
             if self.seeds < 1:
                 raise UserError(f"seeds must be at least 1, got {self.seeds}")
             self.seeds = list(range(self.seeds))
+        if isinstance(self.seeds, str):
+            self.seeds = _by_key(lambda: parse_numbers(self.seeds, "seeds"))
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise UserError(f"seeds must be a number of seeds or a list of integers, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds {self.seeds} repeat a seed; list each once")
+        from shared.masks import parse_network_ids  # imports torch: when a config is made, not with this module
+
+        _by_key(lambda: parse_network_ids(self.networks))
         self.arms = _names("arms", self.arms, tuple(ARM_MODES))
         self.controls = _names("controls", self.controls, CONTROLS, allow_empty=True)
         self.keystone = _sizes(self.keystone)
@@ -190,6 +200,14 @@ class ExperimentConfig:
             **(masked if mode is not None else {}),
         )
         return TrainConfig(**settings)
+
+
+def _by_key(parse: Callable[[], T]) -> T:
+    """`parse()`, its ParameterError worded with this file's keys (`seeds`), not a command's flags."""
+    try:
+        return parse()
+    except ParameterError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _names(key: str, value: Any, known: tuple[str, ...], allow_empty: bool = False) -> list[str]:

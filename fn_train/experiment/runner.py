@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fn_analyze.magnitude import NeuronMagnitude, magnitude_from_activations, stats_from_forward
+from fn_analyze.magnitude import NeuronMagnitude, stats_from_activations, stats_from_forward
 from fn_analyze.scoring import load_eval_set
 from fn_train.experiment.arms import (
     NETWORKS,
@@ -236,11 +236,11 @@ def _magnitude(plan: ExperimentPlan, base, projections) -> NeuronMagnitude:
     config = plan.config
     assert plan.mask is not None
     if config.activations is not None:
-        return magnitude_from_activations(config.activations, plan.mask.model, cache=True)
+        return stats_from_activations(config.activations, plan.mask.model, ["max_abs"], cache=True).magnitude()
     task = plan.sets[0]
     return stats_from_forward(
-        base.base_model, projections, task.batches, plan.mask.model.intermediate_size, f"a pass over {config.eval_data}"
-    )[0]
+        base.base_model, projections, task.batches, f"a pass over {config.eval_data}", ["max_abs"]
+    ).magnitude()
 
 
 def run_one(plan: ExperimentPlan, run: RunSpec, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
