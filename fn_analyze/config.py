@@ -14,7 +14,6 @@ from dataclasses import KW_ONLY, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fn_analyze.numbers import parse_int_list
 from shared.ablation_modes import check_ablation
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError
