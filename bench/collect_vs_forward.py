@@ -32,8 +32,15 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fn_analyze.collect import CollectConfig, CollectPlan, Recording, load_recording, plan_collection, record_shards
 from fn_analyze.demo_data import write_demo_data
+from fn_analyze.record.collect import (
+    CollectConfig,
+    CollectPlan,
+    Recording,
+    load_recording,
+    plan_collection,
+    record_shards,
+)
 from shared.device import choose_device, choose_dtype
 from shared.models import load_causal_lm, load_tokenizer
 

@@ -19,7 +19,7 @@ import numpy as np
 from collect_vs_forward import tiny_model_dir
 from safetensors.torch import load_file
 
-from fn_analyze.compare import iou_matrix
+from fn_analyze.report.compare import iou_matrix
 from fn_train.run_mask import run_mask_from_record
 from shared.constants import ADAPTER_WEIGHTS_NAME, RUN_MASK_NAME
 from shared.masks import load_mask_file

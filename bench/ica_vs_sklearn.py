@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.decomposition import FastICA
 
-from fn_analyze.activations import open_activations, write_matrix
-from fn_analyze.consensus import zscore_and_flip
-from fn_analyze.ica import IcaConfig, run_ica, unmix_activations
+from fn_analyze.networks.consensus import zscore_and_flip
+from fn_analyze.networks.ica import IcaConfig, run_ica, unmix_activations
+from fn_analyze.record.activations import open_activations, write_matrix
 from shared.masks import ModelInfo
 
 

@@ -25,10 +25,10 @@ import time
 import numpy as np
 import torch
 
-from fn_analyze.importance import MOMENTS, importance
-from fn_analyze.magnitude import stats_from_activations, stats_from_forward
-from fn_analyze.prune import choose_at_random, choose_by_importance, keep_count, prune_model
-from fn_analyze.scoring import load_eval_set, make_batches, score
+from fn_analyze.measure.scoring import load_eval_set, make_batches, score
+from fn_analyze.neurons.magnitude import stats_from_activations, stats_from_forward
+from fn_analyze.prune.importance import MOMENTS, importance
+from fn_analyze.prune.pruning import choose_at_random, choose_by_importance, keep_count, prune_model
 from shared.arch import find_down_projections
 from shared.masks import load_mask_file, union
 from shared.models import load_causal_lm, load_tokenizer, model_info

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import torch
 
-from fn_analyze.activations import CHUNK_ROWS
+from fn_analyze.record.activations import CHUNK_ROWS
 from shared.digests import file_digest
 
 

@@ -1,5 +1,5 @@
 """Do the networks come back? Three figures on real activations, each a one-to-one matching
-of two mask files (fn_analyze.compare): the share of networks matched at an IoU level, out of
+of two mask files (fn_analyze.report.compare): the share of networks matched at an IoU level, out of
 the larger file's count.
 
 - seeds:   the same activations, `--seed 0` against `--seed 1` (IoU >= 0.8; goal >= 90%);
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from fn_analyze.compare import REPRODUCED_AT, format_reproduced, iou_matrix, reproduced
+from fn_analyze.report.compare import REPRODUCED_AT, format_reproduced, iou_matrix, reproduced
 from shared.constants import MANIFEST_NAME
 from shared.masks import load_mask_file
 

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
-from fn_analyze.collect import CollectConfig, load_recording, plan_collection, record_shards, write_manifest
 from fn_analyze.demo_data import write_demo_data
+from fn_analyze.record.collect import CollectConfig, load_recording, plan_collection, record_shards, write_manifest
 from shared.masked_model import MaskedModel
 from shared.masks import MaskFile, Network
 from shared.models import load_tokenizer, model_info
@@ -147,8 +147,8 @@ def cache_free_ica(
 ) -> tuple[float, float]:
     """(minutes, peak GB) of the global ICA whose passes run the model (`fn-analyze ica --model`), in this
     process: the peak is the GPU's on CUDA, else the growth of this process's resident memory."""
-    from fn_analyze.ica import NetworkICA
-    from fn_analyze.model_rows import model_rows
+    from fn_analyze.networks.ica import NetworkICA
+    from fn_analyze.record.model_rows import model_rows
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fn_analyze.compare import iou_matrix, reproduced
+from fn_analyze.report.compare import iou_matrix, reproduced
 from shared.masks import load_mask_file
 
 OPTIONS = ("none", "nopos0", "layer", "clip", "aside")

@@ -97,7 +97,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict:
     import torch
 
     from fn_analyze.config import TunedEvalConfig
-    from fn_analyze.tuned import evaluate_tuned
+    from fn_analyze.measure.tuned import evaluate_tuned
     from fn_train.config import TrainConfig
     from fn_train.trainer import train
 

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from fn_analyze.ica import NetworkICA
+from fn_analyze.networks.ica import NetworkICA
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.figures import networks_figure

@@ -60,7 +60,7 @@ def collect_command(settings: dict[str, Any]) -> None:
     Re-running the same command after an interruption continues from the finished shards.
     Under `torchrun --nproc_per_node N` each process records its share into its own shards.
     """
-    from fn_analyze.collect import collect
+    from fn_analyze.record.collect import collect
 
     collect(CollectConfig(**settings))
 
@@ -70,7 +70,7 @@ def collect_command(settings: dict[str, Any]) -> None:
 @config_options(IcaConfig)
 def ica_command(settings: dict[str, Any]) -> None:
     """Find networks by spatial ICA over all captured neurons and write a mask file."""
-    from fn_analyze.ica import run_ica
+    from fn_analyze.networks.ica import run_ica
 
     run_ica(IcaConfig(**settings))
 
@@ -81,7 +81,7 @@ def verify_command(
     activations: Annotated[Path, typer.Argument(help="Folder written by `fn-analyze collect`.")],
 ) -> None:
     """Read every shard of an activations folder and check it against the digest its manifest holds."""
-    from fn_analyze.activations import verify_activations
+    from fn_analyze.record.activations import verify_activations
 
     typer.echo(verify_activations(activations))
 
@@ -95,7 +95,7 @@ def show_command(
     ] = None,
 ) -> None:
     """Print each network's size and how it spreads over layers."""
-    from fn_analyze.show import show
+    from fn_analyze.report.show import show
 
     typer.echo(show(mask_file, plot))
     if plot is not None:
@@ -111,16 +111,16 @@ def evaluate_command(given: dict[str, Any]) -> None:
     with --pruned, a pruned folder next to its original and random prunings."""
     config = evaluation_config(given)
     if isinstance(config, TunedEvalConfig):
-        from fn_analyze.tuned import evaluate_tuned, format_tuned_table
+        from fn_analyze.measure.tuned import evaluate_tuned, format_tuned_table
 
         typer.echo(format_tuned_table(evaluate_tuned(config)))
     elif isinstance(config, PrunedEvalConfig):
-        from fn_analyze.pruned_eval import evaluate_pruned, format_pruned_table
+        from fn_analyze.prune.pruned_eval import evaluate_pruned, format_pruned_table
 
         typer.echo(format_pruned_table(evaluate_pruned(config)))
     else:
-        from fn_analyze.eval_table import format_table
-        from fn_analyze.evaluate import evaluate
+        from fn_analyze.measure.evaluate import evaluate
+        from fn_analyze.report.eval_table import format_table
 
         typer.echo(format_table(evaluate(config)))
     typer.echo(f"results: {config.out}")
@@ -133,7 +133,7 @@ def evaluate_command(given: dict[str, Any]) -> None:
 @config_options(CompareConfig)
 def compare_command(settings: dict[str, Any]) -> None:
     """IoU of every pair of networks of two mask files, best matches, and a heatmap."""
-    from fn_analyze.compare import compare, format_comparison
+    from fn_analyze.report.compare import compare, format_comparison
 
     config = CompareConfig(**settings)
     typer.echo(format_comparison(compare(config)))
@@ -146,7 +146,7 @@ def compare_command(settings: dict[str, Any]) -> None:
 def prune_command(settings: dict[str, Any]) -> None:
     """Remove MLP neurons physically, the same share per layer, keeping a mask file's networks first:
     a smaller, faster plain model folder, its provenance, and the mask remapped to it."""
-    from fn_analyze.prune import format_prune_summary, prune
+    from fn_analyze.prune.pruning import format_prune_summary, prune
 
     typer.echo(format_prune_summary(prune(PruneConfig(**settings))))
 

@@ -21,7 +21,7 @@ from shared.keystone import parse_keep
 from shared.numbers import parse_numbers
 from shared.options import option
 
-AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, the most stable kept
+AUTO = "auto"  # `--n-components auto`: fn_analyze.networks.ica.AUTO_CANDIDATES tried, the most stable kept
 # `--set-aside auto`: the "massive" neurons, whose max |activation| is at least SET_ASIDE_AUTO_RATIO
 # times the median neuron's, the largest SET_ASIDE_AUTO_MAX of them. On SmolLM2-135M (demo data) 128
 # neurons pass 20x, so auto is the sweep's measured 100; data without massive activations (planted
@@ -31,12 +31,16 @@ AUTO = "auto"  # `--n-components auto`: fn_analyze.ica.AUTO_CANDIDATES tried, th
 SET_ASIDE_AUTO_MAX = 100
 SET_ASIDE_AUTO_RATIO = 20.0
 
-SOLVERS = ("picard", "fastica")  # the consensus's ICA solvers (fn_analyze/consensus.py)
+SOLVERS = ("picard", "fastica")  # the consensus's ICA solvers (fn_analyze/networks/consensus.py)
 # Each solver's tolerance: Picard's is on the gradient norm, FastICA's on the change of the
 # unmixing matrix; both are far below the libraries' defaults, which stop before the optimum.
 TOLERANCES = {"picard": 1e-6, "fastica": 1e-8}
-SCALES = ("none", "neuron", "layer")  # what the columns are scaled by before the reduction (fn_analyze/preprocess.py)
-ENGINES = ("local", "dask")  # what runs the reduction's sum over shards (fn_analyze/reduction.py)
+SCALES = (
+    "none",
+    "neuron",
+    "layer",
+)  # what the columns are scaled by before the reduction (fn_analyze/networks/preprocess.py)
+ENGINES = ("local", "dask")  # what runs the reduction's sum over shards (fn_analyze/networks/reduction.py)
 
 _DATA_FORMAT_HELP = "auto, multiple_choice, qa, alpaca, prompt_completion, prompt_response, messages or text"
 _MODEL_HELP = "HF name, local path, or the embedded model."
@@ -89,7 +93,7 @@ class CollectConfig:
 class IcaSettings:
     """The settings of the ICA that finds networks, as given: every one is also a flag of `fn-analyze
     ica`. Keyword-only, so that a subclass's own fields come first (`IcaConfig("runs/acts")`).
-    Unchecked: `IcaParams` checks them when made, `fn_analyze.ica.NetworkICA` (an estimator, which
+    Unchecked: `IcaParams` checks them when made, `fn_analyze.networks.ica.NetworkICA` (an estimator, which
     keeps its parameters as given) when it is fitted."""
 
     # An integer, or "auto": the candidate k (AUTO_CANDIDATES) with the most stable networks.
@@ -105,7 +109,7 @@ class IcaSettings:
     standardize: bool = option(  # unit variance (the original tool; its networks hurt less than random)
         False, help="Scale neurons to unit variance first (off: centered only)."
     )
-    # Preprocessing that looks for function, not magnitude (fn_analyze/preprocess.py): only the set-aside of
+    # Preprocessing that looks for function, not magnitude (fn_analyze/networks/preprocess.py): only the set-aside of
     # massive neurons is on by default (auto, below; 0 turns it off). `--scale layer` makes masks for keeping
     # only the networks (complement).
     scale: str = option(  # neuron: what standardize sets; layer: each layer weighs the same
@@ -134,12 +138,12 @@ class IcaSettings:
         "auto: up to 100 massive ones (none with --scale layer); 0: none.",
     )
     seed: int = option(0, help="Seed of the reduction's start and of the consensus runs.")
-    # Consensus (fn_analyze/consensus.py): `runs` ICA runs, each with its own seed, on the whole
+    # Consensus (fn_analyze/networks/consensus.py): `runs` ICA runs, each with its own seed, on the whole
     # data and on each of `splits` disjoint parts of the records (0: the whole data only).
     runs: int = option(6, help="Seeded ICA runs of the consensus, on the data and on each split.")
     splits: int = option(2, help="Disjoint splits of the records (index modulo N) the consensus also runs on; 0: none.")
     bootstrap: bool = option(False, help="Also resample the neurons of each run but the first.")
-    solver: str = option(  # see fn_analyze/consensus.py for the comparison
+    solver: str = option(  # see fn_analyze/networks/consensus.py for the comparison
         "picard", help="picard (python-picard) or fastica (scikit-learn)."
     )
     # A network is emitted when its cluster is tight (ICASSO I_q) and found by most runs.
@@ -160,7 +164,7 @@ class IcaSettings:
     per_layer: bool = option(
         False, off="whole_model", help="One ICA per layer (n-components each) or one over all layers."
     )
-    engine: str = option(  # dask: see fn_analyze/reduction.py
+    engine: str = option(  # dask: see fn_analyze/networks/reduction.py
         "local", help="local, or dask: the reduction's sum over shards as dask tasks."
     )
     dask_scheduler: str | None = option(  # default: dask's local one
@@ -168,7 +172,7 @@ class IcaSettings:
     )
     device: str = option("auto", help="Where the reduction runs: auto (CUDA if present), cpu, cuda:N.")
     # Off by default: the reduction's memory is then bounded by the reduced size, whatever the token count.
-    in_memory: bool = option(  # fn_analyze/reduction.py: ReductionSettings.hold
+    in_memory: bool = option(  # fn_analyze/networks/reduction.py: ReductionSettings.hold
         False,
         help="Hold the centered rows in memory between the reduction's passes when they fit half the "
         "available memory: faster (the passes after the first only multiply), but memory grows with the tokens.",
@@ -246,7 +250,7 @@ class IcaConfig(IcaParams):
     """`fn-analyze ica`: the ICA's settings, the activations folder it reads and the mask file it writes."""
 
     activations: Path | None = option(None, help="Folder written by `fn-analyze collect` (or --model and --dataset).")
-    # With no cache (fn_analyze/model_rows.py): every pass runs the model over the data, recording what
+    # With no cache (fn_analyze/record/model_rows.py): every pass runs the model over the data, recording what
     # collect would record with the same options, and only the reduced matrices are kept.
     model: str | None = option(None, help="Instead of --activations: run this model over --dataset on every pass.")
     dataset: str | None = option(None, help="With --model: the data, read as collect reads it.")
@@ -395,7 +399,7 @@ class ControlParams(ScoringParams):
 @dataclass
 class EvaluateConfig(ControlParams):
     """`fn-analyze evaluate --mask-file`: a mask file's networks switched off and kept alone, against
-    random neuron sets (`fn_analyze.evaluate.evaluate`)."""
+    random neuron sets (`fn_analyze.measure.evaluate.evaluate`)."""
 
     mask_file: Path = option(help="The mask file whose networks are measured.")
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
@@ -475,7 +479,7 @@ class EvaluateConfig(ControlParams):
 @dataclass
 class TunedEvalConfig(ScoringParams):
     """`fn-analyze evaluate --tuned`: what fine-tuning changed and kept, the tuned folder scored next to its
-    base on the data and on a retention set (`fn_analyze.tuned.evaluate_tuned`)."""
+    base on the data and on a retention set (`fn_analyze.measure.tuned.evaluate_tuned`)."""
 
     # A fn-train output folder (tune deltas, LoRA adapter or full model) or any fine-tuned model folder,
     # scored next to its base (the one the folder names, else --model).
@@ -499,7 +503,7 @@ class PrunedEvalConfig(ControlParams):
     """`fn-analyze evaluate --pruned`: a folder written by `fn-analyze prune` scored next to the model it was
     pruned from (the folder names it), to random prunings of the same count per layer (`draws` of them,
     seeded by `seed`, compensated as the folder was) and to importance alone
-    (`fn_analyze.pruned_eval.evaluate_pruned`)."""
+    (`fn_analyze.prune.pruned_eval.evaluate_pruned`)."""
 
     pruned: Path = option(help="A pruned folder to score next to its original and random prunings.")
 
@@ -571,7 +575,7 @@ class PruneConfig:
     out: Path = option(help="Folder for the pruned model (new or empty).")
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
     networks: str | None = option(None, help="Network ids kept first, e.g. 0,3,5-7, or massive (default all).")
-    # The importance needs each neuron's mean and mean square over real tokens (fn_analyze/importance.py).
+    # The importance needs each neuron's mean and mean square over real tokens (fn_analyze/prune/importance.py).
     activations: Path | None = option(
         None, help="Activations folder (every layer) to rank the neurons on; or give --dataset."
     )

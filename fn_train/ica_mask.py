@@ -7,8 +7,8 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.ica import IcaConfig, run_ica
+from fn_analyze.networks.ica import IcaConfig, run_ica
+from fn_analyze.record.collect import CollectConfig, collect
 from fn_train.config import TrainConfig
 from shared.constants import ICA_MASK_NAME
 from shared.distributed import ranks_from_env

@@ -187,7 +187,7 @@ def training_means(trainer, config: TrainConfig, run_mask: RunMask) -> NeuronMea
     """The neurons' mean activations for --ablation mean: from --means-from (an activations
     folder of this model), else a pass of the model as it starts training (LoRA adds nothing
     yet) over the first MEANS_MAX_TOKENS tokens of the tokenized training rows."""
-    from fn_analyze.magnitude import stats_from_activations, stats_from_sequences
+    from fn_analyze.neurons.magnitude import stats_from_activations, stats_from_sequences
 
     if config.means_from is not None:
         return stats_from_activations(config.means_from, run_mask.mask.model, ["mean"], cache=True).means()

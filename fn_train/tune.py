@@ -20,8 +20,8 @@ from torch import nn
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import SFTTrainer
 
-from fn_analyze.magnitude import NeuronMagnitude, stats_from_sequences
-from fn_analyze.neuron_sets import draw_control
+from fn_analyze.neurons.magnitude import NeuronMagnitude, stats_from_sequences
+from fn_analyze.neurons.neuron_sets import draw_control
 from fn_train.data import leading_sequences
 from fn_train.run_mask import RunMask
 from shared.arch import find_down_projections

@@ -8,7 +8,7 @@
   columns of the down-projection become part of its bias (as FLAP-style pruning does).
 - `scale`: the input is multiplied by a factor (2.0 amplifies, as Liu et al. do; 0.5 damps).
 
-The means come from an activations folder or a forward pass over data (`fn_analyze.magnitude`)
+The means come from an activations folder or a forward pass over data (`fn_analyze.neurons.magnitude`)
 and travel with a training run's `fn_mask.json` (the masked neurons' values only), so
 inference reproduces them bit for bit.
 """
@@ -48,7 +48,7 @@ class Ablation:
         if self.mode == "mean" and self.means is None:
             raise ParameterError(
                 "{ablation} mean needs the neurons' mean activations; give an activations folder "
-                "(fn_analyze.magnitude.stats_from_activations) or measure them on data"
+                "(fn_analyze.neurons.magnitude.stats_from_activations) or measure them on data"
             )
 
     def describe(self) -> str:

@@ -11,7 +11,9 @@ MANIFEST_NAME = "manifest.json"
 SHARD_NAME = "shard-r{rank:02d}-{index:05d}.h5"
 SHARD_GLOB = "shard-*.h5"
 PARTIAL_SUFFIX = ".partial"
-WRITER_LOCK_NAME = ".collect.lock"  # held by the collect writing the folder; names it (fn_analyze/writer_lock.py)
+WRITER_LOCK_NAME = (
+    ".collect.lock"  # held by the collect writing the folder; names it (fn_analyze/record/writer_lock.py)
+)
 ACTIVATIONS_DATASET = "activations"  # (tokens, captured_layers * intermediate) float16
 TOKEN_IDS_DATASET = "token_ids"
 SEQUENCE_DATASET = "sequence_index"

@@ -50,7 +50,7 @@ def big_data(tmp_path_factory) -> Path:
 def big_data_collected(tmp_path_factory, tiny_lm_dir: Path, big_data: Path) -> Path:
     """The activations of an uninterrupted collect of `big_data` (1 MB shards) on the tiny LLaMA:
     what an interrupted and resumed run must end with."""
-    from fn_analyze.collect import CollectConfig, collect
+    from fn_analyze.record.collect import CollectConfig, collect
 
     out = tmp_path_factory.mktemp("big-collected") / "acts"
     collect(CollectConfig(dataset=str(big_data), out=out, model=str(tiny_lm_dir), shard_size_mb=1))

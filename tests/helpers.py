@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
 
-from fn_analyze.activations import open_activations
+from fn_analyze.record.activations import open_activations
 from fn_train.config import TrainConfig
 from shared.arch import find_down_projections
 from shared.errors import ParameterError
@@ -354,7 +354,7 @@ def write_activations(
 ) -> Path:
     """An activations folder (shards + manifest) holding `matrix` (tokens x neurons), as collect writes it;
     each row's position and token id are 0 unless given."""
-    from fn_analyze.activations import write_matrix
+    from fn_analyze.record.activations import write_matrix
     from shared.masks import ModelInfo
 
     info = ModelInfo("synthetic", "llama", max(layers) + 1, intermediate_size, 8, "sha256:synthetic")

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fn_analyze.eval_table import format_table
-from fn_analyze.evaluate import EvaluateConfig, evaluate
-from fn_analyze.scoring import (
+from fn_analyze.measure.evaluate import EvaluateConfig, evaluate
+from fn_analyze.measure.scoring import (
     answer_contained,
     answer_logprobs,
     choice_accuracy,
@@ -19,6 +18,7 @@ from fn_analyze.scoring import (
     make_batches,
     score,
 )
+from fn_analyze.report.eval_table import format_table
 from shared.data import DataFormat, render_prompt, resolve_template, to_example
 from shared.models import load_causal_lm, load_tokenizer
 from tests.helpers import assert_every_printed_figure_is_stored, refused_by_config, write_mask
@@ -156,8 +156,8 @@ def test_bad_evaluate_settings_are_refused(tmp_path: Path) -> None:
 def test_mean_ablation_with_activations_of_some_layers_is_refused_before_the_model_loads(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import fn_analyze.evaluate as evaluate_module
-    from fn_analyze.collect import CollectConfig, collect
+    import fn_analyze.measure.evaluate as evaluate_module
+    from fn_analyze.record.collect import CollectConfig, collect
     from shared.errors import UserError
 
     monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))

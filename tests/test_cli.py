@@ -141,12 +141,12 @@ def test_an_unexpected_failure_is_one_line_naming_it_and_its_log(tmp_path: Path,
     traceback in a log file of the temp folder; --verbose prints it too."""
     import tempfile
 
-    import fn_analyze.show
+    import fn_analyze.report.show
 
     def broken(*args, **kwargs):
         raise ValueError("the library\nbroke")
 
-    monkeypatch.setattr(fn_analyze.show, "show", broken)
+    monkeypatch.setattr(fn_analyze.report.show, "show", broken)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = runner.invoke(analyze_app, ["show", "any.json"])
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import fn_analyze.activations as activations_module
-import fn_analyze.collect as collect_module
-from fn_analyze.activations import ShardWriter, open_activations
-from fn_analyze.collect import CollectConfig, collect, parse_layers
+import fn_analyze.record.activations as activations_module
+import fn_analyze.record.collect as collect_module
+from fn_analyze.record.activations import ShardWriter, open_activations
+from fn_analyze.record.collect import CollectConfig, collect, parse_layers
 from shared.arch import find_down_projections
 from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.errors import UserError
@@ -137,7 +137,7 @@ def test_failure_mid_run_leaves_no_hook_and_no_manifest(
 def test_gpt2_conv1d_model_is_collected_and_trained_with_a_mask(
     tiny_gpt2_dir: Path, demo_dir: Path, tmp_path: Path
 ) -> None:
-    from fn_analyze.ica import IcaConfig, run_ica
+    from fn_analyze.networks.ica import IcaConfig, run_ica
     from fn_train.config import TrainConfig
     from fn_train.trainer import train
 

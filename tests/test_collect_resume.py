@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from fn_analyze.activations import open_activations
-from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.ica import IcaConfig, run_ica
+from fn_analyze.networks.ica import IcaConfig, run_ica
+from fn_analyze.record.activations import open_activations
+from fn_analyze.record.collect import CollectConfig, collect
 from shared.errors import UserError
 from tests.helpers import assert_same_rows, refused_by_config, shard_rows, stop_line, subprocess_env, wait_for_file
 
@@ -39,7 +39,7 @@ ENV = subprocess_env(OMP_NUM_THREADS="1")
 # load: a shard's file lives only for its one block's write, so collect had often closed it already.)
 _KILLED_IN_THE_THIRD_SHARD = """
 import os, signal, sys
-from fn_analyze.activations import ShardWriter
+from fn_analyze.record.activations import ShardWriter
 finish = ShardWriter._finish
 def killed_in_the_third_shard(self):
     if len(self.completed) == 2:

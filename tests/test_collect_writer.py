@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fn_analyze.activations as activations_module
-import fn_analyze.collect as collect_module
-from fn_analyze.activations import ShardWriter, open_activations
-from fn_analyze.collect import (
+import fn_analyze.record.activations as activations_module
+import fn_analyze.record.collect as collect_module
+from fn_analyze.record.activations import ShardWriter, open_activations
+from fn_analyze.record.collect import (
     CollectConfig,
     collect,
     load_recording,
@@ -28,7 +28,7 @@ from fn_analyze.collect import (
     record_shards,
     write_manifest,
 )
-from fn_analyze.writer_lock import sole_writer
+from fn_analyze.record.writer_lock import sole_writer
 from shared.constants import WRITER_LOCK_NAME
 from shared.errors import UserError
 from tests.helpers import ROOT, assert_same_rows, refused, shard_rows, subprocess_env, wait_for_file
@@ -143,8 +143,8 @@ import sys
 from pathlib import Path
 import numpy as np
 import typer
-import fn_analyze.activations as activations
-from fn_analyze.activations import ShardWriter
+import fn_analyze.record.activations as activations
+from fn_analyze.record.activations import ShardWriter
 from shared.cli import handle_errors
 from shared.errors import UserError
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fn_analyze.cli import app
-from fn_analyze.compare import CompareConfig, compare, format_comparison, iou_matrix
+from fn_analyze.report.compare import CompareConfig, compare, format_comparison, iou_matrix
 from shared.errors import UserError
 from shared.masks import load_mask_file
 from tests.helpers import assert_png, tiny_model, write_mask
@@ -90,8 +90,8 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("svg")  # the caller's own backend, e.g. a notebook's inline one
-import fn_analyze.compare, fn_analyze.evaluate, fn_analyze.show  # noqa: E401
-from fn_analyze.plots import plot_iou, plot_networks
+import fn_analyze.report.compare, fn_analyze.measure.evaluate, fn_analyze.report.show  # noqa: E401
+from fn_analyze.report.plots import plot_iou, plot_networks
 from shared.masks import MaskFile, ModelInfo, Network
 
 mask = MaskFile(ModelInfo("tiny", "llama", 2, 8, 4, "sha256:tiny"), (Network(0, {0: (1, 2), 1: (3,)}),))

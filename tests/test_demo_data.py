@@ -205,7 +205,7 @@ def test_general_jsonl_is_varied_plain_prose_deterministic_from_the_seed(tmp_pat
 
 def test_general_jsonl_is_scored_on_every_token(tmp_path, tiny_tokenizer) -> None:
     """A `text` column is plain text: evaluation scores the loss on every token, with no prompt."""
-    from fn_analyze.scoring import load_eval_set
+    from fn_analyze.measure.scoring import load_eval_set
 
     paths = write_demo_data(tmp_path, seed=0, n_collect=4, n_train=4, n_eval=4, n_sentiment=4, n_general=12)
     eval_set = load_eval_set(str(paths["general"]), tiny_tokenizer)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.demo_data import write_demo_data
-from fn_analyze.ica import IcaConfig, run_ica
+from fn_analyze.networks.ica import IcaConfig, run_ica
+from fn_analyze.record.collect import CollectConfig, collect
 from fn_train.config import TrainConfig
 from fn_train.trainer import train
 from shared.hooks import count_hooks
@@ -118,8 +118,8 @@ def test_embedded_model_evaluate_mean_ablation_with_accuracy(
     """`fn-analyze evaluate --ablation mean` on the demo's sentiment classification rows:
     accuracy is measured (the instruct model does better than chance at baseline) and the
     networks' neurons are set to their means, taken from activations of the same model."""
-    from fn_analyze.eval_table import format_table
-    from fn_analyze.evaluate import EvaluateConfig, evaluate
+    from fn_analyze.measure.evaluate import EvaluateConfig, evaluate
+    from fn_analyze.report.eval_table import format_table
     from shared.masks import MaskFile, Network, save_mask_file
     from shared.models import model_info
 

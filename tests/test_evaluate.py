@@ -10,15 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-import fn_analyze.evaluate as evaluate_module
-from fn_analyze.collect import CollectConfig, collect
+import fn_analyze.measure.evaluate as evaluate_module
 from fn_analyze.config import PrunedEvalConfig, TunedEvalConfig
-from fn_analyze.eval_table import format_table, ratio_text, verdict
-from fn_analyze.evaluate import EvaluateConfig, evaluate, summarize_control
-from fn_analyze.magnitude import stats_from_activations
-from fn_analyze.neuron_sets import draw_matched, pairs
-from fn_analyze.plots import plot_evaluation
-from fn_analyze.scoring import RowScores, Score, answer_loss, load_eval_set, make_batches, normalize_answer, score
+from fn_analyze.measure.evaluate import EvaluateConfig, evaluate, summarize_control
+from fn_analyze.measure.scoring import (
+    RowScores,
+    Score,
+    answer_loss,
+    load_eval_set,
+    make_batches,
+    normalize_answer,
+    score,
+)
+from fn_analyze.neurons.magnitude import stats_from_activations
+from fn_analyze.neurons.neuron_sets import draw_matched, pairs
+from fn_analyze.record.collect import CollectConfig, collect
+from fn_analyze.report.eval_table import format_table, ratio_text, verdict
+from fn_analyze.report.plots import plot_evaluation
 from shared.errors import UserError
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from tests.helpers import (
@@ -220,7 +228,7 @@ def test_magnitudes_from_activations_exclude_top_and_are_cached(
     np.save(stored, np.ones_like(magnitude.max_abs))
     assert np.array_equal(stats_from_activations(acts, info, ["max_abs"]).max_abs, np.ones_like(magnitude.max_abs))
     np.save(stored, magnitude.max_abs)
-    from fn_analyze.activations import open_activations
+    from fn_analyze.record.activations import open_activations
 
     peak = np.max([np.abs(block).max(axis=0) for block in open_activations(acts).blocks(10_000)], axis=0)
     np.testing.assert_allclose(magnitude.max_abs.ravel(), peak)
@@ -391,7 +399,7 @@ def test_an_option_of_another_use_is_refused(args: list[str], fragments: tuple[s
 
 
 def test_magnitude_matched_draw_keeps_a_lone_massive_neuron_and_respects_exclusion() -> None:
-    from fn_analyze.magnitude import NeuronMagnitude
+    from fn_analyze.neurons.magnitude import NeuronMagnitude
 
     max_abs = np.full((2, 40), 2.0)
     max_abs[0, 7] = 3000.0  # a massive neuron, alone in its bin

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import fn_train.experiment.runner as runner_module
-from fn_analyze.magnitude import NeuronMagnitude
-from fn_analyze.neuron_sets import pairs
+from fn_analyze.neurons.magnitude import NeuronMagnitude
+from fn_analyze.neurons.neuron_sets import pairs
 from fn_train.cli import experiment_app
 from fn_train.experiment.arms import control_mask_path, draw_control
 from fn_train.experiment.config import ExperimentConfig, load_experiment_config

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fn_analyze.ica import IcaConfig, run_ica
-from fn_analyze.show import describe
+from fn_analyze.networks.ica import IcaConfig, run_ica
+from fn_analyze.report.show import describe
 from shared.errors import UserError
 from shared.masks import load_mask_file
 from shared.progress import PROGRESS
@@ -182,7 +182,7 @@ def test_float16_rounding_and_block_size_do_not_move_the_networks(tmp_path: Path
     """The same planted data, stored after a perturbation that only changes float16 rounding
     (about 1 in 4 values moves by one unit in the last place), and reduced with another block
     size (another summation order): the same networks come back."""
-    import fn_analyze.reduction as reduction
+    import fn_analyze.networks.reduction as reduction
 
     data, planted = _planted()
     nudged = data * np.float32(1 + 2**-12)  # below float16's resolution (2**-11): rounding decides
@@ -206,7 +206,7 @@ def test_float16_rounding_and_block_size_do_not_move_the_networks(tmp_path: Path
 
 
 def test_auto_components_chooses_the_k_with_the_most_stable_networks(tmp_path: Path, caplog, monkeypatch) -> None:
-    import fn_analyze.ica as ica
+    import fn_analyze.networks.ica as ica
 
     caplog.set_level(logging.INFO, logger=PROGRESS)
     monkeypatch.setattr(ica, "AUTO_CANDIDATES", (3, 5, 8))  # the default's 5-40 take minutes on 2 cores
@@ -251,9 +251,9 @@ def test_dask_engine_gives_the_local_engines_networks(tmp_path: Path) -> None:
 
 
 def test_reduction_matches_the_exact_principal_subspace(tmp_path: Path) -> None:
-    from fn_analyze.activations import open_activations
-    from fn_analyze.preprocess import Preprocessing
-    from fn_analyze.reduction import ReductionSettings, reduce
+    from fn_analyze.networks.preprocess import Preprocessing
+    from fn_analyze.networks.reduction import ReductionSettings, reduce
+    from fn_analyze.record.activations import open_activations
 
     data, _ = _planted(tokens=2000)
     folder = write_activations(tmp_path / "acts", data, LAYERS, WIDTH, rows_per_shard=600)
@@ -279,10 +279,10 @@ def test_ica_finds_the_components_of_sklearns_default_fastica(tmp_path: Path) ->
     fitted on the whole (neurons x tokens) matrix: each of its maps matched with |corr| >= 0.95."""
     from sklearn.decomposition import FastICA
 
-    from fn_analyze.activations import open_activations
-    from fn_analyze.consensus import consensus_ica
-    from fn_analyze.preprocess import Preprocessing
-    from fn_analyze.reduction import ReductionSettings, reduce
+    from fn_analyze.networks.consensus import consensus_ica
+    from fn_analyze.networks.preprocess import Preprocessing
+    from fn_analyze.networks.reduction import ReductionSettings, reduce
+    from fn_analyze.record.activations import open_activations
 
     data, _ = _planted(tokens=2000, n_networks=6)
     data -= data.mean(axis=0)  # ica centers each neuron; hand sklearn the same centered matrix
@@ -323,7 +323,7 @@ def test_fastica_solver_finds_the_planted_networks_and_is_recorded(tmp_path: Pat
 def test_a_run_in_another_optimum_stays_out_of_the_consensus_map() -> None:
     """Runs that land in one optimum agree; one run in another optimum (|corr| about 0.8 with them)
     still joins their cluster but not their map: the map is the mean of the others alone."""
-    from fn_analyze.consensus import cluster_maps, zscore_and_flip
+    from fn_analyze.networks.consensus import cluster_maps, zscore_and_flip
 
     rng = np.random.default_rng(0)
     n, runs = 5000, 6
@@ -344,8 +344,8 @@ def test_a_run_in_another_optimum_stays_out_of_the_consensus_map() -> None:
 def test_a_network_its_own_runs_place_differently_is_not_emitted() -> None:
     """Quality and share high, but the runs' own networks differ from the consensus network: the
     median run IoU (a hand count) is below --min-run-iou, so the cluster is unstable."""
-    from fn_analyze.consensus import Consensus
-    from fn_analyze.ica import _is_stable, run_agreement
+    from fn_analyze.networks.consensus import Consensus
+    from fn_analyze.networks.ica import _is_stable, run_agreement
 
     n = 1000
     consensus = np.zeros((n, 1))

@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 from typer.testing import CliRunner
 
-from fn_analyze.activations import open_activations
 from fn_analyze.cli import app
-from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.record.activations import open_activations
+from fn_analyze.record.collect import CollectConfig, collect
 from tests.helpers import refused, stop_line, write_activations
 
 runner = CliRunner()
@@ -58,11 +58,11 @@ def test_verify_passes_a_whole_folder_and_names_a_damaged_shard(tmp_path: Path) 
 
 def test_a_shard_cut_in_half_is_refused_before_the_ica_runs(tmp_path: Path, monkeypatch) -> None:
     """The measured case: `fn-analyze ica` used to end in `OSError: ... truncated file` traceback."""
-    import fn_analyze.ica
+    import fn_analyze.networks.ica
 
     acts = _acts(tmp_path)
     _cut(acts / "shard-r00-00002.h5")
-    monkeypatch.setattr(fn_analyze.ica, "reduce", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(fn_analyze.networks.ica, "reduce", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     line = refused(
         runner.invoke(app, ["ica", "--activations", str(acts), "--out", str(tmp_path / "m.json")]),
         "activations shard shard-r00-00002.h5 in",

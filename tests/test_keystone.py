@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-import fn_analyze.evaluate as evaluate_module
+import fn_analyze.measure.evaluate as evaluate_module
 from fn_analyze.cli import app as analyze_app
-from fn_analyze.evaluate import EvaluateConfig, evaluate
-from fn_analyze.neuron_sets import draw_control, draw_matched
+from fn_analyze.measure.evaluate import EvaluateConfig, evaluate
+from fn_analyze.neurons.neuron_sets import draw_control, draw_matched
 from fn_train.cli import app as train_app
 from fn_train.run_mask import run_mask_from_record
 from fn_train.trainer import train

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fn_analyze.activations import open_activations
-from fn_analyze.magnitude import STATISTICS, TokenBatch, stats_from_activations, stats_from_forward
+from fn_analyze.neurons.magnitude import STATISTICS, TokenBatch, stats_from_activations, stats_from_forward
+from fn_analyze.record.activations import open_activations
 from shared.arch import find_down_projections
 from shared.constants import MANIFEST_NAME
 from shared.digests import file_digest

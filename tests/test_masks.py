@@ -138,7 +138,7 @@ def test_schema_1_files_are_migrated_on_read(llama, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "v2.json").read_text())["schema_version"] == 2
     assert load_mask_file(tmp_path / "v2.json") == mask
 
-    from fn_analyze.show import describe
+    from fn_analyze.report.show import describe
 
     shown = describe(mask)
     assert "one ICA run (schema 1" in shown and "stab. reap." in shown

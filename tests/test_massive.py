@@ -86,7 +86,7 @@ def test_the_keep_only_note_appears_only_for_complement_with_a_mask_not_made_for
 def test_evaluate_random_sets_leave_out_the_set_aside_neurons(llama) -> None:
     import numpy as np
 
-    from fn_analyze.neuron_sets import control_pool
+    from fn_analyze.neurons.neuron_sets import control_pool
 
     allowed = np.ones((2, 176), dtype=bool)
     set_aside = {(0, 7), (0, 9), (1, 11)}
@@ -102,7 +102,7 @@ def test_training_controls_leave_out_the_set_aside_neurons(llama) -> None:
     """fn-train's random neurons (tune's --random-neurons, the experiment's controls) are drawn as evaluate's."""
     import numpy as np
 
-    from fn_analyze.neuron_sets import draw_control, pairs
+    from fn_analyze.neurons.neuron_sets import draw_control, pairs
 
     mask = default_mask(llama)
     width = mask.model.intermediate_size

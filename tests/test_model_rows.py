@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fn_analyze.activations import open_activations
 from fn_analyze.cli import app
-from fn_analyze.collect import CollectConfig, collect
 from fn_analyze.config import IcaConfig
-from fn_analyze.ica import run_ica
-from fn_analyze.model_rows import RUN_BATCHES, model_rows
-from fn_analyze.preprocess import Preprocessing, RowFilter
-from fn_analyze.reduction import ReductionSettings, held_bytes, reduce
-from fn_analyze.token_rows import shards_of
+from fn_analyze.networks.ica import run_ica
+from fn_analyze.networks.preprocess import Preprocessing, RowFilter
+from fn_analyze.networks.reduction import ReductionSettings, held_bytes, reduce
+from fn_analyze.record.activations import open_activations
+from fn_analyze.record.collect import CollectConfig, collect
+from fn_analyze.record.model_rows import RUN_BATCHES, model_rows
+from fn_analyze.record.token_rows import shards_of
 from shared.errors import ParameterError
 from shared.masks import load_mask_file
 from tests.helpers import refused
@@ -59,7 +59,7 @@ def test_the_model_rows_are_the_recorded_rows(collected: Path, tiny_lm_dir: Path
         acts.n_neurons,
         acts.model.fingerprint,
     )
-    from fn_analyze.token_rows import shards_of
+    from fn_analyze.record.token_rows import shards_of
 
     stored = np.concatenate([block for shard in shards_of(acts) for block in shard.blocks(10_000)])
     computed = np.concatenate([block for run in rows.runs for block in run.blocks(0)])
@@ -110,7 +110,7 @@ def test_the_token_sample_is_the_collected_one(tiny_lm_dir: Path, demo_dir: Path
     rows = model_rows(config)
     acts = open_activations(out)
     assert rows.n_tokens == acts.n_tokens
-    from fn_analyze.token_rows import shards_of
+    from fn_analyze.record.token_rows import shards_of
 
     stored = np.concatenate([shard.positions() for shard in shards_of(acts)])
     np.testing.assert_array_equal(np.concatenate([run.positions() for run in rows.runs]), stored)
@@ -155,7 +155,7 @@ def test_rows_held_in_memory_give_the_streamed_reduction_bit_for_bit(collected: 
 
 
 def test_the_centered_rows_are_held_when_asked_and_they_fit_the_memory(collected: Path, monkeypatch, caplog) -> None:
-    from fn_analyze import reduction
+    from fn_analyze.networks import reduction
 
     acts = open_activations(collected)
     n_shards = len(shards_of(acts))
@@ -168,7 +168,7 @@ def test_the_centered_rows_are_held_when_asked_and_they_fit_the_memory(collected
     for available, hold, held in ((2 * needed, True, True), (2 * needed - 2, True, False), (10**15, False, False)):
         made.clear()
         monkeypatch.setattr(reduction, "available_memory", lambda device, available=available: available)
-        with caplog.at_level(logging.INFO, logger="fn_analyze.reduction"):
+        with caplog.at_level(logging.INFO, logger="fn_analyze.networks.reduction"):
             passes = reduce(acts, _settings(((0, acts.n_neurons),), hold=hold))[0][0].passes
         assert len(made) == n_shards * (1 if held else passes)  # centered once, or on every pass
         assert ("centered rows are held" in caplog.text) == held
@@ -197,8 +197,8 @@ def test_float64_products_converge_at_least_as_fast_to_the_same_maps(collected: 
 def test_rows_fit_the_device_by_the_bytes_they_are_held_in(collected: Path, monkeypatch) -> None:
     import torch
 
-    from fn_analyze.reduction import fits_on_device
-    from fn_analyze.token_rows import ActivationMatrix, shards_of
+    from fn_analyze.networks.reduction import fits_on_device
+    from fn_analyze.record.token_rows import ActivationMatrix, shards_of
 
     shards = shards_of(open_activations(collected))
     values = sum(shard.n_tokens * shard.n_columns for shard in shards)

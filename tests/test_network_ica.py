@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from fn_analyze.collect import collect
 from fn_analyze.config import CollectConfig, IcaSettings
-from fn_analyze.ica import IcaConfig, NetworkICA, run_ica
+from fn_analyze.networks.ica import IcaConfig, NetworkICA, run_ica
+from fn_analyze.record.collect import collect
 from shared.errors import ParameterError
 from shared.masks import MaskFile, ModelInfo
 from tests.helpers import write_activations

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fn_analyze.collect import parse_layers
 from fn_analyze.config import IcaParams
+from fn_analyze.record.collect import parse_layers
 from fn_train.experiment.config import ExperimentConfig
 from shared.errors import ParameterError, UserError
 from shared.masks import MASSIVE, parse_network_ids

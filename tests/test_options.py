@@ -284,7 +284,7 @@ def test_library_logs_and_warnings_reach_fn_analyze_only_with_verbose(monkeypatc
     libraries; a library's FutureWarning during a command is theirs too: --verbose shows them."""
     import logging
 
-    import fn_analyze.show
+    import fn_analyze.report.show
     from fn_analyze.cli import app as analyze_app
     from shared.cli import setup_logging
 
@@ -294,7 +294,7 @@ def test_library_logs_and_warnings_reach_fn_analyze_only_with_verbose(monkeypatc
         )
         return "shown"
 
-    monkeypatch.setattr(fn_analyze.show, "show", show)
+    monkeypatch.setattr(fn_analyze.report.show, "show", show)
     for verbose, shown in ((False, 0), (True, 1)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

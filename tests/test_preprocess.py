@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from fn_analyze.activations import open_activations
 from fn_analyze.cli import app as analyze_app
-from fn_analyze.ica import IcaConfig, run_ica
-from fn_analyze.neuron_sets import pairs
-from fn_analyze.preprocess import (
+from fn_analyze.networks.ica import IcaConfig, run_ica
+from fn_analyze.networks.preprocess import (
     Preprocessing,
     RowFilter,
     clip_bounds,
@@ -22,8 +20,10 @@ from fn_analyze.preprocess import (
     sample_rows,
     set_aside_columns,
 )
-from fn_analyze.reduction import ReductionSettings, reduce, shard_moments, shards_of, sum_over_shards
-from fn_analyze.show import describe
+from fn_analyze.networks.reduction import ReductionSettings, reduce, shard_moments, shards_of, sum_over_shards
+from fn_analyze.neurons.neuron_sets import pairs
+from fn_analyze.record.activations import open_activations
+from fn_analyze.report.show import describe
 from shared.errors import UserError
 from shared.masks import union
 from tests.helpers import refused, write_activations

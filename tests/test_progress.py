@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fn_analyze.cli import app as analyze_app
-from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.record.collect import CollectConfig, collect
 from fn_train.cli import app as train_app
 from shared.progress import progress_shown
 from tests.helpers import train_args

@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from fn_analyze.cli import app
-from fn_analyze.collect import collect
 from fn_analyze.config import CollectConfig, PruneConfig
-from fn_analyze.importance import importance
-from fn_analyze.magnitude import NeuronStats, stats_from_activations
-from fn_analyze.prune import choose_at_random, choose_by_importance, keep_count, prune, prune_model
+from fn_analyze.neurons.magnitude import NeuronStats, stats_from_activations
+from fn_analyze.prune.importance import importance
+from fn_analyze.prune.pruning import choose_at_random, choose_by_importance, keep_count, prune, prune_model
+from fn_analyze.record.collect import collect
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.constants import PRUNE_MASK_NAME, PRUNE_NEURONS_NAME, PRUNE_RECORD_NAME
@@ -297,7 +297,7 @@ def test_evaluate_scores_the_pruned_model_next_to_the_original_and_random_prunin
 def test_the_importance_only_control_keeps_each_layers_most_important_neurons(
     pruned_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import fn_analyze.pruned_eval as pruned_eval
+    import fn_analyze.prune.pruned_eval as pruned_eval
     from fn_analyze.config import PrunedEvalConfig
 
     pruned_with: list[np.ndarray] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fn_analyze.collect import CollectConfig, collect
+from fn_analyze.record.collect import CollectConfig, collect
 from tests.helpers import ROOT
 
 

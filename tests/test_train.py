@@ -153,7 +153,7 @@ def test_ica_on_the_fly_collects_with_every_setting_training_shares(monkeypatch,
     """--ica-on-the-fly's collect gets every setting its config shares with training, under either
     name (it once dropped --trust_remote_code, so collect refused a model that training accepts)."""
     import fn_train.ica_mask as ica_mask_module
-    from fn_analyze.collect import CollectConfig
+    from fn_analyze.record.collect import CollectConfig
 
     config = TrainConfig(
         dataset_name_or_path="data.csv", output_dir=tmp_path / "out", model_name_or_path="org/model",

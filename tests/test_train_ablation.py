@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import fn_train.trainer as trainer_module
-from fn_analyze.collect import CollectConfig, collect
-from fn_analyze.magnitude import stats_from_activations
+from fn_analyze.neurons.magnitude import stats_from_activations
+from fn_analyze.record.collect import CollectConfig, collect
 from fn_train.config import TrainConfig
 from fn_train.load import load_masked_model
 from fn_train.trainer import train

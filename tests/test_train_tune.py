@@ -251,7 +251,7 @@ def test_evaluate_scores_a_tuned_folder_next_to_its_base(tiny_lm_dir, demo_dir, 
     """The task's held-out rows and a retention set, base vs tuned; the tuned figures are the ones of the
     deltas as trained (hooks), the base's those of the model the run names."""
     from fn_analyze.cli import app as analyze
-    from fn_analyze.scoring import answer_loss, load_eval_set, make_batches
+    from fn_analyze.measure.scoring import answer_loss, load_eval_set, make_batches
     from shared.models import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)

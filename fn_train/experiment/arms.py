@@ -4,7 +4,7 @@ random controls.
 A size is the keystone regime (`shared.keystone`): only the strongest neurons of the selected
 networks by |z| (a count or a fraction of their union); "all" is the networks themselves. A random
 control is a neuron set drawn as `fn-analyze evaluate` draws its controls
-(`fn_analyze.neuron_sets.draw_matched`): as many neurons as the selected set holds in every layer
+(`fn_analyze.neurons.neuron_sets.draw_matched`): as many neurons as the selected set holds in every layer
 (`layer`), or in every layer and magnitude bin (`magnitude`), from the neurons the networks could
 have held (the mask file's set-aside neurons are left out, unless the networks are them). One set is
 drawn per control, size and seed, and every masked arm of that seed and size trains with it, so the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fn_analyze import neuron_sets
-from fn_analyze.magnitude import NeuronMagnitude
+from fn_analyze.neurons import neuron_sets
+from fn_analyze.neurons.magnitude import NeuronMagnitude
 from shared.masks import MaskFile, Network, NeuronSet, save_mask_file
 
 NETWORKS = "networks"  # a run that trains with the selected networks (its random controls: "random-<control>")

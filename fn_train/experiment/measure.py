@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, make_batches, score
+from fn_analyze.measure.scoring import Batch, ChoiceSet, EvalSet, make_batches, score
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -121,7 +121,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def write_report(results: dict[str, Any], out: Path) -> str:
     """table.txt and results.png in `out`; returns the table."""
-    from fn_analyze.plots import plot_experiment
+    from fn_analyze.report.plots import plot_experiment
 
     table = format_table(results)
     write_text_atomic(out / TABLE_NAME, table + "\n")

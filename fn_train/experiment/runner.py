@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from fn_analyze.magnitude import NeuronMagnitude, stats_from_activations, stats_from_forward
-from fn_analyze.scoring import load_eval_set
+from fn_analyze.measure.scoring import load_eval_set
+from fn_analyze.neurons.magnitude import NeuronMagnitude, stats_from_activations, stats_from_forward
 from fn_train.experiment.arms import (
     NETWORKS,
     RunSpec,

@@ -7,7 +7,7 @@ neurons (`keep` x its width, rounded), so the result is a plain config with a sm
 size that `AutoModelForCausalLM.from_pretrained` loads with no custom code.
 
 Which neurons stay, per layer: the selected networks' neurons first (if they alone outnumber the
-kept count, their most important ones), then the others by importance (`fn_analyze.importance`:
+kept count, their most important ones), then the others by importance (`fn_analyze.prune.importance`:
 the expected squared change of the block's output when the neuron alone is removed). With
 compensation (the default) each removed neuron's mean contribution, mean activation x its
 down-projection column, is added to the down-projection's bias, as Liu et al.'s follow-up and
@@ -39,10 +39,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fn_analyze.activations import open_activations
 from fn_analyze.config import PruneConfig
-from fn_analyze.importance import MOMENTS, importance
-from fn_analyze.magnitude import NeuronStats, stats_from_activations, stats_from_forward
+from fn_analyze.neurons.magnitude import NeuronStats, stats_from_activations, stats_from_forward
+from fn_analyze.prune.importance import MOMENTS, importance
+from fn_analyze.record.activations import open_activations
 from shared import __version__
 from shared.arch import DownProjection, base_layer, config_of, find_down_projections, mlp_input_projections
 from shared.constants import (
@@ -217,7 +217,7 @@ def _set_intermediate_size(model: nn.Module, size: int) -> None:
     if not hasattr(config, key):
         raise UserError(
             f"{config.model_type}'s config has no {key!r} to write the pruned MLP width into; "
-            "this architecture cannot be pruned yet (add its key to fn_analyze/prune.py INTERMEDIATE_SIZE_KEYS)"
+            "this architecture cannot be pruned yet (add its key to fn_analyze/prune/pruning.py INTERMEDIATE_SIZE_KEYS)"
         )
     setattr(config, key, size)
     with torch.device("meta"):
@@ -277,7 +277,7 @@ def measure_moments(
                 "layer; collect every layer, or give --dataset to measure on data"
             )
         return stats_from_activations(config.activations, mask.model, MOMENTS, cache=True)
-    from fn_analyze.scoring import load_eval_set, make_batches
+    from fn_analyze.measure.scoring import load_eval_set, make_batches
 
     tokenizer = load_tokenizer(config.model)
     tokenizer.padding_side = "right"

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from fn_analyze.config import PrunedEvalConfig
-from fn_analyze.evaluate import ACCURACY_FIELDS, row_figure, score_dict
-from fn_analyze.prune import choose_at_random, choose_by_importance, prune_model
-from fn_analyze.scoring import Score, load_eval_set
-from fn_analyze.tuned import score_sets
+from fn_analyze.measure.evaluate import ACCURACY_FIELDS, row_figure, score_dict
+from fn_analyze.measure.scoring import Score, load_eval_set
+from fn_analyze.measure.tuned import score_sets
+from fn_analyze.prune.pruning import choose_at_random, choose_by_importance, prune_model
 from shared import __version__
 from shared.constants import EVALUATION_SCHEMA_VERSION, PRUNE_NEURONS_NAME, PRUNE_RECORD_NAME
 from shared.device import choose_device, choose_dtype

@@ -2,10 +2,10 @@
 
 Neurons are the samples and tokens the dimensions (networks span layers, as in Liu et al.,
 ICML 2025; `per_layer` runs one ICA per layer instead). The data are never held whole: the
-streamed reduction (fn_analyze/reduction.py) gives the top-k principal maps over neurons,
+streamed reduction (fn_analyze/networks/reduction.py) gives the top-k principal maps over neurons,
 of the whole data and of disjoint splits of its records, converged to a tolerance, in
 passes over the shards, memory (neurons x components). A consensus of seeded ICA runs on
-each (fn_analyze/consensus.py) gives each candidate network's map and how sure it is; each
+each (fn_analyze/networks/consensus.py) gives each candidate network's map and how sure it is; each
 map is z-scored over neurons, flipped so its heavier tail is positive, and thresholded;
 only the stable candidates are emitted.
 """
@@ -22,12 +22,9 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from fn_analyze.activations import Activations, open_activations
 from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig, IcaParams, IcaSettings
-from fn_analyze.consensus import Consensus, consensus_ica
-from fn_analyze.model_rows import ModelRows, model_rows
-from fn_analyze.neuron_sets import set_size
-from fn_analyze.preprocess import (
+from fn_analyze.networks.consensus import Consensus, consensus_ica
+from fn_analyze.networks.preprocess import (
     Preprocessing,
     RowFilter,
     clip_bounds,
@@ -35,8 +32,11 @@ from fn_analyze.preprocess import (
     sample_rows,
     set_aside_columns,
 )
-from fn_analyze.reduction import Reduction, ReductionSettings, engine_session, reduce
-from fn_analyze.token_rows import ActivationMatrix, TokenRows, describe_source, read_source
+from fn_analyze.networks.reduction import Reduction, ReductionSettings, engine_session, reduce
+from fn_analyze.neurons.neuron_sets import set_size
+from fn_analyze.record.activations import Activations, open_activations
+from fn_analyze.record.model_rows import ModelRows, model_rows
+from fn_analyze.record.token_rows import ActivationMatrix, TokenRows, describe_source, read_source
 from shared.constants import MANIFEST_NAME, MASK_ARTIFACTS_DIR
 from shared.device import choose_device
 from shared.digests import file_digest

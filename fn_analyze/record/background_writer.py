@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fn_analyze.activations import ShardWriter
+from fn_analyze.record.activations import ShardWriter
 
 
 class HostCopy:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fn_analyze.neuron_sets import set_size
+from fn_analyze.neurons.neuron_sets import set_size
 from shared.masks import MASSIVE, MaskFile, load_mask_file, made_for, union
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -134,7 +134,7 @@ def show(path: Path, plot: Path | None = None) -> str:
     """The description of a mask file; with `plot`, also a PNG of each network's neurons per layer."""
     mask = load_mask_file(path)
     if plot is not None:
-        from fn_analyze.plots import plot_networks  # matplotlib is imported only when a plot is drawn
+        from fn_analyze.report.plots import plot_networks  # matplotlib is imported only when a plot is drawn
 
         plot_networks(mask, plot)
     return describe(mask)

@@ -4,7 +4,7 @@ A few MLP neurons carry "massive activations" (Sun et al. 2024), mostly at the f
 of every sequence; centered activations are dominated by them and by the last layers, where
 the variance is largest, and the networks found then hurt the model about as much as random
 neurons of the same magnitudes. Each rule below changes one thing, in this order, inside the
-one streamed reduction (fn_analyze/reduction.py), so nothing is collected again:
+one streamed reduction (fn_analyze/networks/reduction.py), so nothing is collected again:
 
 1. **Rows** (`RowFilter`): token rows at the given positions (e.g. 0) or with the given token
    ids are left out of every pass, the moments' as the products'.
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fn_analyze.config import SCALES
-from fn_analyze.token_rows import RowShard, TokenRows, magnitude_of, shards_of
+from fn_analyze.record.token_rows import RowShard, TokenRows, magnitude_of, shards_of
 
 SAMPLE_COLUMNS = 4096  # neurons per block when the percentiles are computed, to bound float32 copies
 

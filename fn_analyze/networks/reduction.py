@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from fn_analyze.config import ENGINES
-from fn_analyze.preprocess import Preprocessing, inverse_scales
-from fn_analyze.token_rows import RowShard, TokenRows, shards_of
+from fn_analyze.networks.preprocess import Preprocessing, inverse_scales
+from fn_analyze.record.token_rows import RowShard, TokenRows, shards_of
 from shared.errors import ParameterError, UserError
 from shared.progress import progress_bar
 from shared.threads import single_threaded_blas
@@ -356,7 +356,7 @@ def reduce(acts: TokenRows, settings: ReductionSettings) -> list[list[Reduction]
     property of the data, not of the random start, the thread count or the order of the sums;
     with a fixed number of passes it was not, and the networks moved with float rounding.
     `oversample` extra columns speed convergence: about lambda_{k+oversample+1} / lambda_k per pass.
-    `prep` (fn_analyze/preprocess.py) leaves token rows out, clips values and scales columns, in
+    `prep` (fn_analyze/networks/preprocess.py) leaves token rows out, clips values and scales columns, in
     every pass alike; its default changes nothing.
 
     On CUDA (the default `precision`, None) the products are float64, elsewhere float32. By default

@@ -9,14 +9,14 @@ w_j: its down-projection column). Removing it changes the output by
 
 The importance of a neuron is that expected squared change, each neuron taken on its own; pruning
 keeps the largest. Both need the first two moments of every neuron's activation over real tokens
-(`fn_analyze.magnitude`'s statistics `mean` and `mean_square`).
+(`fn_analyze.neurons.magnitude`'s statistics `mean` and `mean_square`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fn_analyze.magnitude import NeuronStats, Statistic
+from fn_analyze.neurons.magnitude import NeuronStats, Statistic
 from shared.arch import DownProjection, base_layer
 
 MOMENTS: tuple[Statistic, ...] = ("mean", "mean_square")  # the statistics importance needs

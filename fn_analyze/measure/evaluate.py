@@ -32,9 +32,9 @@ import numpy as np
 from torch import nn
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.magnitude import NeuronMagnitude, Statistic, stats_from_activations, stats_from_forward
-from fn_analyze.neuron_sets import control_pool, draw_matched, pairs, set_size, without
-from fn_analyze.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
+from fn_analyze.measure.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
+from fn_analyze.neurons.magnitude import NeuronMagnitude, Statistic, stats_from_activations, stats_from_forward
+from fn_analyze.neurons.neuron_sets import control_pool, draw_matched, pairs, set_size, without
 from shared import __version__
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import DownProjection, find_down_projections
@@ -431,7 +431,7 @@ def _score_conditions(
 
 
 def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: float) -> dict[str, Any]:
-    """The results JSON: every figure of the table (see `fn_analyze.eval_table`) and what it was measured on."""
+    """The results JSON: every figure of the table (see `fn_analyze.report.eval_table`) and what it was measured on."""
     config, magnitude, ablation = plan.config, measured.magnitude, measured.ablation
     return {
         "schema_version": EVALUATION_SCHEMA_VERSION,
@@ -472,7 +472,7 @@ def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: floa
 def write_results(config: EvaluateConfig, results: dict[str, Any]) -> None:
     """The results JSON at `config.out` and its plot beside it."""
     write_json_atomic(config.out, results)
-    from fn_analyze.plots import plot_evaluation  # matplotlib is imported only when a plot is drawn
+    from fn_analyze.report.plots import plot_evaluation  # matplotlib is imported only when a plot is drawn
 
     plot_evaluation(results, config.plot_path)
 

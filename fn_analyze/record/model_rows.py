@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fn_analyze.collect import CollectPlan, Recorder, Recording, load_recording, plan_records
 from fn_analyze.config import CollectConfig
+from fn_analyze.record.collect import CollectPlan, Recorder, Recording, load_recording, plan_records
 from shared.masks import ModelInfo
 from shared.models import check_model_reachable
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fn_analyze.activations import (
+from fn_analyze.config import CollectConfig
+from fn_analyze.record.activations import (
     Activations,
     ShardWriter,
     completed_shards,
@@ -24,9 +25,8 @@ from fn_analyze.activations import (
     open_manifest,
     shard_rank_and_index,
 )
-from fn_analyze.background_writer import BackgroundWriter, HostCopy, InLoopWriter
-from fn_analyze.config import CollectConfig
-from fn_analyze.writer_lock import sole_writer
+from fn_analyze.record.background_writer import BackgroundWriter, HostCopy, InLoopWriter
+from fn_analyze.record.writer_lock import sole_writer
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
 from shared.constants import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, PARTIAL_SUFFIX, SHARD_GLOB, WRITER_LOCK_NAME

@@ -92,7 +92,7 @@ def compare(config: CompareConfig) -> dict[str, Any]:
         "reproduced": reproduced(matrix),
     }
     write_json_atomic(config.out, result)
-    from fn_analyze.plots import plot_iou  # matplotlib is imported only when a plot is drawn
+    from fn_analyze.report.plots import plot_iou  # matplotlib is imported only when a plot is drawn
 
     plot_iou(matrix, ids_a, ids_b, config.mask_a.name, config.mask_b.name, config.plot_path)
     return result

@@ -1,7 +1,7 @@
 """Per-neuron statistics of the MLP neurons' activations (the down-projection input) over real
 tokens, in one pass: max |activation| (magnitude, for magnitude-matched controls), mean (for mean
 ablation, `shared.ablation`) and mean square (with the mean, the moments pruning ranks neurons by,
-`fn_analyze.importance`). A pass computes only the statistics asked for.
+`fn_analyze.prune.importance`). A pass computes only the statistics asked for.
 
 A few MLP neurons carry "massive activations" (max |activation| in the thousands where most stay
 below ten); switching one off can hurt a model whatever network it is in.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fn_analyze.activations import open_activations
+from fn_analyze.record.activations import open_activations
 from shared.ablation import NeuronMeans
 from shared.arch import DownProjection
 from shared.constants import MANIFEST_NAME

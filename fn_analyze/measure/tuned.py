@@ -17,8 +17,8 @@ from typing import Any
 from torch import nn
 
 from fn_analyze.config import ScoringParams, TunedEvalConfig
-from fn_analyze.evaluate import ACCURACY_FIELDS, score_dict
-from fn_analyze.scoring import EvalSet, Score, load_eval_set, make_batches, score
+from fn_analyze.measure.evaluate import ACCURACY_FIELDS, score_dict
+from fn_analyze.measure.scoring import EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
 from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION
 from shared.device import choose_device, choose_dtype

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fn_analyze.activations import Activations, open_shard, read_sequences, read_shard
-from fn_analyze.model_rows import ModelRows
+from fn_analyze.record.activations import Activations, open_shard, read_sequences, read_shard
+from fn_analyze.record.model_rows import ModelRows
 from shared.constants import POSITION_DATASET, TOKEN_IDS_DATASET
 from shared.errors import ParameterError
 
 if TYPE_CHECKING:
-    from fn_analyze.magnitude import NeuronMagnitude
+    from fn_analyze.neurons.magnitude import NeuronMagnitude
 
 
 class RowShard(Protocol):
@@ -175,7 +175,7 @@ def shards_of(source: TokenRows) -> list[RowShard]:
 def magnitude_of(source: TokenRows) -> NeuronMagnitude:
     """Max |activation| of every neuron: the folder's (`stats_from_activations`: from the cache when
     a command left it there, else one pass, written nowhere), the matrix's, or the model's rows' (one pass)."""
-    from fn_analyze.magnitude import NeuronMagnitude, stats_from_activations
+    from fn_analyze.neurons.magnitude import NeuronMagnitude, stats_from_activations
 
     if isinstance(source, Activations):
         return stats_from_activations(source.folder, source.model, ["max_abs"]).magnitude()
@@ -201,7 +201,7 @@ def describe_source(source: TokenRows) -> str:
 
 def read_source(source: TokenRows | str | Path) -> TokenRows:
     """An activations folder opened (and checked), or the source as it is."""
-    from fn_analyze.activations import open_activations
+    from fn_analyze.record.activations import open_activations
 
     if isinstance(source, (Activations, ActivationMatrix, ModelRows)):
         return source

@@ -17,7 +17,7 @@ import numpy as np
 from shared.masks import MaskFile, NeuronSet, union
 
 if TYPE_CHECKING:
-    from fn_analyze.magnitude import NeuronMagnitude
+    from fn_analyze.neurons.magnitude import NeuronMagnitude
 
 
 def set_size(neurons: NeuronSet) -> int:
