@@ -179,7 +179,7 @@ def paired_difference(
     freedom); otherwise the degrees of freedom are Satterthwaite's (1946, Biometrics Bulletin
     2:110-114). Interval and two-sided p-value from the t distribution.
 
-    In simulation (tests/test_statistics.py) three or more seeds hold the test's level; with
+    In simulation (tests/shared/test_statistics.py) three or more seeds hold the test's level; with
     two, the seed component has one degree of freedom and a true null is rejected somewhat more
     often than stated when seed noise dominates (about 0.11 at 0.05).
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fn_analyze.demo_data import write_demo_data
-from tests.helpers import tiny_model
+from tests.helpers.tiny_models import tiny_model
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
