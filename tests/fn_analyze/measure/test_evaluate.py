@@ -351,11 +351,11 @@ def test_each_use_of_evaluate_has_a_config_of_the_fields_it_reads(tiny_mask: Pat
     ("use", "expected", "runner", "formatter"),
     [
         (["--mask-file", "m.json", "--networks", "0"], EvaluateConfig("d.csv", Path("m.json"), networks="0", limit=3),
-         "evaluate.evaluate", "eval_table.format_table"),
+         "measure.evaluate.evaluate", "report.eval_table.format_table"),
         (["--tuned", "t", "--retention", "r.csv"], TunedEvalConfig("d.csv", Path("t"), retention="r.csv", limit=3),
-         "tuned.evaluate_tuned", "tuned.format_tuned_table"),
+         "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
         (["--pruned", "p", "--draws", "2"], PrunedEvalConfig("d.csv", Path("p"), draws=2, limit=3),
-         "pruned_eval.evaluate_pruned", "pruned_eval.format_pruned_table"),
+         "prune.pruned_eval.evaluate_pruned", "prune.pruned_eval.format_pruned_table"),
     ],
     ids=["mask", "tuned", "pruned"],
 )  # fmt: skip
