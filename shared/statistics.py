@@ -26,6 +26,7 @@ from scipy import stats
 
 SIGNIFICANT = 3  # digits the largest number of a printed interval keeps; the others share its decimals
 CORRECTIONS = ("holm", "bh")
+NO_SPREAD = "no spread: arm and control differ by the same amount on every row and seed, so there is nothing to test"
 _ONE_SEED = "one seed: the seed-to-seed variance is unknown, so other numbers of seeds cannot be predicted"
 
 
@@ -75,6 +76,12 @@ class Difference:
         _check_probability(alpha, "alpha")
         se, df = (self.se, self.df) if seeds is None else self._design(seeds)
         return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se)
+
+    @property
+    def spread(self) -> bool:
+        """Whether the difference varies over rows or seeds at all; without spread there is nothing to
+        test it against, and no size it could detect."""
+        return self.se > 0
 
     def seeds_for(self, difference: float, power: float = 0.8, alpha: float = 0.05) -> int | None:
         """The smallest number of seeds (at least 2, on the same rows) whose `detectable` is at
@@ -126,7 +133,9 @@ class Difference:
         head = f"{arm} vs {control}, {measure}: {_interval(self.estimate, self.low, self.high)}, {_p_text(p)}"
         if correction:
             head += f" ({correction})"
-        if p < alpha:
+        if self.se == 0:  # every row of every seed differs by the same amount (often: none at all)
+            line = f"{head}: {NO_SPREAD}"
+        elif p < alpha:
             direction = "higher" if self.estimate > 0 else "lower"
             size = _interval(abs(self.estimate), *sorted((abs(self.low), abs(self.high))))
             line = f"{head}: {arm} {direction} than {control} by {size}"

@@ -102,7 +102,7 @@ def _record(
     figure = f"{key.replace('_', ' ')} {'loss' if kind == 'loss' else 'acc'}"
     verdict = difference.verdict(arm, control, figure, p_adjusted, CORRECTION_NAMES[correction], power=POWER)
     seeds_needed: int | None = None
-    if target is not None and not p_adjusted < 0.05:
+    if target is not None and difference.spread and not p_adjusted < 0.05:
         verdict += "; " + _seeds_text(difference, target)
         if difference.n_seeds > 1:
             seeds_needed = difference.seeds_for(target, POWER)
@@ -115,8 +115,8 @@ def _record(
         "high": difference.high,
         "p_value": difference.p_value,
         "p_adjusted": p_adjusted,
-        "shown": bool(p_adjusted < 0.05),
-        "detectable": difference.detectable(POWER) if difference.n_seeds > 1 or difference.n_rows > 1 else None,
+        "shown": bool(p_adjusted < 0.05 and difference.spread),
+        "detectable": difference.detectable(POWER) if difference.spread else None,
         "target_difference": target,
         "seeds_needed": seeds_needed,
         "n_seeds": difference.n_seeds,

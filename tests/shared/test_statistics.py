@@ -273,3 +273,12 @@ def test_one_random_set_resamples_rows_only_and_says_so() -> None:
     assert ratio.n_draws == 1 and "one random set" in ratio.note and ratio.method.startswith("row bootstrap")
     assert ratio.readable and ratio.low < ratio.value < ratio.high
     assert ratio_interval(condition, base, controls, seed=3) == ratio  # seeded
+
+
+def test_a_difference_without_spread_has_nothing_to_test() -> None:
+    same = np.ones((3, 20))
+    difference = paired_difference(same, same)
+    assert not difference.spread and difference.estimate == 0 and difference.p_value == 1.0
+    assert "no spread" in difference.verdict("arm", "control", "task acc")
+    assert "could detect" not in difference.verdict("arm", "control", "task acc")
+    assert paired_difference(same + 0.01 * np.arange(20), same).spread

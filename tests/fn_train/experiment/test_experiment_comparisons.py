@@ -119,3 +119,18 @@ def test_keystone_sizes_plan_their_own_arms_controls_and_pairs(tmp_path) -> None
     paths = {control_mask_path(tmp_path, "magnitude", 0, size) for size in sizes}
     assert len(paths) == 3
     assert [run.neurons for run in runs if run.size == "top 25"] == [NETWORKS, "random-magnitude"]
+
+
+def test_identical_arms_are_said_to_have_no_spread_not_a_detectable_size() -> None:
+    """A multiple-choice set the model answers the same way under every arm: the same row values
+    everywhere give no interval to speak of, and the line must not claim a detectable size of 0."""
+    results, runs = _results({"key": 0.3}, 3, np.random.default_rng(4))
+    for record in results["runs"].values():
+        record["rows"]["task"]["accuracy"] = [1.0] * ROWS
+    made = {(c["control"], c["figure"]): c for c in compare(results, runs)["comparisons"]}
+    flat = made[("random-magnitude", "task_accuracy")]
+    assert flat["estimate"] == 0 and not flat["shown"] and flat["detectable"] is None
+    assert flat["seeds_needed"] is None
+    assert flat["verdict"].endswith("no spread: arm and control differ by the same amount on every row and seed, "
+                                    "so there is nothing to test")  # fmt: skip
+    assert made[("random-magnitude", "task_loss")]["shown"]  # the loss still has its spread and its answer
