@@ -13,16 +13,18 @@ import tempfile
 import textwrap
 import time
 import traceback
+import types
 import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional, ParamSpec, TypeVar
+from typing import Annotated, Any, Optional, ParamSpec, TypeVar, Union
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from shared.config_types import read_yaml, type_error
 from shared.errors import Interrupted, ParameterError, UserError, library_shutdown_is_unsafe
 from shared.jsonio import write_text_atomic
 from shared.options import OptionSpec, flag_namer, option_spec
@@ -305,7 +307,7 @@ def config_options(
         own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
         parameters += [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in own]
         if config_file is not None:
-            parameters.append(_config_file_parameter(config_file))
+            parameters.append(_config_file_parameter(config_file, {p.name: p.annotation for p in parameters}))
         if len(configs) > 1:  # typer passes the click context, which knows which options were given
             parameters.append(inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
 
@@ -366,14 +368,16 @@ def _option_parameter(
     )
 
 
-def _config_file_parameter(tool: str) -> inspect.Parameter:
+def _config_file_parameter(tool: str, annotations: dict[str, Any]) -> inspect.Parameter:
     """`--config FILE`: a YAML (or JSON) file of flag: value settings, read before the other
-    options, whose values they become unless given on the command line too."""
+    options, whose values they become unless given on the command line too; `annotations` are
+    the command's parameters' (name -> type), which the file's values are checked against."""
 
     def load_config(ctx: typer.Context, value: Path | None) -> Path | None:
         if value is not None:
             try:
-                ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value, ctx.command, tool)}
+                settings = read_config_file(value, ctx.command, tool, annotations)
+                ctx.default_map = {**(ctx.default_map or {}), **settings}
             except UserError as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(code=2) from None
@@ -405,15 +409,17 @@ def _config_keys(command: Any) -> dict[str, tuple[str, bool]]:
     return keys
 
 
-def read_config_file(path: Path, command: Any, tool: str) -> dict[str, Any]:
+def read_config_file(path: Path, command: Any, tool: str, annotations: dict[str, Any]) -> dict[str, Any]:
     """The settings of a YAML (or JSON) file as click's defaults: flags on the command line
-    override them. Keys are flag names in either spelling."""
+    override them. Keys are flag names in either spelling; each value must fit its parameter's
+    annotation (`shared.config_types`), where click would print its usage and a message without
+    the value. A flag read as text takes a number too (`networks: 3` is the text 3)."""
     import yaml
 
     if not path.is_file():
         raise UserError(f"--config {path} does not exist; give a YAML file of flag: value lines")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
     if raw is None:
@@ -430,5 +436,15 @@ def read_config_file(path: Path, command: Any, tool: str) -> dict[str, Any]:
             if not isinstance(value, bool):
                 raise UserError(f"--config {path}: {key} must be true or false, got {value!r}")
             value = not value
+        if (error := type_error(str(key), value, _file_type(annotations[name]))) is not None:
+            raise UserError(f"--config {path}: {error}")
         defaults[name] = value
     return defaults
+
+
+def _file_type(annotation: Any) -> Any:
+    """The type a config file's value may have for a parameter: its annotation without typer's
+    `Annotated[..., typer.Option(...)]`, a number allowed where text goes (click reads it as text)."""
+    hint = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+    arms = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return Union[(*arms, int, float)] if str in arms else hint

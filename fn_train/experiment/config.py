@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fn_train.config import TrainConfig
+from shared.config_types import check_types, read_yaml
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError, UserError
 from shared.keystone import parse_keep
@@ -68,7 +69,7 @@ class ExperimentConfig:
     # Sizes of the masked arms' neuron sets (the keystone regime, shared.keystone): each a count (50) or a fraction
     # (0.001, 1%) of the selected networks' neurons, the strongest by |z|; null: all of them. Each size is its
     # own arm with its own matched controls, e.g. [0.001, 0.01, null].
-    keystone: list[Any] = field(default_factory=lambda: [None])
+    keystone: list[int | float | str | None] = field(default_factory=lambda: [None])
     # A number N means seeds 0..N-1; a list as [4, 9] or "0,2-5" (ranges include their end) names the seeds.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 30  # optimizer steps per run
@@ -99,6 +100,7 @@ class ExperimentConfig:
     target_difference: dict[str, float] = field(default_factory=lambda: dict(TARGET_DIFFERENCE))
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.out = Path(self.out)
         if self.mask_file is not None:
             self.mask_file = Path(self.mask_file)
@@ -258,7 +260,7 @@ def load_experiment_config(path: Path) -> ExperimentConfig:
     if not path.is_file():
         raise UserError(f"--config {path} does not exist; give a YAML file (see docs/commands.md, fn-train experiment)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path} is not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict):
