@@ -135,3 +135,10 @@ def test_a_config_file_reads_numbers_as_they_are_written(tmp_path: Path) -> None
     path.write_text("networks: 3\nlearning_rate: 2e-4\nmax_steps: many\n", encoding="utf-8")
     refused(CliRunner().invoke(app, ["--config", str(path)]), "max_steps must be a whole number")
     assert read_yaml("learning_rate: 2e-4\nrate: '2e-4'") == {"learning_rate": 2e-4, "rate": "2e-4"}
+
+
+def test_the_line_gives_the_key_default_as_an_example(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "out": str(tmp_path / "out"), "learning_rate": "fast"}), encoding="utf-8")
+    line = refused(CliRunner().invoke(experiment_app, ["--config", str(path)]))
+    assert line == f"error: --config {path}: learning_rate must be a number such as 0.0002, got 'fast'"
