@@ -19,6 +19,7 @@ from shared.config_types import check_types, read_yaml
 from shared.constants import EMBEDDED_MODEL_NAME
 from shared.errors import ParameterError, UserError
 from shared.keystone import parse_keep
+from shared.masks import parse_network_ids
 from shared.numbers import parse_numbers
 
 T = TypeVar("T")
@@ -63,7 +64,7 @@ class ExperimentConfig:
     out: Path  # results.json, the table, the PNG, the random controls' mask files, the run folders
     mask_file: Path | None = None  # required by the key, complement and tune arms
     model: str = EMBEDDED_MODEL_NAME
-    networks: str | None = None  # ids such as 0,3,5-7 or massive (default: every network of the file)
+    networks: str | int | None = None  # ids such as 0,3,5-7 or massive, or one id (default: every network of the file)
     arms: list[str] = field(default_factory=lambda: list(ARM_MODES))
     controls: list[str] = field(default_factory=lambda: list(CONTROLS))  # each masked arm's random controls
     # Sizes of the masked arms' neuron sets (the keystone regime, shared.keystone): each a count (50) or a fraction
@@ -116,8 +117,8 @@ class ExperimentConfig:
             raise UserError(f"seeds must be a number of seeds or a list of integers, got {self.seeds!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"seeds {self.seeds} repeat a seed; list each once")
-        from shared.masks import parse_network_ids  # imports torch: when a config is made, not with this module
-
+        if isinstance(self.networks, int) and not isinstance(self.networks, bool):
+            self.networks = str(self.networks)  # `networks: 3` in YAML: one network, as fn-train --config reads it
         _by_key(lambda: parse_network_ids(self.networks))
         self.arms = _names("arms", self.arms, tuple(ARM_MODES))
         self.controls = _names("controls", self.controls, CONTROLS, allow_empty=True)

@@ -47,7 +47,8 @@ WRONG: dict[str, list[st.SearchStrategy]] = {
     **dict.fromkeys(["learning_rate", "bin_width"], NOT_NUMBER + [NULL]),
     "scale_factor": NOT_NUMBER,
     **dict.fromkeys(["train_data", "eval_data", "model", "ablation", "device", "correction", "out"], NOT_TEXT + [NULL]),
-    **dict.fromkeys(["networks", "eval_split", "mask_file", "activations"], NOT_TEXT),
+    **dict.fromkeys(["eval_split", "mask_file", "activations"], NOT_TEXT),
+    "networks": [REAL, BOOL, LIST, MAPPING],  # a whole number is one network's id, as fn-train --config reads it
     "generate": [TEXT, WHOLE, REAL, NULL, LIST, MAPPING],
     **dict.fromkeys(
         ["retention_data", "arms", "controls"],
@@ -142,3 +143,13 @@ def test_the_line_gives_the_key_default_as_an_example(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({**VALID, "out": str(tmp_path / "out"), "learning_rate": "fast"}), encoding="utf-8")
     line = refused(CliRunner().invoke(experiment_app, ["--config", str(path)]))
     assert line == f"error: --config {path}: learning_rate must be a number such as 0.0002, got 'fast'"
+
+
+def test_one_network_id_as_a_number_is_read_as_fn_train_reads_it(tmp_path: Path) -> None:
+    from fn_train.experiment.config import ExperimentConfig
+
+    data = tmp_path / "d.csv"
+    data.write_text("question,answer\na,b\n")
+    config = ExperimentConfig(train_data=str(data), eval_data=str(data), retention_data=str(data),
+                              out=tmp_path / "o", networks=3, arms=["lora"])  # fmt: skip
+    assert config.networks == "3"
