@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fn_analyze.cli import app
+from fn_train.cli import app as train_app
 from shared.errors import UserError
 from shared.folders import kind
 from tests.helpers.processes import refused
@@ -126,4 +127,27 @@ def test_activations_folders(name: str, said: str, tmp_path: Path, tiny_lm_dir: 
     out = tmp_path / "m.json"
     args = ["ica", "--activations", str(path), "--out", str(out), "--n-components", "3", "--runs", "1"]
     refused(CliRunner().invoke(app, args), said.format(path=path))
+    assert not out.exists()
+
+
+RESUME = [
+    ("missing", "does not exist, not a complete checkpoint (with trainer_state.json)"),
+    ("file", "is a file, not a complete checkpoint"),
+    ("empty folder", "is an empty folder, not a complete checkpoint"),
+    ("model", "is a model folder, not a complete checkpoint (with trainer_state.json); give a checkpoint-<step>"),
+    ("fn-train run", "is an fn-train output folder, not a complete checkpoint"),
+    ("checkpoint", ACCEPTED),
+]
+
+
+@pytest.mark.parametrize(("name", "said"), RESUME, ids=[name for name, _ in RESUME])
+def test_resume_folders(name: str, said: str, tmp_path: Path, tiny_lm_dir: Path) -> None:
+    path = _make(name, tmp_path, tiny_lm_dir)
+    out = tmp_path / "out"
+    args = ["--dataset_name_or_path", str(tmp_path / "x.csv"), "--output_dir", str(out)]
+    line = refused(CliRunner().invoke(train_app, [*args, "--resume_from_checkpoint", str(path)]))
+    if said == ACCEPTED:
+        assert "--resume_from_checkpoint" not in line, line
+    else:
+        assert line.startswith(f"error: --resume_from_checkpoint {path} {said}"), line
     assert not out.exists()
