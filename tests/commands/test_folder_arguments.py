@@ -151,3 +151,27 @@ def test_resume_folders(name: str, said: str, tmp_path: Path, tiny_lm_dir: Path)
     else:
         assert line.startswith(f"error: --resume_from_checkpoint {path} {said}"), line
     assert not out.exists()
+
+
+MODEL = [
+    ("missing", "does not exist, not a model"),
+    ("file", "is a file, not a model; give a model folder (with config.json)"),
+    ("empty folder", "is an empty folder, not a model"),
+    ("other folder", "is a folder of no kind this project reads, not a model"),
+    ("activations", "is an activations folder, not a model"),
+]
+
+
+@pytest.mark.parametrize("command", ["collect", "fn-train"])
+@pytest.mark.parametrize(("name", "said"), MODEL, ids=[name for name, _ in MODEL])
+def test_model_paths(command: str, name: str, said: str, tmp_path: Path, tiny_lm_dir: Path, demo_dir: Path) -> None:
+    path = _make(name, tmp_path, tiny_lm_dir)
+    out = tmp_path / "out"
+    if command == "collect":
+        args = ["collect", "--model", str(path), "--dataset", str(demo_dir / "data.jsonl"), "--out", str(out)]
+        result = CliRunner().invoke(app, args)
+    else:
+        args = ["--model_name_or_path", str(path), "--dataset_name_or_path", str(demo_dir / "train.csv")]
+        result = CliRunner().invoke(train_app, [*args, "--output_dir", str(out), "--device", "cpu"])
+    refused(result, f"model folder {path} {said}")
+    assert not out.exists()
