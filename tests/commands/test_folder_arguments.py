@@ -175,3 +175,17 @@ def test_model_paths(command: str, name: str, said: str, tmp_path: Path, tiny_lm
         result = CliRunner().invoke(train_app, [*args, "--output_dir", str(out), "--device", "cpu"])
     refused(result, f"model folder {path} {said}")
     assert not out.exists()
+
+
+MASK_FILE = [
+    ("missing", "does not exist"),
+    ("empty folder", "is an empty folder"),
+    ("model", "is a model folder"),
+    ("activations", "is an activations folder"),
+]
+
+
+@pytest.mark.parametrize(("name", "said"), MASK_FILE, ids=[name for name, _ in MASK_FILE])
+def test_mask_file_paths(name: str, said: str, tmp_path: Path, tiny_lm_dir: Path) -> None:
+    path = _make(name, tmp_path, tiny_lm_dir)
+    refused(CliRunner().invoke(app, ["show", str(path)]), f"mask file {path} {said}; give the path of a file")
