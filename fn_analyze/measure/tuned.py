@@ -58,18 +58,16 @@ def check_tuned(folder: Path, model: str) -> str:
     be told from the base's cheaply) unless it is --model itself; a model whose vocabulary or
     architecture differs from its base's is refused, as the base's tokenizer would feed it tokens it
     has no embedding for."""
-    found = expect(
+    expect(
         folder, "--tuned", TUNED_KINDS, "a fine-tuned run",
         "give an fn-train output folder (or one of its checkpoints), a LoRA adapter or a fine-tuned model folder",
     )  # fmt: skip
     base_name = base_of(folder, model)
-    if found == "lora adapter":
+    if base_name != model:  # named by the folder (a LoRA adapter, a tune run): used instead of --model
         try:
             check_model_reachable(base_name)
         except UserError as exc:
-            raise UserError(
-                f"--tuned {folder} is a LoRA adapter on {base_name}, which cannot be loaded: {exc}"
-            ) from exc
+            raise UserError(f"--tuned {folder} names its base {base_name}, which cannot be loaded: {exc}") from exc
     base_path = Path(resolve_model_path(base_name))
     if base_path.is_dir() and base_path.resolve() == Path(folder).resolve():
         raise UserError(

@@ -68,7 +68,7 @@ TUNED = [
     ("activations", "is an activations folder, not a fine-tuned run"),
     ("base itself", "is the base model itself (--model"),
     ("model of another vocabulary", "is a model with vocab_size 7, but its base"),
-    ("adapter on a missing base", "is a LoRA adapter on /no/such/base, which cannot be loaded"),
+    ("adapter on a missing base", "names its base /no/such/base, which cannot be loaded"),
     ("model", ACCEPTED),
     ("pruned model", ACCEPTED),
     ("checkpoint", ACCEPTED),
