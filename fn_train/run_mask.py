@@ -15,6 +15,7 @@ from shared.ablation import Ablation, ablation_digest_payload, ablation_from_rec
 from shared.constants import CHECKPOINT_PREFIX, RUN_MASK_NAME, TRAINER_STATE_NAME
 from shared.digests import bytes_digest
 from shared.errors import UserError
+from shared.folders import expect
 from shared.jsonio import write_json_atomic
 from shared.keystone import Keep, strongest
 from shared.layer_masks import LayerMasks, build_layer_masks
@@ -281,11 +282,10 @@ def resolve_checkpoint(requested: str, output_dir: Path) -> Path:
             )
         return found
     path = Path(requested)
-    if not (path / TRAINER_STATE_NAME).is_file():
-        raise UserError(
-            f"--resume_from_checkpoint {path} is not a complete checkpoint (no {TRAINER_STATE_NAME}); "
-            f"give a {CHECKPOINT_PREFIX}<step> folder of an earlier run, or last"
-        )
+    expect(
+        path, "--resume_from_checkpoint", {"checkpoint"}, f"a complete checkpoint (with {TRAINER_STATE_NAME})",
+        f"give a {CHECKPOINT_PREFIX}<step> folder of an earlier run, or last",
+    )  # fmt: skip
     return path
 
 

@@ -43,6 +43,7 @@ import numpy as np
 from shared import __version__
 from shared.constants import MASK_SCHEMA_VERSION
 from shared.errors import ParameterError, UserError
+from shared.folders import describe, kind
 from shared.jsonio import write_json_atomic
 from shared.numbers import parse_numbers
 
@@ -223,10 +224,9 @@ def save_mask_file(mask: MaskFile, path: Path) -> None:
 def load_mask_file(path: Path) -> MaskFile:
     """Read and validate a mask file; every problem is one UserError line naming the file."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"mask file {path} is a folder; give the path of a file written by `fn-analyze ica`")
-    if not path.is_file():
-        raise UserError(f"mask file {path} does not exist; give the path of a file written by `fn-analyze ica`")
+    found = kind(path)
+    if found != "file":
+        raise UserError(f"mask file {path} {describe(found)}; give the path of a file written by `fn-analyze ica`")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

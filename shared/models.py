@@ -26,6 +26,7 @@ from shared.constants import (
 from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest
 from shared.errors import UserError
+from shared.folders import describe, kind
 from shared.masks import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -118,16 +119,18 @@ def resolve_model_path(name: str | None) -> str:
     """`smollm2-135m` (or nothing) is the embedded model; anything else is a HF name or path.
 
     A name written as a path (`/x`, `./x`, `~/x`, `a/b/c`) that does not exist is refused
-    here: Hugging Face names are `name` or `org/name`, so the hub cannot have it.
+    here: Hugging Face names are `name` or `org/name`, so the hub cannot have it. A path that
+    exists but holds no model (a file, an empty folder, activations) is refused too.
     """
     if name is None or name.lower() == EMBEDDED_MODEL_NAME:
         return str(embedded_model_dir())
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
-        path = Path(name).expanduser()
-        if not path.exists():
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        found = kind(path)
+        if found in ("missing", "file", "empty folder", "other folder", "activations"):
             raise UserError(
-                f"model folder {name} does not exist; give a model folder, a Hugging Face name (org/name), "
-                f"or {EMBEDDED_MODEL_NAME!r} for the embedded model"
+                f"model folder {name} {describe(found)}, not a model; give a model folder (with {MODEL_CONFIG_NAME}), "
+                f"a Hugging Face name (org/name), or {EMBEDDED_MODEL_NAME!r} for the embedded model"
             )
         return str(path)
     return name

@@ -20,10 +20,12 @@ from fn_analyze.config import ScoringParams, TunedEvalConfig
 from fn_analyze.measure.evaluate import ACCURACY_FIELDS, score_dict
 from fn_analyze.measure.scoring import EvalSet, Score, load_eval_set, make_batches, score
 from shared import __version__
-from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION
+from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION, MODEL_CONFIG_NAME
 from shared.device import choose_device, choose_dtype
+from shared.errors import UserError
+from shared.folders import expect
 from shared.jsonio import write_json_atomic
-from shared.models import load_causal_lm, load_tokenizer
+from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, resolve_model_path
 from shared.paths import check_writable_file
 from shared.trained import load_trained, run_record
 
@@ -40,6 +42,47 @@ def base_of(folder: Path, default: str) -> str:
         if named:
             return str(named)
     return default
+
+
+TUNED_KINDS = {"fn-train run", "checkpoint", "lora adapter", "model", "pruned model"}
+
+
+def _model_config(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / MODEL_CONFIG_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def check_tuned(folder: Path, model: str) -> str:
+    """Refuse, in one line and before any model loads, a --tuned folder that cannot be scored next to
+    its base; return the base's name. A full model folder is accepted as fine-tuned (its weights cannot
+    be told from the base's cheaply) unless it is --model itself; a model whose vocabulary or
+    architecture differs from its base's is refused, as the base's tokenizer would feed it tokens it
+    has no embedding for."""
+    expect(
+        folder, "--tuned", TUNED_KINDS, "a fine-tuned run",
+        "give an fn-train output folder (or one of its checkpoints), a LoRA adapter or a fine-tuned model folder",
+    )  # fmt: skip
+    base_name = base_of(folder, model)
+    if base_name != model:  # named by the folder (a LoRA adapter, a tune run): used instead of --model
+        try:
+            check_model_reachable(base_name)
+        except UserError as exc:
+            raise UserError(f"--tuned {folder} names its base {base_name}, which cannot be loaded: {exc}") from exc
+    base_path = Path(resolve_model_path(base_name))
+    if base_path.is_dir() and base_path.resolve() == Path(folder).resolve():
+        raise UserError(
+            f"--tuned {folder} is the base model itself (--model {model}); give an fn-train output folder "
+            "or a model fine-tuned from it"
+        )
+    tuned_config, base_config = _model_config(folder), _model_config(base_path)
+    if tuned_config is not None and base_config is not None:
+        for key in ("model_type", "vocab_size"):
+            if tuned_config.get(key) != base_config.get(key):
+                raise UserError(
+                    f"--tuned {folder} is a model with {key} {tuned_config.get(key)}, but its base {base_name} has "
+                    f"{base_config.get(key)}: it was not tuned from it; give the model it was tuned from as --model"
+                )
+    return base_name
 
 
 def score_sets(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: ScoringParams) -> list[Score]:
@@ -61,7 +104,7 @@ def evaluate_tuned(config: TunedEvalConfig) -> dict[str, Any]:
     at `config.out` and return it."""
     check_writable_file(config.out, "--out", config.overwrite)
     started = time.perf_counter()
-    base_name = base_of(config.tuned, config.model)
+    base_name = check_tuned(config.tuned, config.model)
     tokenizer = load_tokenizer(base_name)
     tokenizer.padding_side = "right"
     roles = [("task", config.dataset, config.split)] + (

@@ -31,6 +31,7 @@ from shared import __version__
 from shared.constants import EVALUATION_SCHEMA_VERSION, PRUNE_NEURONS_NAME, PRUNE_RECORD_NAME
 from shared.device import choose_device, choose_dtype
 from shared.errors import UserError
+from shared.folders import expect
 from shared.jsonio import write_json_atomic
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.paths import check_writable_file
@@ -42,9 +43,8 @@ RANDOM = "random pruning"
 
 def read_prune_record(folder: Path) -> dict[str, Any]:
     """The provenance of a folder written by `fn-analyze prune`."""
+    expect(folder, "--pruned", {"pruned model"}, "a pruned model", "give a folder written by `fn-analyze prune`")
     path = Path(folder) / PRUNE_RECORD_NAME
-    if not path.is_file():
-        raise UserError(f"--pruned {folder} holds no {PRUNE_RECORD_NAME}; give a folder written by `fn-analyze prune`")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

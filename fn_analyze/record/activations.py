@@ -47,6 +47,7 @@ from shared.constants import (
 )
 from shared.digests import file_digest
 from shared.errors import UserError, skip_library_shutdown
+from shared.folders import describe, kind
 from shared.jsonio import replace_durably, write_json_atomic
 from shared.masks import ModelInfo
 from shared.paths import file_in_folder
@@ -424,8 +425,14 @@ def _check_structure(manifest: Any, path: Path) -> None:
 def open_manifest(folder: Path) -> Activations:
     """The folder's manifest, read and checked; its shards are not looked at yet."""
     manifest_path = folder / MANIFEST_NAME
-    if not folder.is_dir():
+    found = kind(folder)
+    if found == "missing":
         raise UserError(f"activations folder {folder} does not exist; run `fn-analyze collect --out {folder}` first")
+    if found in ("file", "model", "pruned model", "checkpoint", "fn-train run", "lora adapter"):
+        raise UserError(
+            f"activations folder {folder} {describe(found)}, not activations; give a folder written by "
+            "`fn-analyze collect`"
+        )
     if not manifest_path.is_file():
         partial = sorted(p.name for p in folder.glob(SHARD_GLOB + PARTIAL_SUFFIX))
         hint = f" (it holds an unfinished shard {partial[0]})" if partial else ""

@@ -75,7 +75,7 @@ def test_bad_mask_file_is_refused_by_show_and_fn_train(
 
 
 def test_mask_file_that_is_a_folder_or_missing_is_refused(tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
-    for path, message in ((tmp_path, "is a folder"), (tmp_path / "none.json", "does not exist")):
+    for path, message in ((tmp_path, "is an empty folder"), (tmp_path / "none.json", "does not exist")):
         refused(runner.invoke(analyze_app, ["show", str(path)]), f"mask file {path} {message}")
         args = train_args(tiny_lm_dir, demo_dir / "train.csv", tmp_path / "ft", "--mask-file", str(path))
         refused(runner.invoke(train_app, args), f"mask file {path} {message}")

@@ -112,7 +112,10 @@ def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
         (["--mask-mode", "key"], "--mask-mode given without --mask-file; add --mask-file or drop --mask-mode"),
         (["--bake-mask"], "--bake-mask given without --mask-file; add --mask-file or drop --bake-mask"),
         (["--use-8bit", "--no_peft"], "--use_8bit freezes the base weights in quantized form; drop --no_peft"),
-        (["--resume_from_checkpoint", "nowhere"], "--resume_from_checkpoint nowhere is not a complete checkpoint"),
+        (
+            ["--resume_from_checkpoint", "nowhere"],
+            "--resume_from_checkpoint nowhere does not exist, not a complete",
+        ),
         (["--report_to", "carrier-pigeon"], "--report_to 'carrier-pigeon' is unknown"),
         (["--learning_rate", "-1"], "--learning_rate must be a positive number such as 2e-4, got -1.0"),
         (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
