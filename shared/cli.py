@@ -189,10 +189,29 @@ def _exit_now_if_unsafe(code: int) -> None:
         os._exit(code)
 
 
+@contextmanager
+def usage_errors_in_one_line() -> Iterator[None]:
+    """Click's usage errors (a flag's value of the wrong type, an unknown or missing option or command)
+    as every other refusal of the commands: one line on stderr and exit code 2, instead of click's
+    usage block, hint and error line."""
+    try:
+        yield
+    except typer.TyperException as exc:
+        if not hasattr(exc, "format_message"):  # not one of click's errors
+            raise
+        typer.echo(f"error: {exc.format_message()}; see --help", err=True)
+        raise typer.Exit(code=2) from None
+
+
 class PlainHelpCommand(TyperCommand):
     """Click's plain help instead of typer's panels, which cut flag names and choice lists at 80
     columns: every flag name and word whole (an option's names broken between names, help text
-    between words), no type on on/off switches, and a usage line naming its arguments in capitals."""
+    between words), no type on on/off switches, and a usage line naming its arguments in capitals.
+    Usage errors in one line (`usage_errors_in_one_line`)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with usage_errors_in_one_line():
+            return super().parse_args(ctx, args)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -208,7 +227,15 @@ class PlainHelpCommand(TyperCommand):
 
 class PlainHelpGroup(TyperGroup):
     """A command group whose help lists each command with the whole first paragraph of its help
-    (click cuts it to one line, ending in "...")."""
+    (click cuts it to one line, ending in "..."), and whose usage errors are one line."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        with usage_errors_in_one_line():
+            return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        with usage_errors_in_one_line():
+            return super().resolve_command(ctx, args)
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         write_parameters(self, ctx, formatter)
