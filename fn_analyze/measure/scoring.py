@@ -293,11 +293,6 @@ def _answer_logits(
             yield batch, logits, batch.labels[:, width - n_keep + 1 :].repeat(copies, 1).to(device)
 
 
-def answer_losses(model: nn.Module, batches: list[Batch], copies: int = 1) -> list[float]:
-    """Mean negative log-likelihood per answer token, over all batches (token-weighted), of each copy."""
-    return [sum(nll) / sum(tokens) for nll, tokens in row_answer_nll(model, batches, copies)]
-
-
 def row_answer_nll(model: nn.Module, batches: list[Batch], copies: int = 1) -> list[tuple[list[float], list[int]]]:
     """Per copy: (summed negative log-likelihood of each row's answer tokens, the row's answer-token
     count), both in the rows' order (`Batch.index`)."""
@@ -318,7 +313,8 @@ def row_answer_nll(model: nn.Module, batches: list[Batch], copies: int = 1) -> l
 
 def answer_loss(model: nn.Module, batches: list[Batch]) -> float:
     """Mean negative log-likelihood per answer token, over all batches (token-weighted)."""
-    return answer_losses(model, batches)[0]
+    ((nll, tokens),) = row_answer_nll(model, batches)
+    return sum(nll) / sum(tokens)
 
 
 def answer_logprobs(model: nn.Module, batches: list[Batch]) -> dict[int, float]:
@@ -344,17 +340,8 @@ def choice_accuracy(model: nn.Module, choices: ChoiceSet, batches: list[Batch]) 
     """(acc, acc_norm) over the multiple-choice records, as lm-evaluation-harness computes them:
     the right choice has the highest summed log-probability (acc), or the highest per character
     of the choice (acc_norm); ties go to the first choice."""
-    return choice_accuracies(model, choices, batches)[0]
-
-
-def choice_accuracies(
-    model: nn.Module, choices: ChoiceSet, batches: list[Batch], copies: int = 1
-) -> list[tuple[float, float]]:
-    """`choice_accuracy` of each copy of the rows."""
-    return [
-        (sum(hits) / len(hits), sum(hits_norm) / len(hits_norm))
-        for hits, hits_norm in record_choice_hits(model, choices, batches, copies)
-    ]
+    ((hits, hits_norm),) = record_choice_hits(model, choices, batches)
+    return sum(hits) / len(hits), sum(hits_norm) / len(hits_norm)
 
 
 def record_choice_hits(
@@ -389,22 +376,6 @@ def answer_contained(generated: str, answer: str) -> bool:
     """Whether the normalized answer occurs in the normalized generation as whole words."""
     wanted = normalize_answer(answer)
     return bool(wanted) and f" {wanted} " in f" {normalize_answer(generated)} "
-
-
-def exact_match(model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int) -> float:
-    """Share of rows whose greedy answer (at most `max_new_tokens`) equals the reference, normalized."""
-    return generation_scores(model, tokenizer, batches, max_new_tokens)[0][0]
-
-
-def generation_scores(
-    model: nn.Module, tokenizer, batches: list[Batch], max_new_tokens: int, copies: int = 1
-) -> list[tuple[float, float]]:
-    """(exact match, answer contained) of the greedy answers (at most `max_new_tokens`), normalized,
-    of each copy (copy-major rows, as `_answer_logits`)."""
-    return [
-        (sum(hits) / len(hits), sum(inside) / len(inside))
-        for hits, inside in row_generation_hits(model, tokenizer, batches, max_new_tokens, copies)
-    ]
 
 
 def row_generation_hits(
