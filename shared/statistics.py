@@ -130,7 +130,7 @@ class Difference:
         its label; both left out for a single comparison. After one seed or one row, the line
         ends with `note`."""
         p = self.p_value if p_adjusted is None else p_adjusted
-        head = f"{arm} vs {control}, {measure}: {_interval(self.estimate, self.low, self.high)}, {_p_text(p)}"
+        head = f"{arm} vs {control}, {measure}: {_interval(self.estimate, self.low, self.high)}, {p_text(p)}"
         if correction:
             head += f" ({correction})"
         if self.se == 0:  # every row of every seed differs by the same amount (often: none at all)
@@ -475,5 +475,6 @@ def _interval(value: float, low: float, high: float, suffix: str = "") -> str:
     return f"{value:.{d}f}{suffix} [{low:.{d}f}, {high:.{d}f}]"
 
 
-def _p_text(p: float) -> str:
+def p_text(p: float) -> str:
+    """A p-value as the verdict lines print it: two significant digits, `p<0.0001` below that."""
     return "p<0.0001" if p < 1e-4 else f"p={p:.2g}"

@@ -35,7 +35,7 @@ from shared.folders import expect
 from shared.jsonio import write_json_atomic
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.paths import check_writable_file
-from shared.statistics import paired_difference
+from shared.statistics import p_text, paired_difference
 
 IMPORTANCE_ONLY = "importance only"
 RANDOM = "random pruning"
@@ -197,8 +197,7 @@ def _difference_line(comparison: dict[str, Any]) -> str:
     digits = 4 if figure == "loss" else 3
     head = (
         f"pruned - {comparison['control']}, {figure}: {estimate:+.{digits}f} "
-        f"[{comparison['low']:+.{digits}f}, {comparison['high']:+.{digits}f}], "
-        + ("p<0.0001" if comparison["p_value"] < 1e-4 else f"p={comparison['p_value']:.2g}")
+        f"[{comparison['low']:+.{digits}f}, {comparison['high']:+.{digits}f}], " + p_text(comparison["p_value"])
     )
     if comparison["p_value"] >= 1 - comparison["confidence"]:
         return f"{head}: no difference shown"
