@@ -162,6 +162,7 @@ def _card_html(card: NetworkCard) -> str:
         f"<section class='card' data-network='{html.escape(str(card.id))}'>"
         f"<h3>{html.escape(card.title)}</h3>"
         f"<div class='profile' title='neurons per layer'>{bars}</div>"
+        f"<p class='axis'>neurons per layer, 0 to {len(card.layer_counts) - 1}</p>"
         f"<p>activity sd {sd:.3g}, max {peak:.3g} ({peak_sd:.1f} sd){html.escape(_correlation_text(card))}</p>"
         "<table class='examples'><thead><tr><th>activity</th><th>record</th><th>pos</th><th>context</th></tr>"
         f"</thead><tbody>{rows}</tbody></table>"

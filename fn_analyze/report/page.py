@@ -44,6 +44,7 @@ mark { background: #ffe066; font-weight: bold; }
 .card { border: 1px solid #ccc; border-radius: 6px; padding: .6rem .8rem; margin: .8rem 0; }
 .profile { display: flex; align-items: flex-end; height: 28px; gap: 1px; margin: .3rem 0; }
 .profile span { flex: 1; background: #4a78b5; min-width: 2px; }
+.axis { font-size: 11px; color: #666; margin: 0 0 .4rem; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dt { font-weight: bold; }
 @media print { body { max-width: none; margin: 0; font-size: 11px; } .card, img, pre { break-inside: avoid; }
   h2 { break-after: avoid; } }
