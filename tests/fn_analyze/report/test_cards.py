@@ -187,3 +187,22 @@ def test_report_refuses_bad_input_in_one_line_and_writes_nothing(tiny_run: tuple
     refused(runner.invoke(app, [*base, "--activations", str(acts), "--experiment", str(tmp_path)]), "table.txt")
     refused(runner.invoke(app, [*base, "--activations", str(acts), "--out", str(tmp_path / "p.htm")]), "end in .html")
     assert not out.exists() and not list(tmp_path.glob("*.html"))
+
+
+def test_report_on_a_model_run_over_the_dataset_cards_the_tokens_the_folder_cards(
+    tiny_run: tuple[Path, Path], demo_dir: Path, tmp_path: Path
+) -> None:
+    from fn_analyze.config import ReportConfig
+    from fn_analyze.report.page import write_report
+
+    acts, mask_path = tiny_run
+    on_folder = write_report(ReportConfig(mask_file=mask_path, activations=acts, out=tmp_path / "a.html"))
+    on_model = write_report(
+        ReportConfig(mask_file=mask_path, dataset=str(demo_dir / "data.jsonl"), max_tokens=600, out=tmp_path / "b.html")
+    )
+    assert "model " in on_model.cards.source and str(acts) in on_folder.cards.source
+
+    def chosen(report) -> list[list[tuple[int, int, int]]]:
+        return [[(e.record, e.position, e.token_id) for e in card.examples] for card in report.cards.cards]
+
+    assert chosen(on_model) == chosen(on_folder) and len(on_folder.cards.cards) == 3
