@@ -29,6 +29,15 @@ from shared.masks import MASSIVE, MaskFile, Network, NetworkId, load_mask_file
 TOP_POOL = 100  # the most active tokens that recurring tokens and the spread over records are counted on
 SCAN_ROWS = 2000  # the most active tokens looked through for examples with distinct contexts
 Decode = Callable[[Sequence[int]], str]
+# The cards' own style, carried by their HTML so that a notebook shows them as the report page does.
+CARD_STYLE = """
+.network-cards td.ctx, .network-cards span.ctx { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+.network-cards mark { background: #ffe066; font-weight: bold; }
+.network-cards .card { border: 1px solid #ccc; border-radius: 6px; padding: .6rem .8rem; margin: .8rem 0; }
+.network-cards .profile { display: flex; align-items: flex-end; height: 28px; gap: 1px; margin: .3rem 0; }
+.network-cards .profile span { flex: 1; background: #4a78b5; min-width: 2px; }
+.network-cards .axis { font-size: 11px; color: #666; margin: 0 0 .4rem; }
+"""
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,8 @@ class NetworkCards:
             f"<p class='cards-source'>On {html.escape(self.source)}. Activity: the token's centered activations "
             "projected on the network's map, restricted to its neurons; the token is <mark>marked</mark>.</p>"
         )
-        return f"<div class='network-cards'>{head}{''.join(_card_html(card) for card in self.cards)}</div>"
+        cards = "".join(_card_html(card) for card in self.cards)
+        return f"<div class='network-cards'><style>{CARD_STYLE}</style>{head}{cards}</div>"
 
 
 def _card_lines(card: NetworkCard) -> list[str]:

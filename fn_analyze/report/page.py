@@ -39,14 +39,9 @@ img { max-width: 100%; height: auto; display: block; margin: .5rem 0; }
 table { border-collapse: collapse; font-size: 12.5px; }
 td, th { border-bottom: 1px solid #e3e3e3; padding: 2px 6px; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.ctx, span.ctx { font-family: ui-monospace, monospace; white-space: pre-wrap; }
-mark { background: #ffe066; font-weight: bold; }
-.card { border: 1px solid #ccc; border-radius: 6px; padding: .6rem .8rem; margin: .8rem 0; }
-.profile { display: flex; align-items: flex-end; height: 28px; gap: 1px; margin: .3rem 0; }
-.profile span { flex: 1; background: #4a78b5; min-width: 2px; }
-.axis { font-size: 11px; color: #666; margin: 0 0 .4rem; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dt { font-weight: bold; }
-@media print { body { max-width: none; margin: 0; font-size: 11px; } .card, img, pre { break-inside: avoid; }
+@media print { body { max-width: none; margin: 0; font-size: 11px; } pre { white-space: pre-wrap; }
+  .card, img, pre { break-inside: avoid; }
   h2 { break-after: avoid; } }
 """
 

@@ -83,6 +83,8 @@ def test_the_page_shows_every_card_and_image_and_fetches_nothing(page_file: Path
             marked = page.eval_on_selector_all("section.card mark", "marks => marks.length")
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
+            printed = tmp_path / "report.pdf"
+            page.pdf(path=str(printed))  # as the print dialog would lay it out
         finally:
             browser.close()
     assert cards == ["0", "1", "massive"]
@@ -92,3 +94,4 @@ def test_the_page_shows_every_card_and_image_and_fetches_nothing(page_file: Path
     assert errors == []
     assert [u for u in requests if u != url and not u.startswith("data:")] == [], requests
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert printed.read_bytes()[:5] == b"%PDF-" and printed.stat().st_size > 10_000
