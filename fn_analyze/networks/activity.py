@@ -89,6 +89,8 @@ def network_activity(
     width, layers = source.intermediate_size, list(source.layers)
     columns = [_columns(network, layers, width) for network in chosen]
     weights = [_map_weights(network) for network in chosen]
+    needed = np.unique(np.concatenate(columns)) if columns else np.zeros(0, np.int64)
+    local = [np.searchsorted(needed, cols) for cols in columns]  # each network's columns within `needed`
     projections, signless = [], {j: [] for j, w in enumerate(weights) if w is None}
     token_ids, records, positions = [], [], []
     for shard in shards_of(source):
@@ -96,13 +98,13 @@ def network_activity(
         records.append(shard.records())
         positions.append(shard.positions())
         for block in shard.blocks(BLOCK_ROWS):
-            block = np.asarray(block, dtype=np.float64)
-            part = np.zeros((len(block), len(chosen)))
-            for j, (cols, w) in enumerate(zip(columns, weights, strict=True)):
+            held = np.asarray(block[:, needed], dtype=np.float64)  # only the networks' columns, widened
+            part = np.zeros((len(held), len(chosen)))
+            for j, (cols, w) in enumerate(zip(local, weights, strict=True)):
                 if w is None:
-                    signless[j].append(block[:, cols])
+                    signless[j].append(held[:, cols])
                 else:
-                    part[:, j] = block[:, cols] @ w / (w @ w)
+                    part[:, j] = held[:, cols] @ w / (w @ w)
             projections.append(part)
     activity = np.concatenate(projections) if projections else np.zeros((0, len(chosen)))
     for j, parts in signless.items():
