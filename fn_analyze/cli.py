@@ -105,13 +105,16 @@ def show_command(
     """Print each network's size and how it spreads over layers; with --examples, what each responds to."""
     from fn_analyze.report.show import show
 
+    cards = None
+    if examples is not None:  # first: bad activations are refused before anything is printed or drawn
+        from fn_analyze.report.cards import network_cards
+
+        cards = network_cards(mask_file, examples, top=top)
     typer.echo(show(mask_file, plot))
     if plot is not None:
         typer.echo(f"plot: {plot}")
-    if examples is not None:
-        from fn_analyze.report.cards import network_cards
-
-        typer.echo("\n" + str(network_cards(mask_file, examples, top=top)))
+    if cards is not None:
+        typer.echo("\n" + str(cards))
 
 
 @app.command("report", cls=PlainHelpCommand)

@@ -206,3 +206,15 @@ def test_report_on_a_model_run_over_the_dataset_cards_the_tokens_the_folder_card
         return [[(e.record, e.position, e.token_id) for e in card.examples] for card in report.cards.cards]
 
     assert chosen(on_model) == chosen(on_folder) and len(on_folder.cards.cards) == 3
+
+
+def test_show_examples_refuses_missing_or_foreign_activations_in_one_line(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    acts, mask_path = tiny_run
+    runner = CliRunner()
+    missing = tmp_path / "nowhere"
+    refused(runner.invoke(app, ["show", str(mask_path), "--examples", str(missing)]), str(missing), "does not exist")
+    mask, rows, _ = _planted()
+    foreign = write_activations(tmp_path / "foreign", rows.matrix, list(LAYERS), WIDTH)
+    refused(runner.invoke(app, ["show", str(mask_path), "--examples", str(foreign)]), "was made for model")
