@@ -12,13 +12,19 @@ once) and `OMP_NUM_THREADS` = the cores that are free now (measured over a short
 /proc/stat, so that a neighbour's work counts but the 1-minute load average's memory of our
 own previous command does not). On an idle machine that is every core, as before.
 
+The library applies the same policy for Python callers: the wait policy when `shared` is imported
+(`passive_wait_unless_set`), the thread count at the first model load or ICA fit
+(`choose_torch_threads`); a command has already chosen both before torch loaded.
+
 And `single_threaded_blas`, numpy's BLAS on one thread around small array work that runs
 side by side with other work.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +32,10 @@ from contextlib import contextmanager
 from threadpoolctl import threadpool_limits
 
 SAMPLE_SECONDS = 0.1  # how long the CPU use of the other processes is sampled before the command starts
-_chosen: dict[str, str] = {}  # what set_thread_defaults set, for the --verbose log line
+_chosen: dict[str, str] = {}  # what this package set in the environment, for the --verbose log line
+_torch_threads_decided = False  # choose_torch_threads acts once per process
+
+log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -72,6 +81,84 @@ def set_thread_defaults(environ: dict[str, str] | None = None) -> dict[str, str]
     environ.update(chosen)
     _chosen.update(chosen)
     return chosen
+
+
+def passive_wait_unless_set(environ: dict[str, str] | None = None) -> None:
+    """Set OMP_WAIT_POLICY=PASSIVE where the user has not, if torch is not loaded yet.
+
+    Called when `shared` is imported: libgomp reads its environment once, when the library is
+    loaded (with torch), so this is the last moment a Python caller's process can still get it. A
+    process that imported torch first keeps libgomp's spinning wait; `choose_torch_threads` says so.
+    """
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in environ and "torch" not in sys.modules:
+        environ["OMP_WAIT_POLICY"] = _chosen["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def torch_default_threads() -> int:
+    """The intra-op thread count torch takes when nobody sets one (its MKL/OpenMP builds): the
+    physical cores among the usable ones (hyper-threads of one core count once)."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ():
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return usable_cores()
+    return len(cores) or usable_cores()
+
+
+def choose_torch_threads() -> None:
+    """The commands' thread count for a Python caller: torch's intra-op threads set to the cores
+    free now, at the first model load or ICA fit of the process (later calls do nothing, so a
+    session's results do not change with its neighbours), and said at INFO on this logger.
+
+    What the user chose is left alone: OMP_NUM_THREADS or MKL_NUM_THREADS in the environment, or
+    a torch.set_num_threads call, seen as a count other than torch's own default
+    (`torch_default_threads`). A call that asks for exactly that default cannot be told from no
+    call: set OMP_NUM_THREADS to keep every core whatever the neighbours do.
+    """
+    global _torch_threads_decided
+    if _torch_threads_decided:
+        return
+    _torch_threads_decided = True
+    if "OMP_NUM_THREADS" in _chosen:  # a command chose before torch loaded; its --verbose says so
+        return
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if name in os.environ:
+            log.info(
+                "threads: %s=%s set by you, left as it is (%d torch threads)",
+                name,
+                os.environ[name],
+                torch.get_num_threads(),
+            )
+            return
+    current = torch.get_num_threads()
+    if current != torch_default_threads():
+        log.info("threads: torch.set_num_threads(%d) set by you, left as it is", current)
+        return
+    free = free_cores()
+    torch.set_num_threads(free)
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    if policy is not None:
+        wait = f"; OMP_WAIT_POLICY={policy}"
+    elif free > 1:  # passive_wait_unless_set came after torch
+        wait = (
+            "; idle OpenMP threads spin before they sleep (torch was imported before this package: import "
+            "shared, fn_analyze or fn_train first, or set OMP_WAIT_POLICY=PASSIVE, for threads that sleep at once)"
+        )
+    else:
+        wait = ""
+    log.info(
+        "threads: %d torch threads, the cores free of %d usable%s; set OMP_NUM_THREADS or call "
+        "torch.set_num_threads before loading to choose",
+        free,
+        usable_cores(),
+        wait,
+    )
 
 
 def thread_note() -> str | None:
