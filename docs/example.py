@@ -11,9 +11,7 @@ project machine, 2026-12-06).
 import json
 import logging
 
-import numpy as np
-import torch
-
+# The project before torch: importing it first lets torch's idle threads sleep (docs/commands.md, Python API).
 from fn_analyze.networks.ica import NetworkICA
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
@@ -23,7 +21,11 @@ from shared.masked_model import MaskedModel
 from shared.masks import MaskFile
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")  # the ICA's progress lines; leave out for silence
+# isort: split
+import numpy as np
+import torch
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # threads chosen, ICA progress; leave out for silence
 model = load_causal_lm("smollm2-135m", dtype=torch.float32, device="cpu")
 tokenizer = load_tokenizer("smollm2-135m")
 records = [json.loads(line) for line in open("demo/data.jsonl", encoding="utf-8")][:120]

@@ -33,6 +33,8 @@ from threadpoolctl import threadpool_limits
 
 SAMPLE_SECONDS = 0.1  # how long the CPU use of the other processes is sampled before the command starts
 _chosen: dict[str, str] = {}  # what this package set in the environment, for the --verbose log line
+_busy_seen: list[float] = []  # the cores' worth of CPU time other processes used over free_cores's sample
+_command_chose = False  # set_thread_defaults ran: a console script, whose --verbose says what it chose
 _torch_threads_decided = False  # choose_torch_threads acts once per process
 
 log = logging.getLogger(__name__)
@@ -66,12 +68,23 @@ def free_cores(sample_seconds: float = SAMPLE_SECONDS) -> int:
     if after is None or after[1] <= before[1]:
         return cores
     busy = (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or cores)
+    _busy_seen[:] = [busy]
     return max(1, min(cores, cores - round(busy)))
+
+
+def _free_cores_why(count: int, before: str) -> str:
+    """Why free_cores gave `count`: what it saw the other processes use."""
+    if not _busy_seen:
+        return f"{count} of {usable_cores()} usable cores: no /proc/stat to read"
+    busy = f"other processes kept {_busy_seen[0]:.1f} cores busy over the {SAMPLE_SECONDS:g} s before {before}"
+    return f"{count} of {usable_cores()} usable cores free: {busy}"
 
 
 def set_thread_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Set OMP_WAIT_POLICY and OMP_NUM_THREADS in `environ` (default the process's) where the
     user has not; return what was set. Call before torch (or numpy) is imported."""
+    global _command_chose
+    _command_chose = True
     environ = os.environ if environ is None else environ
     chosen = {}
     if "OMP_WAIT_POLICY" not in environ:
@@ -153,20 +166,25 @@ def choose_torch_threads() -> None:
     else:
         wait = ""
     log.info(
-        "threads: %d torch threads, the cores free of %d usable%s; set OMP_NUM_THREADS or call "
-        "torch.set_num_threads before loading to choose",
+        "threads: %d torch threads (%s)%s; set OMP_NUM_THREADS or call torch.set_num_threads before loading to choose",
         free,
-        usable_cores(),
+        _free_cores_why(free, "the first model load or fit"),
         wait,
     )
 
 
-def thread_note() -> str | None:
-    """A line saying which thread settings the command chose, or None when the user set both."""
-    if not _chosen:
+def thread_note(environ: dict[str, str] | None = None) -> str | None:
+    """A line saying how many threads the command took and why, and the wait policy (`environ`, default
+    the process's, as set_thread_defaults left it); None in a process where no command chose (a Python
+    caller's choice is logged by `choose_torch_threads`)."""
+    if not _command_chose:
         return None
-    settings = ", ".join(f"{name}={value}" for name, value in _chosen.items())
-    return f"threads: {settings} ({usable_cores()} usable cores; set these variables yourself to choose)"
+    environ = os.environ if environ is None else environ
+    count = environ.get("OMP_NUM_THREADS")
+    why = _free_cores_why(int(count), "the start") if "OMP_NUM_THREADS" in _chosen else "set by you"
+    policy = environ.get("OMP_WAIT_POLICY")
+    wait = f"OMP_WAIT_POLICY={policy}" + ("" if "OMP_WAIT_POLICY" in _chosen else " (set by you)")
+    return f"threads: OMP_NUM_THREADS={count} ({why}); {wait}; set these variables yourself to choose"
 
 
 @contextmanager

@@ -24,18 +24,32 @@ UNTOUCHED = 3  # torch's default thread count in these tests, so that the free c
 @pytest.fixture
 def fresh_process(monkeypatch, caplog) -> None:
     """This process as one that has not chosen yet: torch at its default count, nothing in the
-    environment, one core free; torch's own count restored afterwards."""
+    environment but the passive wait, 2 usable cores of which other processes keep one busy;
+    torch's own count restored afterwards."""
     before = torch.get_num_threads()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setattr(threads, "_chosen", {})
+    monkeypatch.setattr(threads, "_busy_seen", [])
     monkeypatch.setattr(threads, "_torch_threads_decided", False)
     monkeypatch.setattr(threads, "torch_default_threads", lambda: UNTOUCHED)
-    monkeypatch.setattr(threads, "free_cores", lambda: 1)
+    samples = [(0, 0), (100, 200)]  # /proc/stat's (busy, total) jiffies: one core's worth busy
+    monkeypatch.setattr(threads, "_cpu_times", lambda: samples.pop(0) if samples else None)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
     torch.set_num_threads(UNTOUCHED)
     caplog.set_level(logging.INFO, logger="shared.threads")
     yield
     torch.set_num_threads(before)
+
+
+CHOSEN = (
+    "threads: 1 torch threads (1 of 2 usable cores free: other processes kept 1.0 cores busy over the 0.1 s "
+    "before the first model load or fit); OMP_WAIT_POLICY=PASSIVE; set OMP_NUM_THREADS or call "
+    "torch.set_num_threads before loading to choose"
+)
 
 
 def _thread_lines(caplog) -> list[str]:
@@ -45,8 +59,7 @@ def _thread_lines(caplog) -> list[str]:
 def test_the_first_model_load_gives_torch_the_free_cores(fresh_process, tiny_lm_dir: Path, caplog, monkeypatch) -> None:
     load_causal_lm(str(tiny_lm_dir), device="cpu")
     assert torch.get_num_threads() == 1
-    (line,) = _thread_lines(caplog)
-    assert line.startswith("threads: 1 torch threads, the cores free of")
+    assert _thread_lines(caplog) == [CHOSEN]
     monkeypatch.setattr(threads, "free_cores", lambda: 2)
     load_causal_lm(str(tiny_lm_dir), device="cpu")  # chosen once a process: a session's runs keep their count
     assert torch.get_num_threads() == 1 and len(_thread_lines(caplog)) == 1
@@ -56,7 +69,17 @@ def test_the_first_ica_fit_gives_torch_the_free_cores(fresh_process, caplog) -> 
     data = np.random.default_rng(0).normal(size=(300, 24))
     NetworkICA(n_components=2, runs=2, keep_unstable=True).fit(data, layers=[0, 1])
     assert torch.get_num_threads() == 1
-    assert [line.split(",")[0] for line in _thread_lines(caplog)] == ["threads: 1 torch threads"]
+    assert _thread_lines(caplog) == [CHOSEN]
+
+
+def test_threads_that_spin_are_said(fresh_process, tiny_lm_dir: Path, caplog, monkeypatch) -> None:
+    """Torch imported before the package: no passive wait, and two threads whose idle spinning the line names."""
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(threads, "free_cores", lambda: 2)
+    load_causal_lm(str(tiny_lm_dir), device="cpu")
+    assert torch.get_num_threads() == 2
+    (line,) = _thread_lines(caplog)
+    assert "; idle OpenMP threads spin before they sleep (torch was imported before this package" in line
 
 
 @pytest.mark.parametrize("variable", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
@@ -89,7 +112,7 @@ def test_the_passive_wait_is_set_only_before_torch_and_where_the_user_set_none(m
     assert environ == {}
     monkeypatch.delitem(sys.modules, "torch")
     threads.passive_wait_unless_set(environ)
-    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"} and "OMP_WAIT_POLICY=PASSIVE" in threads.thread_note()
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"} and threads._chosen == {"OMP_WAIT_POLICY": "PASSIVE"}
     mine = {"OMP_WAIT_POLICY": "ACTIVE"}
     threads.passive_wait_unless_set(mine)
     assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}
