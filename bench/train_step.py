@@ -23,13 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+# The project before torch, as in fn-train: its threads sleep when idle (OMP_WAIT_POLICY=PASSIVE).
+from fn_train.config import TrainConfig
+from fn_train.trainer import train
+
+# isort: split
 import torch
 import transformers
 from torch import nn
 from transformers import TrainerCallback
-
-from fn_train.config import TrainConfig
-from fn_train.trainer import train
 
 VARIANTS = [(threads, dropout) for dropout in (True, False) for threads in (1, 2)]
 

@@ -3,8 +3,9 @@ from the repository root after the set-up and `fn-analyze demo-data --out demo`.
 
 Record the demo questions' MLP activations in memory, find networks with `NetworkICA`, look at
 them, switch one off in the model and measure what that does to the answers' loss on records the
-ICA was not fitted on. Nothing is written to disk; about a minute on 2 CPU cores (58 s on the idle
-project machine, 2026-12-06).
+ICA was not fitted on. Nothing is written to disk. On the 2-core project machine: 58 s idle
+(2026-12-06), 2 min 38 s while other jobs kept it at load 14-17 (2026-12-07; threads as the library
+chose them, said in its first log line).
 """
 
 # %% Record activations in memory: the input of every down-projection, for each real token.
