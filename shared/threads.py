@@ -136,7 +136,7 @@ def choose_torch_threads() -> None:
     if _torch_threads_decided:
         return
     _torch_threads_decided = True
-    if "OMP_NUM_THREADS" in _chosen:  # a command chose before torch loaded; its --verbose says so
+    if _command_chose:  # a console script set (or left the user's) OMP_NUM_THREADS; its --verbose says so
         return
     import torch
 

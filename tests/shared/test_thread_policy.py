@@ -33,6 +33,7 @@ def fresh_process(monkeypatch, caplog) -> None:
     monkeypatch.setattr(threads, "_chosen", {})
     monkeypatch.setattr(threads, "_busy_seen", [])
     monkeypatch.setattr(threads, "_torch_threads_decided", False)
+    monkeypatch.setattr(threads, "_command_chose", False)
     monkeypatch.setattr(threads, "torch_default_threads", lambda: UNTOUCHED)
     samples = [(0, 0), (100, 200)]  # /proc/stat's (busy, total) jiffies: one core's worth busy
     monkeypatch.setattr(threads, "_cpu_times", lambda: samples.pop(0) if samples else None)
@@ -100,7 +101,7 @@ def test_the_users_own_torch_set_num_threads_is_left_alone(fresh_process, caplog
 
 
 def test_a_commands_choice_stands(fresh_process, tiny_lm_dir, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(threads, "_chosen", {"OMP_NUM_THREADS": "3"})  # as set_thread_defaults leaves it
+    monkeypatch.setattr(threads, "_command_chose", True)  # as set_thread_defaults leaves it
     load_causal_lm(str(tiny_lm_dir), device="cpu")
     assert torch.get_num_threads() == UNTOUCHED and _thread_lines(caplog) == []
 
