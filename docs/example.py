@@ -3,17 +3,16 @@ from the repository root after the set-up and `fn-analyze demo-data --out demo`.
 
 Record the demo questions' MLP activations in memory, find networks with `NetworkICA`, look at
 them, switch one off in the model and measure what that does to the answers' loss on records the
-ICA was not fitted on. Nothing is written to disk; about a minute on 2 CPU cores (58 s on the idle
-project machine, 2026-12-06).
+ICA was not fitted on. Nothing is written to disk. On the 2-core project machine: 58 s idle
+(2026-12-06), 2 min 38 s while other jobs kept it at load 14-17 (2026-12-07; threads as the library
+chose them, said in its first log line).
 """
 
 # %% Record activations in memory: the input of every down-projection, for each real token.
 import json
 import logging
 
-import numpy as np
-import torch
-
+# The project before torch: importing it first lets torch's idle threads sleep (docs/commands.md, Python API).
 from fn_analyze.networks.ica import NetworkICA
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
@@ -23,7 +22,11 @@ from shared.masked_model import MaskedModel
 from shared.masks import MaskFile
 from shared.models import load_causal_lm, load_tokenizer, model_info
 
-logging.basicConfig(level=logging.INFO, format="%(message)s")  # the ICA's progress lines; leave out for silence
+# isort: split
+import numpy as np
+import torch
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")  # threads chosen, ICA progress; leave out for silence
 model = load_causal_lm("smollm2-135m", dtype=torch.float32, device="cpu")
 tokenizer = load_tokenizer("smollm2-135m")
 records = [json.loads(line) for line in open("demo/data.jsonl", encoding="utf-8")][:120]

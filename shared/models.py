@@ -28,6 +28,7 @@ from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.folders import describe, kind
 from shared.masks import ModelInfo
+from shared.threads import choose_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,12 @@ def load_causal_lm(
     Code shipped with the model runs only with `trust_remote_code`. Weights are read from
     safetensors, or from a pickle with torch.load(weights_only=True) (transformers' default):
     a pickle that holds more than tensors is refused, not executed.
+
+    The first load of a process chooses torch's threads as the commands do (`shared.threads`).
     """
     from transformers import AutoModelForCausalLM
 
+    choose_torch_threads()
     device = choose_device(device) if isinstance(device, str) else device
     dtype = choose_dtype(dtype, device.type) if isinstance(dtype, str) else dtype
     path = resolve_model_path(name)

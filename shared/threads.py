@@ -12,13 +12,19 @@ once) and `OMP_NUM_THREADS` = the cores that are free now (measured over a short
 /proc/stat, so that a neighbour's work counts but the 1-minute load average's memory of our
 own previous command does not). On an idle machine that is every core, as before.
 
+The library applies the same policy for Python callers: the wait policy when `shared` is imported
+(`passive_wait_unless_set`), the thread count at the first model load or ICA fit
+(`choose_torch_threads`); a command has already chosen both before torch loaded.
+
 And `single_threaded_blas`, numpy's BLAS on one thread around small array work that runs
 side by side with other work.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +32,12 @@ from contextlib import contextmanager
 from threadpoolctl import threadpool_limits
 
 SAMPLE_SECONDS = 0.1  # how long the CPU use of the other processes is sampled before the command starts
-_chosen: dict[str, str] = {}  # what set_thread_defaults set, for the --verbose log line
+_chosen: dict[str, str] = {}  # what this package set in the environment, for the --verbose log line
+_busy_seen: list[float] = []  # the cores' worth of CPU time other processes used over free_cores's sample
+_command_chose = False  # set_thread_defaults ran: a console script, whose --verbose says what it chose
+_torch_threads_decided = False  # choose_torch_threads acts once per process
+
+log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
@@ -57,12 +68,23 @@ def free_cores(sample_seconds: float = SAMPLE_SECONDS) -> int:
     if after is None or after[1] <= before[1]:
         return cores
     busy = (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or cores)
+    _busy_seen[:] = [busy]
     return max(1, min(cores, cores - round(busy)))
+
+
+def _free_cores_why(count: int, before: str) -> str:
+    """Why free_cores gave `count`: what it saw the other processes use."""
+    if not _busy_seen:
+        return f"{count} of {usable_cores()} usable cores: no /proc/stat to read"
+    busy = f"other processes kept {_busy_seen[0]:.1f} cores busy over the {SAMPLE_SECONDS:g} s before {before}"
+    return f"{count} of {usable_cores()} usable cores free: {busy}"
 
 
 def set_thread_defaults(environ: dict[str, str] | None = None) -> dict[str, str]:
     """Set OMP_WAIT_POLICY and OMP_NUM_THREADS in `environ` (default the process's) where the
     user has not; return what was set. Call before torch (or numpy) is imported."""
+    global _command_chose
+    _command_chose = True
     environ = os.environ if environ is None else environ
     chosen = {}
     if "OMP_WAIT_POLICY" not in environ:
@@ -74,12 +96,95 @@ def set_thread_defaults(environ: dict[str, str] | None = None) -> dict[str, str]
     return chosen
 
 
-def thread_note() -> str | None:
-    """A line saying which thread settings the command chose, or None when the user set both."""
-    if not _chosen:
+def passive_wait_unless_set(environ: dict[str, str] | None = None) -> None:
+    """Set OMP_WAIT_POLICY=PASSIVE where the user has not, if torch is not loaded yet.
+
+    Called when `shared` is imported: libgomp reads its environment once, when the library is
+    loaded (with torch), so this is the last moment a Python caller's process can still get it. A
+    process that imported torch first keeps libgomp's spinning wait; `choose_torch_threads` says so.
+    """
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in environ and "torch" not in sys.modules:
+        environ["OMP_WAIT_POLICY"] = _chosen["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def torch_default_threads() -> int:
+    """The intra-op thread count torch takes when nobody sets one (its MKL/OpenMP builds): the
+    physical cores among the usable ones (hyper-threads of one core count once)."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ():
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as package, open(f"{topology}/core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            return usable_cores()
+    return len(cores) or usable_cores()
+
+
+def choose_torch_threads() -> None:
+    """The commands' thread count for a Python caller: torch's intra-op threads set to the cores
+    free now, at the first model load or ICA fit of the process (later calls do nothing, so a
+    session's results do not change with its neighbours), and said at INFO on this logger.
+
+    What the user chose is left alone: OMP_NUM_THREADS or MKL_NUM_THREADS in the environment, or
+    a torch.set_num_threads call, seen as a count other than torch's own default
+    (`torch_default_threads`). A call that asks for exactly that default cannot be told from no
+    call: set OMP_NUM_THREADS to keep every core whatever the neighbours do.
+    """
+    global _torch_threads_decided
+    if _torch_threads_decided:
+        return
+    _torch_threads_decided = True
+    if _command_chose:  # a console script set (or left the user's) OMP_NUM_THREADS; its --verbose says so
+        return
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if name in os.environ:
+            log.info(
+                "threads: %s=%s set by you, left as it is (%d torch threads)",
+                name,
+                os.environ[name],
+                torch.get_num_threads(),
+            )
+            return
+    current = torch.get_num_threads()
+    if current != torch_default_threads():
+        log.info("threads: torch.set_num_threads(%d) set by you, left as it is", current)
+        return
+    free = free_cores()
+    torch.set_num_threads(free)
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    if policy is not None:
+        wait = f"; OMP_WAIT_POLICY={policy}"
+    elif free > 1:  # passive_wait_unless_set came after torch
+        wait = (
+            "; idle OpenMP threads spin before they sleep (torch was imported before this package: import "
+            "shared, fn_analyze or fn_train first, or set OMP_WAIT_POLICY=PASSIVE, for threads that sleep at once)"
+        )
+    else:
+        wait = ""
+    log.info(
+        "threads: %d torch threads (%s)%s; set OMP_NUM_THREADS or call torch.set_num_threads before loading to choose",
+        free,
+        _free_cores_why(free, "the first model load or fit"),
+        wait,
+    )
+
+
+def thread_note(environ: dict[str, str] | None = None) -> str | None:
+    """A line saying how many threads the command took and why, and the wait policy (`environ`, default
+    the process's, as set_thread_defaults left it); None in a process where no command chose (a Python
+    caller's choice is logged by `choose_torch_threads`)."""
+    if not _command_chose:
         return None
-    settings = ", ".join(f"{name}={value}" for name, value in _chosen.items())
-    return f"threads: {settings} ({usable_cores()} usable cores; set these variables yourself to choose)"
+    environ = os.environ if environ is None else environ
+    count = environ.get("OMP_NUM_THREADS")
+    why = _free_cores_why(int(count), "the start") if "OMP_NUM_THREADS" in _chosen else "set by you"
+    policy = environ.get("OMP_WAIT_POLICY")
+    wait = f"OMP_WAIT_POLICY={policy}" + ("" if "OMP_WAIT_POLICY" in _chosen else " (set by you)")
+    return f"threads: OMP_NUM_THREADS={count} ({why}); {wait}; set these variables yourself to choose"
 
 
 @contextmanager

@@ -44,6 +44,7 @@ from shared.errors import ParameterError
 from shared.mask_index import check_mask_out, register_mask
 from shared.masks import MaskFile, ModelInfo, Network, save_mask_file, union
 from shared.progress import progress_log
+from shared.threads import choose_torch_threads
 
 log = logging.getLogger(__name__)
 say = progress_log("ica")
@@ -475,8 +476,10 @@ class NetworkICA(BaseEstimator, IcaSettings):
         returns) or an array of tokens x neurons. An array's columns are layer-major over `layers`
         (default one layer, 0); `records` (each row its own by default) decide the splits, `positions`
         and `token_ids` (0 by default) what `exclude_positions` and `exclude_token_ids` leave out.
-        A bad parameter is refused here, naming it (`shared.errors.ParameterError`)."""
+        A bad parameter is refused here, naming it (`shared.errors.ParameterError`). The first fit or
+        model load of a process chooses torch's threads as the commands do (`shared.threads`)."""
         params = IcaParams(**self.get_params())
+        choose_torch_threads()
         if isinstance(X, np.ndarray):
             acts: TokenRows = ActivationMatrix.of(X, layers, records, positions, token_ids)
         else:

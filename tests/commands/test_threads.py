@@ -22,6 +22,8 @@ def two_cores(monkeypatch) -> list[tuple[int, int]]:
     monkeypatch.setattr(threads, "_cpu_times", lambda: samples.pop(0) if samples else None)
     monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
     monkeypatch.setattr(threads, "_chosen", {})
+    monkeypatch.setattr(threads, "_busy_seen", [])
+    monkeypatch.setattr(threads, "_command_chose", False)
     return samples
 
 
@@ -35,16 +37,24 @@ def test_free_cores_are_the_cores_others_leave_idle(two_cores: list[tuple[int, i
     assert threads.free_cores() == 2  # no /proc/stat: every core, as before
 
 
-def test_defaults_are_set_only_where_the_user_set_nothing(two_cores: list[tuple[int, int]]) -> None:
+def test_defaults_are_set_only_where_the_user_set_nothing(two_cores: list[tuple[int, int]], monkeypatch) -> None:
     two_cores += [(0, 0), (100, 200)]
     environ: dict[str, str] = {}
     assert threads.set_thread_defaults(environ) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     assert environ == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
-    assert "OMP_NUM_THREADS=1" in threads.thread_note()
+    assert threads.thread_note(environ) == (
+        "threads: OMP_NUM_THREADS=1 (1 of 2 usable cores free: other processes kept 1.0 cores busy over the "
+        "0.1 s before the start); OMP_WAIT_POLICY=PASSIVE; set these variables yourself to choose"
+    )
     mine = {"OMP_NUM_THREADS": "2"}
     assert threads.set_thread_defaults(mine) == {"OMP_WAIT_POLICY": "PASSIVE"} and mine["OMP_NUM_THREADS"] == "2"
     both = {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setattr(threads, "_chosen", {})
     assert threads.set_thread_defaults(both) == {} and both == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert threads.thread_note(both) == (
+        "threads: OMP_NUM_THREADS=2 (set by you); OMP_WAIT_POLICY=ACTIVE (set by you); set these variables "
+        "yourself to choose"
+    )
 
 
 @pytest.mark.parametrize("module", ["fn_analyze.cli", "fn_train.cli"])

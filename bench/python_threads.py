@@ -1,0 +1,108 @@
+"""What the library's thread policy does for a Python script: 20 forward passes of the embedded model.
+
+Each run is a fresh Python process (the wait policy is read once, when torch loads):
+
+- `torch defaults`: torch imported first and the model loaded with transformers, as a script did
+  before the library chose threads (one thread per core, idle threads spinning before they sleep);
+- `library`: the package imported first and the model loaded with `shared.models.load_causal_lm`,
+  which sets OMP_WAIT_POLICY=PASSIVE and torch's threads to the cores free at the load.
+
+Both with no neighbour of ours and beside one busy process (a Python loop this bench starts and
+stops), in alternating order over `--rounds` rounds. Timed: the 20 passes after one warm-up pass,
+model load excluded. Ends with `python_threads: ratio=X`, the defaults' median time over the
+library's beside the busy process.
+
+    python bench/python_threads.py            # ~2-4 min on 2 idle cores; prints one line a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (
+    "Question: Which planet in the solar system has the shortest day, and how long does it last? "
+    "Answer: Jupiter has the shortest day of all the planets: it turns once on its axis in just under ten hours."
+)
+LOADS = {
+    "torch defaults": (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from shared.models import embedded_model_dir, load_tokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32).eval()\n"
+    ),
+    "library": (
+        "from shared.models import load_causal_lm, load_tokenizer\n"
+        "import torch\n"
+        "model = load_causal_lm('smollm2-135m', dtype=torch.float32, device='cpu')\n"
+    ),
+}
+PASSES = (
+    "import json, os, time\n"
+    "batch = load_tokenizer('smollm2-135m')({text!r}, return_tensors='pt')\n"
+    "with torch.no_grad():\n"
+    "    model(**batch)\n"
+    "    start = time.perf_counter()\n"
+    "    for _ in range({passes}):\n"
+    "        model(**batch)\n"
+    "    seconds = time.perf_counter() - start\n"
+    "print(json.dumps({{'seconds': seconds, 'threads': torch.get_num_threads(), 'tokens': batch['input_ids'].shape[1],"
+    " 'wait': os.environ.get('OMP_WAIT_POLICY', 'unset')}}))\n"
+)
+
+
+def timed_run(variant: str, passes: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = LOADS[variant] + PASSES.format(text=TEXT, passes=passes)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="Runs of each variant in each condition.")
+    parser.add_argument("--passes", type=int, default=20, help="Timed forward passes per run.")
+    args = parser.parse_args()
+    times: dict[tuple[str, str], list[float]] = {}
+    for condition in ("no neighbour", "one busy process"):
+        for round_ in range(args.rounds):
+            order = list(LOADS) if round_ % 2 == 0 else list(reversed(LOADS))
+            for variant in order:
+                neighbour = None
+                if condition == "one busy process":
+                    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    time.sleep(1.0)  # let it take its core before the run samples the free cores
+                load = load_average()
+                try:
+                    result = timed_run(variant, args.passes)
+                finally:
+                    if neighbour is not None:
+                        neighbour.kill()
+                        neighbour.wait()
+                times.setdefault((condition, variant), []).append(result["seconds"])
+                print(
+                    f"{condition}, {variant}: {result['seconds']:.2f} s for {args.passes} passes of "
+                    f"{result['tokens']} tokens ({result['threads']} threads, OMP_WAIT_POLICY {result['wait']}; "
+                    f"load before {load})",
+                    flush=True,
+                )
+    for (condition, variant), seconds in times.items():
+        print(f"median, {condition}, {variant}: {statistics.median(seconds):.2f} s")
+    busy = [statistics.median(times[("one busy process", variant)]) for variant in LOADS]
+    print(f"python_threads: ratio={busy[0] / busy[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
