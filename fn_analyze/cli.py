@@ -27,10 +27,12 @@ from shared.cli import (
     config_options,
     handle_errors,
     library_warnings,
+    load_libraries,
     progress_on_stdout,
     setup_logging,
     typer_app,
 )
+from shared.early_checks import check_inputs
 from shared.progress import progress_shown_while
 from shared.threads import set_thread_defaults
 
@@ -51,6 +53,17 @@ def _root(
     ctx.with_resource(progress_on_stdout())
 
 
+def _inputs_checked(settings: dict[str, Any]) -> None:
+    """The command's inputs checked (`shared.early_checks`, and an activations folder's manifest),
+    then the heavy libraries loaded: a bad input is refused before they take their seconds."""
+    check_inputs(settings)
+    if settings.get("activations") is not None:
+        from fn_analyze.record.activations import open_manifest
+
+        open_manifest(Path(settings["activations"]))
+    load_libraries()
+
+
 @app.command("collect", cls=PlainHelpCommand)
 @handle_errors("fn-analyze collect")
 @config_options(CollectConfig)
@@ -60,9 +73,11 @@ def collect_command(settings: dict[str, Any]) -> None:
     Re-running the same command after an interruption continues from the finished shards.
     Under `torchrun --nproc_per_node N` each process records its share into its own shards.
     """
+    config = CollectConfig(**settings)
+    _inputs_checked(settings)
     from fn_analyze.record.collect import collect
 
-    collect(CollectConfig(**settings))
+    collect(config)
 
 
 @app.command("ica", cls=PlainHelpCommand)
@@ -70,9 +85,11 @@ def collect_command(settings: dict[str, Any]) -> None:
 @config_options(IcaConfig)
 def ica_command(settings: dict[str, Any]) -> None:
     """Find networks by spatial ICA over all captured neurons and write a mask file."""
+    config = IcaConfig(**settings)
+    _inputs_checked(settings)
     from fn_analyze.networks.ica import run_ica
 
-    run_ica(IcaConfig(**settings))
+    run_ica(config)
 
 
 @app.command("verify", cls=PlainHelpCommand)
@@ -110,6 +127,7 @@ def evaluate_command(given: dict[str, Any]) -> None:
     (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
     with --pruned, a pruned folder next to its original and random prunings."""
     config = evaluation_config(given)
+    _inputs_checked(given)
     if isinstance(config, TunedEvalConfig):
         from fn_analyze.measure.tuned import evaluate_tuned, format_tuned_table
 
@@ -146,9 +164,11 @@ def compare_command(settings: dict[str, Any]) -> None:
 def prune_command(settings: dict[str, Any]) -> None:
     """Remove MLP neurons physically, the same share per layer, keeping a mask file's networks first:
     a smaller, faster plain model folder, its provenance, and the mask remapped to it."""
+    config = PruneConfig(**settings)
+    _inputs_checked(settings)
     from fn_analyze.prune.pruning import format_prune_summary, prune
 
-    typer.echo(format_prune_summary(prune(PruneConfig(**settings))))
+    typer.echo(format_prune_summary(prune(config)))
 
 
 @app.command("demo-data", cls=PlainHelpCommand)

@@ -21,11 +21,14 @@ from shared.cli import (
     config_options,
     handle_errors,
     library_warnings,
+    load_libraries,
     progress_on_stdout,
     setup_logging,
     typer_app,
 )
+from shared.early_checks import check_inputs
 from shared.errors import ParameterError, UserError
+from shared.models import check_model_reachable
 from shared.options import flag_namer
 from shared.progress import progress_shown_while
 from shared.threads import set_thread_defaults
@@ -44,9 +47,8 @@ def run(
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them.
     `fn-train experiment --config FILE` compares arms over seeds against random neurons (see its --help)."""
     setup_logging(bool(verbose))
-    from shared.models import check_model_reachable
-
-    check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
+    check_inputs(settings)  # a missing file, a wrong column, an unknown model: refused before the heavy imports
+    load_libraries()
     from fn_train.trainer import train
 
     with library_warnings(bool(verbose)), progress_on_stdout(), progress_shown_while(verbose is not False):
@@ -71,9 +73,8 @@ def experiment(
     from fn_train.experiment.config import load_experiment_config
 
     settings = load_experiment_config(config)
-    from shared.models import check_model_reachable
-
     check_model_reachable(settings.model)
+    load_libraries()
     from fn_train.experiment.report import format_table
     from fn_train.experiment.runner import run_experiment
 
