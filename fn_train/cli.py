@@ -47,12 +47,13 @@ def run(
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them.
     `fn-train experiment --config FILE` compares arms over seeds against random neurons (see its --help)."""
     setup_logging(bool(verbose))
-    check_inputs(settings)  # a missing file, a wrong column, an unknown model: refused before the heavy imports
+    config = train_config.TrainConfig(**settings)
+    check_inputs(config)  # a missing file, a wrong column, an unknown model: refused before the heavy imports
     load_libraries()
     from fn_train.trainer import train
 
     with library_warnings(bool(verbose)), progress_on_stdout(), progress_shown_while(verbose is not False):
-        train(train_config.TrainConfig(**settings))
+        train(config)
 
 
 def experiment(
