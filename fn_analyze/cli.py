@@ -32,7 +32,6 @@ from shared.cli import (
     setup_logging,
     typer_app,
 )
-from shared.early_checks import check_inputs
 from shared.progress import progress_shown_while
 from shared.threads import set_thread_defaults
 
@@ -56,6 +55,8 @@ def _root(
 def _inputs_checked(settings: dict[str, Any]) -> None:
     """The command's inputs checked (`shared.early_checks`, and an activations folder's manifest),
     then the heavy libraries loaded: a bad input is refused before they take their seconds."""
+    from shared.early_checks import check_inputs
+
     check_inputs(settings)
     if settings.get("activations") is not None:
         from fn_analyze.record.activations import open_manifest

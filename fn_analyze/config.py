@@ -156,6 +156,12 @@ class IcaSettings:
     keep_unstable: bool = option(  # each emitted cluster still carries its figures
         False, off="stable_only", help="Also emit the clusters below the --min-* levels."
     )
+    allow_little_data: bool = option(  # the rule and its reasons: fn_analyze/networks/data_needed.py
+        False,
+        off="enough_data",
+        help="Go on when the tokens are below the floor for the components asked (k + oversample in each "
+        "part the consensus compares); the networks then follow the tokens' noise.",
+    )
     max_iter: int = 5000
     tol: float | None = None  # the solver's tolerance; default TOLERANCES[solver], far below the libraries' own
     oversample: int | None = None  # extra columns of the reduction (default k, at least 10)

@@ -26,9 +26,7 @@ from shared.cli import (
     setup_logging,
     typer_app,
 )
-from shared.early_checks import check_inputs
 from shared.errors import ParameterError, UserError
-from shared.models import check_model_reachable
 from shared.options import flag_namer
 from shared.progress import progress_shown_while
 from shared.threads import set_thread_defaults
@@ -47,6 +45,8 @@ def run(
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them.
     `fn-train experiment --config FILE` compares arms over seeds against random neurons (see its --help)."""
     setup_logging(bool(verbose))
+    from shared.early_checks import check_inputs
+
     config = train_config.TrainConfig(**settings)
     check_inputs(config)  # a missing file, a wrong column, an unknown model: refused before the heavy imports
     load_libraries()
@@ -74,6 +74,8 @@ def experiment(
     from fn_train.experiment.config import load_experiment_config
 
     settings = load_experiment_config(config)
+    from shared.models import check_model_reachable
+
     check_model_reachable(settings.model)
     load_libraries()
     from fn_train.experiment.report import format_table
