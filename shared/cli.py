@@ -4,6 +4,7 @@ the commands built from config dataclasses (their options, --config files)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
@@ -468,7 +469,9 @@ def read_config_file(path: Path, command: Any, tool: str, annotations: dict[str,
     defaults: dict[str, Any] = {}
     for key, value in raw.items():
         if str(key) not in keys:
-            raise UserError(f"--config {path}: unknown setting {key!r}; use the flag names of {tool} --help")
+            nearest = difflib.get_close_matches(str(key), list(keys), n=1)
+            fix = f"did you mean {nearest[0]!r}?" if nearest else f"use the flag names of {tool} --help"
+            raise UserError(f"--config {path}: unknown setting {key!r}; {fix}")
         name, as_given = keys[str(key)]
         if not as_given:
             if not isinstance(value, bool):

@@ -38,14 +38,16 @@ def check_inputs(settings: Any) -> None:
     """Check the inputs a command's settings (a dict, or a config) name: data files, the model and
     mask files. Fields it lacks or leaves empty are skipped. (fn-analyze checks an activations
     folder's manifest itself: shared does not import fn_analyze.)"""
-    values = settings if isinstance(settings, dict) else vars(settings)
-    data_format = values.get("data_format") or "auto"
+
+    def value(name: str) -> Any:
+        return settings.get(name) if isinstance(settings, dict) else getattr(settings, name, None)
+
     for name in _MODELS:
-        if values.get(name) is not None:
-            check_model_reachable(str(values[name]))
+        if value(name) is not None:
+            check_model_reachable(str(value(name)))
     for name in _MASK_FILES:
-        if values.get(name) is not None:
-            load_mask_file(Path(values[name]))
+        if value(name) is not None:
+            load_mask_file(Path(value(name)))
     for name in _DATASETS:
-        if values.get(name) is not None:
-            check_dataset(str(values[name]), data_format if name != "retention" else "auto")
+        if value(name) is not None:
+            check_dataset(str(value(name)), (value("data_format") or "auto") if name != "retention" else "auto")

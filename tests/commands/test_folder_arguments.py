@@ -144,6 +144,7 @@ RESUME = [
 def test_resume_folders(name: str, said: str, tmp_path: Path, tiny_lm_dir: Path) -> None:
     path = _make(name, tmp_path, tiny_lm_dir)
     out = tmp_path / "out"
+    (tmp_path / "x.csv").write_text("question,answer\nq,a\n")  # readable: the refusal is the folder's
     args = ["--dataset_name_or_path", str(tmp_path / "x.csv"), "--output_dir", str(out)]
     line = refused(CliRunner().invoke(train_app, [*args, "--resume_from_checkpoint", str(path)]))
     if said == ACCEPTED:
