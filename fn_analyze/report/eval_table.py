@@ -120,7 +120,7 @@ def _enough_rows(results: dict[str, Any]) -> list[str]:
     control = None if chosen is None else chosen["controls"].get(VERDICT_CONTROL)
     if control is None or control.get("detectable") is None:
         if rows < MIN_ROWS:
-            return [f"warning: {rows} rows are too few for these figures to mean anything; score at least {MIN_ROWS}"]
+            return [f"warning: {rows} rows are too few for these figures to mean anything; score more rows"]
         return []
     detectable, harm = control["detectable"], control["ratio"]["denominator"]
     line = (
@@ -130,7 +130,7 @@ def _enough_rows(results: dict[str, Any]) -> list[str]:
     lines = [line]
     if rows < MIN_ROWS or detectable > abs(harm):
         why = (
-            f"fewer than {MIN_ROWS} rows give intervals that are too narrow"
+            "a bootstrap over so few rows has few distinct resamples, and its intervals come out too narrow"
             if rows < MIN_ROWS
             else "the random sets' harm, each ratio's denominator, is below what they can detect"
         )
