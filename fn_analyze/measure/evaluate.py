@@ -222,9 +222,12 @@ def ratio_of(figure: str, result: Score, base: Score, controls: list[Score], see
     return asdict(ratio)
 
 
-def detectable_harm(base: Score, controls: list[Score]) -> float | None:
+DETECTION_POWER = 0.8  # of `detectable_harm`, with a two-sided test at 5%
+
+
+def detectable_harm(base: Score, controls: list[Score]) -> dict[str, float] | None:
     """The smallest extra loss of the random sets' mean over the base that these rows could detect
-    (80% power, two-sided 5%; `shared.statistics.Difference.detectable`, paired over the rows); None
+    (`extra_loss`, at `power`; `shared.statistics.Difference.detectable`, paired over the rows); None
     when the rows do not vary or are fewer than two. A ratio whose random sets harm less than this
     has a denominator these rows cannot tell from zero."""
     base_values, weights = row_figure(base, "loss")
@@ -232,7 +235,9 @@ def detectable_harm(base: Score, controls: list[Score]) -> float | None:
         return None
     mean_control = np.mean(np.stack([row_figure(control, "loss")[0] for control in controls]), axis=0)
     difference = paired_difference(mean_control[None, :], base_values[None, :], weights)
-    return difference.detectable() if difference.spread else None
+    if not difference.spread:
+        return None
+    return {"extra_loss": difference.detectable(DETECTION_POWER), "power": DETECTION_POWER}
 
 
 def row_figure(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:

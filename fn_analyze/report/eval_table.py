@@ -122,9 +122,10 @@ def _enough_rows(results: dict[str, Any]) -> list[str]:
         if rows < MIN_ROWS:
             return [f"warning: {rows} rows are too few for these figures to mean anything; score more rows"]
         return []
-    detectable, harm = control["detectable"], control["ratio"]["denominator"]
+    detectable, power = control["detectable"]["extra_loss"], control["detectable"]["power"]
+    harm = control["ratio"]["denominator"]
     line = (
-        f"rows: the smallest extra loss these {rows} rows could detect (80% power) is {detectable:.4f}; the "
+        f"rows: the smallest extra loss these {rows} rows could detect ({power:.0%} power) is {detectable:.4f}; the "
         f"magnitude-matched random sets of {chosen['name']} add {harm:.4f}"
     )
     lines = [line]
