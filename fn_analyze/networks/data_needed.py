@@ -36,7 +36,8 @@ NEURONS_PER_COMPONENT = 10
 
 
 def tokens_per_part(n_rows: int, splits: int) -> int:
-    """Tokens of the smallest part the consensus fits: the whole data, or one of `splits` parts."""
+    """Tokens of a part the consensus fits: the whole data, or an even share of `splits` parts (the parts
+    are made of whole records, so with few records one can be smaller: the rule is a floor, not a margin)."""
     return n_rows // max(splits, 1)
 
 
