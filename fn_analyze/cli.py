@@ -28,6 +28,7 @@ from shared.cli import (
     config_options,
     handle_errors,
     library_warnings,
+    load_libraries,
     progress_on_stdout,
     setup_logging,
     typer_app,
@@ -52,6 +53,19 @@ def _root(
     ctx.with_resource(progress_on_stdout())
 
 
+def _inputs_checked(settings: dict[str, Any]) -> None:
+    """The command's inputs checked (`shared.early_checks`, and an activations folder's manifest),
+    then the heavy libraries loaded: a bad input is refused before they take their seconds."""
+    from shared.early_checks import check_inputs
+
+    check_inputs(settings)
+    if settings.get("activations") is not None:
+        from fn_analyze.record.activations import open_manifest
+
+        open_manifest(Path(settings["activations"]))
+    load_libraries()
+
+
 @app.command("collect", cls=PlainHelpCommand)
 @handle_errors("fn-analyze collect")
 @config_options(CollectConfig)
@@ -61,9 +75,11 @@ def collect_command(settings: dict[str, Any]) -> None:
     Re-running the same command after an interruption continues from the finished shards.
     Under `torchrun --nproc_per_node N` each process records its share into its own shards.
     """
+    config = CollectConfig(**settings)
+    _inputs_checked(settings)
     from fn_analyze.record.collect import collect
 
-    collect(CollectConfig(**settings))
+    collect(config)
 
 
 @app.command("ica", cls=PlainHelpCommand)
@@ -71,9 +87,11 @@ def collect_command(settings: dict[str, Any]) -> None:
 @config_options(IcaConfig)
 def ica_command(settings: dict[str, Any]) -> None:
     """Find networks by spatial ICA over all captured neurons and write a mask file."""
+    config = IcaConfig(**settings)
+    _inputs_checked(settings)
     from fn_analyze.networks.ica import run_ica
 
-    run_ica(IcaConfig(**settings))
+    run_ica(config)
 
 
 @app.command("verify", cls=PlainHelpCommand)
@@ -136,6 +154,7 @@ def evaluate_command(given: dict[str, Any]) -> None:
     (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
     with --pruned, a pruned folder next to its original and random prunings."""
     config = evaluation_config(given)
+    _inputs_checked(given)
     if isinstance(config, TunedEvalConfig):
         from fn_analyze.measure.tuned import evaluate_tuned, format_tuned_table
 
@@ -172,9 +191,11 @@ def compare_command(settings: dict[str, Any]) -> None:
 def prune_command(settings: dict[str, Any]) -> None:
     """Remove MLP neurons physically, the same share per layer, keeping a mask file's networks first:
     a smaller, faster plain model folder, its provenance, and the mask remapped to it."""
+    config = PruneConfig(**settings)
+    _inputs_checked(settings)
     from fn_analyze.prune.pruning import format_prune_summary, prune
 
-    typer.echo(format_prune_summary(prune(PruneConfig(**settings))))
+    typer.echo(format_prune_summary(prune(config)))
 
 
 @app.command("demo-data", cls=PlainHelpCommand)

@@ -156,11 +156,19 @@ class IcaSettings:
     keep_unstable: bool = option(  # each emitted cluster still carries its figures
         False, off="stable_only", help="Also emit the clusters below the --min-* levels."
     )
+    allow_little_data: bool = option(  # the rule and its reasons: fn_analyze/networks/data_needed.py
+        False,
+        off="enough_data",
+        help="Go on when the tokens are below the floor for the components asked (k + oversample in each "
+        "part the consensus compares); the networks then follow the tokens' noise.",
+    )
     max_iter: int = 5000
     tol: float | None = None  # the solver's tolerance; default TOLERANCES[solver], far below the libraries' own
     oversample: int | None = None  # extra columns of the reduction (default k, at least 10)
     reduction_tol: float = 1e-6  # the reduction stops when its top-k subspace moves less than this (sine)
-    max_passes: int = 40
+    max_passes: int = option(  # each pass reads the data once; the warning that it ran out names this flag
+        40, help="Most passes of the reduction's subspace iteration (it stops earlier once the subspace settles)."
+    )
     per_layer: bool = option(
         False, off="whole_model", help="One ICA per layer (n-components each) or one over all layers."
     )
@@ -226,6 +234,8 @@ class IcaParams(IcaSettings):
             raise ParameterError("{percentile} must lie strictly between 0 and 100, got {value}", value=self.percentile)
         if self.threshold <= 0:
             raise ParameterError("{threshold} must be a positive z-score, got {value}", value=self.threshold)
+        if self.max_passes < 1:
+            raise ParameterError("{max_passes} must be at least 1, got {value}", value=self.max_passes)
         if self.oversample is not None and self.oversample < 0:
             raise ParameterError("{oversample} must be at least 0, got {value}", value=self.oversample)
         if self.engine not in ENGINES:

@@ -21,6 +21,7 @@ from shared.cli import (
     config_options,
     handle_errors,
     library_warnings,
+    load_libraries,
     progress_on_stdout,
     setup_logging,
     typer_app,
@@ -44,13 +45,15 @@ def run(
     """Fine-tune with TRL's SFTTrainer while a mask switches functional networks off or isolates them.
     `fn-train experiment --config FILE` compares arms over seeds against random neurons (see its --help)."""
     setup_logging(bool(verbose))
-    from shared.models import check_model_reachable
+    from shared.early_checks import check_inputs
 
-    check_model_reachable(settings["model_name_or_path"])  # offline, an unknown model fails before the heavy imports
+    config = train_config.TrainConfig(**settings)
+    check_inputs(config)  # a missing file, a wrong column, an unknown model: refused before the heavy imports
+    load_libraries()
     from fn_train.trainer import train
 
     with library_warnings(bool(verbose)), progress_on_stdout(), progress_shown_while(verbose is not False):
-        train(train_config.TrainConfig(**settings))
+        train(config)
 
 
 def experiment(
@@ -74,6 +77,7 @@ def experiment(
     from shared.models import check_model_reachable
 
     check_model_reachable(settings.model)
+    load_libraries()
     from fn_train.experiment.report import format_table
     from fn_train.experiment.runner import run_experiment
 

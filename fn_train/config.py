@@ -52,7 +52,7 @@ class TrainConfig:
     logging_steps: int = option(10, help="Log every N steps.")
     # None: evaluate once per epoch when there is validation data
     eval_steps: int | None = option(None, help="Evaluate every N steps (default: each epoch).")
-    save_steps: int = option(500, help="Checkpoint every N steps.")
+    save_steps: int = option(500, help="Checkpoint every N steps and at the last one (0: no checkpoints).")
     seed: int = option(42, help="Seed of data split, initialisation and order.")
     torch_dtype: str = option("auto", help="auto|float32|float16|bfloat16")
     device: str = option("auto", help="auto|cpu|cuda|cuda:N|mps")
@@ -141,13 +141,16 @@ class TrainConfig:
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
-            "save_steps",
             "lora_r",
             "ica_components",
             "ica_max_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ParameterError("{" + name + "} must be at least 1, got {value}", value=getattr(self, name))
+        if self.save_steps < 0:
+            raise ParameterError(
+                "{save_steps} must be at least 0 (0: no checkpoints), got {value}", value=self.save_steps
+            )
         if self.overwrite_output_dir and self.resume_from_checkpoint is not None:
             raise ParameterError(
                 "{overwrite_output_dir} removes the checkpoints that {resume_from_checkpoint} continues from; "

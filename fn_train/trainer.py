@@ -86,8 +86,8 @@ def _sft_config(config: TrainConfig, device_type: str, bf16: bool, has_eval: boo
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
+        save_strategy="steps" if config.save_steps else "no",
+        **({"save_steps": config.save_steps} if config.save_steps else {}),
         eval_strategy=("steps" if config.eval_steps else "epoch") if has_eval else "no",
         eval_steps=config.eval_steps,
         seed=config.seed,
@@ -297,7 +297,7 @@ def _train_and_save(
     if saved:
         _say(f"saved {saved} to {config.output_dir}")
     step = trainer.state.global_step
-    if step % config.save_steps and (config.output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
+    if config.save_steps and step % config.save_steps and (config.output_dir / f"{CHECKPOINT_PREFIX}{step}").is_dir():
         _say(
             f"{CHECKPOINT_PREFIX}{step}: the Trainer also checkpoints the last step (not a multiple of --save_steps "
             f"{config.save_steps}), so that --resume_from_checkpoint last can train on from it; delete it if not"

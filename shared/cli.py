@@ -4,6 +4,7 @@ the commands built from config dataclasses (their options, --config files)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
@@ -57,7 +58,8 @@ _verbose = False
 
 def setup_logging(verbose: bool = False) -> None:
     """Our logs at INFO with --verbose, else WARNING; the libraries' logs and progress bars
-    (datasets' "Generating train split", transformers' "Loading weights") only with --verbose."""
+    (datasets' "Generating train split", transformers' "Loading weights") only with --verbose,
+    once `load_libraries` has loaded them."""
     global _verbose
     _verbose = verbose
     logging.basicConfig(
@@ -65,20 +67,30 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.CRITICAL)
+    if (note := thread_note()) is not None:
+        logging.getLogger(__name__).info(note)
+
+
+def load_libraries() -> None:
+    """Import datasets and transformers and set their logs and progress bars as `setup_logging`
+    chose (shown only with --verbose). A command calls it once its inputs are checked
+    (`shared.early_checks`), just before its work: the imports take seconds, which a refused input
+    should not wait for. (Each library resets its own logger's level when it first loads, so the
+    level is set again here.)"""
     import datasets.utils.logging
     import transformers.utils.logging
 
-    level = logging.WARNING if verbose else logging.CRITICAL
+    level = logging.WARNING if _verbose else logging.CRITICAL
     for library in (datasets.utils.logging, transformers.utils.logging):
         library.set_verbosity(level)  # configures the library's own handler first
-        if verbose:
+        if _verbose:
             library.enable_progress_bar()
         else:
             library.disable_progress_bar()
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(level)
-    if (note := thread_note()) is not None:
-        logging.getLogger(__name__).info(note)
 
 
 class _StdoutLines(logging.Handler):
@@ -457,7 +469,9 @@ def read_config_file(path: Path, command: Any, tool: str, annotations: dict[str,
     defaults: dict[str, Any] = {}
     for key, value in raw.items():
         if str(key) not in keys:
-            raise UserError(f"--config {path}: unknown setting {key!r}; use the flag names of {tool} --help")
+            nearest = difflib.get_close_matches(str(key), list(keys), n=1)
+            fix = f"did you mean {nearest[0]!r}?" if nearest else f"use the flag names of {tool} --help"
+            raise UserError(f"--config {path}: unknown setting {key!r}; {fix}")
         name, as_given = keys[str(key)]
         if not as_given:
             if not isinstance(value, bool):

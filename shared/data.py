@@ -7,6 +7,7 @@ on the same signal it is later applied to.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from dataclasses import dataclass
@@ -73,17 +74,8 @@ def load_dataset_any(source: str, split: str | None = None):
     try:
         if path.is_dir():  # a folder of data files; splits from their names (train.jsonl, validation.jsonl)
             loaded = datasets.load_dataset(str(path))
-        elif path.suffix.lower() in LOCAL_BUILDERS or path.exists():
-            if not path.is_file():
-                raise UserError(f"dataset {source} does not exist; give a csv, json, jsonl or parquet file")
-            builder = LOCAL_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise UserError(
-                    f"dataset {source}: unknown file type {path.suffix!r}; use .csv, .json, .jsonl or .parquet"
-                )
-            if path.stat().st_size == 0:
-                raise UserError(f"dataset {source} is empty; give a file with at least one record")
-            loaded = datasets.load_dataset(builder, data_files=str(path))
+        elif is_local_file(source):
+            loaded = datasets.load_dataset(check_local_file(source), data_files=str(path))
         else:
             loaded = datasets.load_dataset(source)
     except UserError:
@@ -101,6 +93,50 @@ def load_dataset_any(source: str, split: str | None = None):
     if all(len(part) == 0 for part in loaded.values()):
         raise UserError(f"dataset {source} has no records; give a file with at least one record")
     return loaded
+
+
+def is_local_file(source: str) -> bool:
+    """Whether `source` names a local data file (by its suffix, or because it exists and is no folder)
+    rather than a folder of them or a Hugging Face dataset name."""
+    path = Path(source)
+    return not path.is_dir() and (path.suffix.lower() in LOCAL_BUILDERS or path.exists())
+
+
+def check_local_file(source: str) -> str:
+    """The `datasets` builder that reads the local data file `source`; a UserError when it is
+    missing, of an unknown type or empty."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"dataset {source} does not exist; give a csv, json, jsonl or parquet file")
+    builder = LOCAL_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"dataset {source}: unknown file type {path.suffix!r}; use .csv, .json, .jsonl or .parquet")
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset {source} is empty; give a file with at least one record")
+    return builder
+
+
+def peek_columns(source: str) -> list[str] | None:
+    """The column names of a local data file, read from its first record without `datasets`
+    (which takes seconds to import): a csv's header, the keys of a json(l) file's first record, a
+    parquet file's schema. None when that cannot be told cheaply (a json file that is not one record
+    per line, a first line that does not parse): the full read decides, and words the error."""
+    path = Path(source)
+    builder = check_local_file(source)
+    try:
+        if builder == "csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                return next(csv.reader(handle), None)
+        if builder == "parquet":
+            import pyarrow.parquet
+
+            return list(pyarrow.parquet.read_schema(path).names)
+        with path.open(encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error):  # pyarrow's errors are ValueError or OSError
+        return None
+    return list(record) if isinstance(record, dict) else None
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -130,7 +166,7 @@ def case_renames(columns: list[str]) -> dict[str, str]:
 def detect_format(columns: list[str], requested: str = "auto", source: str = "dataset") -> DataFormat:
     """The record format from the column names, or check the one the user asked for; columns
     the format does not read are named in a warning."""
-    fmt = _format_of(columns, requested, source)
+    fmt = format_of(columns, requested, source)
     read = FORMAT_COLUMNS[fmt] + OPTIONAL_COLUMNS.get(fmt, ())
     ignored = [c for c in columns if c not in read]
     if ignored:
@@ -140,7 +176,8 @@ def detect_format(columns: list[str], requested: str = "auto", source: str = "da
     return fmt
 
 
-def _format_of(columns: list[str], requested: str, source: str) -> DataFormat:
+def format_of(columns: list[str], requested: str = "auto", source: str = "dataset") -> DataFormat:
+    """`detect_format` without its warning about the columns the format does not read."""
     if requested != "auto":
         try:
             fmt = DataFormat(requested)

@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from shared import __version__
-from shared.constants import MASK_SCHEMA_VERSION
+from shared.constants import MASK_SCHEMA_VERSION, PRUNE_MASK_NAME
 from shared.errors import ParameterError, UserError
 from shared.folders import describe, kind
 from shared.jsonio import write_json_atomic
@@ -353,13 +353,20 @@ def _parse_z(raw: Any, layers_raw: dict, network_id: NetworkId, bad) -> dict[int
 
 
 def check_compatible(mask: MaskFile, target: ModelInfo, where: str = "mask file") -> None:
-    """Refuse a mask made for another architecture, naming what differs."""
+    """Refuse a mask made for another architecture, naming what differs and where a fitting one is:
+    a pruned model's own mask file (the mask remapped to its neurons) sits in its folder."""
     for key in ("model_type", "n_layers", "intermediate_size", "hidden_size", "fingerprint"):
         expected, actual = getattr(mask.model, key), getattr(target, key)
         if expected != actual:
+            pruned_mask = Path(target.name) / PRUNE_MASK_NAME
+            fix = (
+                f"use the pruned folder's own mask file, {pruned_mask}"
+                if kind(Path(target.name)) == "pruned model" and pruned_mask.is_file()
+                else "use a mask file made for this model (`fn-analyze ica`)"
+            )
             raise UserError(
                 f"{where} was made for model {mask.model.name!r} ({key}={expected}), not for "
-                f"{target.name!r} ({key}={actual}); use a mask file made for this model (`fn-analyze ica`)"
+                f"{target.name!r} ({key}={actual}); {fix}"
             )
 
 

@@ -1,4 +1,7 @@
-"""Loading models and tokenizers, the embedded SmolLM2-135M, and the architecture fingerprint."""
+"""Loading models and tokenizers, the embedded SmolLM2-135M, and the architecture fingerprint.
+
+torch, transformers and the modules that use them load inside the functions that need them: a
+command checks its model name here (`check_model_reachable`) before they take their seconds."""
 
 from __future__ import annotations
 
@@ -11,11 +14,8 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from shared.arch import DownProjection, config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
 from shared.constants import (
     CACHE_DIR_ENV,
     EMBEDDED_MODEL_GGUF,
@@ -23,12 +23,17 @@ from shared.constants import (
     EMBEDDED_MODEL_PACKAGE,
     MODEL_CONFIG_NAME,
 )
-from shared.device import choose_device, choose_dtype
 from shared.digests import bytes_digest
 from shared.errors import UserError
 from shared.folders import describe, kind
 from shared.masks import ModelInfo
 from shared.threads import choose_torch_threads
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from shared.arch import DownProjection
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ def model_info(model: nn.Module, name: str, projections: list[DownProjection] | 
     Weights are left out on purpose: a mask made on a base model is meant to be applied
     to its fine-tuned descendants, which share the architecture.
     """
+    from shared.arch import config_of, find_down_projections, hidden_size, intermediate_size_of, num_layers
+
     config = config_of(model)
     projections = projections if projections is not None else find_down_projections(model)
     described = {
@@ -90,6 +97,7 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / MODEL_CONFIG_NAME).is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path()
@@ -191,6 +199,8 @@ def load_causal_lm(
     The first load of a process chooses torch's threads as the commands do (`shared.threads`).
     """
     from transformers import AutoModelForCausalLM
+
+    from shared.device import choose_device, choose_dtype
 
     choose_torch_threads()
     device = choose_device(device) if isinstance(device, str) else device

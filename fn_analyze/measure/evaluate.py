@@ -62,7 +62,7 @@ from shared.masks import (
 from shared.models import load_causal_lm, load_tokenizer, model_info
 from shared.paths import check_writable_file
 from shared.progress import progress_bar
-from shared.statistics import ratio_interval
+from shared.statistics import paired_difference, ratio_interval
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def summarize_control(
         "mean": float(np.mean(losses)),
         "std": float(np.std(losses)),
         "ratio": ratio_of("loss", result, base, scores, seed),
+        "detectable": detectable_harm(base, scores),
         "overlap": float(np.mean(overlaps)),  # share of the drawn neurons that are the condition's own
     }
     summary.update(_accuracy_means(scores))
@@ -219,6 +220,24 @@ def ratio_of(figure: str, result: Score, base: Score, controls: list[Score], see
         seed=seed,
     )
     return asdict(ratio)
+
+
+DETECTION_POWER = 0.8  # of `detectable_harm`, with a two-sided test at 5%
+
+
+def detectable_harm(base: Score, controls: list[Score]) -> dict[str, float] | None:
+    """The smallest extra loss of the random sets' mean over the base that these rows could detect
+    (`extra_loss`, at `power`; `shared.statistics.Difference.detectable`, paired over the rows); None
+    when the rows do not vary or are fewer than two. A ratio whose random sets harm less than this
+    has a denominator these rows cannot tell from zero."""
+    base_values, weights = row_figure(base, "loss")
+    if len(base_values) < 2:
+        return None
+    mean_control = np.mean(np.stack([row_figure(control, "loss")[0] for control in controls]), axis=0)
+    difference = paired_difference(mean_control[None, :], base_values[None, :], weights)
+    if not difference.spread:
+        return None
+    return {"extra_loss": difference.detectable(DETECTION_POWER), "power": DETECTION_POWER}
 
 
 def row_figure(scored: Score, figure: str) -> tuple[np.ndarray, np.ndarray | None]:

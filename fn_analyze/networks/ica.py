@@ -24,6 +24,7 @@ from sklearn.base import BaseEstimator
 
 from fn_analyze.config import AUTO, SET_ASIDE_AUTO_MAX, SET_ASIDE_AUTO_RATIO, IcaConfig, IcaParams, IcaSettings
 from fn_analyze.networks.consensus import Consensus, consensus_ica
+from fn_analyze.networks.data_needed import meets_floor, refuse_below_floor, warn_little_data
 from fn_analyze.networks.preprocess import (
     Preprocessing,
     RowFilter,
@@ -118,6 +119,11 @@ def _components_to_try(acts: TokenRows, config: IcaParams, n_rows: int | None = 
     where = f"{kept} x {neurons} neurons{' per layer' if config.per_layer else ''}"
     if config.n_components == AUTO:
         candidates = tuple(k for k in AUTO_CANDIDATES if k <= limit)
+        if candidates and not config.allow_little_data:  # the k whose parts hold enough tokens (data_needed.py)
+            enough = tuple(k for k in candidates if meets_floor(n_rows, k, config.oversample_for(k), config.splits))
+            if not enough:
+                refuse_below_floor(n_rows, candidates[0], config.oversample_for(candidates[0]), config.splits)
+            candidates = enough
         if not candidates:
             raise ParameterError(
                 "{n_components} auto needs at least {least} components, but {where} give at most {most}; "
@@ -136,6 +142,8 @@ def _components_to_try(acts: TokenRows, config: IcaParams, n_rows: int | None = 
             where=where,
             most=max(limit, 0),
         )
+    if not config.allow_little_data:
+        refuse_below_floor(n_rows, k, config.oversample_for(k), config.splits)
     return (k,)
 
 
@@ -356,6 +364,7 @@ def unmix_activations(acts: TokenRows, config: IcaParams) -> Unmixed:
     prep = _preprocessing(acts, config)
     k_max = max(candidates)
     oversample = config.oversample_for(k_max)
+    warn_little_data(n_rows, acts.intermediate_size if config.per_layer else acts.n_neurons, k_max, config.splits)
     with engine_session(config.dask_scheduler):  # connected before anything is said
         say.info(
             f"ica: {acts.n_tokens} tokens x {acts.n_neurons} neurons ({len(acts.layers)} layers), "

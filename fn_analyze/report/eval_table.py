@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from shared.data import is_local_file
+
 RATIO_WIDTH = 20  # "2.19x [1.60, 3.10]"
 VERDICT_CONTROL = "magnitude_matched"  # the stricter control: the verdicts are read against it
 
@@ -96,6 +98,47 @@ def _verdicts(results: dict[str, Any], metric: str | None) -> list[str]:
     return lines
 
 
+# Below this many rows a percentile bootstrap over the rows has too few distinct resamples (at most
+# C(2n - 1, n)) and its intervals come out too narrow, whatever the detectable difference says.
+MIN_ROWS = 20
+
+
+def _split(data: dict[str, Any]) -> str:
+    """The split the rows came from, with its comma; nothing for a single data file, whose one split
+    is only `datasets`' name for the whole file ("train", whatever the file holds)."""
+    return "" if is_local_file(data["source"]) else f"{data['split']}, "
+
+
+def _enough_rows(results: dict[str, Any]) -> list[str]:
+    """What the rows can detect, against what the random sets did to the union switched off (else the first
+    condition); a warning when the rows are too few for the ratios to mean anything."""
+    rows = results["dataset"]["rows"]
+    conditions = results["conditions"]
+    chosen = next(
+        (c for c in conditions if c["kind"] == "union" and c["mode"] == "key"), conditions[0] if conditions else None
+    )
+    control = None if chosen is None else chosen["controls"].get(VERDICT_CONTROL)
+    if control is None or control.get("detectable") is None:
+        if rows < MIN_ROWS:
+            return [f"warning: {rows} rows are too few for these figures to mean anything; score more rows"]
+        return []
+    detectable, power = control["detectable"]["extra_loss"], control["detectable"]["power"]
+    harm = control["ratio"]["denominator"]
+    line = (
+        f"rows: the smallest extra loss these {rows} rows could detect ({power:.0%} power) is {detectable:.4f}; the "
+        f"magnitude-matched random sets of {chosen['name']} add {harm:.4f}"
+    )
+    lines = [line]
+    if rows < MIN_ROWS or detectable > abs(harm):
+        why = (
+            "a bootstrap over so few rows has few distinct resamples, and its intervals come out too narrow"
+            if rows < MIN_ROWS
+            else "the random sets' harm, each ratio's denominator, is below what they can detect"
+        )
+        lines.append(f"warning: {rows} rows are too few for these ratios to mean anything ({why}); score more rows")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The printed report; every figure in it is a field of `results`."""
     data, base, magnitude = results["dataset"], results["baseline"], results["magnitude"]
@@ -115,7 +158,7 @@ def format_table(results: dict[str, Any]) -> str:
             f"{data['choice_records']} multiple-choice records)"
         )
     lines = [
-        f"answer-token loss of {results['model']} on {data['source']} ({data['split']}, {data['rows']} rows, "
+        f"answer-token loss of {results['model']} on {data['source']} ({_split(data)}{data['rows']} rows, "
         f"{data['answer_tokens']} answer tokens)",
         f"baseline: loss {base['loss']:.3f}, perplexity {base['perplexity']:.2f}"
         + (f", exact match {base['exact_match']:.3f}, answer contained {base['contains']:.3f}" if em else "")
@@ -143,6 +186,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
     if data["held_out"] is False:
         lines.append("warning: this is the data the networks were found on, not held-out data")
+    lines += _enough_rows(results)
     lines += ["", *_verdicts(results, metric), ""]
     acc_head = f" {'acc':>5}" if metric else ""
     control_acc_head = f" {'acc':>5} {'drop':>{RATIO_WIDTH}}" if metric else ""

@@ -8,6 +8,7 @@ the first run starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,7 +199,7 @@ class ExperimentConfig:
             max_seq_length=self.max_seq_length,
             seed=seed,
             device=self.device,
-            save_steps=self.steps + 1,  # no checkpoint: a run is short, an interrupted one starts again
+            save_steps=0,  # no checkpoint: a run is short, an interrupted one starts again
             **train,
             **(masked if mode is not None else {}),
         )
@@ -269,7 +270,9 @@ def load_experiment_config(path: Path) -> ExperimentConfig:
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
     for key in raw:
         if key not in fields:
-            raise UserError(f"--config {path}: unknown key {key!r}; use {', '.join(fields)}")
+            nearest = difflib.get_close_matches(str(key), fields, n=1)
+            fix = f"did you mean {nearest[0]!r}?" if nearest else f"use one of {', '.join(fields)}"
+            raise UserError(f"--config {path}: unknown key {key!r}; {fix}")
     missing = [
         name
         for name, f in fields.items()

@@ -38,6 +38,6 @@ def test_a_flag_of_the_wrong_type_is_one_line_and_exit_2(tmp_path: Path, case, w
 
 
 def test_unknown_options_and_commands_are_one_line() -> None:
-    refused(runner.invoke(analyze_app, ["ica", "--max-passes", "3"]), "No such option: --max-passes")
+    refused(runner.invoke(analyze_app, ["ica", "--max-sweeps", "3"]), "No such option: --max-sweeps")
     refused(runner.invoke(analyze_app, ["evalu"]), "No such command 'evalu'")
     refused(runner.invoke(train_app, ["--output_dir", "o"]), "Missing option")

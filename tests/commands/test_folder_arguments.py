@@ -141,9 +141,11 @@ RESUME = [
 
 
 @pytest.mark.parametrize(("name", "said"), RESUME, ids=[name for name, _ in RESUME])
-def test_resume_folders(name: str, said: str, tmp_path: Path, tiny_lm_dir: Path) -> None:
+def test_resume_folders(name: str, said: str, tmp_path: Path, tiny_lm_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr("fn_train.trainer.parse_network_ids", _passed)  # the next step once the folder is accepted
     path = _make(name, tmp_path, tiny_lm_dir)
     out = tmp_path / "out"
+    (tmp_path / "x.csv").write_text("question,answer\nq,a\n")  # readable: the refusal is the folder's
     args = ["--dataset_name_or_path", str(tmp_path / "x.csv"), "--output_dir", str(out)]
     line = refused(CliRunner().invoke(train_app, [*args, "--resume_from_checkpoint", str(path)]))
     if said == ACCEPTED:

@@ -120,11 +120,14 @@ def test_a_config_file_sets_defaults_that_flags_override(tmp_path: Path) -> None
     assert "config" not in seen[-1]
     assert runner.invoke(app, ["in.txt", "--max_length", "9", "--config", str(settings)]).exit_code == 0
     assert seen[-1]["max_length"] == 9 and seen[-1]["top"] == 7
-    settings.write_text("nmae: x\n")
+    settings.write_text("nmae: x\n")  # a misspelling: the nearest key is named
     result = runner.invoke(app, ["in.txt", "--config", str(settings)])
     assert result.exit_code == 2
+    assert result.output.strip() == f"error: --config {settings}: unknown setting 'nmae'; did you mean 'name'?"
+    settings.write_text("colour: x\n")  # nothing near: the flags' names are where to look
+    result = runner.invoke(app, ["in.txt", "--config", str(settings)])
     assert result.output.strip() == (
-        f"error: --config {settings}: unknown setting 'nmae'; use the flag names of toy --help"
+        f"error: --config {settings}: unknown setting 'colour'; use the flag names of toy --help"
     )
 
 

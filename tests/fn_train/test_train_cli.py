@@ -131,7 +131,9 @@ def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
 )
 def test_contradictory_or_bad_flags_exit_2_and_create_nothing(tmp_path: Path, flags: list[str], message: str) -> None:
     out = tmp_path / "out"
-    result = runner.invoke(app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(out), *flags])
+    data = tmp_path / "x.csv"  # a readable file: the refusal is the flag's, not the data's
+    data.write_text("question,answer\nq,a\n")
+    result = runner.invoke(app, ["--dataset_name_or_path", str(data), "--output_dir", str(out), *flags])
     assert refused(result).startswith(f"error: {message}")
     assert not out.exists()
 
@@ -140,8 +142,10 @@ def test_a_tracker_that_is_not_installed_is_refused(tmp_path: Path, monkeypatch)
     import transformers.integrations
 
     monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: [])
+    data = tmp_path / "x.csv"  # a readable file: the refusal is the flag's, not the data's
+    data.write_text("question,answer\nq,a\n")
     result = runner.invoke(
-        app, ["--dataset_name_or_path", "x.csv", "--output_dir", str(tmp_path / "o"), "--report_to", "tensorboard"]
+        app, ["--dataset_name_or_path", str(data), "--output_dir", str(tmp_path / "o"), "--report_to", "tensorboard"]
     )
     assert "pip install tensorboard or drop the flag" in refused(result)
 

@@ -366,6 +366,7 @@ def test_the_command_builds_the_config_of_the_use_given(use, expected, runner, f
     from fn_analyze.cli import app
 
     built = []
+    monkeypatch.setattr("shared.early_checks.check_inputs", lambda settings: None)  # the paths are names only
     monkeypatch.setattr(f"fn_analyze.{runner}", built.append)
     monkeypatch.setattr(f"fn_analyze.{formatter}", lambda results: "table")
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "d.csv", *use, "--limit", "3"])
