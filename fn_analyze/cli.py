@@ -107,8 +107,8 @@ def show_command(
 @config_options(EvaluateConfig, TunedEvalConfig, PrunedEvalConfig)
 def evaluate_command(given: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
-    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
-    with --pruned, a pruned folder next to its original and random prunings."""
+    (answer-token loss; accuracy on multiple-choice data); with --tuned, fine-tuned folders next to their base
+    and to each other; with --pruned, a pruned folder next to its original and random prunings."""
     config = evaluation_config(given)
     if isinstance(config, TunedEvalConfig):
         from fn_analyze.measure.tuned import evaluate_tuned, format_tuned_table
@@ -124,8 +124,7 @@ def evaluate_command(given: dict[str, Any]) -> None:
 
         typer.echo(format_table(evaluate(config)))
     typer.echo(f"results: {config.out}")
-    if isinstance(config, EvaluateConfig):
-        typer.echo(f"plot: {config.plot_path}")
+    typer.echo(f"plot: {config.plot_path}")
 
 
 @app.command("compare", cls=PlainHelpCommand)

@@ -211,7 +211,7 @@ class PlainHelpCommand(TyperCommand):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         with usage_errors_in_one_line():
-            return super().parse_args(ctx, args)
+            return super().parse_args(ctx, several_values_per_flag(self, args))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -223,6 +223,35 @@ class PlainHelpCommand(TyperCommand):
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         write_parameters(self, ctx, formatter)
+
+
+def several_values_per_flag(command: Any, args: list[str]) -> list[str]:
+    """`args` with the values given after one flag of an option that may be given several times
+    spelled one flag each: `--tuned A B --limit 3` as `--tuned A --tuned B --limit 3`. Only for a
+    command without positional arguments, where a bare word after such a value can be nothing else."""
+    if any(param.param_type_name == "argument" for param in command.params):
+        return args
+    several = {
+        flag
+        for param in command.params
+        if param.param_type_name == "option" and param.multiple and not param.is_flag
+        for flag in param.opts
+    }
+    spelled: list[str] = []
+    flag, waiting = None, False  # the open option's flag; whether its first value is yet to come
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return spelled + args[index:]
+        if arg.startswith("-") and not waiting:
+            name = arg.split("=", 1)[0]
+            flag = name if name in several else None
+            waiting = flag is not None and "=" not in arg
+        elif waiting:
+            waiting = False
+        elif flag is not None:
+            spelled.append(flag)
+        spelled.append(arg)
+    return spelled
 
 
 class PlainHelpGroup(TyperGroup):
