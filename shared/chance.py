@@ -45,10 +45,18 @@ class ChanceLevel:
 def chance_level(choice_counts: Sequence[int], accuracy: float, confidence: float = 0.95) -> ChanceLevel:
     """The chance level of records with `choice_counts` choices each, and `accuracy` (the share of those
     records answered right) with its Wilson interval."""
+    return against_chance(chance_of(choice_counts), len(choice_counts), accuracy, confidence)
+
+
+def chance_of(choice_counts: Sequence[int]) -> float:
+    """The mean over the records of 1 / (the record's number of choices)."""
     if not choice_counts or min(choice_counts) < 1:
         raise ValueError(f"every record needs at least one choice, got counts {list(choice_counts)[:5]}")
-    records = len(choice_counts)
-    chance = sum(1 / count for count in choice_counts) / records
+    return sum(1 / count for count in choice_counts) / len(choice_counts)
+
+
+def against_chance(chance: float, records: int, accuracy: float, confidence: float = 0.95) -> ChanceLevel:
+    """`accuracy` over `records` records, with its Wilson interval, next to the set's `chance` level."""
     right = round(accuracy * records)
     interval = stats.binomtest(right, records).proportion_ci(confidence_level=confidence, method="wilson")
     return ChanceLevel(chance, float(accuracy), float(interval.low), float(interval.high), records, confidence)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from shared.chance import AT_CHANCE, at_chance, chance_text
+
 RATIO_WIDTH = 20  # "2.19x [1.60, 3.10]"
 VERDICT_CONTROL = "magnitude_matched"  # the stricter control: the verdicts are read against it
 
@@ -79,7 +81,8 @@ def _verdicts(results: dict[str, Any], metric: str | None) -> list[str]:
         lines.append("  " + verdict(row["name"], row["mode"], VERDICT_CONTROL, control["ratio"], "extra loss"))
         if metric is not None and row["kind"] == "union" and control.get("accuracy_ratio") is not None:
             ratio = control["accuracy_ratio"]
-            lines.append("  " + verdict(row["name"], row["mode"], VERDICT_CONTROL, ratio, f"{metric} lost"))
+            line = verdict(row["name"], row["mode"], VERDICT_CONTROL, ratio, f"{metric} lost")
+            lines.append("  " + line + (f" [{AT_CHANCE}]" if at_chance(results.get("chance")) else ""))
         for summary in row["controls"].values():
             for ratio in (summary["ratio"], summary.get("accuracy_ratio")):
                 if ratio is not None:
@@ -141,6 +144,11 @@ def format_table(results: dict[str, Any]) -> str:
     if metric is not None:
         name = "acc (log-likelihood of each choice)" if metric == "accuracy" else "answer contained in the generation"
         lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
+    chance = results.get("chance")
+    if chance is not None:
+        lines.append(f"{chance_text(chance)} (acc_norm's chance is the same)")
+        if chance["at_chance"]:
+            lines.append(f"warning: {AT_CHANCE}")
     if data["held_out"] is False:
         lines.append("warning: this is the data the networks were found on, not held-out data")
     lines += ["", *_verdicts(results, metric), ""]
@@ -227,6 +235,10 @@ def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
         return text + spread
 
     lines.append(line("baseline (nothing masked)", 0, base))
+    chance = results.get("chance")
+    if chance is not None and metric == "accuracy":
+        level = {metric: chance["chance"], "accuracy_norm": chance["chance"]}
+        lines.append(line("chance (1/choices, mean over the records)", "-", level))
     unions = {row["mode"]: row for row in results["conditions"] if row["kind"] == "union"}
     if "key" in unions:
         row = unions["key"]
