@@ -18,8 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fn_analyze.measure.scoring import Batch
-
 
 def _last_logits_only(model: nn.Module) -> dict[str, int]:
     """The keyword that makes `model` compute the last position's logits only (transformers renamed it)."""
@@ -33,13 +31,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill_speed(models: dict[str, nn.Module], batch: Batch, rounds: int, reference: str) -> dict[str, Any]:
-    """Each model's prefill tokens/s on `batch` (median over `rounds` interleaved rounds, after one
-    warm-up pass each) and each one's speedup over `reference` (median of the rounds' ratios), with the
-    batch's shape and what the figures count: every position of the padded batch is a token processed."""
+def prefill_speed(
+    models: dict[str, nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor, rounds: int, reference: str
+) -> dict[str, Any]:
+    """Each model's prefill tokens/s on the batch `input_ids` (sequences x positions; median over `rounds`
+    interleaved rounds, after one warm-up pass each) and each one's speedup over `reference` (median of
+    the rounds' ratios), with the batch's shape and what the figures count: every position of the padded
+    batch is a token processed."""
     first = next(iter(models.values()))
     device = next(first.parameters()).device
-    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    ids, mask = input_ids.to(device), attention_mask.to(device)
     names = list(models)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():

@@ -108,7 +108,10 @@ def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
     pruned_score = scored(pruned)
     batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
     largest = max(batches, key=lambda batch: batch.input_ids.numel())
-    speed = prefill_speed({"original": original, "pruned": pruned}, largest, config.speed_rounds, "original")
+    speed = prefill_speed(
+        {"original": original, "pruned": pruned}, largest.input_ids, largest.attention_mask, config.speed_rounds,
+        "original",
+    )  # fmt: skip
     del pruned
     rows = [
         {"name": "original", "parameters": _parameters(original), **score_dict(original_score)},

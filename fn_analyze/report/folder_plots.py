@@ -24,7 +24,8 @@ def _better(figure: str) -> str:
 def _values_panel(ax: Any, names: list[str], values: list[float], spreads: list[float] | None, title: str) -> None:
     y = np.arange(len(names))[::-1].astype(float)
     colors = [BASE_COLOR, *([NETWORK_COLOR, MAGNITUDE_COLOR, LAYER_COLOR] * len(names))[: len(names) - 1]]
-    ax.barh(y, values, 0.7, xerr=spreads, color=colors, capsize=3)
+    shown_spreads = spreads if spreads is not None and any(spreads) else None  # no bar for a spread of none
+    ax.barh(y, values, 0.7, xerr=shown_spreads, color=colors, capsize=3)
     ax.set_yticks(y, names, fontsize=7)
     ax.set_title(title, fontsize=9, loc="left")
 

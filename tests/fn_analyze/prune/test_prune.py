@@ -369,8 +369,8 @@ def test_the_chance_level_flags_an_original_model_at_chance_and_not_one_above_it
     """Planted data. Four identical choices: the model cannot tell them apart (ties go to the first), so with
     the right one in each position in turn its accuracy is 1/4, chance itself. A one-token right answer
     against long distractors: the summed log-likelihood favours it whatever the model, well above chance."""
-    same = _choice_set(tmp_path / "same.csv", 40, ["yes"] * 4, [record % 4 for record in range(40)])
-    easy = _choice_set(tmp_path / "easy.csv", 40, ["yes", *[" ".join(["fish"] * 20)] * 3], [0] * 40)
+    same = _choice_set(tmp_path / "same.csv", 16, ["yes"] * 4, [record % 4 for record in range(16)])
+    easy = _choice_set(tmp_path / "easy.csv", 16, ["yes", *[" ".join(["fish"] * 20)] * 3], [0] * 16)
     outputs = {}
     for data in (same, easy):
         out = tmp_path / f"{data.stem}.json"
@@ -380,7 +380,7 @@ def test_the_chance_level_flags_an_original_model_at_chance_and_not_one_above_it
         outputs[data.stem] = (json.loads(out.read_text()), result.output)
     results, output = outputs["same"]
     chance = results["chance"]
-    assert chance["chance"] == 0.25 and chance["records"] == 40 and results["rows"][0]["accuracy"] == 0.25
+    assert chance["chance"] == 0.25 and chance["records"] == 16 and results["rows"][0]["accuracy"] == 0.25
     assert chance["at_chance"] and chance["low"] <= 0.25 <= chance["high"]
     assert "warning: the base model is at chance on this set" in output
     accuracy_lines = [line for line in output.splitlines() if line.startswith("pruned - ") and "accuracy:" in line]
