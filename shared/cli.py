@@ -418,10 +418,21 @@ def _option_parameter(
         offs = dict.fromkeys(f" /--{off}" for off in _spelled(spec.off or f"no_{name}", both_spellings))
         info = typer.Option(*ons, *offs, help=spec.help)  # " /--off": an off-switch alone (click's syntax)
     else:
-        info = typer.Option(*dict.fromkeys(f"--{flag}" for flag in _spelled(name, both_spellings)), help=spec.help)
+        several = _list_item(hint)
+        metavar = f"<{several.__name__.lower()}> ..." if several is not None else None  # one flag, several values
+        flags = dict.fromkeys(f"--{flag}" for flag in _spelled(name, both_spellings))
+        info = typer.Option(*flags, help=spec.help, metavar=metavar)
     return inspect.Parameter(
         field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info]
     )
+
+
+def _list_item(hint: Any) -> Any:
+    """The item type of a list hint (also inside Optional), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if typing.get_origin(candidate) is list:
+            return typing.get_args(candidate)[0]
+    return None
 
 
 def _config_file_parameter(tool: str, annotations: dict[str, Any]) -> inspect.Parameter:

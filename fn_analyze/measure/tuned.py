@@ -197,13 +197,12 @@ def _comparisons(
 ) -> list[dict[str, Any]]:
     """Each folder minus the base, then each folder minus each later one, on the loss and the headline
     accuracy, paired by row. Their p-values are corrected later, over the whole run (`_correct`)."""
-    pairs = [(label, "base", score) for label, score in tuned.items()]
-    pairs += [(a, b, None) for a, b in combinations(tuned, 2)]
+    pairs = [(label, "base") for label in tuned] + list(combinations(tuned, 2))
     found = []
     for figure in ("loss", base.headline_accuracy_name):
         if figure is None:
             continue
-        for arm, control, _ in pairs:
+        for arm, control in pairs:
             values, weights = row_figure(tuned[arm], figure)
             against = row_figure(base if control == "base" else tuned[control], figure)[0]
             difference = paired_difference(values[None, :], against[None, :], weights)

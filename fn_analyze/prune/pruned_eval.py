@@ -132,10 +132,10 @@ def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
     }
     drawn = [score_dict(d) for d in draws]
     random_row.update({name: float(np.mean([d[name] for d in drawn])) for name in ACCURACY_FIELDS if name in drawn[0]})
-    rows.append(random_row)
     random_row.update(
         {f"{name}_std": float(np.std([d[name] for d in drawn])) for name in ACCURACY_FIELDS if name in drawn[0]}
     )
+    rows.append(random_row)
     comparisons = _comparisons(pruned_score, RANDOM, draws)
     left_out = {}
     if ranked is None:

@@ -356,8 +356,14 @@ def test_each_use_of_evaluate_has_a_config_of_the_fields_it_reads(tiny_mask: Pat
          "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
         (["--pruned", "p", "--draws", "2"], PrunedEvalConfig("d.csv", Path("p"), draws=2, limit=3),
          "prune.pruned_eval.evaluate_pruned", "prune.pruned_eval.format_pruned_table"),
+        (["--tuned", "t", "u", "--retention", "r.csv"],
+         TunedEvalConfig("d.csv", [Path("t"), Path("u")], retention="r.csv", limit=3),
+         "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
+        (["--tuned", "t", "--retention", "r.csv", "--tuned=u"],
+         TunedEvalConfig("d.csv", [Path("t"), Path("u")], retention="r.csv", limit=3),
+         "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
     ],
-    ids=["mask", "tuned", "pruned"],
+    ids=["mask", "tuned", "pruned", "tuned-after-one-flag", "tuned-one-flag-each"],
 )  # fmt: skip
 def test_the_command_builds_the_config_of_the_use_given(use, expected, runner, formatter, monkeypatch) -> None:
     """The options given choose the use; its config holds them, and its own defaults for the rest."""
