@@ -18,6 +18,7 @@ from fn_analyze.config import (
     IcaConfig,
     PruneConfig,
     PrunedEvalConfig,
+    ReportConfig,
     TunedEvalConfig,
     evaluation_config,
 )
@@ -93,13 +94,38 @@ def show_command(
     plot: Annotated[
         Optional[Path], typer.Option(help="Also draw each network's neurons per layer to this PNG file.")
     ] = None,
+    examples: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Also print each network's card (its most active tokens in context) on this activations folder."
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="With --examples: most active tokens per network.")] = 10,
 ) -> None:
-    """Print each network's size and how it spreads over layers."""
+    """Print each network's size and how it spreads over layers; with --examples, what each responds to."""
     from fn_analyze.report.show import show
 
+    cards = None
+    if examples is not None:  # first: bad activations are refused before anything is printed or drawn
+        from fn_analyze.report.cards import network_cards
+
+        cards = network_cards(mask_file, examples, top=top)
     typer.echo(show(mask_file, plot))
     if plot is not None:
         typer.echo(f"plot: {plot}")
+    if cards is not None:
+        typer.echo("\n" + str(cards))
+
+
+@app.command("report", cls=PlainHelpCommand)
+@handle_errors("fn-analyze report")
+@config_options(ReportConfig)
+def report_command(settings: dict[str, Any]) -> None:
+    """Write one self-contained HTML page about a mask file: provenance, network cards (what each network
+    responds to), and evaluate's or an experiment's results when given."""
+    from fn_analyze.report.page import write_report
+
+    typer.echo(write_report(ReportConfig(**settings)).summary())
 
 
 @app.command("evaluate", cls=PlainHelpCommand)

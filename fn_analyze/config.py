@@ -634,3 +634,38 @@ class PruneConfig:
     def needs_moments(self) -> bool:
         """Whether the neurons must be measured: to rank them, or for the means the compensation adds."""
         return self.compensate or not self.random
+
+
+@dataclass
+class ReportConfig:
+    mask_file: Path = option(help="The mask file the page is about.")
+    activations: Path | None = option(
+        None, help="Activations folder (recorded on the mask's model) for the network cards; or give --dataset."
+    )
+    dataset: str | None = option(
+        None, help="Instead: data the mask's model runs over for the cards (csv/json/jsonl/parquet/HF)."
+    )
+    max_tokens: int | None = option(20000, help="With --dataset: at most this many tokens.")
+    networks: str | None = option(None, help="Networks carded, e.g. 0,3,5-7 or massive (default all and massive).")
+    top: int = option(10, help="Most active tokens shown per network.")
+    evaluation: Path | None = option(
+        None, help="Results JSON of `fn-analyze evaluate` (plain, --tuned or --pruned): its table and figure."
+    )
+    experiment: Path | None = option(None, help="Folder of `fn-train experiment`: its table and figure.")
+    out: Path | None = option(None, help="The HTML file to write (default runs/report/<mask file's name>.html).")
+
+    def __post_init__(self) -> None:
+        self.mask_file = Path(self.mask_file)
+        if (self.activations is None) == (self.dataset is None):
+            raise ParameterError(
+                "give one of {activations} (a folder from `fn-analyze collect`) or {dataset} (data the model runs "
+                "over) for the network cards"
+            )
+        for name in ("top", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ParameterError("{" + name + "} must be at least 1, got {value}", value=getattr(self, name))
+        if self.out is None:
+            self.out = Path("runs") / "report" / f"{self.mask_file.stem}.html"
+        self.out = Path(self.out)
+        if self.out.suffix != ".html":
+            raise ParameterError("{out} {value} must end in .html", value=self.out)

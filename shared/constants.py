@@ -48,3 +48,8 @@ PRUNE_SCHEMA_VERSION = 1
 PRUNE_RECORD_NAME = "fn_prune.json"  # provenance: base model, mask file digest, keep, importance, compensation
 PRUNE_MASK_NAME = "fn_prune_mask.json"  # the mask file remapped to the pruned model's neuron indices
 PRUNE_NEURONS_NAME = "fn_prune_neurons.npz"  # kept indices per layer, the means the compensation used, the importance
+
+# What `fn-train experiment` writes into its --out folder (the report page reads the table and figure)
+EXPERIMENT_RESULTS_NAME = "results.json"
+EXPERIMENT_TABLE_NAME = "table.txt"
+EXPERIMENT_FIGURE_NAME = "results.png"

@@ -13,11 +13,10 @@ import numpy as np
 from fn_train.experiment.arms import RunSpec
 from fn_train.experiment.comparisons import compare
 from shared.chance import AT_CHANCE, against_chance, at_chance, chance_text
+from shared.constants import EXPERIMENT_FIGURE_NAME, EXPERIMENT_RESULTS_NAME, EXPERIMENT_TABLE_NAME
 from shared.jsonio import write_text_atomic
 
-RESULTS_NAME = "results.json"
-TABLE_NAME = "table.txt"
-FIGURE_NAME = "results.png"
+RESULTS_NAME, TABLE_NAME, FIGURE_NAME = EXPERIMENT_RESULTS_NAME, EXPERIMENT_TABLE_NAME, EXPERIMENT_FIGURE_NAME
 
 # (figure, column heading, decimals printed) of every run, after each scored set's loss and accuracy.
 RUN_METRICS: tuple[tuple[str, str, int], ...] = (
