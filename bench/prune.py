@@ -5,7 +5,8 @@ importance alone (the networks not kept first: what keeping them adds), all comp
 
 Per keep: parameters; tokens/s of a forward pass (a fixed batch of token ids, logits of the last
 position only as in a prefill; the original and the pruned model timed in alternating rounds so both
-see the same load; median of the rounds' ratios);
+see the same load, `fn_analyze.prune.prefill_speed` as `evaluate --pruned` times them; median of the
+rounds' ratios);
 answer loss on the demo's held-out rows and accuracy on its sentiment classification rows (net: the
 networks first, then importance; rand: random; imp: importance alone).
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import time
 
 import numpy as np
@@ -28,26 +28,11 @@ import torch
 from fn_analyze.measure.scoring import load_eval_set, make_batches, score
 from fn_analyze.neurons.magnitude import stats_from_activations, stats_from_forward
 from fn_analyze.prune.importance import MOMENTS, importance
+from fn_analyze.prune.prefill_speed import prefill_speed
 from fn_analyze.prune.pruning import choose_at_random, choose_by_importance, keep_count, prune_model
 from shared.arch import find_down_projections
 from shared.masks import load_mask_file, union
 from shared.models import load_causal_lm, load_tokenizer, model_info
-
-
-def tokens_per_second(models: dict[str, torch.nn.Module], ids: torch.Tensor, rounds: int) -> dict[str, list[float]]:
-    """Each model's forward-pass throughput per round, as a prompt's prefill runs (logits of the last
-    position only: a vocabulary of 49,152 would otherwise dominate); the order alternates between rounds."""
-    names = list(models)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up
-            model(input_ids=ids, logits_to_keep=1)
-        for index in range(rounds):
-            for name in names if index % 2 == 0 else names[::-1]:
-                started = time.perf_counter()
-                models[name](input_ids=ids, logits_to_keep=1)
-                rates[name].append(ids.numel() / (time.perf_counter() - started))
-    return rates
 
 
 def scores(model, tokenizer, loss_batches, choices) -> tuple[float, float | None]:
@@ -114,15 +99,15 @@ def main() -> None:
         prune_model(pruned, kept.kept, moments.need("mean"))
         prune_model(control, drawn.kept, moments.need("mean"))
         prune_model(by_importance, alone.kept, moments.need("mean"))
-        rates = tokens_per_second({"original": model, "pruned": pruned}, ids, args.rounds)
-        ratio = statistics.median(p / o for p, o in zip(rates["pruned"], rates["original"], strict=True))
-        speedups[keep] = ratio
+        speed = prefill_speed({"original": model, "pruned": pruned}, ids, torch.ones_like(ids), args.rounds, "original")
+        ratio = speedups[keep] = speed["speedup"]["pruned"]
+        rates = speed["tokens_per_second"]
         loss, accuracy = scores(pruned, tokenizer, loss_batches, choices)
         random_loss, random_accuracy = scores(control, tokenizer, loss_batches, choices)
         alone_loss, alone_accuracy = scores(by_importance, tokenizer, loss_batches, choices)
         row = (
             f"{keep:>5.2f} {n_keep:>8} {sum(p.numel() for p in pruned.parameters()):>12,} "
-            f"{statistics.median(rates['original']):>11.0f} {statistics.median(rates['pruned']):>13.0f} "
+            f"{rates['original']:>11.0f} {rates['pruned']:>13.0f} "
             f"{ratio:>8.3f} {loss:>9.4f} {random_loss:>10.4f} {alone_loss:>9.4f} "
             f"{accuracy if accuracy is None else f'{accuracy:.3f}':>8} "
             f"{random_accuracy if random_accuracy is None else f'{random_accuracy:.3f}':>9} "

@@ -131,7 +131,7 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict:
     scored = evaluate_tuned(
         TunedEvalConfig(
             dataset=str(paths["eval"]),
-            tuned=folder,
+            tuned=[folder],
             retention=str(retention),
             model=args.model,
             out=folder / "eval.json",
@@ -150,9 +150,9 @@ def run_arm(args: argparse.Namespace, arm: str) -> dict:
         "train_seconds": round(seconds, 1),
         "final_train_loss": recorder.losses[-1],
         "task_loss_base": task["base"]["loss"],
-        "task_loss": task["tuned"]["loss"],
+        "task_loss": task["tuned"][0]["loss"],
         "retention_loss_base": kept["base"]["loss"],
-        "retention_loss": kept["tuned"]["loss"],
+        "retention_loss": kept["tuned"][0]["loss"],
         "saved_mib": round(sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20, 2),
     }
 

@@ -151,8 +151,8 @@ def report_command(settings: dict[str, Any]) -> None:
 @config_options(EvaluateConfig, TunedEvalConfig, PrunedEvalConfig)
 def evaluate_command(given: dict[str, Any]) -> None:
     """Measure each network switched off, the union off and kept alone, against random neuron sets
-    (answer-token loss; accuracy on multiple-choice data); with --tuned, a fine-tuned folder next to its base;
-    with --pruned, a pruned folder next to its original and random prunings."""
+    (answer-token loss; accuracy on multiple-choice data); with --tuned, fine-tuned folders next to their base
+    and to each other; with --pruned, a pruned folder next to its original and random prunings."""
     config = evaluation_config(given)
     _inputs_checked(given)
     if isinstance(config, TunedEvalConfig):
@@ -169,8 +169,7 @@ def evaluate_command(given: dict[str, Any]) -> None:
 
         typer.echo(format_table(evaluate(config)))
     typer.echo(f"results: {config.out}")
-    if isinstance(config, EvaluateConfig):
-        typer.echo(f"plot: {config.plot_path}")
+    typer.echo(f"plot: {config.plot_path}")
 
 
 @app.command("compare", cls=PlainHelpCommand)

@@ -350,9 +350,9 @@ class ScoringParams(ABC):
 
     dataset: str = option(help="Held-out data: csv/json/jsonl/parquet file or HF dataset name.")
     _: KW_ONLY
-    out: Path | None = option(  # a mask file's plot is written beside it as .png
+    out: Path | None = option(  # the figure is written beside it as .png
         None,
-        help="Results JSON (default runs/eval/<mask or folder>-<data>.json); with --mask-file the plot goes beside it.",
+        help="Results JSON (default runs/eval/<mask or folder>-<data>.json); the figure goes beside it as .png.",
     )
     overwrite: bool = option(False, help="Replace an existing results file and its plot.")
     split: str | None = option(None, help="Dataset split (default validation/test, else train).")
@@ -390,6 +390,12 @@ class ScoringParams(ABC):
     @abstractmethod
     def measured(self) -> str:
         """What is measured, as the default results file names it."""
+
+    @property
+    def plot_path(self) -> Path:
+        """The figure, beside the results JSON."""
+        assert self.out is not None
+        return self.out.with_suffix(".png")
 
 
 @dataclass(kw_only=True)
@@ -480,32 +486,34 @@ class EvaluateConfig(ControlParams):
     def measured(self) -> str:
         return self.mask_file.stem
 
-    @property
-    def plot_path(self) -> Path:
-        assert self.out is not None
-        return self.out.with_suffix(".png")
-
 
 @dataclass
 class TunedEvalConfig(ScoringParams):
     """`fn-analyze evaluate --tuned`: what fine-tuning changed and kept, the tuned folder scored next to its
     base on the data and on a retention set (`fn_analyze.measure.tuned.evaluate_tuned`)."""
 
-    # A fn-train output folder (tune deltas, LoRA adapter or full model) or any fine-tuned model folder,
-    # scored next to its base (the one the folder names, else --model).
-    tuned: Path = option(help="A fine-tuned folder to score next to its base, instead of masks.")
+    # fn-train output folders (tune deltas, LoRA adapter or full model) or any fine-tuned model folders of one
+    # base, each scored next to it (the base the folders name, else --model) and against each other. One path
+    # is taken as a list of one.
+    tuned: list[Path] = option(
+        help="Fine-tuned folders of one base to score next to it and to each other (--tuned A B), instead of masks."
+    )
     retention: str | None = option(  # e.g. a family the tuning did not train on
         None, help="With --tuned: a second dataset, of what the model should keep knowing."
     )
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
 
     def __post_init__(self) -> None:
-        self.tuned = Path(self.tuned)
+        self.tuned = [Path(self.tuned)] if isinstance(self.tuned, (str, Path)) else [Path(p) for p in self.tuned]
+        if not self.tuned:
+            raise ParameterError("{tuned} needs at least one folder")
+        if len(set(self.tuned)) < len(self.tuned):
+            raise ParameterError("{tuned} names a folder twice; give each folder once")
         super().__post_init__()
 
     @property
     def measured(self) -> str:
-        return f"{self.tuned.name}-tuned"
+        return "+".join(folder.name for folder in self.tuned) + "-tuned"
 
 
 @dataclass
@@ -516,10 +524,15 @@ class PrunedEvalConfig(ControlParams):
     (`fn_analyze.prune.pruned_eval.evaluate_pruned`)."""
 
     pruned: Path = option(help="A pruned folder to score next to its original and random prunings.")
+    # Forward passes of the original and the pruned model timed in turns on the data's largest batch
+    # (fn_analyze/prune/prefill_speed.py); each is a prefill of --batch-size prompts.
+    speed_rounds: int = option(7, help="Rounds of the prefill speed test (one timed pass per model each).")
 
     def __post_init__(self) -> None:
         self.pruned = Path(self.pruned)
         super().__post_init__()
+        if self.speed_rounds < 1:
+            raise ParameterError("{speed_rounds} must be at least 1, got {value}", value=self.speed_rounds)
 
     @property
     def measured(self) -> str:

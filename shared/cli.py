@@ -223,7 +223,7 @@ class PlainHelpCommand(TyperCommand):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         with usage_errors_in_one_line():
-            return super().parse_args(ctx, args)
+            return super().parse_args(ctx, several_values_per_flag(self, args))
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -235,6 +235,35 @@ class PlainHelpCommand(TyperCommand):
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
         write_parameters(self, ctx, formatter)
+
+
+def several_values_per_flag(command: Any, args: list[str]) -> list[str]:
+    """`args` with the values given after one flag of an option that may be given several times
+    spelled one flag each: `--tuned A B --limit 3` as `--tuned A --tuned B --limit 3`. Only for a
+    command without positional arguments, where a bare word after such a value can be nothing else."""
+    if any(param.param_type_name == "argument" for param in command.params):
+        return args
+    several = {
+        flag
+        for param in command.params
+        if param.param_type_name == "option" and param.multiple and not param.is_flag
+        for flag in param.opts
+    }
+    spelled: list[str] = []
+    flag, waiting = None, False  # the open option's flag; whether its first value is yet to come
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return spelled + args[index:]
+        if arg.startswith("-") and not waiting:
+            name = arg.split("=", 1)[0]
+            flag = name if name in several else None
+            waiting = flag is not None and "=" not in arg
+        elif waiting:
+            waiting = False
+        elif flag is not None:
+            spelled.append(flag)
+        spelled.append(arg)
+    return spelled
 
 
 class PlainHelpGroup(TyperGroup):
@@ -401,10 +430,21 @@ def _option_parameter(
         offs = dict.fromkeys(f" /--{off}" for off in _spelled(spec.off or f"no_{name}", both_spellings))
         info = typer.Option(*ons, *offs, help=spec.help)  # " /--off": an off-switch alone (click's syntax)
     else:
-        info = typer.Option(*dict.fromkeys(f"--{flag}" for flag in _spelled(name, both_spellings)), help=spec.help)
+        several = _list_item(hint)
+        metavar = f"<{several.__name__.lower()}> ..." if several is not None else None  # one flag, several values
+        flags = dict.fromkeys(f"--{flag}" for flag in _spelled(name, both_spellings))
+        info = typer.Option(*flags, help=spec.help, metavar=metavar)
     return inspect.Parameter(
         field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, info]
     )
+
+
+def _list_item(hint: Any) -> Any:
+    """The item type of a list hint (also inside Optional), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if typing.get_origin(candidate) is list:
+            return typing.get_args(candidate)[0]
+    return None
 
 
 def _config_file_parameter(tool: str, annotations: dict[str, Any]) -> inspect.Parameter:

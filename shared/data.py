@@ -102,6 +102,12 @@ def is_local_file(source: str) -> bool:
     return not path.is_dir() and (path.suffix.lower() in LOCAL_BUILDERS or path.exists())
 
 
+def split_prefix(source: str, split: str) -> str:
+    """The split the rows came from, with its comma, for a table's header; nothing for a single data
+    file, whose one split is only `datasets`' name for the whole file ("train", whatever it holds)."""
+    return "" if is_local_file(source) else f"{split} split, "
+
+
 def check_local_file(source: str) -> str:
     """The `datasets` builder that reads the local data file `source`; a UserError when it is
     missing, of an unknown type or empty."""

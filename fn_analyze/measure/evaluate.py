@@ -32,7 +32,16 @@ import numpy as np
 from torch import nn
 
 from fn_analyze.config import EvaluateConfig
-from fn_analyze.measure.scoring import Batch, ChoiceSet, EvalSet, Score, load_eval_set, make_batches, score
+from fn_analyze.measure.scoring import (
+    Batch,
+    ChoiceSet,
+    EvalSet,
+    Score,
+    chance_record,
+    load_eval_set,
+    make_batches,
+    score,
+)
 from fn_analyze.neurons.magnitude import NeuronMagnitude, Statistic, stats_from_activations, stats_from_forward
 from fn_analyze.neurons.neuron_sets import control_pool, draw_matched, pairs, set_size, without
 from shared import __version__
@@ -478,6 +487,7 @@ def assemble_results(plan: EvaluationPlan, measured: Measurements, seconds: floa
         },
         "accuracy_metric": _accuracy_metric(measured.base),
         "baseline": score_dict(measured.base),
+        "chance": chance_record(plan.eval_set, measured.base),
         "conditions": measured.rows,
         "random_fraction": measured.random_fraction,
         "skipped": [

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.chance import chance_level
 from shared.data import render_prompt, render_text
 from shared.errors import UserError
 from shared.examples import load_examples
@@ -53,6 +54,14 @@ class ChoiceSet:
     @property
     def n_records(self) -> int:
         return len(self.gold)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """The number of choices of each record."""
+        found = [0] * self.n_records
+        for record in self.record:
+            found[record] += 1
+        return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,14 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 700.0))  # exp overflows float64 past ~709
+
+
+def chance_record(eval_set: EvalSet, scored: Score) -> dict | None:
+    """The set's chance level and `scored`'s acc next to it (`shared.chance`), as the results JSON holds
+    it; None for a set that is not multiple choice."""
+    if eval_set.choices is None or scored.accuracy is None:
+        return None
+    return chance_level(eval_set.choices.counts, scored.accuracy).to_dict()
 
 
 def load_eval_set(

@@ -1,32 +1,42 @@
-"""`fn-analyze evaluate --tuned DIR`: what fine-tuning changed and what it kept, in one command.
+"""`fn-analyze evaluate --tuned A [B ...]`: what fine-tuning changed and what it kept, in one command.
 
-The fine-tuned folder (a fn-train output: tune mode's neuron deltas, a LoRA adapter or a full model;
-or any fine-tuned model folder) and its base are scored on the same rows: the training task's
+Each fine-tuned folder (a fn-train output: tune mode's neuron deltas, a LoRA adapter or a full model;
+or any fine-tuned model folder) and their common base are scored on the same rows: the training task's
 held-out rows (`--dataset`) and, with `--retention`, a second dataset the tuning should not have
 changed. Per dataset: answer loss (and accuracy where the data or --exact-match gives one) of the
-base and of the tuned model, and the change.
+base and of each tuned model; each folder minus the base and each folder minus each later one, paired
+by row (`shared.statistics.paired_difference`), with intervals and p-values Holm-corrected over all the
+run's comparisons. Several folders are what a researcher compares: the networks tuned next to random
+neurons tuned alike. Each folder is one training run, so the intervals hold the rows' noise, not the
+spread between training seeds (`fn-train experiment` runs seeds for that).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import time
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from fn_analyze.config import ScoringParams, TunedEvalConfig
-from fn_analyze.measure.evaluate import ACCURACY_FIELDS, score_dict
-from fn_analyze.measure.scoring import EvalSet, Score, load_eval_set, make_batches, score
+from fn_analyze.measure.evaluate import ACCURACY_FIELDS, row_figure, score_dict
+from fn_analyze.measure.scoring import EvalSet, Score, chance_record, load_eval_set, make_batches, score
 from shared import __version__
+from shared.chance import AT_CHANCE, at_chance, chance_text
 from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION, MODEL_CONFIG_NAME
+from shared.data import split_prefix
 from shared.device import choose_device, choose_dtype
 from shared.errors import UserError
 from shared.folders import expect
 from shared.jsonio import write_json_atomic
 from shared.models import check_model_reachable, load_causal_lm, load_tokenizer, resolve_model_path
 from shared.paths import check_writable_file
+from shared.statistics import adjust, paired_difference
 from shared.trained import load_trained, run_record
 
 
@@ -99,12 +109,35 @@ def score_sets(model: nn.Module, tokenizer, eval_sets: list[EvalSet], config: Sc
     return found
 
 
+CORRECTION = "holm"
+ONE_RUN = "each folder is one training run: the intervals hold the rows' noise, not the spread between training seeds"
+
+
+def _labels(folders: list[Path]) -> list[str]:
+    """Each folder's name, or its path where two folders share a name (or one is called base)."""
+    names = [folder.name for folder in folders]
+    unique = len(set(names)) == len(names) and "base" not in names
+    return names if unique else [str(folder) for folder in folders]
+
+
+def check_tuned_folders(folders: list[Path], model: str) -> str:
+    """`check_tuned` for each folder; return their base, refused in one line when they name different ones."""
+    bases = [check_tuned(folder, model) for folder in folders]
+    for folder, base in zip(folders[1:], bases[1:], strict=True):
+        if base != bases[0]:
+            raise UserError(
+                f"--tuned {folders[0]} was tuned from {bases[0]} but {folder} from {base}: the folders are compared "
+                "row by row on one base's tokens; give folders tuned from the same model"
+            )
+    return bases[0]
+
+
 def evaluate_tuned(config: TunedEvalConfig) -> dict[str, Any]:
-    """Score the base and the fine-tuned folder on --dataset (and --retention); write the results JSON
-    at `config.out` and return it."""
+    """Score the base and every fine-tuned folder on --dataset (and --retention); compare each folder with
+    the base and with the others; write the results JSON and its figure at `config.out` and return it."""
     check_writable_file(config.out, "--out", config.overwrite)
     started = time.perf_counter()
-    base_name = check_tuned(config.tuned, config.model)
+    base_name = check_tuned_folders(config.tuned, config.model)
     tokenizer = load_tokenizer(base_name)
     tokenizer.padding_side = "right"
     roles = [("task", config.dataset, config.split)] + (
@@ -116,48 +149,117 @@ def evaluate_tuned(config: TunedEvalConfig) -> dict[str, Any]:
         )
         for _, source, split in roles
     ]
+    for eval_set in eval_sets:
+        rows = eval_set.choices.n_records if eval_set.choices is not None else len(eval_set.rows)
+        if rows < 2:
+            raise UserError(
+                f"dataset {eval_set.source} gave {rows} row to score: the comparisons are intervals over the rows "
+                "and need at least 2; raise --limit or give more data"
+            )
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
-    before = [score_dict(s) for s in score_sets(load_causal_lm(base_name, dtype, device), tokenizer, eval_sets, config)]
-    after = [
-        score_dict(s) for s in score_sets(load_trained(config.tuned, dtype, str(device)), tokenizer, eval_sets, config)
-    ]
+    before = score_sets(load_causal_lm(base_name, dtype, device), tokenizer, eval_sets, config)
+    after = []
+    for folder in config.tuned:  # one model in memory at a time
+        after.append(score_sets(load_trained(folder, dtype, str(device)), tokenizer, eval_sets, config))
+        gc.collect()
+    labels = _labels(config.tuned)
     datasets = []
-    for (role, _, _), eval_set, base, tuned in zip(roles, eval_sets, before, after, strict=True):
-        change = {"loss": tuned["loss"] - base["loss"]}
-        change.update({name: tuned[name] - base[name] for name in ACCURACY_FIELDS if name in base})
+    for index, ((role, _, _), eval_set, base) in enumerate(zip(roles, eval_sets, before, strict=True)):
+        tuned = [scores[index] for scores in after]
+        chance = chance_record(eval_set, base)
         datasets.append(
             {"role": role, "source": eval_set.source, "split": eval_set.split, "rows": len(eval_set.rows),
-             "base": base, "tuned": tuned, "change": change}
+             "base": score_dict(base), "chance": chance,
+             "tuned": [{"folder": label, **score_dict(s)} for label, s in zip(labels, tuned, strict=True)],
+             "comparisons": _comparisons(role, base, dict(zip(labels, tuned, strict=True)), chance)}
         )  # fmt: skip
+    _correct(datasets)
     results = {
         "schema_version": EVALUATION_SCHEMA_VERSION,
         "created_by": f"functional-networks {__version__}",
         "kind": "tuned",
         "base_model": base_name,
-        "tuned": str(config.tuned),
+        "tuned": [str(folder) for folder in config.tuned],
+        "labels": labels,
         "datasets": datasets,
+        "note": ONE_RUN,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(config.out, results)
+    from fn_analyze.report.folder_plots import plot_tuned  # matplotlib is imported only when a plot is drawn
+
+    plot_tuned(results, config.plot_path)
     return results
 
 
+def _comparisons(
+    role: str, base: Score, tuned: dict[str, Score], chance: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Each folder minus the base, then each folder minus each later one, on the loss and the headline
+    accuracy, paired by row. Their p-values are corrected later, over the whole run (`_correct`)."""
+    pairs = [(label, "base") for label in tuned] + list(combinations(tuned, 2))
+    found = []
+    for figure in ("loss", base.headline_accuracy_name):
+        if figure is None:
+            continue
+        for arm, control in pairs:
+            values, weights = row_figure(tuned[arm], figure)
+            against = row_figure(base if control == "base" else tuned[control], figure)[0]
+            difference = paired_difference(values[None, :], against[None, :], weights)
+            found.append(
+                {"arm": arm, "control": control, "figure": figure, "measure": f"{role} {figure}",
+                 "estimate": difference.estimate, "low": difference.low, "high": difference.high,
+                 "p_value": difference.p_value, "confidence": difference.confidence, "rows": difference.n_rows,
+                 "method": difference.method, "spread": difference.spread,
+                 "base_at_chance": figure != "loss" and at_chance(chance),
+                 "difference": dataclasses.replace(difference, note=None)}
+            )  # fmt: skip
+    return found
+
+
+def _correct(datasets: list[dict[str, Any]]) -> None:
+    """Holm-correct the p-values of every comparison of the run together; add each one's verdict line."""
+    comparisons = [c for data in datasets for c in data["comparisons"]]
+    corrected = adjust([c["p_value"] for c in comparisons], CORRECTION)
+    for comparison, p in zip(comparisons, corrected, strict=True):
+        difference = comparison.pop("difference")
+        comparison["p_adjusted"] = p
+        comparison["shown"] = bool(p < 1 - comparison["confidence"] and comparison["spread"])
+        line = difference.verdict(comparison["arm"], comparison["control"], comparison["measure"], p, "Holm")
+        comparison["verdict"] = line + (f" [{AT_CHANCE}]" if comparison["base_at_chance"] else "")
+
+
 def format_tuned_table(results: dict[str, Any]) -> str:
-    """One row per dataset: base and tuned answer loss (and accuracy), and the change."""
-    width = max(len("dataset"), *(len(row["source"]) for row in results["datasets"]))
-    lines = [
-        f"what tuning changed and kept: {results['tuned']} (base {results['base_model']})",
-        f"{'dataset':<{width}} {'role':<10} {'rows':>5} {'base loss':>10} {'tuned loss':>11} {'change':>8}  accuracy",
+    """Per dataset, the base's and each folder's answer loss (and accuracies), the chance level on
+    multiple choice; then the verdicts: each folder against the base and against each other."""
+    labels = results["labels"]
+    width = max(len("model"), len("base"), *(len(label) for label in labels))
+    lines = [f"what tuning changed and kept: {', '.join(results['tuned'])} (base {results['base_model']})"]
+    for data in results["datasets"]:
+        accuracies = [name for name in ACCURACY_FIELDS if name in data["base"]]
+        lines += [
+            "",
+            f"{data['role']}: {data['source']} ({split_prefix(data['source'], data['split'])}{data['rows']} rows)",
+            f"  {'model':<{width}} {'loss':>8}" + "".join(f" {name:>13}" for name in accuracies),
+        ]
+        for label, scored in [("base", data["base"]), *((t["folder"], t) for t in data["tuned"])]:
+            lines.append(
+                f"  {label:<{width}} {scored['loss']:>8.4f}" + "".join(f" {scored[name]:>13.3f}" for name in accuracies)
+            )
+        if data["chance"] is not None:
+            chance = data["chance"]
+            lines.append(f"  {chance_text(chance)}")
+            if chance["at_chance"]:
+                lines.append(f"  warning: {AT_CHANCE}")
+    comparisons = [c for data in results["datasets"] for c in data["comparisons"]]
+    confidence = comparisons[0]["confidence"] if comparisons else 0.95
+    lines += [
+        "",
+        f"verdicts: each folder minus the base, and minus each other folder, paired by row; {confidence:.0%} interval "
+        f"(not adjusted), p Holm-corrected over the {len(comparisons)} comparisons:",
+        *(f"  {c['verdict']}" for c in comparisons),
+        *dict.fromkeys(f"interval: {c['method']}" for c in comparisons),
+        f"note: {results['note']}",
     ]
-    for row in results["datasets"]:
-        accuracy = ", ".join(
-            f"{name} {row['base'][name]:.3f} -> {row['tuned'][name]:.3f}"
-            for name in ACCURACY_FIELDS
-            if name in row["base"]
-        )
-        lines.append(
-            f"{row['source']:<{width}} {row['role']:<10} {row['rows']:>5} {row['base']['loss']:>10.4f} "
-            f"{row['tuned']['loss']:>11.4f} {row['change']['loss']:>+8.4f}  {accuracy or '-'}"
-        )
     return "\n".join(lines)

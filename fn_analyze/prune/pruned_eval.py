@@ -10,6 +10,9 @@ random prunings, whether the selection matters at all; against importance alone,
 networks first adds anything to importance. Each comparison is the pruned model's figure minus the
 control's, paired by rows, with its interval (`shared.statistics.paired_difference`): over the rows for
 importance alone (one pruning each, nothing drawn), over the rows and the random draws for random prunings.
+The prefill tokens/s of the original and the pruned model are measured in the same run, in alternating
+rounds on the data's largest batch (`fn_analyze.prune.prefill_speed`), so "faster" is a figure of this
+machine and this load, not a claim.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import numpy as np
 
 from fn_analyze.config import PrunedEvalConfig
 from fn_analyze.measure.evaluate import ACCURACY_FIELDS, row_figure, score_dict
-from fn_analyze.measure.scoring import Score, load_eval_set
+from fn_analyze.measure.scoring import Score, chance_record, load_eval_set, make_batches
 from fn_analyze.measure.tuned import score_sets
+from fn_analyze.prune.prefill_speed import prefill_speed, speed_text
 from fn_analyze.prune.pruning import choose_at_random, choose_by_importance, prune_model
 from shared import __version__
+from shared.chance import AT_CHANCE, at_chance, chance_text
 from shared.constants import EVALUATION_SCHEMA_VERSION, PRUNE_NEURONS_NAME, PRUNE_RECORD_NAME
 from shared.device import choose_device, choose_dtype
 from shared.errors import UserError
@@ -101,6 +106,12 @@ def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
     pruned = load_causal_lm(str(config.pruned), dtype, device)
     parameters = _parameters(pruned)
     pruned_score = scored(pruned)
+    batches = make_batches(eval_set, config.batch_size, tokenizer.pad_token_id)
+    largest = max(batches, key=lambda batch: batch.input_ids.numel())
+    speed = prefill_speed(
+        {"original": original, "pruned": pruned}, largest.input_ids, largest.attention_mask, config.speed_rounds,
+        "original",
+    )  # fmt: skip
     del pruned
     rows = [
         {"name": "original", "parameters": _parameters(original), **score_dict(original_score)},
@@ -121,6 +132,9 @@ def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
     }
     drawn = [score_dict(d) for d in draws]
     random_row.update({name: float(np.mean([d[name] for d in drawn])) for name in ACCURACY_FIELDS if name in drawn[0]})
+    random_row.update(
+        {f"{name}_std": float(np.std([d[name] for d in drawn])) for name in ACCURACY_FIELDS if name in drawn[0]}
+    )
     rows.append(random_row)
     comparisons = _comparisons(pruned_score, RANDOM, draws)
     left_out = {}
@@ -149,13 +163,18 @@ def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
         "selection": record["selection"],
         "compensation": record["compensation"],
         "dataset": {"source": eval_set.source, "split": eval_set.split, "rows": len(eval_set.rows)},
+        "chance": chance_record(eval_set, original_score),
         "rows": rows,
         "comparisons": comparisons,
         "left_out": left_out,
+        "prefill_speed": speed,
         "seed": config.seed,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json_atomic(config.out, results)
+    from fn_analyze.report.folder_plots import plot_pruned  # matplotlib is imported only when a plot is drawn
+
+    plot_pruned(results, config.plot_path)
     return results
 
 
@@ -191,18 +210,20 @@ def _comparisons(pruned: Score, control: str, scores: list[Score]) -> list[dict[
     return found
 
 
-def _difference_line(comparison: dict[str, Any]) -> str:
-    """One comparison: the difference, its interval and p-value, and what it shows."""
+def _difference_line(comparison: dict[str, Any], base_at_chance: bool) -> str:
+    """One comparison: the difference, its interval and p-value, and what it shows (on accuracy, that it is
+    noise when the original model is at chance)."""
     figure, estimate = comparison["figure"], comparison["estimate"]
     digits = 4 if figure == "loss" else 3
     head = (
         f"pruned - {comparison['control']}, {figure}: {estimate:+.{digits}f} "
         f"[{comparison['low']:+.{digits}f}, {comparison['high']:+.{digits}f}], " + p_text(comparison["p_value"])
     )
+    flag = f" [{AT_CHANCE}]" if figure != "loss" and base_at_chance else ""
     if comparison["p_value"] >= 1 - comparison["confidence"]:
-        return f"{head}: no difference shown"
+        return f"{head}: no difference shown{flag}"
     better = estimate < 0 if figure == "loss" else estimate > 0
-    return f"{head}: the pruned model does {'better' if better else 'worse'}"
+    return f"{head}: the pruned model does {'better' if better else 'worse'}{flag}"
 
 
 def format_pruned_table(results: dict[str, Any]) -> str:
@@ -227,8 +248,14 @@ def format_pruned_table(results: dict[str, Any]) -> str:
             f"{alone['share_kept_alike']:.1%} of the neurons the folder keeps are kept by it too"
         )
     lines += [f"{name}: left out, {reason}" for name, reason in results["left_out"].items()]
+    chance = results["chance"]
+    if chance is not None:
+        lines.append(chance_text(chance, "original"))
+        if chance["at_chance"]:
+            lines.append(f"warning: {AT_CHANCE}")
+    lines.append(speed_text(results["prefill_speed"]))
     lines.append("")
-    lines += [_difference_line(comparison) for comparison in results["comparisons"]]
+    lines += [_difference_line(comparison, at_chance(chance)) for comparison in results["comparisons"]]
     methods = {
         f"interval ({c['confidence']:.0%}) against {c['control']}: {c['method']}"
         + (f"; {c['note']}" if c["note"] else ""): None

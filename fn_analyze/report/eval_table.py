@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from shared.data import is_local_file
+from shared.chance import AT_CHANCE, at_chance, chance_text
+from shared.data import split_prefix
 
 RATIO_WIDTH = 20  # "2.19x [1.60, 3.10]"
 VERDICT_CONTROL = "magnitude_matched"  # the stricter control: the verdicts are read against it
@@ -81,7 +82,8 @@ def _verdicts(results: dict[str, Any], metric: str | None) -> list[str]:
         lines.append("  " + verdict(row["name"], row["mode"], VERDICT_CONTROL, control["ratio"], "extra loss"))
         if metric is not None and row["kind"] == "union" and control.get("accuracy_ratio") is not None:
             ratio = control["accuracy_ratio"]
-            lines.append("  " + verdict(row["name"], row["mode"], VERDICT_CONTROL, ratio, f"{metric} lost"))
+            line = verdict(row["name"], row["mode"], VERDICT_CONTROL, ratio, f"{metric} lost")
+            lines.append("  " + line + (f" [{AT_CHANCE}]" if at_chance(results.get("chance")) else ""))
         for summary in row["controls"].values():
             for ratio in (summary["ratio"], summary.get("accuracy_ratio")):
                 if ratio is not None:
@@ -101,12 +103,6 @@ def _verdicts(results: dict[str, Any], metric: str | None) -> list[str]:
 # Below this many rows a percentile bootstrap over the rows has too few distinct resamples (at most
 # C(2n - 1, n)) and its intervals come out too narrow, whatever the detectable difference says.
 MIN_ROWS = 20
-
-
-def _split(data: dict[str, Any]) -> str:
-    """The split the rows came from, with its comma; nothing for a single data file, whose one split
-    is only `datasets`' name for the whole file ("train", whatever the file holds)."""
-    return "" if is_local_file(data["source"]) else f"{data['split']}, "
 
 
 def _enough_rows(results: dict[str, Any]) -> list[str]:
@@ -157,8 +153,9 @@ def format_table(results: dict[str, Any]) -> str:
             f", accuracy {base['accuracy']:.3f} (acc_norm {base['accuracy_norm']:.3f}; "
             f"{data['choice_records']} multiple-choice records)"
         )
+    split = split_prefix(data["source"], data["split"])
     lines = [
-        f"answer-token loss of {results['model']} on {data['source']} ({_split(data)}{data['rows']} rows, "
+        f"answer-token loss of {results['model']} on {data['source']} ({split}{data['rows']} rows, "
         f"{data['answer_tokens']} answer tokens)",
         f"baseline: loss {base['loss']:.3f}, perplexity {base['perplexity']:.2f}"
         + (f", exact match {base['exact_match']:.3f}, answer contained {base['contains']:.3f}" if em else "")
@@ -184,6 +181,11 @@ def format_table(results: dict[str, Any]) -> str:
     if metric is not None:
         name = "acc (log-likelihood of each choice)" if metric == "accuracy" else "answer contained in the generation"
         lines.append(f"acc: {name}; drop: accuracy lost over the random sets' mean accuracy lost")
+    chance = results.get("chance")
+    if chance is not None:
+        lines.append(f"{chance_text(chance)} (acc_norm's chance is the same)")
+        if chance["at_chance"]:
+            lines.append(f"warning: {AT_CHANCE}")
     if data["held_out"] is False:
         lines.append("warning: this is the data the networks were found on, not held-out data")
     lines += _enough_rows(results)
@@ -271,6 +273,10 @@ def _accuracy_table(results: dict[str, Any], metric: str) -> list[str]:
         return text + spread
 
     lines.append(line("baseline (nothing masked)", 0, base))
+    chance = results.get("chance")
+    if chance is not None and metric == "accuracy":
+        level = {metric: chance["chance"], "accuracy_norm": chance["chance"]}
+        lines.append(line("chance (1/choices, mean over the records)", "-", level))
     unions = {row["mode"]: row for row in results["conditions"] if row["kind"] == "union"}
     if "key" in unions:
         row = unions["key"]

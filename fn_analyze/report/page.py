@@ -102,7 +102,7 @@ def _provenance(mask: MaskFile, path: Path) -> str:
 
 
 def _evaluation(path: Path) -> str:
-    """evaluate's results (plain, --tuned or --pruned): the table it printed, and the plain one's figure."""
+    """evaluate's results (plain, --tuned or --pruned): the table it printed and its figure."""
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -111,28 +111,29 @@ def _evaluation(path: Path) -> str:
     try:
         if kind == "tuned":
             from fn_analyze.measure.tuned import format_tuned_table
+            from fn_analyze.report.folder_plots import plot_tuned
 
-            return f"<h2>Evaluation: tuned against its base ({html.escape(path.name)})</h2>" + _pre(
-                format_tuned_table(results)
-            )
-        if kind == "pruned":
+            title, table, plot = "Evaluation: tuned against their base", format_tuned_table(results), plot_tuned
+        elif kind == "pruned":
             from fn_analyze.prune.pruned_eval import format_pruned_table
+            from fn_analyze.report.folder_plots import plot_pruned
 
-            return f"<h2>Pruning ({html.escape(path.name)})</h2>" + _pre(format_pruned_table(results))
-        from fn_analyze.report.eval_table import format_table
-        from fn_analyze.report.plots import plot_evaluation
+            title, table, plot = "Pruning", format_pruned_table(results), plot_pruned
+        else:
+            from fn_analyze.report.eval_table import format_table
+            from fn_analyze.report.plots import plot_evaluation
 
-        table = format_table(results)
+            title, table, plot = "Evaluation", format_table(results), plot_evaluation
         with tempfile.TemporaryDirectory() as folder:
             figure = Path(folder) / "evaluation.png"
-            plot_evaluation(results, figure)
+            plot(results, figure)
             image = _img(figure.read_bytes(), "evaluation figure")
     except (KeyError, TypeError, AttributeError) as exc:
         raise UserError(
             f"--evaluation {path} is not a results JSON of `fn-analyze evaluate` (missing {exc}); give the file "
             "evaluate wrote (its `results:` line)"
         ) from exc
-    return f"<h2>Evaluation ({html.escape(path.name)})</h2>" + _pre(table) + image
+    return f"<h2>{title} ({html.escape(path.name)})</h2>" + _pre(table) + image
 
 
 def _experiment(folder: Path) -> str:

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from fn_analyze.measure.scoring import Batch, ChoiceSet, EvalSet, make_batches, score
+from shared.chance import chance_of
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -59,8 +60,12 @@ class ScoredSet:
         else:
             accuracy = None
         plain = not self.eval_set.has_answers
-        return {"source": self.eval_set.source, "split": self.eval_set.split, "rows": len(self.eval_set.rows),
-                "accuracy": accuracy, "plain_text": plain}  # fmt: skip
+        described = {"source": self.eval_set.source, "split": self.eval_set.split, "rows": len(self.eval_set.rows),
+                     "accuracy": accuracy, "plain_text": plain}  # fmt: skip
+        if self.choices is not None:
+            counts = self.choices[0].counts
+            described.update(chance=chance_of(counts), choice_records=len(counts))
+        return described
 
 
 def measure_model(

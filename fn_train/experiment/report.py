@@ -12,6 +12,7 @@ import numpy as np
 
 from fn_train.experiment.arms import RunSpec
 from fn_train.experiment.comparisons import compare
+from shared.chance import AT_CHANCE, against_chance, at_chance, chance_text
 from shared.constants import EXPERIMENT_FIGURE_NAME, EXPERIMENT_RESULTS_NAME, EXPERIMENT_TABLE_NAME
 from shared.jsonio import write_text_atomic
 
@@ -57,9 +58,22 @@ def summarize(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, dict[st
 
 
 def report(results: dict[str, Any], runs: list[RunSpec]) -> None:
-    """The summary and the comparisons of the recorded runs, into `results`."""
+    """The summary, the base model against each multiple-choice set's chance level, and the comparisons of
+    the recorded runs, into `results`."""
     results["summary"] = summarize(results, runs)
+    results["chance"] = chance_levels(results)
     results["comparisons"] = compare(results, runs)
+
+
+def chance_levels(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per multiple-choice set (by key): its chance level and the base model's acc next to it
+    (`shared.chance`), from the figures scored before training."""
+    before = results.get("before", {})
+    return {
+        key: against_chance(data["chance"], data["choice_records"], before[f"{key}_accuracy"]).to_dict()
+        for key, data in results.get("datasets", {}).items()
+        if "chance" in data and f"{key}_accuracy" in before
+    }
 
 
 def format_verdicts(results: dict[str, Any]) -> list[str]:
@@ -69,11 +83,12 @@ def format_verdicts(results: dict[str, Any]) -> list[str]:
     if not comparisons:
         return []
     seeds = max(c["n_seeds"] for c in comparisons)
+    at_chance_figures = {f"{key}_accuracy" for key, level in results.get("chance", {}).items() if at_chance(level)}
     return [
         f"answers: each arm minus its control, paired by seed (up to {seeds}) and row; {made['confidence']:.0%} "
         f"interval (not adjusted) and p-value from {made['method']}; p corrected by {made['correction']} over the "
         f"{made['count']} comparisons",
-        *(c["verdict"] for c in comparisons),
+        *(c["verdict"] + (f" [{AT_CHANCE}]" if c["figure"] in at_chance_figures else "") for c in comparisons),
         "",
     ]
 
@@ -113,6 +128,9 @@ def format_table(results: dict[str, Any]) -> str:
         else:
             accuracy = data["accuracy"] or "no accuracy (short answers without generate: true)"
         lines.append(f"{role}: {data['source']} ({data['rows']} rows; accuracy: {accuracy})")
+        level = results.get("chance", {}).get(role)
+        if level is not None:
+            lines.append(f"  {chance_text(level)}" + (f"; warning: {AT_CHANCE}" if level["at_chance"] else ""))
     if "peak_memory" in results:
         lines.append(f"peak MiB: {results['peak_memory']}, during training")
     return "\n".join(lines)

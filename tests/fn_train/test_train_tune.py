@@ -253,20 +253,70 @@ def test_evaluate_scores_a_tuned_folder_next_to_its_base(tiny_lm_dir, demo_dir, 
     assert f"base {tiny_lm_dir}" in result.output
     results = json.loads(out.read_text())
     task, retention = results["datasets"]
-    assert (task["role"], retention["role"]) == ("task", "retention") and "accuracy" in retention["tuned"]
+    assert (task["role"], retention["role"]) == ("task", "retention") and "accuracy" in retention["tuned"][0]
 
     tokenizer = load_tokenizer(str(tiny_lm_dir))
     tokenizer.padding_side = "right"
     batches = make_batches(load_eval_set(str(demo_dir / "eval.csv"), tokenizer, limit=200), 16, tokenizer.pad_token_id)
     assert task["base"]["loss"] == pytest.approx(answer_loss(base, batches), abs=1e-5)
     with load_masked_model(tmp_path / "out") as model:
-        assert task["tuned"]["loss"] == pytest.approx(answer_loss(model, batches), abs=1e-4)
-    assert task["change"]["loss"] == pytest.approx(task["tuned"]["loss"] - task["base"]["loss"])
-    assert abs(task["change"]["loss"]) > 1e-3
+        assert task["tuned"][0]["loss"] == pytest.approx(answer_loss(model, batches), abs=1e-4)
+    change = next(c for c in task["comparisons"] if (c["control"], c["figure"]) == ("base", "loss"))
+    assert change["estimate"] == pytest.approx(task["tuned"][0]["loss"] - task["base"]["loss"])
+    assert abs(change["estimate"]) > 1e-3 and change["low"] < change["estimate"] < change["high"]
+    assert f"  {change['verdict']}" in result.output and out.with_suffix(".png").stat().st_size > 0
 
     both = CliRunner().invoke(analyze, ["evaluate", *args, "--mask-file", str(mask)])
     refused(both, "give --mask-file (measure networks) or --tuned")
     refused(CliRunner().invoke(analyze, ["evaluate", *args, "--networks", "0"]), "--networks selects or measures")
+
+
+def test_evaluate_scores_several_tuned_folders_side_by_side(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    """The networks tuned and random neurons tuned alike, in one table and one figure: each against the base
+    and against each other, paired by row, the p-values Holm-corrected over all the comparisons."""
+    from fn_analyze.cli import app as analyze
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    mask = write_mask(base, MASKED, tmp_path / "mask.json")
+    _tune(tiny_lm_dir, demo_dir, tmp_path / "networks", mask)
+    _tune(tiny_lm_dir, demo_dir, tmp_path / "random", mask, random_neurons="layer")
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--tuned", str(tmp_path / "networks"), str(tmp_path / "random"), "--limit", "24"]
+    args += ["--dataset", str(demo_dir / "eval.csv"), "--retention", str(demo_dir / "sentiment.csv"), "--out", str(out)]
+    result = CliRunner().invoke(analyze, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert results["labels"] == ["networks", "random"]
+    for data in results["datasets"]:
+        figures = ["loss", "accuracy"] if data["role"] == "retention" else ["loss"]
+        tuned = {row["folder"]: row for row in data["tuned"]}
+        pairs = [(c["arm"], c["control"], c["figure"]) for c in data["comparisons"]]
+        assert pairs == [
+            (arm, control, figure)
+            for figure in figures
+            for arm, control in (("networks", "base"), ("random", "base"), ("networks", "random"))
+        ]
+        for comparison in data["comparisons"]:
+            figure, control = comparison["figure"], comparison["control"]
+            against = data["base"] if control == "base" else tuned[control]
+            assert comparison["estimate"] == pytest.approx(tuned[comparison["arm"]][figure] - against[figure])
+            assert comparison["low"] <= comparison["estimate"] <= comparison["high"]
+            assert comparison["p_value"] <= comparison["p_adjusted"] <= 1
+            assert f"  {comparison['verdict']}" in result.output
+    task = results["datasets"][0]
+    between = next(c for c in task["comparisons"] if c["control"] == "random")
+    assert abs(between["estimate"]) > 1e-4  # the two runs tuned different neurons
+    assert between["verdict"].startswith("networks vs random, task loss: ")
+    assert "p Holm-corrected over the 9 comparisons" in result.output
+    for name in ("networks", "random"):
+        assert f"  {name:<8} {task['tuned'][results['labels'].index(name)]['loss']:>8.4f}" in result.output
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG") and f"plot: {out.with_suffix('.png')}" in (
+        result.output
+    )
+    refused(
+        CliRunner().invoke(analyze, [*args[:4], str(tmp_path / "random"), *args[4:-1], str(tmp_path / "x.json")]),
+        "--tuned names a folder twice",
+    )
 
 
 def test_ica_on_the_fly_tunes_the_networks_it_found(tiny_lm_dir, demo_dir, tmp_path) -> None:

@@ -356,8 +356,14 @@ def test_each_use_of_evaluate_has_a_config_of_the_fields_it_reads(tiny_mask: Pat
          "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
         (["--pruned", "p", "--draws", "2"], PrunedEvalConfig("d.csv", Path("p"), draws=2, limit=3),
          "prune.pruned_eval.evaluate_pruned", "prune.pruned_eval.format_pruned_table"),
+        (["--tuned", "t", "u", "--retention", "r.csv"],
+         TunedEvalConfig("d.csv", [Path("t"), Path("u")], retention="r.csv", limit=3),
+         "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
+        (["--tuned", "t", "--retention", "r.csv", "--tuned=u"],
+         TunedEvalConfig("d.csv", [Path("t"), Path("u")], retention="r.csv", limit=3),
+         "measure.tuned.evaluate_tuned", "measure.tuned.format_tuned_table"),
     ],
-    ids=["mask", "tuned", "pruned"],
+    ids=["mask", "tuned", "pruned", "tuned-after-one-flag", "tuned-one-flag-each"],
 )  # fmt: skip
 def test_the_command_builds_the_config_of_the_use_given(use, expected, runner, formatter, monkeypatch) -> None:
     """The options given choose the use; its config holds them, and its own defaults for the rest."""
@@ -550,6 +556,42 @@ def test_a_ratio_over_random_sets_that_add_no_loss_beyond_noise_is_not_readable_
     assert f"  {line}" in table and "n/r: not readable" in table
     plot_evaluation(results, tmp_path / "planted.png")
     assert_png(tmp_path / "planted.png")
+
+
+def _planted_choices(accuracy: float, records: int = 100) -> Score:
+    """A multiple-choice score of `records` records, the first `accuracy` share of them right."""
+    right = round(accuracy * records)
+    hits = tuple([1.0] * right + [0.0] * (records - right))
+    losses = tuple(2.0 + 0.01 * (i % 7) for i in range(records))
+    rows = RowScores(losses, (1,) * records, accuracy=hits, accuracy_norm=hits)
+    return Score(float(np.mean(losses)), None, accuracy=right / records, accuracy_norm=right / records, rows=rows)
+
+
+@pytest.mark.parametrize(("base_accuracy", "flagged"), [(0.27, True), (0.62, False)])
+def test_the_network_table_flags_a_base_model_at_chance(base_accuracy: float, flagged: bool) -> None:
+    """Planted four-way data: a base at 0.27 (chance 0.25) is flagged, in the header and beside the accuracy
+    verdict; one at 0.62 is not."""
+    from shared.chance import AT_CHANCE, chance_level
+
+    base = _planted_choices(base_accuracy)
+    off, controls = _planted_choices(base_accuracy - 0.2), [_planted_choices(base_accuracy - 0.05)] * 3
+    summary = summarize_control(controls, [0.0] * 3, off, base, seed=0)
+    condition = {**_condition("union of 2 networks", "key", off, {"magnitude_matched": summary}), "kind": "union",
+                 "accuracy": off.accuracy, "accuracy_norm": off.accuracy_norm}  # fmt: skip
+    results = _results([condition])
+    results["dataset"]["choice_records"] = 100
+    results.update(
+        accuracy_metric="accuracy",
+        baseline={"loss": base.loss, "perplexity": 7.4, "accuracy": base.accuracy, "accuracy_norm": base.accuracy},
+        chance=chance_level([4] * 100, base_accuracy).to_dict(),
+    )
+    table = format_table(results)
+    assert f"chance 0.250 (1/choices, mean over 100 records); base acc {base_accuracy:.3f} [" in table
+    (accuracy_verdict,) = [line for line in table.splitlines() if "accuracy lost" in line and " vs " in line]
+    assert (f"warning: {AT_CHANCE}" in table) is flagged
+    assert accuracy_verdict.endswith(f"[{AT_CHANCE}]") is flagged
+    assert ("): at chance" in table) is flagged and ("): above chance" in table) is not flagged
+    assert re.search(r"chance \(1/choices, mean over the records\) +- +0\.250 +0\.250", table)
 
 
 def test_verdicts_read_each_mode_in_its_own_direction() -> None:

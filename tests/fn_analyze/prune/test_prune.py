@@ -263,6 +263,15 @@ def test_evaluate_scores_the_pruned_model_next_to_the_original_and_random_prunin
     assert len(drawn["losses"]) == 2 and drawn["losses"][0] != drawn["losses"][1]
     assert all(np.isfinite(row["loss"]) for row in results["rows"]) and pruned["loss"] != original["loss"]
     assert "random pruning (2 draws)" in result.output and f"{pruned['loss']:.4f}" in result.output
+    # The prefill speed of both models, measured in this run, and the figure beside the results.
+    speed = results["prefill_speed"]
+    assert set(speed["tokens_per_second"]) == {"original", "pruned"}
+    assert all(rate > 0 for rate in speed["tokens_per_second"].values())
+    assert all(len(seconds) == 7 for seconds in speed["seconds"].values())  # --speed-rounds' default
+    assert speed["speedup"]["pruned"] > 0 and speed["batch"]["sequences"] >= 1
+    assert f"original {speed['tokens_per_second']['original']:,.0f}, pruned" in result.output
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert results["chance"] is None  # question/answer data: no choices, no chance level
     assert 0 < alone["share_kept_alike"] < 1 and alone["loss"] != pruned["loss"]  # the networks changed the choice
     # The pruned model against each control, paired by rows: importance alone over the rows (one model
     # each), the random prunings over the rows and the draws.
@@ -340,3 +349,43 @@ def test_evaluate_measures_the_networks_on_the_pruned_model_with_its_mask(
     one_row = ["evaluate", "--pruned", str(pruned_dir), "--dataset", str(demo_dir / "eval.csv"), "--limit", "1",
                "--out", str(tmp_path / "one.json"), "--device", "cpu"]  # fmt: skip
     refused(CliRunner().invoke(app, one_row), "gave 1 row to score", "raise --limit")
+
+
+def _choice_set(path: Path, records: int, choices: list[str], gold: list[int]) -> Path:
+    """A multiple-choice csv of `records` records, each with `choices`, the right one `gold[record]`."""
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "choices", "answer"])
+        for record in range(records):
+            writer.writerow([f"Question {record}: which one?", json.dumps(choices), gold[record]])
+    return path
+
+
+def test_the_chance_level_flags_an_original_model_at_chance_and_not_one_above_it(
+    pruned_dir: Path, tmp_path: Path
+) -> None:
+    """Planted data. Four identical choices: the model cannot tell them apart (ties go to the first), so with
+    the right one in each position in turn its accuracy is 1/4, chance itself. A one-token right answer
+    against long distractors: the summed log-likelihood favours it whatever the model, well above chance."""
+    same = _choice_set(tmp_path / "same.csv", 16, ["yes"] * 4, [record % 4 for record in range(16)])
+    easy = _choice_set(tmp_path / "easy.csv", 16, ["yes", *[" ".join(["fish"] * 20)] * 3], [0] * 16)
+    outputs = {}
+    for data in (same, easy):
+        out = tmp_path / f"{data.stem}.json"
+        args = ["evaluate", "--pruned", str(pruned_dir), "--dataset", str(data), "--draws", "1", "--out", str(out)]
+        result = CliRunner().invoke(app, [*args, "--speed-rounds", "1", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        outputs[data.stem] = (json.loads(out.read_text()), result.output)
+    results, output = outputs["same"]
+    chance = results["chance"]
+    assert chance["chance"] == 0.25 and chance["records"] == 16 and results["rows"][0]["accuracy"] == 0.25
+    assert chance["at_chance"] and chance["low"] <= 0.25 <= chance["high"]
+    assert "warning: the base model is at chance on this set" in output
+    accuracy_lines = [line for line in output.splitlines() if line.startswith("pruned - ") and "accuracy:" in line]
+    assert accuracy_lines and all(line.endswith("accuracy comparisons on it are noise]") for line in accuracy_lines)
+    results, output = outputs["easy"]
+    assert results["rows"][0]["accuracy"] > 0.9 and results["chance"]["chance"] == 0.25
+    assert not results["chance"]["at_chance"] and results["chance"]["low"] > 0.25
+    assert "at chance" not in output.replace("above chance", "") and "warning" not in output

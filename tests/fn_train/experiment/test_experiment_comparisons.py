@@ -83,6 +83,25 @@ def test_the_table_opens_with_the_verdicts() -> None:
         assert comparison["verdict"] in table
 
 
+@pytest.mark.parametrize(("base_accuracy", "flagged"), [(0.27, True), (0.62, False)])
+def test_the_table_flags_a_base_model_at_chance_beside_the_accuracy_verdicts(base_accuracy: float, flagged: bool):
+    """Planted four-way data of 80 records: a base model at 0.27 (chance 0.25) is flagged in the table and
+    beside every verdict on that set's accuracy, not its loss; one at 0.62 is not."""
+    from shared.chance import AT_CHANCE
+
+    results, runs = _results({"key": 0.3}, 3, np.random.default_rng(1))
+    results["datasets"]["task"].update(chance=0.25, choice_records=ROWS)
+    results["before"] = {"task_loss": 2.0, "task_accuracy": base_accuracy}
+    report(results, runs)
+    assert results["chance"]["task"]["at_chance"] is flagged and results["chance"]["task"]["chance"] == 0.25
+    table = format_table(results)
+    assert f"chance 0.250 (1/choices, mean over {ROWS} records); base acc {base_accuracy:.3f} [" in table
+    assert (f"warning: {AT_CHANCE}" in table) is flagged
+    for comparison in results["comparisons"]["comparisons"]:
+        (line,) = [line for line in table.splitlines() if line.startswith(comparison["verdict"])]
+        assert line.endswith(f"[{AT_CHANCE}]") is (flagged and comparison["figure"] == "task_accuracy")
+
+
 def test_benjamini_hochberg_is_used_when_named() -> None:
     results, runs = _results({"key": 0.3}, 3, np.random.default_rng(2))
     results["config"]["correction"] = "bh"
