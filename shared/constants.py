@@ -3,7 +3,7 @@
 MASK_SCHEMA_VERSION = 2  # 2: consensus figures per network (quality, share, stable)
 MASK_INDEX_SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
-EVALUATION_SCHEMA_VERSION = 1  # the results JSON of `fn-analyze evaluate`
+EVALUATION_SCHEMA_VERSION = 2  # the results JSON of `fn-analyze evaluate` (2: --tuned lists its folders)
 COMPARISON_SCHEMA_VERSION = 1  # the results JSON of `fn-analyze compare`
 
 # Activations folder written by `fn-analyze collect`.

@@ -24,7 +24,7 @@ from fn_analyze.config import CollectConfig, ReportConfig
 from fn_analyze.report.cards import NetworkCards, network_cards
 from fn_analyze.report.show import describe
 from shared import __version__
-from shared.constants import EXPERIMENT_FIGURE_NAME, EXPERIMENT_TABLE_NAME
+from shared.constants import EVALUATION_SCHEMA_VERSION, EXPERIMENT_FIGURE_NAME, EXPERIMENT_TABLE_NAME
 from shared.digests import file_digest
 from shared.errors import UserError
 from shared.figures import networks_figure
@@ -107,7 +107,13 @@ def _evaluation(path: Path) -> str:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"--evaluation {path} cannot be read as evaluate's results JSON ({exc})") from exc
-    kind = results.get("kind") if isinstance(results, dict) else None
+    version = results.get("schema_version") if isinstance(results, dict) else None
+    if version != EVALUATION_SCHEMA_VERSION:
+        raise UserError(
+            f"--evaluation {path} has schema_version {version!r}, this tool reads {EVALUATION_SCHEMA_VERSION}; "
+            "run `fn-analyze evaluate` again to rewrite it"
+        )
+    kind = results.get("kind")
     try:
         if kind == "tuned":
             from fn_analyze.measure.tuned import format_tuned_table

@@ -44,4 +44,4 @@ def test_the_header_names_a_split_only_for_data_with_splits(tmp_path: Path) -> N
     data = tmp_path / "eval.csv"
     data.write_text("question,answer\nq,a\n")
     assert f"on {data} (60 rows, " in _table(60, [0.1] * 5, noise=0.01, source=str(data))
-    assert "on org/name (test, 60 rows, " in _table(60, [0.1] * 5, noise=0.01, source="org/name")
+    assert "on org/name (test split, 60 rows, " in _table(60, [0.1] * 5, noise=0.01, source="org/name")

@@ -184,6 +184,13 @@ def test_report_refuses_bad_input_in_one_line_and_writes_nothing(tiny_run: tuple
     bogus = tmp_path / "bogus.json"
     bogus.write_text('{"conditions": 3}')
     refused(runner.invoke(app, [*base, "--activations", str(acts), "--evaluation", str(bogus)]), "--evaluation")
+    older = tmp_path / "older.json"
+    older.write_text('{"schema_version": 1, "kind": "tuned", "tuned": "runs/tune"}')
+    refused(
+        runner.invoke(app, [*base, "--activations", str(acts), "--evaluation", str(older)]),
+        "schema_version 1",
+        "run `fn-analyze evaluate` again",
+    )
     refused(runner.invoke(app, [*base, "--activations", str(acts), "--experiment", str(tmp_path)]), "table.txt")
     refused(runner.invoke(app, [*base, "--activations", str(acts), "--out", str(tmp_path / "p.htm")]), "end in .html")
     assert not out.exists() and not list(tmp_path.glob("*.html"))
