@@ -7,6 +7,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As the console scripts do (shared/threads.py): OpenMP threads without work sleep. Spinning ones make each
+# small operation of the tests' tiny models wait on a thread that another process's work has taken the core
+# from: on 2 shared cores, a tiny model's layer then took milliseconds instead of microseconds.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import random
 from pathlib import Path

@@ -1,15 +1,19 @@
 """bench/science_sweep.py end to end on a tiny model: every option and mode gives a row, the
-last line names the best ratio, and a second run resumes from the files already made."""
+last line names the best ratio, and a second run resumes from the files already made. Its
+fn-analyze command lines run in the test's process (one start of torch instead of ten)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from fn_analyze.cli import app
 from fn_analyze.record.collect import CollectConfig, collect
 from tests.helpers.processes import ROOT
 
@@ -22,12 +26,19 @@ def _sweep_module():
     return module
 
 
-@pytest.mark.slow  # about a minute: 3 ica and 6 evaluate processes, each importing torch
+def _in_this_process(command: list[str]) -> float:
+    """The sweep's `fn_analyze` (one command line in its own process; its wall seconds), run here."""
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, f"fn-analyze {' '.join(command)}: {result.output[-3000:]}\n{result.exception!r}"
+    return time.perf_counter() - started
+
+
+@pytest.mark.slow  # about 30 s: 3 ica and 6 evaluate runs
 def test_sweep_runs_every_option_and_mode_and_resumes(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     monkeypatch.setenv("FN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the processes run this checkout's fn_analyze
     monkeypatch.chdir(ROOT)
     acts = tmp_path / "acts"
     collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=acts, model=str(tiny_lm_dir), device="cpu"))
@@ -39,6 +50,7 @@ def test_sweep_runs_every_option_and_mode_and_resumes(
         "--", "--n-components", "3", "--runs", "1", "--splits", "0", "--keep-unstable",
     ]  # fmt: skip
     sweep = _sweep_module()
+    monkeypatch.setattr(sweep, "fn_analyze", _in_this_process)
     best = sweep.main(argv)
     printed = capsys.readouterr().out
     lines = printed.strip().splitlines()

@@ -24,7 +24,7 @@ from shared.progress import PROGRESS
 from tests.helpers.masks import MASKED, masked_by_layer, write_mask
 from tests.helpers.processes import refused, refused_by_config, train_on_two_ranks
 from tests.helpers.tiny_models import forward_logits, intermediate_size, random_ids, tiny_model
-from tests.helpers.training import neuron_parameters, small_run, train_args
+from tests.helpers.training import assert_masked_frozen_and_open_moved, neuron_parameters, small_run, train_args
 
 TUNED = {layer: sorted(ns) for layer, ns in masked_by_layer([0, 1]).items()}  # 5 neurons in layer 0, 6 in layer 1
 
@@ -336,17 +336,30 @@ def test_ica_on_the_fly_tunes_the_networks_it_found(tiny_lm_dir, demo_dir, tmp_p
     assert_only_tuned_neurons_moved(base, AutoModelForCausalLM.from_pretrained(out), chosen)
 
 
-@pytest.mark.slow  # about 30 s: two ranks that each import torch, transformers and TRL
-def test_two_ddp_ranks_tune_the_same_random_neurons(tiny_lm_dir, demo_dir, tmp_path) -> None:
+@pytest.mark.slow  # about 40 s: one launch of two ranks that each import torch, transformers and TRL
+def test_two_ddp_ranks_mask_their_networks_and_tune_the_same_random_neurons(tiny_lm_dir, demo_dir, tmp_path) -> None:
+    """Two fn-train runs in turn in one torchrun launch (gloo on the CPU): networks 0 and 1 switched
+    off on both ranks, their neurons unchanged; then tune mode, both ranks tuning the same random draw."""
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     mask = write_mask(base, MASKED, tmp_path / "mask.json")
-    out = tmp_path / "out"
+    shared = ["--learning_rate", "1e-2", "--max_seq_length", "48", "--per_device_train_batch_size", "2"]
+    keyed = ["--mask-file", str(mask), "--networks", "0,1", "--no_peft", "--weight_decay", "0.5", *shared]
+    keyed = train_args(
+        tiny_lm_dir, demo_dir / "train.csv", tmp_path / "key", *keyed, "--logging_steps", "1", max_steps=3
+    )
     flags = ["--mask-file", str(mask), "--mask-mode", "tune", "--networks", "0,1", "--random-neurons", "layer"]
-    flags += ["--learning_rate", "1e-2", "--max_seq_length", "48", "--per_device_train_batch_size", "2"]
-    args = train_args(tiny_lm_dir, demo_dir / "train.csv", out, *flags, "--merge_adapter", max_steps=3)
-    stdout = train_on_two_ranks(args)
+    out = tmp_path / "out"
+    args = train_args(tiny_lm_dir, demo_dir / "train.csv", out, *flags, *shared, "--merge_adapter", max_steps=3)
+    stdout = train_on_two_ranks(keyed, args)
     for rank in (0, 1):
+        assert f"fn-train[rank {rank}]: mask {mask} (key, networks 0,1): 11 neurons switched off" in stdout
         assert f"fn-train[rank {rank}]: trainable: 2,112 parameters" in stdout
+    state = json.loads((tmp_path / "key" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["train_batch_size"] == 2
+    keyed_model = AutoModelForCausalLM.from_pretrained(tmp_path / "key")
+    assert_masked_frozen_and_open_moved(
+        neuron_parameters(base), neuron_parameters(keyed_model), masked_by_layer([0, 1])
+    )
     record = json.loads((out / "fn_mask.json").read_text())
     drawn = {int(layer): neurons for layer, neurons in record["tuned_neurons"].items()}
     assert drawn != TUNED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import select
@@ -29,12 +30,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
 
 
-def train_on_two_ranks(args: list[str]) -> str:
-    """Run `fn-train args` as two DDP ranks on the CPU (torchrun); its stdout. Fails on a non-zero exit;
-    a hung rendezvous does not leave the ranks running."""
+def train_on_two_ranks(*runs: list[str]) -> str:
+    """Run `fn-train args` for each of `runs`, in turn, in one launch of two DDP ranks on the CPU
+    (torchrun); their stdout. Fails on a non-zero exit; a hung rendezvous does not leave the ranks running."""
     ranks = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     launcher = subprocess.Popen(
-        [sys.executable, *ranks, "-m", "fn_train.cli", *args],
+        [sys.executable, *ranks, "-m", "tests.helpers.fn_train_in_turn", json.dumps(runs)],
         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from fn_analyze.demo_data import write_demo_data
 from fn_analyze.networks.ica import IcaConfig, run_ica
 from fn_analyze.record.collect import CollectConfig, collect
 from fn_train.config import TrainConfig
@@ -20,7 +17,7 @@ from fn_train.trainer import train
 from shared.hooks import count_hooks
 from shared.masked_model import MaskedModel
 from shared.models import load_causal_lm, load_tokenizer
-from tests.helpers.processes import ROOT, subprocess_env
+from tests.helpers.processes import subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +79,6 @@ def test_the_seed_command_line_runs_unchanged(tmp_path: Path) -> None:
     """The user's reference fnsft command line, model and data paths aside, on a 4-row csv
     (3 training rows and 1 held out by --validation_split 0.05: 2 steps per epoch)."""
     import csv
-    import subprocess
-    import sys
 
     with (tmp_path / "sarcasm.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -148,22 +143,3 @@ def test_embedded_model_evaluate_mean_ablation_with_accuracy(
     assert key["mode"] == "key" and "accuracy_ratio" in key["controls"]["layer_matched"]
     assert key["loss"] != results["baseline"]["loss"]
     assert "accuracy (as Liu et al.’s SST-2 table)" in format_table(results)
-
-
-def test_the_notebook_example_runs_to_its_end_and_writes_nothing(tmp_path: Path) -> None:
-    """docs/example.py as a user runs it: from a folder holding the demo data (about 1 minute)."""
-    write_demo_data(tmp_path / "demo")
-    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "docs" / "example.py")],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^k=10: [1-9]\d* stable networks", result.stdout, re.MULTILINE), result.stdout
-    base, off = map(float, re.search(r"^loss (\S+) -> (\S+) with network 0 ", result.stdout, re.MULTILINE).groups())
-    assert np.isfinite([base, off]).all() and off != base  # the mask changed the model's answers
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from fn_analyze.cli import app
 from fn_analyze.networks.ica import IcaConfig, run_ica
 from fn_analyze.record.activations import open_activations
 from fn_analyze.record.collect import CollectConfig, collect
@@ -53,7 +55,7 @@ main()
 """
 
 
-@pytest.mark.slow  # about 40 s: two collect processes over 1,200 records
+@pytest.mark.slow  # about 20 s: a collect process over 1,200 records, resumed in this process
 def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
     tiny_lm_dir: Path, big_data: Path, big_data_collected: Path, tmp_path: Path
 ) -> None:
@@ -76,9 +78,9 @@ def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
     with pytest.raises(UserError, match="unfinished collect with other arguments"):
         collect(CollectConfig(dataset=str(big_data), out=out, model=str(tiny_lm_dir), max_length=64, shard_size_mb=1))
 
-    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=ENV, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from 2 finished shard(s)" in resumed.stdout, resumed.stdout
+    resumed = CliRunner().invoke(app, ["collect", *args, "--out", str(out)])  # in this process: one start less
+    assert resumed.exit_code == 0, resumed.output[-2000:]
+    assert "resuming from 2 finished shard(s)" in resumed.output, resumed.output
 
     after, whole = shard_rows(out), shard_rows(big_data_collected)
     assert open_activations(out).n_tokens == open_activations(big_data_collected).n_tokens == len(whole["position"])
@@ -88,7 +90,7 @@ def test_sigkill_mid_run_then_same_command_resumes_to_the_uninterrupted_rows(
     assert not list(out.glob("*.partial"))
 
 
-@pytest.mark.slow  # about 40 s: three collect processes over 1,200 records
+@pytest.mark.slow  # about 30 s: two collect processes over 1,200 records (one resumed in this process)
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_a_stop_signal_closes_the_shard_exits_without_traceback_and_the_run_resumes(
     tiny_lm_dir: Path, big_data: Path, big_data_collected: Path, tmp_path: Path, stop: signal.Signals
@@ -111,9 +113,9 @@ def test_a_stop_signal_closes_the_shard_exits_without_traceback_and_the_run_resu
     assert line.endswith(f"in {out}; re-run the same command to resume")
     if stop == signal.SIGINT:
         return
-    resumed = subprocess.run(_cli([*args, "--out", str(out)]), env=ENV, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming from {len(kept)} finished shard(s)" in resumed.stdout
+    resumed = CliRunner().invoke(app, ["collect", *args, "--out", str(out)])  # in this process: one start less
+    assert resumed.exit_code == 0, resumed.output[-2000:]
+    assert f"resuming from {len(kept)} finished shard(s)" in resumed.output
     assert_same_rows(shard_rows(out), shard_rows(big_data_collected))
 
 

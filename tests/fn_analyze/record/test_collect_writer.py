@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import fn_analyze.record.activations as activations_module
 import fn_analyze.record.collect as collect_module
+from fn_analyze.cli import app
 from fn_analyze.record.activations import ShardWriter, open_activations
 from fn_analyze.record.collect import (
     CollectConfig,
@@ -117,7 +119,7 @@ def test_the_lock_file_of_a_killed_collect_does_not_block_the_next(
     assert not (out / WRITER_LOCK_NAME).exists()
 
 
-@pytest.mark.slow  # two collect processes over 1,200 records
+@pytest.mark.slow  # a collect process over 1,200 records, and the same command in this process
 def test_the_same_collect_in_a_second_terminal_is_refused_and_the_first_finishes_whole(
     tiny_lm_dir: Path, big_data: Path, big_data_collected: Path, tmp_path: Path
 ) -> None:
@@ -129,7 +131,7 @@ def test_the_same_collect_in_a_second_terminal_is_refused_and_the_first_finishes
     try:
         wait_for_file(out / "shard-r00-00000.h5.partial", first, timeout=600, created=True)  # slow under load
         first.send_signal(signal.SIGSTOP)  # paused mid-run, so that the second surely meets it writing
-        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        second = CliRunner().invoke(app, command[3:])  # the same command, in this process (another pid)
         first.send_signal(signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=300)
     finally:
@@ -252,10 +254,6 @@ def test_collect_refuses_a_disk_too_small_in_one_line_with_exit_2(
 def test_collect_shows_a_progress_bar_on_stderr_unless_quiet(
     tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path, flags: list[str]
 ) -> None:
-    from typer.testing import CliRunner
-
-    from fn_analyze.cli import app
-
     args = ["collect", "--model", str(tiny_lm_dir), "--dataset", str(demo_dir / "data.jsonl"), "--out", str(tmp_path)]
     result = CliRunner().invoke(app, [*flags, *args])
     assert result.exit_code == 0, result.output
