@@ -313,8 +313,14 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
     Everything that can be checked without a model is checked before anything is written:
     the output folder, the checkpoint to resume and the mask it was made with, the mask file
     and selection, the tracker. The output folder is removed again if this run created it
-    and fails before its first checkpoint."""
-    check_output_dir(config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint is not None)
+    and fails before its first checkpoint.
+
+    Under a launcher only the main rank judges the output folder: the others would look at it while
+    the main rank clears it or writes its config there, and refuse what they half-see. A refusal of
+    the main rank ends the launch."""
+    main_process = ranks_from_env().is_main
+    if main_process:
+        check_output_dir(config.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint is not None)
     check_report_to(config.report_to)
     checkpoint = None
     if config.resume_from_checkpoint is not None:
@@ -336,7 +342,6 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
         check_same_mask(checkpoint, run_mask)
     from fn_train.tracking import SaveAndStopOnSignal, track_mask
 
-    main_process = ranks_from_env().is_main
     with removed_on_failure(config.output_dir, main_process), contextlib.ExitStack() as stack:
         if main_process:  # first into the folder: it marks the folder as fn-train's
             if config.overwrite_output_dir:
