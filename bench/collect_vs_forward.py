@@ -8,7 +8,9 @@ shard), not its data and model stages, whose results both sides share; it writes
 next batch (collect's writer thread), and the in-loop side writes each batch before the next
 (the synchronous reference). The disk side is one plain sequential write of the recording's
 bytes into the same folder, fsynced at the end as collect fsyncs each shard: the rate the
-disk allows, in tokens/s of this model's rows. Runs alternate, best of --repeats each.
+disk allows, in tokens/s of this model's rows. Runs alternate, best of --repeats each. Beside the
+wall-clock rates, each model side's CPU seconds (the process's, every thread): on a machine
+shared with other jobs the wall clock measures the other jobs too, the CPU time much less so.
 
     python bench/collect_vs_forward.py [--records 60] [--tiny-records 2000] [--tiny-batch-sizes 8,64]
         [--model smollm2-135m] [--device cpu] [--dtype float32]
@@ -112,10 +114,13 @@ def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: i
         "disk": lambda: (n_tokens, disk_write(config.out.parent / "disk", n_tokens * row_bytes)),
     }
     best = dict.fromkeys(sides, float("inf"))
+    cpu = dict.fromkeys(sides, float("inf"))
     tokens = {}
     for _ in range(repeats):
         for side, run in sides.items():
+            started = time.process_time()
             tokens[side], seconds = run()
+            cpu[side] = min(cpu[side], time.process_time() - started)
             best[side] = min(best[side], seconds)
     assert len(set(tokens.values())) == 1, tokens
     rate = {side: n_tokens / seconds for side, seconds in best.items()}
@@ -127,7 +132,17 @@ def measure(name: str, config: CollectConfig, model: torch.nn.Module, repeats: i
         f"(in the loop: {rate['in_loop']:,.0f}) -> {rate['record'] / bound:.3f} of "
         f"{'bare' if rate['bare'] <= rate['disk'] else 'disk'} (in the loop {rate['in_loop'] / bound:.3f})"
     )
-    return {**rate, "bound": bound, "disk_mib_s": rate["disk"] * row_bytes / 2**20}
+    print(
+        f"{name}: CPU seconds bare {cpu['bare']:.1f}, recording {cpu['record']:.1f}, in the loop "
+        f"{cpu['in_loop']:.1f} -> bare over recording {cpu['bare'] / cpu['record']:.3f} "
+        f"(in the loop {cpu['bare'] / cpu['in_loop']:.3f})"
+    )
+    return {
+        **rate,
+        "bound": bound,
+        "disk_mib_s": rate["disk"] * row_bytes / 2**20,
+        "cpu_ratio": cpu["bare"] / cpu["record"],
+    }
 
 
 def tiny_model_dir(folder: Path) -> Path:
@@ -185,6 +200,7 @@ def main() -> None:
         main_rates = rates[args.model]
         print(f"disk_write_mib_s: {main_rates['disk_mib_s']:.0f}")
         print(f"in_loop_ratio: {main_rates['in_loop'] / main_rates['bound']:.3f}")
+        print(f"cpu_ratio: {main_rates['cpu_ratio']:.3f}")
         print(f"collect_vs_forward: ratio={main_rates['record'] / main_rates['bound']:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

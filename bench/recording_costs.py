@@ -1,15 +1,20 @@
-"""What recording costs per token beside the forward pass, one part at a time, on SmolLM2's row width.
+"""What recording costs per token beside the forward pass, one part at a time, on SmolLM2's row width:
+the checksum collect computes now beside the two it computed before, in the same run.
 
 collect's recording does, per token: the copy in the hook (gather the kept rows of each layer's
-down-projection input into the float16 row), the HDF5 write of the row with Fletcher-32 checksums
-on every chunk (`ShardWriter`), and the SHA-256 digest of each closed shard, read back
-(`shared.digests.file_digest`). Each part is timed here on random rows with the calls collect
-makes, and the same HDF5 write without the checksums beside it, so the checksums' own cost shows.
+down-projection input into the float16 row), the HDF5 write of the row (`ShardWriter`, no HDF5
+filter) and the XXH3-128 of the row, hashed by the writer in memory as it writes it
+(`shared.digests.RowsDigest`). Before, it wrote every chunk with a Fletcher-32 checksum and read each
+closed shard back for its SHA-256; both are timed here too, as the baseline. The read side beside
+them: the HDF5 read of the shard, plain (a checked read adds the XXH3-128) and with Fletcher-32.
+Each part is timed on random rows with the calls collect makes, by the wall clock and by the
+process's CPU time (which a machine shared with other jobs moves much less).
 
     python bench/recording_costs.py [--tokens 2048] [--layers 30] [--width 1536] [--batch-tokens 320]
 
-Prints microseconds per token of each part; ends with one line `recording_costs: ratio=X`: the
-HDF5 write with checksums over the same write without them.
+Prints microseconds per token of each part; ends with one line `recording_costs: ratio=X`: the CPU
+time recording took beside the forward pass before (hook copy, Fletcher-32 write, SHA-256 of the
+shard) over what it takes now (hook copy, plain write, XXH3-128).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -24,25 +30,28 @@ import numpy as np
 import torch
 
 from fn_analyze.record.activations import CHUNK_ROWS
-from shared.digests import file_digest
+from shared.digests import RowsDigest, file_digest
 
 
-def hook_copy_us(layers: int, width: int, batch_tokens: int, repeats: int = 20) -> float:
+def timed(run: Callable[[], object], tokens: int) -> tuple[float, float]:
+    """(wall, CPU) microseconds per token of `run()`."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return (time.perf_counter() - wall) / tokens * 1e6, (time.process_time() - cpu) / tokens * 1e6
+
+
+def hook_copy(layers: int, width: int, batch_tokens: int, repeats: int = 20) -> None:
     """The hook's copy (as `RowCopier`: index_select of the kept rows into a float16 column slot)."""
     inputs = torch.randn(batch_tokens + batch_tokens // 8, width)  # padding rows left out by the gather
     kept = torch.arange(batch_tokens)
     rows = torch.empty((batch_tokens, layers * width), dtype=torch.float16)
-    start = time.perf_counter()
     for _ in range(repeats):
         for layer in range(layers):
             rows[:, layer * width : (layer + 1) * width] = inputs.index_select(0, kept)
-    return (time.perf_counter() - start) / repeats / batch_tokens * 1e6
 
 
-def hdf5_write_us(folder: Path, rows: np.ndarray, checksums: bool, block: int = 512) -> float:
+def hdf5_write(path: Path, rows: np.ndarray, fletcher32: bool, block: int = 512) -> None:
     """Rows appended in blocks with a flush after each, as `ShardWriter` writes them; closed."""
-    path = folder / f"rows-{checksums}.h5"
-    start = time.perf_counter()
     with h5py.File(path, "w") as handle:
         dataset = handle.create_dataset(
             "activations",
@@ -50,21 +59,28 @@ def hdf5_write_us(folder: Path, rows: np.ndarray, checksums: bool, block: int = 
             maxshape=(None, rows.shape[1]),
             dtype="float16",
             chunks=(CHUNK_ROWS, rows.shape[1]),
-            fletcher32=checksums,
+            fletcher32=fletcher32,
         )
         for first in range(0, len(rows), block):
             dataset.resize(min(first + block, len(rows)), axis=0)
             dataset[first : first + block] = rows[first : first + block]
             handle.flush()
-    return (time.perf_counter() - start) / len(rows) * 1e6
 
 
-def digest_us(folder: Path, rows: np.ndarray) -> float:
-    """`file_digest` of a shard of these rows (written with checksums, as collect does)."""
-    hdf5_write_us(folder, rows, checksums=True)
-    start = time.perf_counter()
-    file_digest(folder / "rows-True.h5")
-    return (time.perf_counter() - start) / len(rows) * 1e6
+def rows_hash(rows: np.ndarray, block: int = 512) -> None:
+    """The XXH3-128 of the rows in blocks, as the writer (and every read) feeds them."""
+    digest = RowsDigest()
+    for first in range(0, len(rows), block):
+        digest.update(rows[first : first + block])
+    digest.hexdigest()
+
+
+def hdf5_read(path: Path, block: int = 512) -> None:
+    """The shard's rows read back in blocks (from the page cache: it was just written)."""
+    with h5py.File(path, "r") as handle:
+        dataset = handle["activations"]
+        for first in range(0, dataset.shape[0], block):
+            dataset[first : first + block]
 
 
 def main() -> None:
@@ -75,23 +91,36 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=320, help="kept tokens of one batch")
     args = parser.parse_args()
     rows = np.random.default_rng(0).standard_normal((args.tokens, args.layers * args.width)).astype(np.float16)
+    n = len(rows)
     with tempfile.TemporaryDirectory(dir=".") as work:
-        folder = Path(work)
+        plain, fletcher = Path(work) / "plain.h5", Path(work) / "fletcher.h5"
         costs = {
-            "hook copy": hook_copy_us(args.layers, args.width, args.batch_tokens),
-            "hdf5 write, Fletcher-32": hdf5_write_us(folder, rows, checksums=True),
-            "hdf5 write, no checksums": hdf5_write_us(folder, rows, checksums=False),
-            "sha-256 digest of the shard": digest_us(folder, rows),
+            "hook copy": timed(lambda: hook_copy(args.layers, args.width, args.batch_tokens), args.batch_tokens * 20),
+            "hdf5 write": timed(lambda: hdf5_write(plain, rows, fletcher32=False), n),
+            "xxh3-128 of the rows": timed(lambda: rows_hash(rows), n),
+            "hdf5 write, Fletcher-32 (before)": timed(lambda: hdf5_write(fletcher, rows, fletcher32=True), n),
+            "sha-256 of the closed shard (before)": timed(lambda: file_digest(fletcher), n),
+            "hdf5 read": timed(lambda: hdf5_read(plain), n),
+            "hdf5 read, Fletcher-32 (before)": timed(lambda: hdf5_read(fletcher), n),
         }
     row_kb = rows.shape[1] * 2 / 1000
-    threads = torch.get_num_threads()
-    print(f"{args.tokens} tokens x {rows.shape[1]} neurons ({row_kb:.0f} KB a row), torch threads {threads}")
-    for part, micros in costs.items():
-        print(f"{part}: {micros:.0f} us/token ({row_kb * 1e3 / micros:,.0f} MB/s)")
-    collect = costs["hook copy"] + costs["hdf5 write, Fletcher-32"] + costs["sha-256 digest of the shard"]
-    print(f"what collect does beside the forward pass: {collect:.0f} us/token")
-    ratio = costs["hdf5 write, Fletcher-32"] / costs["hdf5 write, no checksums"]
-    print(f"recording_costs: ratio={ratio:.2f}")
+    print(f"{n} tokens x {rows.shape[1]} neurons ({row_kb:.0f} KB a row), torch threads {torch.get_num_threads()}")
+    for part, (wall, cpu) in costs.items():
+        print(f"{part}: {wall:.0f} us/token wall ({row_kb * 1e3 / wall:,.0f} MB/s), {cpu:.0f} us/token CPU")
+
+    def total(*parts: str) -> tuple[float, float]:
+        return sum(costs[p][0] for p in parts), sum(costs[p][1] for p in parts)
+
+    now = total("hook copy", "hdf5 write", "xxh3-128 of the rows")
+    before = total("hook copy", "hdf5 write, Fletcher-32 (before)", "sha-256 of the closed shard (before)")
+    print(f"beside the forward pass, now: {now[0]:.0f} us/token wall, {now[1]:.0f} CPU")
+    print(f"beside the forward pass, before: {before[0]:.0f} us/token wall, {before[1]:.0f} CPU")
+    read, checked = total("hdf5 read"), total("hdf5 read", "xxh3-128 of the rows")
+    old_read = total("hdf5 read, Fletcher-32 (before)")
+    print(
+        f"a checked read, now: {checked[1]:.0f} us/token CPU (the read alone {read[1]:.0f}); before {old_read[1]:.0f}"
+    )
+    print(f"recording_costs: ratio={before[1] / now[1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from fn_train.run_mask import (
     resolve_run_mask,
 )
 from fn_train.saving import check_bakeable, save_outputs
+from fn_train.step_progress import use_our_step_bars
 from shared.ablation import Ablation, NeuronMeans
 from shared.arch import find_down_projections
 from shared.constants import CHECKPOINT_PREFIX, ICA_MASK_NAME, RUN_CONFIG_NAME
@@ -357,6 +358,7 @@ def train(config: TrainConfig, callbacks: Sequence = ()) -> dict[str, Any]:
             if checkpoint is not None and not after_load:
                 check_same_mask(checkpoint, run_mask)
         trainer = build_trainer(config, run_mask.mask if run_mask else None, callbacks)
+        use_our_step_bars(trainer)  # plain lines into a log file, as every bar of ours
         stop = stack.enter_context(stop_on_signals())
         trainer.add_callback(SaveAndStopOnSignal(stop))  # before the mask's callbacks: see its docstring
         masking: contextlib.AbstractContextManager = contextlib.nullcontext()

@@ -18,6 +18,7 @@ ACTIVATIONS_DATASET = "activations"  # (tokens, captured_layers * intermediate) 
 TOKEN_IDS_DATASET = "token_ids"
 SEQUENCE_DATASET = "sequence_index"
 POSITION_DATASET = "position"
+ROWS_DIGEST_ATTR = "xxh3_128"  # attribute of each shard dataset: the XXH3-128 of its rows (shared.digests)
 
 # Mask artifacts.
 MASK_ARTIFACTS_DIR = "mask_artifacts"

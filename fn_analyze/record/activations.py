@@ -10,11 +10,18 @@ complete)::
     position        (tokens,) int32   position of the token in its sequence
     attrs           run_key (digest of what decides the rows), next_record (resume cursor)
 
-Uncompressed on purpose: float16 activations barely compress and gzip is ~40x slower. Every
-chunk carries a Fletcher-32 checksum that HDF5 checks on each read, and the manifest holds a
-digest of each whole shard: `open_activations` checks each shard opens (cheap: a cut file
-fails there), a damaged chunk fails the read that meets it, and `verify_activations` hashes
-every shard. Folders written before the checksums read as before, unchecked.
+Uncompressed on purpose: float16 activations barely compress and gzip is ~40x slower.
+
+One checksum, XXH3-128 (`shared.digests`): the writer hashes each dataset's rows as it writes them
+(in memory, no read back) and stores the hash as the dataset's `xxh3_128` attribute; the manifest
+holds the shard's digest, made from those four. Every read of a dataset hashes the rows it reads
+and compares at the end of the dataset (at memory speed, a small part of the read), after checking
+the attributes against the manifest's digest: a changed byte fails the read that meets it, before
+anything computed from the rows is written. `open_activations` checks each shard opens and has
+its rows (cheap: a cut file fails there); `verify_activations` reads every shard whole.
+Folders written before stay readable and are checked by what they carry: a Fletcher-32 checksum
+on every chunk (checked by HDF5 on each read) and the SHA-256 of each whole shard (by `verify`);
+folders older still read unchecked.
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ from shared.constants import (
     MANIFEST_SCHEMA_VERSION,
     PARTIAL_SUFFIX,
     POSITION_DATASET,
+    ROWS_DIGEST_ATTR,
     SEQUENCE_DATASET,
     SHARD_GLOB,
     SHARD_NAME,
     TOKEN_IDS_DATASET,
 )
-from shared.digests import file_digest
+from shared.digests import RowsDigest, file_digest, is_shard_digest, shard_digest
 from shared.errors import UserError, skip_library_shutdown
 from shared.folders import describe, kind
 from shared.jsonio import replace_durably, write_json_atomic
@@ -58,6 +66,7 @@ _ABANDONED: list[tuple[h5py.File, dict[str, h5py.Dataset]]] = []
 _ROW_DATASETS = (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET)
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
 FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
+CHECK_BYTES = 32 * 2**20  # rows read at a time by `verify`
 HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
 
 
@@ -93,6 +102,7 @@ class ShardWriter:
         self._datasets: dict[str, h5py.Dataset] = {}
         self._path: Path | None = None
         self._rows = 0
+        self._digests: dict[str, RowsDigest] = {}  # the open shard's datasets' running hashes
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_bytes = self._pending_rows = 0
         self._next_record = 0
@@ -107,14 +117,12 @@ class ShardWriter:
             maxshape=(None, self.n_columns),
             dtype="float16",
             chunks=chunk,
-            fletcher32=True,
         )
         for key, dtype in ((TOKEN_IDS_DATASET, "int32"), (SEQUENCE_DATASET, "int64"), (POSITION_DATASET, "int32")):
-            self._file.create_dataset(
-                key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),), fletcher32=True
-            )
+            self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),))
         self._file.attrs["run_key"] = self.run_key
         self._datasets = {key: self._file[key] for key in _ROW_DATASETS}
+        self._digests = {key: RowsDigest() for key in _ROW_DATASETS}
         self._rows = 0
 
     def write(
@@ -139,7 +147,7 @@ class ShardWriter:
     def _check_room(self) -> None:
         """Refuse a block the disk has no room for before HDF5 starts it: HDF5 failing mid-write
         raises from its object destructors and can crash the process on exit."""
-        needed = self._pending_bytes * 3 // 2 + HDF5_MARGIN_BYTES  # the other datasets, checksums, metadata
+        needed = self._pending_bytes * 3 // 2 + HDF5_MARGIN_BYTES  # the other datasets, metadata
         free = shutil.disk_usage(self.folder).free
         if free < needed:
             raise OSError(
@@ -157,6 +165,8 @@ class ShardWriter:
         take = len(columns[0])
         for key, values in zip(_ROW_DATASETS, columns, strict=True):
             dataset = self._datasets[key]
+            values = np.ascontiguousarray(values, dtype=dataset.dtype)  # the bytes as stored, hashed as written
+            self._digests[key].update(values)
             dataset.resize(self._rows + take, axis=0)
             dataset[self._rows : self._rows + take] = values
         self._rows += take
@@ -169,7 +179,10 @@ class ShardWriter:
 
     def _finish(self) -> None:
         assert self._file is not None and self._path is not None
-        self._datasets = {}
+        hexdigests = {key: digest.hexdigest() for key, digest in self._digests.items()}
+        for key, hexdigest in hexdigests.items():
+            self._datasets[key].attrs[ROWS_DIGEST_ATTR] = hexdigest
+        self._datasets, self._digests = {}, {}
         self._file.close()
         self._file = None
         replace_durably(Path(str(self._path) + PARTIAL_SUFFIX), self._path)
@@ -178,7 +191,7 @@ class ShardWriter:
                 "file": self._path.name,
                 "n_tokens": self._rows,
                 "next_record": self._next_record,
-                "digest": file_digest(self._path),
+                "digest": shard_digest(hexdigests),
             }
         )
         self._rows = 0  # the next shard starts empty, so its first block is a whole one, not one batch
@@ -248,12 +261,19 @@ def completed_shards(folder: Path, rank: int) -> list[dict[str, Any]]:
                         "n_tokens": int(handle[ACTIVATIONS_DATASET].shape[0]),
                         "next_record": int(handle.attrs["next_record"]),
                         "run_key": str(handle.attrs["run_key"]),
-                        "digest": file_digest(path),
+                        "digest": _recorded_digest(handle) or file_digest(path),  # a shard of an older collect
                     }
                 )
         except (OSError, KeyError) as exc:
             raise UserError(f"shard {path} cannot be read ({exc}); delete it or pass --overwrite") from exc
     return shards
+
+
+def _recorded_digest(handle: h5py.File) -> str | None:
+    """The shard's digest from its datasets' recorded hashes; None if it carries none (older shards)."""
+    if not all(key in handle and ROWS_DIGEST_ATTR in handle[key].attrs for key in _ROW_DATASETS):
+        return None
+    return shard_digest({key: str(handle[key].attrs[ROWS_DIGEST_ATTR]) for key in _ROW_DATASETS})
 
 
 def write_matrix(
@@ -334,7 +354,8 @@ class Activations:
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
         """Token-row blocks as float32 arrays, shard after shard, in manifest order."""
         for shard in self.manifest["shards"]:
-            for block in read_shard(self.folder / shard["file"], shard["n_tokens"], self.n_neurons, block_rows):
+            path = self.folder / shard["file"]
+            for block in read_shard(path, shard["n_tokens"], self.n_neurons, block_rows, shard.get("digest")):
                 yield block.astype(np.float32)
 
 
@@ -345,60 +366,106 @@ def damaged_shard_message(path: Path, problem: str) -> str:
     )
 
 
+class _RowsChanged(Exception):
+    """Rows read back that differ from the hash the writer recorded for them (or recorded hashes that
+    differ from the manifest's digest)."""
+
+
 @contextmanager
-def open_shard(path: str | Path) -> Iterator[h5py.File]:
-    """A shard opened for reading; a file HDF5 cannot open or read (cut short, a chunk whose
-    checksum fails) becomes one line naming the shard and the repair."""
+def open_shard(path: str | Path, digest: str | None = None) -> Iterator[h5py.File]:
+    """A shard opened for reading, its datasets' recorded hashes checked against the manifest's
+    `digest` (when it is XXH3-128's). A file HDF5 cannot open or read (cut short; in an older shard,
+    a chunk whose Fletcher-32 fails) or rows that differ from their hash (`checked_rows`, read
+    inside the block) become one line naming the shard and the repair."""
     try:
         with h5py.File(path, "r") as handle:
+            if is_shard_digest(digest) and _recorded_digest(handle) != digest:
+                raise _RowsChanged
             yield handle
     except OSError as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise UserError(damaged_shard_message(Path(path), f"cannot be read ({reason})")) from exc
+    except _RowsChanged as exc:
+        raise UserError(damaged_shard_message(Path(path), _changed(digest))) from exc
+
+
+def _changed(digest: str | None) -> str:
+    return f"does not match its digest{f' {digest}' if digest else ''} (the file changed after collect wrote it)"
+
+
+def checked_rows(dataset: h5py.Dataset, block_rows: int) -> Iterator[np.ndarray]:
+    """A dataset's rows in blocks of `block_rows`. When it carries its hash (shards of this version),
+    each block is hashed as it is read and, after the last, a difference raises (in `open_shard`: a
+    damaged shard's line). A reader that stops early has checked nothing."""
+    recorded = dataset.attrs.get(ROWS_DIGEST_ATTR)
+    digest = None if recorded is None else RowsDigest()
+    for start in range(0, dataset.shape[0], max(1, block_rows)):
+        block = dataset[start : start + block_rows]
+        if digest is not None:
+            digest.update(block)
+        yield block
+    if digest is not None and digest.hexdigest() != str(recorded):
+        raise _RowsChanged
+
+
+def _check_rows(dataset: h5py.Dataset) -> None:
+    """Read a dataset whole, in whole chunks of about CHECK_BYTES, checking its hash if it has one."""
+    row_bytes = dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))
+    chunk_rows = dataset.chunks[0] if dataset.chunks else 1
+    block_rows = max(chunk_rows, CHECK_BYTES // max(1, row_bytes) // chunk_rows * chunk_rows)
+    for _ in checked_rows(dataset, block_rows):
+        pass
 
 
 def shard_problem(path: Path, entry: dict[str, Any], n_columns: int, full: bool) -> str | None:
     """What is wrong with a shard the manifest lists, or None. Cheap: it opens and has the rows
-    the manifest says. `full`: also its digest (or, in a folder without digests, every chunk reads)."""
+    the manifest says. `full`: also every row against its digest (an older folder's SHA-256 of the
+    file, or, in a folder without digests, every chunk reads)."""
     if not path.is_file():
         return "is missing"
+    digest = entry.get("digest")
     try:
         with h5py.File(path, "r") as handle:
             shape = handle[ACTIVATIONS_DATASET].shape
             if shape != (entry["n_tokens"], n_columns):
                 return f"has shape {shape}, the manifest says ({entry['n_tokens']}, {n_columns})"
-            if full and "digest" not in entry:
-                for key in (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET):
-                    dataset = handle[key]
-                    for start in range(0, dataset.shape[0], 4096):
-                        dataset[start : start + 4096]
+            if full and (digest is None or is_shard_digest(digest)):
+                if digest is not None and _recorded_digest(handle) != digest:
+                    return _changed(digest)
+                for key in _ROW_DATASETS:
+                    _check_rows(handle[key])
     except OSError as exc:
         return f"cannot be read ({' '.join(str(exc).split()) or type(exc).__name__})"
     except KeyError as exc:
         return f"lacks a dataset ({exc})"
-    if full and "digest" in entry and file_digest(path) != entry["digest"]:
-        return f"does not match its digest {entry['digest']} (the file changed after collect wrote it)"
+    except _RowsChanged:
+        return _changed(digest)
+    if full and digest is not None and not is_shard_digest(digest) and file_digest(path) != digest:
+        return _changed(digest)
     return None
 
 
-def read_shard(path: str | Path, n_tokens: int, n_columns: int, block_rows: int) -> Iterator[np.ndarray]:
+def read_shard(
+    path: str | Path, n_tokens: int, n_columns: int, block_rows: int, digest: str | None = None
+) -> Iterator[np.ndarray]:
     """A shard's activations in float16 blocks of `block_rows` token rows, after checking its
-    shape against what the manifest says."""
-    with open_shard(path) as handle:
+    shape against what the manifest says, checked against their hash (`checked_rows`)."""
+    with open_shard(path, digest) as handle:
         data = handle[ACTIVATIONS_DATASET]
         if data.shape != (n_tokens, n_columns):
             raise UserError(
                 f"shard {path} has shape {data.shape}, the manifest says ({n_tokens}, {n_columns}); "
                 "re-run `fn-analyze collect`"
             )
-        for start in range(0, data.shape[0], block_rows):
-            yield data[start : start + block_rows]
+        yield from checked_rows(data, block_rows)
 
 
-def read_sequences(path: str | Path) -> np.ndarray:
-    """A shard's record index of every token row (small: one integer a row)."""
-    with open_shard(path) as handle:
-        return handle[SEQUENCE_DATASET][:]
+def read_column(path: str | Path, key: str, digest: str | None = None) -> np.ndarray:
+    """One of a shard's small datasets whole (one integer a row: record index, position, token id),
+    checked against its hash."""
+    with open_shard(path, digest) as handle:
+        dataset = handle[key]
+        return np.concatenate(list(checked_rows(dataset, dataset.shape[0])) or [dataset[:0]])
 
 
 MANIFEST_KEYS = {"model": dict, "layers": list, "n_tokens": int, "shards": list, "run_key": str}
@@ -475,7 +542,7 @@ def open_activations(folder: Path) -> Activations:
         problem = shard_problem(path, entry, acts.n_neurons, full=False)
         if problem:
             raise UserError(damaged_shard_message(path, problem))
-        with open_shard(path) as handle:
+        with open_shard(path, entry.get("digest")) as handle:  # the recorded hashes are the manifest's
             run_key = str(handle.attrs.get("run_key", ""))
         if run_key != manifest["run_key"]:
             raise UserError(
@@ -488,7 +555,8 @@ def open_activations(folder: Path) -> Activations:
 
 
 def damaged_shards(acts: Activations) -> list[tuple[dict[str, Any], str]]:
-    """Every shard of the folder whose digest (or, without digests, whose reading) fails, with why."""
+    """Every shard of the folder whose rows (or older file) differ from its digest, or (a folder without
+    digests) cannot be read, with why."""
     found = []
     for entry in acts.manifest["shards"]:
         problem = shard_problem(acts.folder / entry["file"], entry, acts.n_neurons, full=True)

@@ -1,5 +1,5 @@
-"""Recording beside the model: the copy of a batch's rows to the host, their HDF5 writes and the
-shards' digests run while the model computes the next batch, so the model waits for the disk
+"""Recording beside the model: the copy of a batch's rows to the host, their HDF5 writes and their
+hashes (the shards' checksum) run while the model computes the next batch, so the model waits for the disk
 only when the disk is the slower of the two.
 
 Double buffering: one batch is written while the next is computed; handing over a batch waits

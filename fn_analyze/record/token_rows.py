@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fn_analyze.record.activations import Activations, open_shard, read_sequences, read_shard
+from fn_analyze.record.activations import Activations, read_column, read_shard
 from fn_analyze.record.model_rows import ModelRows
-from shared.constants import POSITION_DATASET, TOKEN_IDS_DATASET
+from shared.constants import POSITION_DATASET, SEQUENCE_DATASET, TOKEN_IDS_DATASET
 from shared.errors import ParameterError
 
 if TYPE_CHECKING:
@@ -36,18 +36,20 @@ class RowShard(Protocol):
 
 @dataclass(frozen=True)
 class ShardFile:
-    """One HDF5 shard of an activations folder (a path: what a dask worker is sent)."""
+    """One HDF5 shard of an activations folder (a path: what a dask worker is sent); every read is
+    checked against the manifest's `digest`."""
 
     path: str
     n_tokens: int
     n_columns: int
+    digest: str | None = None
     value_bytes = 2  # float16, as collect writes them
 
     def blocks(self, block_rows: int) -> Iterator[np.ndarray]:
-        return read_shard(self.path, self.n_tokens, self.n_columns, block_rows)
+        return read_shard(self.path, self.n_tokens, self.n_columns, block_rows, self.digest)
 
     def records(self) -> np.ndarray:
-        return read_sequences(self.path)
+        return self._read(SEQUENCE_DATASET)
 
     def positions(self) -> np.ndarray:
         return self._read(POSITION_DATASET)
@@ -56,8 +58,7 @@ class ShardFile:
         return self._read(TOKEN_IDS_DATASET)
 
     def _read(self, dataset: str) -> np.ndarray:
-        with open_shard(self.path) as handle:
-            return handle[dataset][:]
+        return read_column(self.path, dataset, self.digest)
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,7 +168,7 @@ def shards_of(source: TokenRows) -> list[RowShard]:
     if isinstance(source, ModelRows):
         return list(source.runs)
     return [
-        ShardFile(str(source.folder / shard["file"]), int(shard["n_tokens"]), source.n_neurons)
+        ShardFile(str(source.folder / shard["file"]), int(shard["n_tokens"]), source.n_neurons, shard.get("digest"))
         for shard in source.manifest["shards"]
     ]
 
