@@ -3,7 +3,6 @@ an array and a model run, and the commands that print the cards and write the re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,12 @@ from typer.testing import CliRunner
 from fn_analyze.cli import app
 from fn_analyze.config import CollectConfig
 from fn_analyze.networks.activity import network_activity
-from fn_analyze.record.collect import collect
 from fn_analyze.record.model_rows import model_rows
 from fn_analyze.record.token_rows import ActivationMatrix
 from fn_analyze.report.cards import network_cards
-from shared.masks import MASSIVE, MaskFile, ModelInfo, Network, save_mask_file
+from shared.masks import MASSIVE, MaskFile, ModelInfo, Network
 from tests.helpers.activations import write_activations
+from tests.helpers.masks import tiny_run_with_z
 from tests.helpers.processes import refused
 
 WIDTH, LAYERS = 16, (0, 1, 2)
@@ -128,20 +127,7 @@ def test_a_layer_the_rows_lack_is_refused_with_its_name() -> None:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_lm_dir: Path, demo_dir: Path) -> tuple[Path, Path]:
     """An activations folder of the tiny LLaMA on 600 demo tokens and a mask file for it, with z."""
-    folder = tmp_path_factory.mktemp("cards")
-    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=folder / "acts", model=str(tiny_lm_dir),
-                          max_tokens=600))  # fmt: skip
-    manifest = json.loads((folder / "acts" / "manifest.json").read_text())
-    model = ModelInfo(**manifest["model"])
-    rng = np.random.default_rng(0)
-    networks = []
-    for n, layers in enumerate([{0: range(0, 40, 2)}, {0: range(100, 110), 1: range(20, 50)}]):
-        chosen = {layer: tuple(ns) for layer, ns in layers.items()}
-        z = {layer: tuple(float(v) for v in rng.choice([-4.0, 5.0], len(ns))) for layer, ns in chosen.items()}
-        networks.append(Network(n, chosen, z=z))
-    mask = MaskFile(model, tuple(networks), {"ica": {"set_aside": {"size": 3, "layers": {"1": [1, 2, 3]}}}})
-    save_mask_file(mask, folder / "mask.json")
-    return folder / "acts", folder / "mask.json"
+    return tiny_run_with_z(tmp_path_factory.mktemp("cards"), tiny_lm_dir, demo_dir)
 
 
 def test_activity_from_a_model_run_over_the_dataset_is_the_folders(

@@ -7,18 +7,15 @@ installs it when it is missing); without it this test fails, it is never skipped
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from fn_analyze.config import CollectConfig, EvaluateConfig, ReportConfig
+from fn_analyze.config import EvaluateConfig, ReportConfig
 from fn_analyze.measure.evaluate import evaluate
-from fn_analyze.record.collect import collect
 from fn_analyze.report.page import write_report
-from shared.masks import MaskFile, ModelInfo, Network, save_mask_file
+from tests.helpers.masks import tiny_run_with_z
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -36,17 +33,7 @@ CHROMIUM_ARGS = [
 def page_file(tmp_path_factory, tiny_lm_dir: Path, demo_dir: Path) -> Path:
     """A report on the tiny LLaMA: two networks with z, a set-aside group, an evaluation."""
     folder = tmp_path_factory.mktemp("report")
-    collect(CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=folder / "acts", model=str(tiny_lm_dir),
-                          max_tokens=600))  # fmt: skip
-    model = ModelInfo(**json.loads((folder / "acts" / "manifest.json").read_text())["model"])
-    rng = np.random.default_rng(0)
-    networks = []
-    for n, layers in enumerate([{0: range(0, 40, 2)}, {0: range(100, 110), 1: range(20, 50)}]):
-        chosen = {layer: tuple(ns) for layer, ns in layers.items()}
-        z = {layer: tuple(float(v) for v in rng.choice([-4.0, 5.0], len(ns))) for layer, ns in chosen.items()}
-        networks.append(Network(n, chosen, z=z))
-    mask = MaskFile(model, tuple(networks), {"ica": {"set_aside": {"size": 3, "layers": {"1": [1, 2, 3]}}}})
-    save_mask_file(mask, folder / "mask.json")
+    tiny_run_with_z(folder, tiny_lm_dir, demo_dir)
     results = folder / "eval.json"
     evaluate(EvaluateConfig(mask_file=folder / "mask.json", dataset=str(demo_dir / "eval.csv"), model=str(tiny_lm_dir),
                             out=results, draws=2, network_draws=1, device="cpu", networks="0"))  # fmt: skip
