@@ -141,6 +141,19 @@ def chance_record(eval_set: EvalSet, scored: Score) -> dict | None:
     return chance_level(eval_set.choices.counts, scored.accuracy).to_dict()
 
 
+def check_rows_to_compare(eval_set: EvalSet) -> None:
+    """Refuse a set with fewer than 2 rows (or multiple-choice records) to score: the paired
+    comparisons are intervals over the rows."""
+    rows = len(eval_set.rows)
+    if eval_set.choices is not None:
+        rows = min(rows, eval_set.choices.n_records)
+    if rows < 2:
+        raise UserError(
+            f"dataset {eval_set.source} gave {rows} row to score: the comparisons are intervals over the rows "
+            "and need at least 2; raise --limit or give more data"
+        )
+
+
 def load_eval_set(
     source: str,
     tokenizer,

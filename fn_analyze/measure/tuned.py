@@ -25,7 +25,15 @@ from torch import nn
 
 from fn_analyze.config import ScoringParams, TunedEvalConfig
 from fn_analyze.measure.evaluate import ACCURACY_FIELDS, row_figure, score_dict
-from fn_analyze.measure.scoring import EvalSet, Score, chance_record, load_eval_set, make_batches, score
+from fn_analyze.measure.scoring import (
+    EvalSet,
+    Score,
+    chance_record,
+    check_rows_to_compare,
+    load_eval_set,
+    make_batches,
+    score,
+)
 from shared import __version__
 from shared.chance import AT_CHANCE, at_chance, chance_text
 from shared.constants import ADAPTER_CONFIG_NAME, EVALUATION_SCHEMA_VERSION, MODEL_CONFIG_NAME
@@ -150,12 +158,7 @@ def evaluate_tuned(config: TunedEvalConfig) -> dict[str, Any]:
         for _, source, split in roles
     ]
     for eval_set in eval_sets:
-        rows = eval_set.choices.n_records if eval_set.choices is not None else len(eval_set.rows)
-        if rows < 2:
-            raise UserError(
-                f"dataset {eval_set.source} gave {rows} row to score: the comparisons are intervals over the rows "
-                "and need at least 2; raise --limit or give more data"
-            )
+        check_rows_to_compare(eval_set)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     before = score_sets(load_causal_lm(base_name, dtype, device), tokenizer, eval_sets, config)

@@ -27,7 +27,7 @@ import numpy as np
 
 from fn_analyze.config import PrunedEvalConfig
 from fn_analyze.measure.evaluate import ACCURACY_FIELDS, row_figure, score_dict
-from fn_analyze.measure.scoring import Score, chance_record, load_eval_set, make_batches
+from fn_analyze.measure.scoring import Score, chance_record, check_rows_to_compare, load_eval_set, make_batches
 from fn_analyze.measure.tuned import score_sets
 from fn_analyze.prune.prefill_speed import prefill_speed, speed_text
 from fn_analyze.prune.pruning import choose_at_random, choose_by_importance, prune_model
@@ -78,12 +78,7 @@ def evaluate_pruned(config: PrunedEvalConfig) -> dict[str, Any]:
         config.dataset, tokenizer, config.split, config.data_format, config.template_format, config.limit,
         config.max_length,
     )  # fmt: skip
-    records = min(len(eval_set.rows), eval_set.choices.n_records if eval_set.choices is not None else 2)
-    if records < 2:
-        raise UserError(
-            f"dataset {config.dataset} gave {records} row to score: the comparisons are intervals over the rows "
-            "and need at least 2; raise --limit or give more data"
-        )
+    check_rows_to_compare(eval_set)
     device = choose_device(config.device)
     dtype = choose_dtype(config.dtype, device.type)
     original = load_causal_lm(base_name, dtype, device)
