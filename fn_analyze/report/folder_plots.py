@@ -8,17 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from fn_analyze.report.plots import LAYER_COLOR, MAGNITUDE_COLOR, _plot_differences
+from fn_analyze.report.plots import LAYER_COLOR, MAGNITUDE_COLOR, better, plot_differences
 from shared.chance import at_chance
 from shared.figures import NETWORK_COLOR
 from shared.figures import agg_figure as _figure
 from shared.figures import save_png as _save
 
 BASE_COLOR = "#616161"
-
-
-def _better(figure: str) -> str:
-    return "lower is better" if figure == "loss" else "higher is better"
 
 
 def _values_panel(ax: Any, names: list[str], values: list[float], spreads: list[float] | None, title: str) -> None:
@@ -53,8 +49,8 @@ def plot_tuned(results: dict[str, Any], path: Path) -> None:
         names = ["base", *(t["folder"] for t in data["tuned"])]
         values = [data["base"][figure], *(t[figure] for t in data["tuned"])]
         extra = _chance_line(ax, data["chance"]) if figure != "loss" else ""
-        _values_panel(ax, names, values, None, f"{data['role']} {figure} ({_better(figure)}){extra}")
-        _plot_differences(difference_ax, [c for c in data["comparisons"] if c["figure"] == figure],
+        _values_panel(ax, names, values, None, f"{data['role']} {figure} ({better(figure)}){extra}")
+        plot_differences(difference_ax, [c for c in data["comparisons"] if c["figure"] == figure],
                           f"{data['role']} {figure}")  # fmt: skip
     fig.suptitle(
         f"evaluate --tuned: {', '.join(results['labels'])} (base {results['base_model']})\n"
@@ -76,10 +72,10 @@ def plot_pruned(results: dict[str, Any], path: Path) -> None:
         names = [row["name"] + (f" ({row['draws']} draws)" if "draws" in row else "") for row in rows]
         spreads = [row.get(f"{figure}_std", 0.0) for row in rows]
         extra = _chance_line(ax, results.get("chance")) if figure != "loss" else ""
-        _values_panel(ax, names, [row[figure] for row in rows], spreads, f"{figure} ({_better(figure)}){extra}")
+        _values_panel(ax, names, [row[figure] for row in rows], spreads, f"{figure} ({better(figure)}){extra}")
         compared = [c for c in results["comparisons"] if c["figure"] == figure]
         if compared:
-            _plot_differences(difference_ax, [{**c, "shown": c["p_value"] < 1 - c["confidence"]} for c in compared],
+            plot_differences(difference_ax, [{**c, "shown": c["p_value"] < 1 - c["confidence"]} for c in compared],
                               figure)  # fmt: skip
         else:
             difference_ax.set_visible(False)

@@ -158,12 +158,12 @@ def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], pat
         if name in before:
             ax.axvline(before[name], color="black", linestyle="--", linewidth=1)
         ax.set_yticks(y, [f"{g} (n={summary[g]['n']})" for g in groups], fontsize=7)
-        ax.set_title(f"{heading} ({_better(name)})", fontsize=9, loc="left")
+        ax.set_title(f"{heading} ({better(name)})", fontsize=9, loc="left")
     for ax in axes[len(shown) : rows * columns]:
         ax.set_visible(False)
     headings = dict(metrics)
     for ax, name in zip(axes[rows * columns :], compared, strict=False):
-        _plot_differences(ax, [c for c in comparisons if c["figure"] == name], headings.get(name, name))
+        plot_differences(ax, [c for c in comparisons if c["figure"] == name], headings.get(name, name))
     for ax in axes[rows * columns + len(compared) :]:
         ax.set_visible(False)
     config = results["config"]
@@ -176,11 +176,12 @@ def plot_experiment(results: dict[str, Any], metrics: list[tuple[str, str]], pat
     _save(fig, path)
 
 
-def _better(name: str) -> str:
-    return "higher is better" if name.endswith("accuracy") else "lower is better"
+def better(figure: str) -> str:
+    """Which way a figure improves: a loss (`loss`, `task_loss`) downwards, an accuracy or a rate upwards."""
+    return "lower is better" if figure.endswith("loss") else "higher is better"
 
 
-def _plot_differences(ax, comparisons: list[dict[str, Any]], heading: str) -> None:
+def plot_differences(ax, comparisons: list[dict[str, Any]], heading: str) -> None:
     """Each comparison's difference and interval on one figure; filled: shown after the correction."""
     y = np.arange(len(comparisons))[::-1].astype(float)
     for row, comparison in zip(y, comparisons, strict=True):
