@@ -11,6 +11,7 @@ bytes into the same folder, fsynced at the end as collect fsyncs each shard: the
 disk allows, in tokens/s of this model's rows. Runs alternate, best of --repeats each. Beside the
 wall-clock rates, each model side's CPU seconds (the process's, every thread): on a machine
 shared with other jobs the wall clock measures the other jobs too, the CPU time much less so.
+Both sides run with collect's thread settings (its wait policy; set OMP_WAIT_POLICY to time another).
 
     python bench/collect_vs_forward.py [--records 60] [--tiny-records 2000] [--tiny-batch-sizes 8,64]
         [--model smollm2-135m] [--device cpu] [--dtype float32]
@@ -30,6 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# The project before torch, as in `fn-analyze collect`: its OpenMP threads then sleep when they run
+# out of work (OMP_WAIT_POLICY=PASSIVE, shared/threads.py), on both sides. Imported after torch, the
+# bench would time libgomp's spinning default instead, which the command never runs with.
+import shared  # noqa: F401
+
+# isort: split
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -26,6 +26,7 @@ from fn_analyze.record.activations import (
     shard_rank_and_index,
 )
 from fn_analyze.record.background_writer import BackgroundWriter, HostCopy, InLoopWriter
+from fn_analyze.record.row_buffers import HostRowBuffers
 from fn_analyze.record.writer_lock import sole_writer
 from shared import __version__
 from shared.arch import DownProjection, find_down_projections
@@ -192,6 +193,7 @@ class RowCopier:
         by_layer = {p.layer: p.module for p in projections}
         self.modules = [by_layer[layer] for layer in layers]
         self.width = width
+        self.host_buffers = HostRowBuffers(len(self.modules) * width)
         self._rows: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None
 
@@ -214,9 +216,13 @@ class RowCopier:
         self, backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, flat: torch.Tensor
     ) -> torch.Tensor:
         """One forward pass; returns the float16 rows of the tokens at `flat` (indices into
-        the batch's positions, row-major), in that order."""
+        the batch's positions, row-major), in that order. On the CPU they lie in a buffer reused once
+        nothing refers to the rows it held before (`HostRowBuffers`)."""
         self._flat = flat
-        self._rows = torch.empty((len(flat), len(self.modules) * self.width), dtype=torch.float16, device=flat.device)
+        if flat.device.type == "cpu":
+            self._rows = self.host_buffers.rows(len(flat))
+        else:  # the device's caching allocator reuses memory already
+            self._rows = torch.empty((len(flat), self.host_buffers.n_columns), dtype=torch.float16, device=flat.device)
         try:
             # No key/value cache: nothing is generated after this pass, and building it costs a few percent.
             backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -1,0 +1,113 @@
+"""What the recording's write path does to save the forward pass work, kept honest: blocks end on
+HDF5 chunk boundaries without copying the batches, each block is handed to the kernel to write
+back, and the rows' host buffers are reused only once nothing refers to what they held."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import fn_analyze.record.activations as activations_module
+from fn_analyze.record.activations import ShardWriter, chunk_runs
+from fn_analyze.record.row_buffers import HostRowBuffers
+from shared.constants import ACTIVATIONS_DATASET, PARTIAL_SUFFIX
+
+
+def _rows(n: int, first: int, columns: int = 3) -> np.ndarray:
+    return (np.arange(first, first + n)[:, None] * 10 + np.arange(columns)).astype(np.float16)
+
+
+def test_chunk_runs_cut_whole_chunks_and_copy_only_the_chunk_two_parts_share() -> None:
+    a, b, c = _rows(100, 0), _rows(10, 100), _rows(200, 110)
+    runs, rest = chunk_runs([a, b, c], 64)
+    assert [len(run) for run in runs] == [64, 64, 128]
+    assert np.shares_memory(runs[0], a) and np.shares_memory(runs[2], c)  # views of one part each
+    assert not any(np.shares_memory(runs[1], part) for part in (a, b, c))  # a's last 36, b, c's first 18
+    assert rest is not None and len(rest) == 54 and np.shares_memory(rest, c)
+    np.testing.assert_array_equal(np.concatenate([*runs, rest]), np.concatenate([a, b, c]))
+
+
+def test_chunk_runs_keep_every_row_in_order_for_any_cut() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        chunk = int(rng.integers(1, 20))
+        sizes = rng.integers(0, 50, size=rng.integers(1, 8))
+        parts = [_rows(int(n), int(sum(sizes[:i]))) for i, n in enumerate(sizes)]
+        runs, rest = chunk_runs(parts, chunk)
+        assert all(len(run) % chunk == 0 and len(run) > 0 for run in runs)
+        assert rest is None or 0 < len(rest) < chunk
+        joined = np.concatenate([*runs, *([] if rest is None else [rest])]) if runs or rest is not None else None
+        expected = np.concatenate(parts)
+        if len(expected):
+            np.testing.assert_array_equal(joined, expected)
+        else:
+            assert joined is None
+
+
+def test_the_writer_writes_whole_chunks_until_the_shard_ends_on_its_last_batch(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 100 * 3 * 2)  # a block every 100 rows or so
+    stores: list[tuple[int, int]] = []
+    store = ShardWriter._store
+
+    def spy(self, key, start, values):
+        if key == ACTIVATIONS_DATASET:
+            stores.append((start, len(values)))
+        store(self, key, start, values)
+
+    monkeypatch.setattr(ShardWriter, "_store", spy)
+    writer = ShardWriter(tmp_path, n_columns=3, rows_per_shard=10**6)
+    batches = [_rows(37, 37 * i) for i in range(10)]
+    for i, rows in enumerate(batches):
+        n = len(rows)
+        writer.write(rows, np.zeros(n, np.int32), np.full(n, i), np.arange(n, dtype=np.int32), next_record=i + 1)
+    [shard] = writer.close()
+    assert shard["n_tokens"] == 370 and shard["next_record"] == 10
+    *blocks, last = stores
+    assert blocks and all(start % 64 == 0 and length % 64 == 0 for start, length in blocks)
+    assert last[0] % 64 == 0 and last[0] + last[1] == 370  # the shard's last block: every row left
+    with h5py.File(tmp_path / shard["file"]) as handle:
+        np.testing.assert_array_equal(handle[ACTIVATIONS_DATASET][:], np.concatenate(batches))
+        assert handle.attrs["next_record"] == 10
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this system")
+def test_each_block_is_handed_to_the_kernel_to_write_back_and_drop(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 64 * 3 * 2)
+    advised: list[tuple[str, int]] = []
+    fadvise = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    writer = ShardWriter(tmp_path, n_columns=3, rows_per_shard=10**6)
+    for i in range(4):
+        writer.write(_rows(64, 64 * i), np.zeros(64, np.int32), np.full(64, i), np.zeros(64, np.int32), i + 1)
+    assert advised == [(str(tmp_path / "shard-r00-00000.h5") + PARTIAL_SUFFIX, os.POSIX_FADV_DONTNEED)] * 4
+    writer.close()
+
+
+def test_a_host_buffer_is_reused_only_once_nothing_refers_to_its_rows() -> None:
+    buffers = HostRowBuffers(n_columns=4)
+    first = buffers.rows(5)
+    first.fill_(1)
+    first_buffer = first.data_ptr()
+    second = buffers.rows(5)  # the first rows are held: another buffer
+    assert second.data_ptr() != first_buffer and buffers.n_buffers == 2
+    kept = first.numpy()[2:]  # an array made from the rows holds them as well
+    del first
+    third = buffers.rows(5)
+    assert third.data_ptr() not in {first_buffer, second.data_ptr()} and buffers.n_buffers == 3
+    third.fill_(3)
+    assert (kept == 1).all()
+    del kept, third
+    again = buffers.rows(3)  # the first buffer is free now: reused, no new one
+    assert again.data_ptr() == first_buffer and buffers.n_buffers == 3 and again.shape == (3, 4)
+    del again, second
+    bigger = buffers.rows(8)  # larger than every free buffer: those are let go
+    assert buffers.n_buffers == 1 and bigger.shape == (8, 4)
