@@ -17,7 +17,7 @@ from shared.arch import find_down_projections
 from shared.data import detect_format, load_dataset_any, render_text, resolve_template, to_example
 from shared.errors import UserError
 from shared.hooks import captured_down_proj_inputs, count_hooks
-from shared.models import load_tokenizer
+from shared.models import load_causal_lm, load_tokenizer
 from tests.helpers.processes import record_results
 
 
@@ -171,3 +171,32 @@ def test_gpt2_conv1d_model_is_collected_and_trained_with_a_mask(
         )
     )
     assert (tmp_path / "ft" / "fn_mask.json").is_file()
+
+
+def test_the_pass_ends_at_the_last_recorded_layer_and_its_rows_are_exact(
+    tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    model = load_causal_lm(str(tiny_lm_dir), torch.float32, torch.device("cpu"))
+    projections = find_down_projections(model)
+    later = {"layer 1": 0, "final norm": 0}
+
+    def counter(name: str):
+        return lambda *_: later.__setitem__(name, later[name] + 1)
+
+    counters = [
+        projections[1].module.register_forward_pre_hook(counter("layer 1")),
+        model.base_model.norm.register_forward_pre_hook(counter("final norm")),
+    ]
+    config = CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=tmp_path / "a", model=str(tiny_lm_dir), layers="0")
+    manifest = collect(config, model=model, tokenizer=load_tokenizer(str(tiny_lm_dir))).manifest
+    assert later == {"layer 1": 0, "final norm": 0}  # nothing after layer 0's down-projection ran
+    for counter in counters:
+        counter.remove()
+    texts = _texts(tiny_lm_dir, demo_dir / "data.jsonl")
+    ids = load_tokenizer(str(tiny_lm_dir))(texts[3], return_tensors="pt")["input_ids"]
+    with captured_down_proj_inputs(projections) as store, torch.no_grad():
+        model(input_ids=ids)
+    with h5py.File(tmp_path / "a" / manifest["shards"][0]["file"], "r") as handle:
+        rows = handle["activations"][:][handle["sequence_index"][:] == 3]
+    np.testing.assert_allclose(rows, store[0][0].to(torch.float16).numpy(), rtol=2e-3, atol=2e-3)
+    assert later == {"layer 1": 0, "final norm": 0} and count_hooks(model) == 0
