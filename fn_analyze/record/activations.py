@@ -65,7 +65,7 @@ from shared.paths import file_in_folder
 _ABANDONED: list[tuple[h5py.File, dict[str, h5py.Dataset]]] = []
 _ROW_DATASETS = (ACTIVATIONS_DATASET, TOKEN_IDS_DATASET, SEQUENCE_DATASET, POSITION_DATASET)
 CHUNK_ROWS = 64  # rows per HDF5 chunk: whole-row reads of a block touch few chunks
-FLUSH_BYTES = 32 * 2**20  # activations buffered before one write + flush to the open shard
+FLUSH_BYTES = 32 * 2**20  # activations buffered before one write to the open shard
 CHECK_BYTES = 32 * 2**20  # rows read at a time by `verify`
 HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
 
@@ -73,9 +73,10 @@ HDF5_MARGIN_BYTES = 2**20  # room kept for a shard's metadata and its close
 class ShardWriter:
     """Appends blocks of token rows to one rank's shards of about `rows_per_shard` rows.
 
-    A shard is written under a `.partial` name, flushed after every block (batches buffered
-    up to FLUSH_BYTES), and renamed when full or closed, so a reader never mistakes half a
-    shard for data. Shards end on block boundaries and record in their attributes the run they belong to (`run_key`)
+    A shard is written under a `.partial` name, a block at a time (batches buffered up to
+    FLUSH_BYTES), and renamed when full or closed, so a reader never mistakes half a shard for
+    data; nothing reads a `.partial` file (a resumed run drops it), so HDF5 is not flushed before
+    the shard closes. Shards end on block boundaries and record in their attributes the run they belong to (`run_key`)
     and the cursor after their last block (`next_record`): an interrupted run resumes
     from its completed shards (see `completed_shards`). `completed` are the rank's shards
     before the first one this writer writes.
@@ -137,7 +138,7 @@ class ShardWriter:
     ) -> None:
         """Queue one batch's rows; `next_record` is where a resumed run would continue after it.
 
-        Batches are written to disk in blocks of about FLUSH_BYTES: one flush per block, not per
+        Batches are written to disk in blocks of about FLUSH_BYTES: one write per block, not per
         batch, since per-call costs would otherwise dominate small models. A block ends on an HDF5
         chunk boundary (the rows after it wait for the next block): HDF5 then writes whole chunks
         straight to the file, where a chunk shared by two blocks would be read back and written
@@ -186,7 +187,6 @@ class ShardWriter:
         for key, values in zip(_ROW_DATASETS[1:], labels, strict=True):
             self._store(key, self._rows, values[:take])
         self._rows += take
-        self._file.flush()
         _write_back(Path(str(self._path) + PARTIAL_SUFFIX))
         self._pending = [] if rest is None else [(rest, *(values[take:] for values in labels))]
         self._pending_rows = 0 if rest is None else len(rest)
