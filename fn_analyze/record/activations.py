@@ -75,11 +75,12 @@ class ShardWriter:
 
     A shard is written under a `.partial` name, a block at a time (batches buffered up to
     FLUSH_BYTES), and renamed when full or closed, so a reader never mistakes half a shard for
-    data; nothing reads a `.partial` file (a resumed run drops it), so HDF5 is not flushed before
-    the shard closes. Shards end on block boundaries and record in their attributes the run they belong to (`run_key`)
-    and the cursor after their last block (`next_record`): an interrupted run resumes
-    from its completed shards (see `completed_shards`). `completed` are the rank's shards
-    before the first one this writer writes.
+    data. HDF5 is flushed after each block, although nothing reads a `.partial` file: the chunks
+    HDF5 caches (a small model's) are then written while the block's room check still holds, not
+    later from a destructor, where a full disk cannot be handled. Shards end on batch boundaries
+    and record in their attributes the run they belong to (`run_key`) and the cursor after their
+    last batch (`next_record`): an interrupted run resumes from its completed shards (see
+    `completed_shards`). `completed` are the rank's shards before the first one this writer writes.
     """
 
     def __init__(
@@ -186,6 +187,7 @@ class ShardWriter:
         for key, values in zip(_ROW_DATASETS[1:], labels, strict=True):
             self._store(key, self._rows, values[:take])
         self._rows += take
+        self._file.flush()
         _write_back(Path(str(self._path) + PARTIAL_SUFFIX))
         self._pending = [] if rest is None else [(rest, *(values[take:] for values in labels))]
         self._pending_rows = 0 if rest is None else len(rest)
