@@ -58,12 +58,18 @@ PASSES = (
 )
 
 
-def timed_run(variant: str, passes: int) -> dict:
+def run_fresh(code: str, settings: dict[str, str] | None = None) -> dict:
+    """Run `code` in a fresh Python process that sees the project and none of this process's
+    OpenMP/MKL settings (`settings` adds some); return the JSON of its last line of output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    code = LOADS[variant] + PASSES.format(text=TEXT, passes=passes)
+    env.update(settings or {})
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timed_run(variant: str, passes: int) -> dict:
+    return run_fresh(LOADS[variant] + PASSES.format(text=TEXT, passes=passes))
 
 
 def load_average() -> str:

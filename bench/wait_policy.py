@@ -21,19 +21,14 @@ short spin's on the idle machine (above 1: the spin is faster there); read it wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TEXT = (
-    "Question: Which planet in the solar system has the shortest day, and how long does it last? "
-    "Answer: Jupiter has the shortest day of all the planets: it turns once on its axis in just under ten hours."
-)
+from python_threads import TEXT, run_fresh  # the same model, text and fresh process
+
 SETTINGS = {
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "PASSIVE, 3000 spins": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"},
@@ -63,13 +58,8 @@ NEIGHBOUR = (
 
 
 def timed_run(setting: str, passes: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_"))}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
-    env.update(SETTINGS[setting])
-    code = RUN.format(text=TEXT, passes=passes)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    threads = {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+    return run_fresh(RUN.format(text=TEXT, passes=passes), {**threads, **SETTINGS[setting]})
 
 
 def main() -> None:
