@@ -202,7 +202,8 @@ class RowCopier:
         by_layer = {p.layer: p.module for p in projections}
         self.modules = [by_layer[layer] for layer in layers]
         self.width = width
-        self.host_buffers = HostRowBuffers(len(self.modules) * width)
+        self.n_columns = len(self.modules) * width
+        self.host_buffers = HostRowBuffers(self.n_columns)
         self._rows: torch.Tensor | None = None
         self._flat: torch.Tensor | None = None
 
@@ -234,7 +235,7 @@ class RowCopier:
         if flat.device.type == "cpu":
             self._rows = self.host_buffers.rows(len(flat))
         else:  # the device's caching allocator reuses memory already
-            self._rows = torch.empty((len(flat), self.host_buffers.n_columns), dtype=torch.float16, device=flat.device)
+            self._rows = torch.empty((len(flat), self.n_columns), dtype=torch.float16, device=flat.device)
         try:
             # No key/value cache: nothing is generated after this pass, and building it costs a few percent.
             backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
