@@ -41,6 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from fn_analyze.record.direct_writes import ALIGNED_CHUNK_BYTES, PAGE, DirectChunks, aligned_empty
 from shared.constants import (
     ACTIVATIONS_DATASET,
     MANIFEST_NAME,
@@ -106,26 +107,33 @@ class ShardWriter:
         self._rows = 0
         self._chunk_rows = min(CHUNK_ROWS, self.rows_per_shard)
         self._digests: dict[str, RowsDigest] = {}  # the open shard's datasets' running hashes
+        self._direct = DirectChunks()  # the open shard's whole activation chunks go through it
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_bytes = self._pending_rows = 0
         self._next_record = 0
 
     def _open(self) -> None:
         self._path = self.folder / shard_name(self.rank, len(self.completed))
-        self._file = h5py.File(str(self._path) + PARTIAL_SUFFIX, "w")
+        partial = str(self._path) + PARTIAL_SUFFIX
+        self._file = h5py.File(partial, "w", alignment_threshold=ALIGNED_CHUNK_BYTES, alignment_interval=PAGE)
         chunk = (self._chunk_rows, self.n_columns)
+        places = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        places.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # each chunk's place is known once the dataset grows
         self._file.create_dataset(
             ACTIVATIONS_DATASET,
             shape=(0, self.n_columns),
             maxshape=(None, self.n_columns),
             dtype="float16",
             chunks=chunk,
+            dcpl=places,
+            fill_time="never",
         )
         for key, dtype in ((TOKEN_IDS_DATASET, "int32"), (SEQUENCE_DATASET, "int64"), (POSITION_DATASET, "int32")):
             self._file.create_dataset(key, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(max(chunk[0], 1024),))
         self._file.attrs["run_key"] = self.run_key
         self._datasets = {key: self._file[key] for key in _ROW_DATASETS}
         self._digests = {key: RowsDigest() for key in _ROW_DATASETS}
+        self._direct = DirectChunks(Path(partial))
         self._rows = 0
 
     def write(
@@ -200,7 +208,8 @@ class ShardWriter:
         dataset = self._datasets[key]
         values = np.ascontiguousarray(values, dtype=dataset.dtype)  # the bytes as stored, hashed as written
         self._digests[key].update(values)
-        dataset[start : start + len(values)] = values
+        if key != ACTIVATIONS_DATASET or not self._direct.write(dataset, start, values):
+            dataset[start : start + len(values)] = values
 
     def _finish(self) -> None:
         assert self._file is not None and self._path is not None
@@ -209,6 +218,7 @@ class ShardWriter:
         for key, hexdigest in hexdigests.items():
             self._datasets[key].attrs[ROWS_DIGEST_ATTR] = hexdigest
         self._datasets, self._digests = {}, {}
+        self._direct.close()
         self._file.close()
         self._file = None
         replace_durably(Path(str(self._path) + PARTIAL_SUFFIX), self._path)
@@ -234,6 +244,7 @@ class ShardWriter:
         self._pending.clear()
         if self._file is None:
             return
+        self._direct.close()
         partial = Path(str(self._path) + PARTIAL_SUFFIX)
         if discard:
             _ABANDONED.append((self._file, self._datasets))
@@ -251,6 +262,7 @@ class ShardWriter:
             if self._rows:
                 self._finish()
             else:
+                self._direct.close()
                 self._file.close()
                 Path(str(self._path) + PARTIAL_SUFFIX).unlink(missing_ok=True)
                 self._file, self._datasets = None, {}
@@ -283,7 +295,9 @@ def chunk_runs(parts: list[np.ndarray], chunk_rows: int) -> tuple[list[np.ndarra
     for part in parts:
         if head and len(part) >= chunk_rows:  # close the head's chunk with the part's first rows
             need = -sum(len(piece) for piece in head) % chunk_rows
-            runs.append(np.concatenate([*head, part[:need]]))
+            pieces = [*head, part[:need]]
+            joined = aligned_empty((sum(len(piece) for piece in pieces), *part.shape[1:]), part.dtype)
+            runs.append(np.concatenate(pieces, out=joined))
             head, part = [], part[need:]
         whole = len(part) - len(part) % chunk_rows
         if whole and not head:

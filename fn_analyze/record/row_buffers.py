@@ -8,6 +8,9 @@ went from about 0.93 to 0.95 of the bare forward on a 2-core virtual machine).
 A buffer is free when the array view it handed out is gone. The rows tensor is made from that
 view (`torch.from_numpy`), and every tensor and array made from the rows keeps it alive, so rows
 that a caller still holds are never overwritten, however long it holds them.
+
+Buffers start on a page boundary, so that the shard writer can hand their rows to the disk
+directly (`direct_writes`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import weakref
 
 import numpy as np
 import torch
+
+from fn_analyze.record.direct_writes import aligned_empty
 
 
 class HostRowBuffers:
@@ -32,7 +37,7 @@ class HostRowBuffers:
         fit = next((i for i in free if len(self._held[i][0]) >= n_rows), None)
         if fit is None:
             self._held = [held for i, held in enumerate(self._held) if i not in free]
-            self._held.append((np.empty((n_rows, self.n_columns), np.float16), None))
+            self._held.append((aligned_empty((n_rows, self.n_columns), np.float16), None))
             fit = len(self._held) - 1
         buffer = self._held[fit][0]
         view = buffer[:n_rows]

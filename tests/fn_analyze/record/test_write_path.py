@@ -1,20 +1,25 @@
 """What the recording's write path does to save the forward pass work, kept honest: blocks end on
 HDF5 chunk boundaries without copying the batches, each block is handed to the kernel to write
-back, and the rows' host buffers are reused only once nothing refers to what they held."""
+back, whole chunks go to the disk past the page cache where the system allows (and through HDF5,
+the same bytes, where it does not), and the rows' host buffers are reused only once nothing refers
+to what they held."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import fn_analyze.record.activations as activations_module
 from fn_analyze.record.activations import ShardWriter, chunk_runs
 from fn_analyze.record.row_buffers import HostRowBuffers
-from shared.constants import ACTIVATIONS_DATASET, PARTIAL_SUFFIX
+from shared.constants import ACTIVATIONS_DATASET, PARTIAL_SUFFIX, ROWS_DIGEST_ATTR
+from shared.digests import RowsDigest
 
 
 def _rows(n: int, first: int, columns: int = 3) -> np.ndarray:
@@ -111,3 +116,103 @@ def test_a_host_buffer_is_reused_only_once_nothing_refers_to_its_rows() -> None:
     del again, second
     bigger = buffers.rows(8)  # larger than every free buffer: those are let go
     assert buffers.n_buffers == 1 and bigger.shape == (8, 4)
+
+
+WIDE = 4096  # float16 columns: 8 KiB rows, 512 KiB chunks, placed on page boundaries in the file
+
+
+def _direct_supported(folder: Path) -> bool:
+    probe = folder / "probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except (AttributeError, OSError):
+        return False
+    finally:
+        probe.unlink()
+
+
+def _write_wide_shard(folder: Path, batches: list[np.ndarray]) -> dict:
+    folder.mkdir(exist_ok=True)
+    writer = ShardWriter(folder, n_columns=WIDE, rows_per_shard=10**6)
+    for i, rows in enumerate(batches):
+        n = len(rows)
+        writer.write(rows, np.zeros(n, np.int32), np.full(n, i), np.arange(n, dtype=np.int32), next_record=i + 1)
+    [shard] = writer.close()
+    return shard
+
+
+def _wide_batches(buffers: HostRowBuffers, sizes: list[int]) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Batches in the collect's own row buffers (held, so each has its own), and their rows joined."""
+    rng = np.random.default_rng(0)
+    held = []
+    for n in sizes:
+        rows = buffers.rows(n)
+        rows.copy_(torch.from_numpy(rng.standard_normal((n, WIDE)).astype(np.float16)))
+        held.append(rows)
+    return held, np.concatenate([rows.numpy() for rows in held])
+
+
+def _read_back(path: Path) -> np.ndarray:
+    with h5py.File(path) as handle:
+        values = handle[ACTIVATIONS_DATASET][:]
+        digest = RowsDigest()
+        digest.update(values)
+        assert handle[ACTIVATIONS_DATASET].attrs[ROWS_DIGEST_ATTR] == digest.hexdigest()
+    return values
+
+
+def test_whole_chunks_are_written_past_the_page_cache_and_read_back_as_written(tmp_path: Path, monkeypatch) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this system or filesystem")
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 150 * WIDE * 2)
+    written: list[tuple[int, int, int]] = []  # (memory address, file offset, bytes) of each direct write
+    pwrite = os.pwrite
+
+    def spy(fd, data, offset):
+        written.append((np.frombuffer(data, np.uint8).ctypes.data, offset, memoryview(data).nbytes))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    held, expected = _wide_batches(HostRowBuffers(WIDE), [100, 37, 230, 90, 41])  # 498 rows: 7 whole chunks
+    shard = _write_wide_shard(tmp_path, [rows.numpy() for rows in held])
+    assert len(written) == 7 and all(length == 64 * WIDE * 2 for _, _, length in written)
+    assert all(address % 4096 == 0 and offset % 4096 == 0 for address, offset, _ in written)
+    assert len({offset for _, offset, _ in written}) == 7  # seven places, one a chunk
+    np.testing.assert_array_equal(_read_back(tmp_path / shard["file"]), expected)
+
+
+def test_a_disk_that_refuses_the_alignment_gets_the_same_bytes_through_hdf5(tmp_path: Path, monkeypatch) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this system or filesystem")
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 150 * WIDE * 2)
+    tries = []
+
+    def refuse(fd, data, offset):  # as a disk with 4 KiB logical blocks answers a 512-aligned write
+        tries.append(offset)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    held, expected = _wide_batches(HostRowBuffers(WIDE), [100, 37, 230, 90, 41])
+    shard = _write_wide_shard(tmp_path, [rows.numpy() for rows in held])
+    assert len(tries) == 1  # the first refusal ends direct writes for the shard
+    np.testing.assert_array_equal(_read_back(tmp_path / shard["file"]), expected)
+
+
+def test_rows_off_the_alignment_and_systems_without_o_direct_go_through_hdf5(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 150 * WIDE * 2)
+    calls = []
+    monkeypatch.setattr(os, "pwrite", lambda *args: calls.append(args))
+    rng = np.random.default_rng(1)
+    raw = np.empty(300 * WIDE * 2 + 4096 + 16, np.uint8)
+    skip = -raw.ctypes.data % 4096 + 16  # 16 bytes past a page: no disk takes it
+    rows = raw[skip : skip + 300 * WIDE * 2].view(np.float16).reshape(300, WIDE)
+    rows[:] = rng.standard_normal((300, WIDE)).astype(np.float16)
+    shard = _write_wide_shard(tmp_path / "unaligned", [rows[:128], rows[128:]])
+    np.testing.assert_array_equal(_read_back(tmp_path / "unaligned" / shard["file"]), rows)
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    held, expected = _wide_batches(HostRowBuffers(WIDE), [128, 172])
+    shard = _write_wide_shard(tmp_path / "no-direct", [rows.numpy() for rows in held])
+    np.testing.assert_array_equal(_read_back(tmp_path / "no-direct" / shard["file"]), expected)
+    assert calls == []
