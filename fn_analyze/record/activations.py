@@ -78,7 +78,8 @@ class ShardWriter:
     FLUSH_BYTES), and renamed when full or closed, so a reader never mistakes half a shard for
     data. HDF5 is flushed after each block, although nothing reads a `.partial` file: the chunks
     HDF5 caches (a small model's) are then written while the block's room check still holds, not
-    later from a destructor, where a full disk cannot be handled. Shards end on batch boundaries
+    later from a destructor, where a full disk cannot be handled. Whole chunks of activations go
+    to the disk past the page cache where the system allows it (`direct_writes`). Shards end on batch boundaries
     and record in their attributes the run they belong to (`run_key`) and the cursor after their
     last batch (`next_record`): an interrupted run resumes from its completed shards (see
     `completed_shards`). `completed` are the rank's shards before the first one this writer writes.
@@ -270,7 +271,8 @@ class ShardWriter:
 
 
 def _write_back(path: Path) -> None:
-    """Start writing the file's new pages to disk, and let the kernel drop those already written.
+    """Start writing the file's new pages to disk, and let the kernel drop those already written:
+    the bytes that did not go past the page cache (`direct_writes`), every byte where they cannot.
 
     A recording streams gigabytes that nothing reads back soon. Kept in the page cache, they push
     out other files' pages, and each block takes fresh pages, which costs the forward pass more
