@@ -314,21 +314,6 @@ class Ratio:
     method: str
     note: str | None  # what the interval leaves out (with one random draw), None otherwise
 
-    def verdict(self, name: str, measure: str = "loss") -> str:
-        """One line, e.g. ``network 3, extra task loss vs random sets: above one: 2.30x [1.60,
-        3.40]; 0 of 20 random sets as large`` (``not shown`` when the interval holds one; ``not
-        readable`` with the denominator when it is within noise of zero)."""
-        harm = f"extra {measure}" if self.lower_is_better else f"{measure} lost"
-        head = f"{name}, {harm} vs random sets"
-        if self.value is None or self.low is None or self.high is None:
-            noise = _interval(self.denominator, self.denominator_low, self.denominator_high)
-            return f"{head}: not readable: the random sets' {harm} is within noise of zero ({noise})"
-        word = "above one" if self.low > 1 else "below one" if self.high < 1 else "not shown"
-        return (
-            f"{head}: {word}: {_interval(self.value, self.low, self.high, suffix='x')}; "
-            f"{self.rank} of {self.n_draws} random sets as large"
-        )
-
 
 def ratio_interval(
     condition: np.ndarray,
@@ -470,9 +455,9 @@ def _number(value: float) -> str:
     return f"{value:.{_decimals(value)}f}"
 
 
-def _interval(value: float, low: float, high: float, suffix: str = "") -> str:
+def _interval(value: float, low: float, high: float) -> str:
     d = _decimals(value, low, high)
-    return f"{value:.{d}f}{suffix} [{low:.{d}f}, {high:.{d}f}]"
+    return f"{value:.{d}f} [{low:.{d}f}, {high:.{d}f}]"
 
 
 def p_text(p: float) -> str:

@@ -234,8 +234,6 @@ def test_a_planted_ratio_of_three_is_read_and_covered() -> None:
     assert ratio.low < 3 < ratio.high and ratio.low > 1
     assert ratio.value == pytest.approx(ratio.numerator / ratio.denominator)
     assert ratio.rank == 0
-    line = ratio.verdict("network 3", "task loss")
-    assert line.startswith("network 3, extra task loss vs random sets: above one: ") and "0 of 20 random sets" in line
 
 
 def test_random_sets_with_no_extra_loss_give_no_ratio() -> None:
@@ -243,8 +241,6 @@ def test_random_sets_with_no_extra_loss_give_no_ratio() -> None:
     ratio = ratio_interval(condition, base, controls)
     assert ratio.denominator_low < 0 < ratio.denominator_high
     assert not ratio.readable and ratio.value is None and ratio.low is None
-    line = ratio.verdict("network 3", "task loss")
-    assert "not readable: the random sets' extra task loss is within noise of zero" in line and "x [" not in line
 
 
 def test_accuracy_lost_reads_in_the_right_direction() -> None:
@@ -255,7 +251,6 @@ def test_accuracy_lost_reads_in_the_right_direction() -> None:
     ratio = ratio_interval(condition, base, controls, lower_is_better=False)
     assert ratio.readable and ratio.numerator > 0 and ratio.denominator > 0
     assert ratio.low > 1 and ratio.low < 3 < ratio.high
-    assert "accuracy lost vs random sets: above one" in ratio.verdict("network 1", "accuracy")
 
 
 def test_rank_counts_the_random_sets_at_least_as_harmful() -> None:
