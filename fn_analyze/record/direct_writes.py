@@ -15,7 +15,8 @@ O_DIRECT asks the memory address, the file offset and the length to be multiples
 logical block size (512 bytes on most disks, 4,096 on some): the row buffers and the chunks joined
 from two batches start on page boundaries, and HDF5 places chunks of ALIGNED_CHUNK_BYTES or more on
 page boundaries. Where any of that fails (rows whose bytes are no multiple of 512, a filesystem
-without O_DIRECT, a disk that needs 4,096), the chunks go through HDF5 instead: the same bytes.
+without O_DIRECT, a disk that needs 4,096: EINVAL from the first write), the chunks go through HDF5
+instead: the same bytes. A full disk is raised as ENOSPC, as HDF5's own writes raise it.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ class DirectChunks:
             try:
                 written = os.pwrite(self._fd, chunk.data, offset)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-                self.close()  # the disk asks for a larger alignment: HDF5 writes the rest of the shard
+                self.close()  # a larger alignment asked, or no direct writes after all: HDF5 writes the rest
                 return False
             if written != chunk.nbytes:  # a regular file writes less only when the disk is full
                 raise OSError(

@@ -20,6 +20,7 @@ from fn_analyze.record.activations import ShardWriter, chunk_runs
 from fn_analyze.record.row_buffers import HostRowBuffers
 from shared.constants import ACTIVATIONS_DATASET, PARTIAL_SUFFIX, ROWS_DIGEST_ATTR
 from shared.digests import RowsDigest
+from shared.errors import is_disk_full
 
 
 def _rows(n: int, first: int, columns: int = 3) -> np.ndarray:
@@ -216,3 +217,20 @@ def test_rows_off_the_alignment_and_systems_without_o_direct_go_through_hdf5(tmp
     shard = _write_wide_shard(tmp_path / "no-direct", [rows.numpy() for rows in held])
     np.testing.assert_array_equal(_read_back(tmp_path / "no-direct" / shard["file"]), expected)
     assert calls == []
+
+
+def test_a_full_disk_under_a_direct_write_is_a_full_disk_and_the_shard_stays_partial(
+    tmp_path: Path, monkeypatch
+) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this system or filesystem")
+    monkeypatch.setattr(activations_module, "FLUSH_BYTES", 64 * WIDE * 2)
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, memoryview(data).cast("B")[:4096], offset))
+    held, _ = _wide_batches(HostRowBuffers(WIDE), [64])
+    writer = ShardWriter(tmp_path, n_columns=WIDE, rows_per_shard=10**6)
+    with pytest.raises(OSError) as raised:  # the disk took 4 KiB of the chunk's 512
+        writer.write(held[0].numpy(), np.zeros(64, np.int32), np.zeros(64), np.zeros(64, np.int32), next_record=1)
+    assert raised.value.errno == errno.ENOSPC and is_disk_full(raised.value)
+    writer.abort()  # collect discards it; test_collect_writer does, in a child: a discard marks the process
+    assert [path.name for path in tmp_path.iterdir()] == ["shard-r00-00000.h5" + PARTIAL_SUFFIX]  # never read
