@@ -658,14 +658,25 @@ class ReportConfig:
     max_tokens: int | None = option(20000, help="With --dataset: at most this many tokens.")
     networks: str | None = option(None, help="Networks carded, e.g. 0,3,5-7 or massive (default all and massive).")
     top: int = option(10, help="Most active tokens shown per network.")
-    evaluation: Path | None = option(
-        None, help="Results JSON of `fn-analyze evaluate` (plain, --tuned or --pruned): its table and figure."
+    # One path is taken as a list of one; each file or folder is a section of the page, in the order given.
+    evaluation: list[Path] = option(
+        default_factory=list,
+        help="Results JSONs of `fn-analyze evaluate` (plain, --tuned or --pruned), each with its table and figure "
+        "(--evaluation A.json B.json).",
     )
-    experiment: Path | None = option(None, help="Folder of `fn-train experiment`: its table and figure.")
+    experiment: list[Path] = option(
+        default_factory=list, help="Folders of `fn-train experiment`, each with its table and figure."
+    )
     out: Path | None = option(None, help="The HTML file to write (default runs/report/<mask file's name>.html).")
 
     def __post_init__(self) -> None:
         self.mask_file = Path(self.mask_file)
+        for name in ("evaluation", "experiment"):
+            given = getattr(self, name) or []  # None: none given (the command line's unset option)
+            paths = [Path(given)] if isinstance(given, (str, Path)) else [Path(p) for p in given]
+            if len(set(paths)) < len(paths):
+                raise ParameterError("{" + name + "} names a path twice; give each once")
+            setattr(self, name, paths)
         if (self.activations is None) == (self.dataset is None):
             raise ParameterError(
                 "give one of {activations} (a folder from `fn-analyze collect`) or {dataset} (data the model runs "

@@ -2,10 +2,10 @@
 
 The page joins what the project knows of the file: its provenance and how to reproduce it (`show`'s
 description, the file's digest, the data and ICA settings it records, the networks' figure), the
-network cards (what each network responds to), and, when given, `evaluate`'s table and figure (a
-plain, `--tuned` or `--pruned` evaluation) and an experiment's table and figure. Styles are inline
-and figures are PNG data URIs: the page fetches nothing, reads offline, prints, and stays small
-enough to attach to a message.
+network cards (what each network responds to), and, when given, `evaluate`'s table and figure for
+each results file (a plain, `--tuned` or `--pruned` evaluation) and each experiment's table and
+figure. Styles are inline and figures are PNG data URIs: the page fetches nothing, reads offline,
+prints, and stays small enough to attach to a message.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _evaluation(path: Path) -> str:
             f"--evaluation {path} is not a results JSON of `fn-analyze evaluate` (missing {exc}); give the file "
             "evaluate wrote (its `results:` line)"
         ) from exc
-    return f"<h2>{title} ({html.escape(path.name)})</h2>" + _pre(table) + image
+    return f"<h2>{title} ({html.escape(str(path))})</h2>" + _pre(table) + image
 
 
 def _experiment(folder: Path) -> str:
@@ -154,6 +154,11 @@ def _experiment(folder: Path) -> str:
         + _pre(table.read_text(encoding="utf-8"))
         + _img(figure.read_bytes(), "experiment figure")
     )
+
+
+def _count(paths: list[Path], noun: str) -> str:
+    """`, 2 evaluations` for the contents line; nothing for none."""
+    return "" if not paths else f", {len(paths)} {noun}{'s' if len(paths) > 1 else ''}"
 
 
 def _rows(config: ReportConfig, mask: MaskFile):
@@ -173,11 +178,7 @@ def write_report(config: ReportConfig) -> WrittenReport:
     started = time.perf_counter()
     mask = load_mask_file(config.mask_file)
     # The inputs are read before anything is drawn, so a bad one is refused before the slow part.
-    extras = []
-    if config.evaluation is not None:
-        extras.append(_evaluation(config.evaluation))
-    if config.experiment is not None:
-        extras.append(_experiment(config.experiment))
+    extras = [_evaluation(path) for path in config.evaluation] + [_experiment(path) for path in config.experiment]
     cards = network_cards(mask, _rows(config, mask), parse_network_ids(config.networks), top=config.top)
     cards = replace(cards, mask_name=str(config.mask_file))
     title = f"Functional networks of {mask.model.name}: {config.mask_file.name}"
@@ -187,8 +188,8 @@ def write_report(config: ReportConfig) -> WrittenReport:
         f"<h1>{html.escape(title)}</h1>"
         f"<p>Written by functional-networks {html.escape(__version__)} on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Contents: provenance, "
-        f"{len(cards.cards)} network cards{', evaluation' if config.evaluation else ''}"
-        f"{', experiment' if config.experiment else ''}.</p>"
+        f"{len(cards.cards)} network cards{_count(config.evaluation, 'evaluation')}"
+        f"{_count(config.experiment, 'experiment')}.</p>"
         + _provenance(mask, config.mask_file)
         + "<h2>What each network responds to</h2>"
         + cards._repr_html_()

@@ -3,6 +3,7 @@ an array and a model run, and the commands that print the cards and write the re
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fn_analyze.cli import app
-from fn_analyze.config import CollectConfig
+from fn_analyze.config import CollectConfig, EvaluateConfig
+from fn_analyze.measure.evaluate import evaluate
 from fn_analyze.networks.activity import network_activity
 from fn_analyze.record.model_rows import model_rows
 from fn_analyze.record.token_rows import ActivationMatrix
 from fn_analyze.report.cards import network_cards
+from shared.constants import EXPERIMENT_FIGURE_NAME, EXPERIMENT_TABLE_NAME
 from shared.masks import MASSIVE, MaskFile, ModelInfo, Network
 from tests.helpers.activations import write_activations
 from tests.helpers.masks import tiny_run_with_z
@@ -159,6 +162,41 @@ def test_show_examples_prints_every_card_and_report_writes_one_page(tiny_run: tu
     page = out.read_text()
     assert page.count("class='card'") == 3 and "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page  # nothing to fetch
+
+
+def test_report_joins_several_evaluations_and_experiments_in_the_order_given(
+    tiny_run: tuple[Path, Path], tiny_lm_dir: Path, demo_dir: Path, tmp_path: Path
+) -> None:
+    acts, mask_path = tiny_run
+    first = tmp_path / "first" / "eval.json"
+    evaluate(EvaluateConfig(mask_file=mask_path, dataset=str(demo_dir / "eval.csv"), model=str(tiny_lm_dir), out=first,
+                            draws=2, network_draws=1, device="cpu", networks="0", limit=8))  # fmt: skip
+    second = tmp_path / "second" / "eval.json"  # the same name in another folder: told apart by its path
+    second.parent.mkdir()
+    shutil.copy(first, second)
+    experiments = []
+    for name in ("seeds-a", "seeds-b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / EXPERIMENT_TABLE_NAME).write_text(f"the table of {name}\n")
+        shutil.copy(first.with_suffix(".png"), folder / EXPERIMENT_FIGURE_NAME)
+        experiments.append(str(folder))
+    out = tmp_path / "page.html"
+    base = ["report", "--mask-file", str(mask_path), "--activations", str(acts), "--out", str(out)]
+    written = CliRunner().invoke(
+        app, [*base, "--evaluation", str(second), str(first), "--experiment", *experiments, "--top", "2"]
+    )
+    assert written.exit_code == 0, written.output
+    page = out.read_text()
+    assert "3 network cards, 2 evaluations, 2 experiments." in page
+    sections = [f"<h2>Evaluation ({second})</h2>", f"<h2>Evaluation ({first})</h2>"]
+    sections += [f"<h2>Experiment ({folder})</h2>" for folder in experiments]
+    assert all(section in page for section in sections)
+    assert [page.index(section) for section in sections] == sorted(page.index(section) for section in sections)
+    assert "the table of seeds-b" in page and page.count("data:image/png;base64,") == 1 + 4  # networks, one a section
+    out.unlink()
+    refused(CliRunner().invoke(app, [*base, "--evaluation", str(first), str(first)]), "--evaluation names a path twice")
+    assert not out.exists()
 
 
 def test_report_refuses_bad_input_in_one_line_and_writes_nothing(tiny_run: tuple[Path, Path], tmp_path) -> None:
