@@ -197,7 +197,7 @@ class ShardWriter:
             self._store(key, self._rows, values[:take])
         self._rows += take
         self._file.flush()
-        _write_back(Path(str(self._path) + PARTIAL_SUFFIX))
+        _write_back(self._file)
         self._pending = [] if rest is None else [(rest, *(values[take:] for values in labels))]
         self._pending_rows = 0 if rest is None else len(rest)
         self._pending_bytes = 0 if rest is None else rest.nbytes
@@ -270,7 +270,7 @@ class ShardWriter:
         return self.completed
 
 
-def _write_back(path: Path) -> None:
+def _write_back(shard: h5py.File) -> None:
     """Start writing the file's new pages to disk, and let the kernel drop those already written:
     the bytes that did not go past the page cache (`direct_writes`), every byte where they cannot.
 
@@ -279,13 +279,8 @@ def _write_back(path: Path) -> None:
     than reusing the pages of blocks already on disk (on a 2-core virtual machine, SmolLM2's
     recording went from 0.86 to 0.93 of the bare forward). Closing a shard then waits for its
     last block, not for all of it."""
-    if not hasattr(os, "posix_fadvise"):  # not on macOS or Windows: the page cache decides there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    if hasattr(os, "posix_fadvise"):  # not on macOS or Windows: the page cache decides there
+        os.posix_fadvise(shard.id.get_vfd_handle(), 0, 0, os.POSIX_FADV_DONTNEED)  # HDF5's own descriptor
 
 
 def chunk_runs(parts: list[np.ndarray], chunk_rows: int) -> tuple[list[np.ndarray], np.ndarray | None]:
