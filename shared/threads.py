@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from threadpoolctl import threadpool_limits
 
 SAMPLE_SECONDS = 0.1  # how long the CPU use of the other processes is sampled before the command starts
+SAMPLE_WINDOWS = 3  # parts of the sample: a neighbour counts with the least it used in any of them
 _chosen: dict[str, str] = {}  # what this package set in the environment, for the --verbose log line
 _busy_seen: list[float] = []  # the cores' worth of CPU time other processes used over free_cores's sample
 _command_chose = False  # set_thread_defaults ran: a console script, whose --verbose says what it chose
@@ -58,16 +59,27 @@ def _cpu_times() -> tuple[int, int] | None:
 
 def free_cores(sample_seconds: float = SAMPLE_SECONDS) -> int:
     """The cores other processes leave free now (at least 1): the usable cores less the cores'
-    worth of CPU time the machine spent busy over a short sample, while this process slept."""
+    worth of CPU time the machine spent busy over a short sample, while this process slept.
+
+    The sample is cut in SAMPLE_WINDOWS and the busy cores are the fewest of any window: a process
+    that keeps a core busy keeps it busy in each, while a burst (a shell starting, the end of the
+    command before in a chain) fills one window at most and would otherwise cost the whole run a
+    thread."""
     cores = usable_cores()
     before = _cpu_times()
     if before is None:
         return cores
-    time.sleep(sample_seconds)
-    after = _cpu_times()
-    if after is None or after[1] <= before[1]:
+    busy = float("inf")
+    for _ in range(SAMPLE_WINDOWS):
+        time.sleep(sample_seconds / SAMPLE_WINDOWS)
+        after = _cpu_times()
+        if after is None:
+            return cores
+        if after[1] > before[1]:  # the clock ticked over the window
+            busy = min(busy, (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or cores))
+            before = after
+    if busy == float("inf"):
         return cores
-    busy = (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or cores)
     _busy_seen[:] = [busy]
     return max(1, min(cores, cores - round(busy)))
 
@@ -76,7 +88,7 @@ def _free_cores_why(count: int, before: str) -> str:
     """Why free_cores gave `count`: what it saw the other processes use."""
     if not _busy_seen:
         return f"{count} of {usable_cores()} usable cores: no /proc/stat to read"
-    busy = f"other processes kept {_busy_seen[0]:.1f} cores busy over the {SAMPLE_SECONDS:g} s before {before}"
+    busy = f"other processes kept {_busy_seen[0]:.1f} cores busy throughout the {SAMPLE_SECONDS:g} s before {before}"
     return f"{count} of {usable_cores()} usable cores free: {busy}"
 
 

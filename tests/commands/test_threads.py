@@ -13,6 +13,12 @@ import shared.threads as threads
 from tests.helpers.processes import ROOT, subprocess_env
 
 
+def _steady(busy_per_window: int) -> list[tuple[int, int]]:
+    """/proc/stat's (busy, total) jiffies at the start and at the end of each of free_cores's windows,
+    with the same busy jiffies (of 200) in each window."""
+    return [(busy_per_window * window, 200 * window) for window in range(threads.SAMPLE_WINDOWS + 1)]
+
+
 @pytest.fixture
 def two_cores(monkeypatch) -> list[tuple[int, int]]:
     """A 2-core machine whose /proc/stat reads (busy, total) from the list, in order."""
@@ -28,22 +34,29 @@ def two_cores(monkeypatch) -> list[tuple[int, int]]:
 
 
 def test_free_cores_are_the_cores_others_leave_idle(two_cores: list[tuple[int, int]]) -> None:
-    two_cores += [(0, 0), (10, 200)]  # 5% busy: idle
+    two_cores += _steady(10)  # 5% busy: idle
     assert threads.free_cores() == 2
-    two_cores += [(0, 0), (100, 200)]  # one core's worth busy: a neighbour
+    two_cores += _steady(100)  # one core's worth busy: a neighbour
     assert threads.free_cores() == 1
-    two_cores += [(0, 0), (200, 200)]  # everything busy: still one thread
+    two_cores += _steady(200)  # everything busy: still one thread
     assert threads.free_cores() == 1
     assert threads.free_cores() == 2  # no /proc/stat: every core, as before
 
 
+def test_a_burst_in_one_part_of_the_sample_costs_no_thread(two_cores: list[tuple[int, int]]) -> None:
+    two_cores += [(0, 0), (200, 200), (210, 400), (220, 600)]  # both cores busy in the first window only
+    assert threads.free_cores() == 2 and threads._busy_seen == [0.1]
+    two_cores += [(0, 0), (200, 200), (300, 400), (500, 600)]  # busy throughout, one core at the least
+    assert threads.free_cores() == 1 and threads._busy_seen == [1.0]
+
+
 def test_defaults_are_set_only_where_the_user_set_nothing(two_cores: list[tuple[int, int]], monkeypatch) -> None:
-    two_cores += [(0, 0), (100, 200)]
+    two_cores += _steady(100)
     environ: dict[str, str] = {}
     assert threads.set_thread_defaults(environ) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     assert environ == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     assert threads.thread_note(environ) == (
-        "threads: OMP_NUM_THREADS=1 (1 of 2 usable cores free: other processes kept 1.0 cores busy over the "
+        "threads: OMP_NUM_THREADS=1 (1 of 2 usable cores free: other processes kept 1.0 cores busy throughout the "
         "0.1 s before the start); OMP_WAIT_POLICY=PASSIVE; set these variables yourself to choose"
     )
     mine = {"OMP_NUM_THREADS": "2"}

@@ -35,7 +35,9 @@ def fresh_process(monkeypatch, caplog) -> None:
     monkeypatch.setattr(threads, "_torch_threads_decided", False)
     monkeypatch.setattr(threads, "_command_chose", False)
     monkeypatch.setattr(threads, "torch_default_threads", lambda: UNTOUCHED)
-    samples = [(0, 0), (100, 200)]  # /proc/stat's (busy, total) jiffies: one core's worth busy
+    samples = [
+        (100 * w, 200 * w) for w in range(threads.SAMPLE_WINDOWS + 1)
+    ]  # /proc/stat's (busy, total): one core busy
     monkeypatch.setattr(threads, "_cpu_times", lambda: samples.pop(0) if samples else None)
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
@@ -47,7 +49,7 @@ def fresh_process(monkeypatch, caplog) -> None:
 
 
 CHOSEN = (
-    "threads: 1 torch threads (1 of 2 usable cores free: other processes kept 1.0 cores busy over the 0.1 s "
+    "threads: 1 torch threads (1 of 2 usable cores free: other processes kept 1.0 cores busy throughout the 0.1 s "
     "before the first model load or fit); OMP_WAIT_POLICY=PASSIVE; set OMP_NUM_THREADS or call "
     "torch.set_num_threads before loading to choose"
 )
