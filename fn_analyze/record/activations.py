@@ -79,10 +79,11 @@ class ShardWriter:
     data. HDF5 is flushed after each block, although nothing reads a `.partial` file: the chunks
     HDF5 caches (a small model's) are then written while the block's room check still holds, not
     later from a destructor, where a full disk cannot be handled. Whole chunks of activations go
-    to the disk past the page cache where the system allows it (`direct_writes`). Shards end on batch boundaries
-    and record in their attributes the run they belong to (`run_key`) and the cursor after their
-    last batch (`next_record`): an interrupted run resumes from its completed shards (see
-    `completed_shards`). `completed` are the rank's shards before the first one this writer writes.
+    to the disk past the page cache where the system allows it (`direct_writes`). Shards end on
+    batch boundaries and record in their attributes the run they belong to (`run_key`) and the
+    cursor after their last batch (`next_record`): an interrupted run resumes from its completed
+    shards (see `completed_shards`). `completed` are the rank's shards before the first one this
+    writer writes.
     """
 
     def __init__(

@@ -59,7 +59,8 @@ class DirectChunks:
         in the file. False if they cannot go this way; the caller then writes them through HDF5
         (chunks already written here are written again, the same bytes)."""
         chunk_rows = dataset.chunks[0]
-        if self._fd is None or dataset.chunks[1:] != values.shape[1:] or len(values) % chunk_rows:
+        whole_chunks = start % chunk_rows == 0 and len(values) % chunk_rows == 0
+        if self._fd is None or dataset.chunks[1:] != values.shape[1:] or not whole_chunks:
             return False
         for first in range(0, len(values), chunk_rows):
             chunk = values[first : first + chunk_rows]

@@ -17,6 +17,7 @@ import torch
 
 import fn_analyze.record.activations as activations_module
 from fn_analyze.record.activations import ShardWriter, chunk_runs
+from fn_analyze.record.direct_writes import ALIGNED_CHUNK_BYTES, DirectChunks, aligned_empty
 from fn_analyze.record.row_buffers import HostRowBuffers
 from shared.constants import ACTIVATIONS_DATASET, PARTIAL_SUFFIX, ROWS_DIGEST_ATTR
 from shared.digests import RowsDigest
@@ -234,3 +235,26 @@ def test_a_full_disk_under_a_direct_write_is_a_full_disk_and_the_shard_stays_par
     assert raised.value.errno == errno.ENOSPC and is_disk_full(raised.value)
     writer.abort()  # collect discards it; test_collect_writer does, in a child: a discard marks the process
     assert [path.name for path in tmp_path.iterdir()] == ["shard-r00-00000.h5" + PARTIAL_SUFFIX]  # never read
+
+
+def test_a_direct_write_takes_whole_chunks_from_a_chunk_boundary_only(tmp_path: Path, monkeypatch) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this system or filesystem")
+    calls = []
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: calls.append(offset) or memoryview(data).nbytes)
+    path = tmp_path / "chunks.h5"
+    with h5py.File(path, "w", alignment_threshold=ALIGNED_CHUNK_BYTES, alignment_interval=4096) as handle:
+        places = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        places.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dataset = handle.create_dataset("a", (256, WIDE), "float16", chunks=(64, WIDE), dcpl=places, fill_time="never")
+        rows = aligned_empty((128, WIDE), np.float16)
+        direct = DirectChunks(path)
+        try:
+            assert not direct.write(dataset, 32, rows)  # from the middle of a chunk: HDF5's to write
+            assert not direct.write(dataset, 64, rows[:100])  # not whole chunks
+            assert calls == []
+            assert direct.write(dataset, 128, rows)
+            chunk_places = [dataset.id.get_chunk_info_by_coord((row, 0)).byte_offset for row in (128, 192)]
+            assert calls == chunk_places
+        finally:
+            direct.close()
