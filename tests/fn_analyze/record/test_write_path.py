@@ -16,12 +16,14 @@ import pytest
 import torch
 
 import fn_analyze.record.activations as activations_module
-from fn_analyze.record.activations import ShardWriter, chunk_runs
+from fn_analyze.record.activations import ShardWriter, chunk_runs, verify_activations
+from fn_analyze.record.collect import CollectConfig, collect
 from fn_analyze.record.direct_writes import ALIGNED_CHUNK_BYTES, DirectChunks, aligned_empty
 from fn_analyze.record.row_buffers import HostRowBuffers
 from shared.constants import ACTIVATIONS_DATASET, PARTIAL_SUFFIX, ROWS_DIGEST_ATTR
 from shared.digests import RowsDigest
 from shared.errors import is_disk_full
+from tests.helpers.tiny_models import tiny_model
 
 
 def _rows(n: int, first: int, columns: int = 3) -> np.ndarray:
@@ -258,3 +260,41 @@ def test_a_direct_write_takes_whole_chunks_from_a_chunk_boundary_only(tmp_path: 
             assert calls == chunk_places
         finally:
             direct.close()
+
+
+def test_collect_writes_a_wide_models_chunks_directly_and_the_same_shards_as_through_hdf5(
+    tiny_tokenizer, demo_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    if not _direct_supported(tmp_path):
+        pytest.skip("no O_DIRECT on this system or filesystem")
+    model_dir = tmp_path / "wide-llama"  # 2 layers x 2,048 neurons: 8 KiB rows, 512 KiB chunks
+    tiny_model("llama", vocab_size=len(tiny_tokenizer), max_position_embeddings=128, intermediate_size=2048,
+               pad_token_id=tiny_tokenizer.pad_token_id).save_pretrained(model_dir)  # fmt: skip
+    tiny_tokenizer.save_pretrained(model_dir)
+    direct_writes: list[int] = []
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: direct_writes.append(offset) or pwrite(fd, data, offset))
+
+    def collected(out: Path) -> list[dict[str, np.ndarray]]:
+        config = CollectConfig(dataset=str(demo_dir / "data.jsonl"), out=out, model=str(model_dir), max_tokens=700,
+                               shard_size_mb=2, device="cpu")  # fmt: skip
+        manifest = collect(config).manifest
+        assert "match their digests" in verify_activations(out)
+        shards = []
+        for shard in manifest["shards"]:
+            with h5py.File(out / shard["file"]) as handle:
+                shards.append({key: handle[key][:] for key in handle})
+        return shards
+
+    direct = collected(tmp_path / "direct")
+    whole_chunks = sum(len(shard["activations"]) // 64 for shard in direct)  # a shard ends on a batch: 280 rows, ...
+    assert len(direct) == 3 and whole_chunks > 3 and len(direct_writes) == whole_chunks  # every one written directly
+    written = len(direct_writes)
+    monkeypatch.delattr(os, "O_DIRECT")
+    through_hdf5 = collected(tmp_path / "hdf5")
+    assert len(direct_writes) == written  # none this time
+    assert len(through_hdf5) == len(direct)
+    for ours, theirs in zip(direct, through_hdf5, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key])
