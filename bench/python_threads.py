@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,36 +77,57 @@ def load_average() -> str:
     return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
+def alternating_runs(
+    conditions: dict[str, str | None], variants: Sequence[str], rounds: int, run: Callable[[str], dict]
+) -> Iterator[tuple[str, str, dict, str, str | None]]:
+    """`run(variant)` for each variant, `rounds` times in each condition, the variants' order reversed
+    every other round. A condition names the Python code of a neighbour process started 1 s before
+    each run (so that it holds its core when the run samples the free cores) and stopped after it;
+    None runs alone. Yields (condition, variant, the run's result, the load average before it, what
+    the neighbour printed when stopped, or None without one)."""
+    for condition, neighbour_code in conditions.items():
+        for round_ in range(rounds):
+            for variant in variants if round_ % 2 == 0 else list(reversed(variants)):
+                neighbour = None
+                if neighbour_code is not None:
+                    neighbour = subprocess.Popen(
+                        [sys.executable, "-c", neighbour_code], stdout=subprocess.PIPE, text=True
+                    )
+                    time.sleep(1.0)
+                load = load_average()
+                try:
+                    result = run(variant)
+                finally:
+                    said = None
+                    if neighbour is not None:
+                        neighbour.terminate()
+                        said = neighbour.communicate()[0]
+                yield condition, variant, result, load, said
+
+
+def print_medians(times: dict[tuple[str, str], list[float]]) -> None:
+    for (condition, variant), seconds in times.items():
+        print(f"median, {condition}, {variant}: {statistics.median(seconds):.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2, help="Runs of each variant in each condition.")
     parser.add_argument("--passes", type=int, default=20, help="Timed forward passes per run.")
     args = parser.parse_args()
     times: dict[tuple[str, str], list[float]] = {}
-    for condition in ("no neighbour", "one busy process"):
-        for round_ in range(args.rounds):
-            order = list(LOADS) if round_ % 2 == 0 else list(reversed(LOADS))
-            for variant in order:
-                neighbour = None
-                if condition == "one busy process":
-                    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                    time.sleep(1.0)  # let it take its core before the run samples the free cores
-                load = load_average()
-                try:
-                    result = timed_run(variant, args.passes)
-                finally:
-                    if neighbour is not None:
-                        neighbour.kill()
-                        neighbour.wait()
-                times.setdefault((condition, variant), []).append(result["seconds"])
-                print(
-                    f"{condition}, {variant}: {result['seconds']:.2f} s for {args.passes} passes of "
-                    f"{result['tokens']} tokens ({result['threads']} threads, OMP_WAIT_POLICY {result['wait']}; "
-                    f"load before {load})",
-                    flush=True,
-                )
-    for (condition, variant), seconds in times.items():
-        print(f"median, {condition}, {variant}: {statistics.median(seconds):.2f} s")
+    conditions = {"no neighbour": None, "one busy process": "while True: pass"}
+    for condition, variant, result, load, _ in alternating_runs(
+        conditions, list(LOADS), args.rounds, lambda variant: timed_run(variant, args.passes)
+    ):
+        times.setdefault((condition, variant), []).append(result["seconds"])
+        print(
+            f"{condition}, {variant}: {result['seconds']:.2f} s for {args.passes} passes of "
+            f"{result['tokens']} tokens ({result['threads']} threads, OMP_WAIT_POLICY {result['wait']}; "
+            f"load before {load})",
+            flush=True,
+        )
+    print_medians(times)
     busy = [statistics.median(times[("one busy process", variant)]) for variant in LOADS]
     print(f"python_threads: ratio={busy[0] / busy[1]:.2f}")
 

@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
-import time
 
-from python_threads import TEXT, run_fresh  # the same model, text and fresh process
+from python_threads import TEXT, alternating_runs, print_medians, run_fresh  # the same model, text, loop, process
 
 SETTINGS = {
     "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
@@ -68,29 +65,20 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=20, help="Timed forward passes per run.")
     args = parser.parse_args()
     times: dict[tuple[str, str], list[float]] = {}
-    for condition in ("idle", "beside a busy process"):
-        for round_ in range(args.rounds):
-            order = list(SETTINGS) if round_ % 2 == 0 else list(reversed(SETTINGS))
-            for setting in order:
-                neighbour = None
-                if condition != "idle":
-                    neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], stdout=subprocess.PIPE, text=True)
-                    time.sleep(1.0)
-                try:
-                    result = timed_run(setting, args.passes)
-                finally:
-                    rate = ""
-                    if neighbour is not None:
-                        neighbour.terminate()
-                        rate = f"; the neighbour {float(neighbour.communicate()[0]):.1f} M loops/s"
-                times.setdefault((condition, setting), []).append(result["seconds"])
-                print(
-                    f"{condition}, {setting}: {result['seconds']:.2f} s for {args.passes} passes "
-                    f"({result['threads']} threads{rate})",
-                    flush=True,
-                )
-    for (condition, setting), seconds in times.items():
-        print(f"median, {condition}, {setting}: {statistics.median(seconds):.2f} s")
+    for condition, setting, result, _, said in alternating_runs(
+        {"idle": None, "beside a busy process": NEIGHBOUR},
+        list(SETTINGS),
+        args.rounds,
+        lambda setting: timed_run(setting, args.passes),
+    ):
+        rate = "" if said is None else f"; the neighbour {float(said):.1f} M loops/s"
+        times.setdefault((condition, setting), []).append(result["seconds"])
+        print(
+            f"{condition}, {setting}: {result['seconds']:.2f} s for {args.passes} passes "
+            f"({result['threads']} threads{rate})",
+            flush=True,
+        )
+    print_medians(times)
     idle = {setting: statistics.median(times[("idle", setting)]) for setting in SETTINGS}
     print(f"wait_policy: ratio={idle['PASSIVE'] / idle['PASSIVE, 3000 spins']:.2f}")
 
