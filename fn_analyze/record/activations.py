@@ -110,8 +110,7 @@ class ShardWriter:
         self._chunk_rows = min(CHUNK_ROWS, self.rows_per_shard)
         self._digests: dict[str, RowsDigest] = {}  # the open shard's datasets' running hashes
         self._direct = DirectChunks()  # the open shard's whole activation chunks go through it
-        self._pending: list[tuple[np.ndarray, ...]] = []
-        self._pending_bytes = self._pending_rows = 0
+        self._pending: list[tuple[np.ndarray, ...]] = []  # (activations, token ids, records, positions) not written yet
         self._next_record = 0
 
     def _open(self) -> None:
@@ -154,13 +153,19 @@ class ShardWriter:
         straight to the file (blocks that shared a chunk took 1.5 times the writer's CPU). A
         shard's last block is written whole, so a shard ends on a batch boundary."""
         self._pending.append((activations, token_ids, sequence, position))
-        self._pending_bytes += activations.nbytes
-        self._pending_rows += len(activations)
         self._next_record = next_record
         if self._rows + self._pending_rows >= self.rows_per_shard:
             self._flush(whole=True)
         elif self._pending_bytes >= FLUSH_BYTES:
             self._flush(whole=False)
+
+    @property
+    def _pending_rows(self) -> int:
+        return sum(len(part[0]) for part in self._pending)
+
+    @property
+    def _pending_bytes(self) -> int:
+        return sum(part[0].nbytes for part in self._pending)
 
     def _check_room(self) -> None:
         """Refuse a block the disk has no room for before HDF5 starts it: HDF5 failing mid-write
@@ -200,8 +205,6 @@ class ShardWriter:
         self._file.flush()
         _write_back(self._file)
         self._pending = [] if rest is None else [(rest, *(values[take:] for values in labels))]
-        self._pending_rows = 0 if rest is None else len(rest)
-        self._pending_bytes = 0 if rest is None else rest.nbytes
         if self._rows >= self.rows_per_shard and not self._pending:
             self._finish()
 
