@@ -487,6 +487,15 @@ class EvaluateConfig(ControlParams):
         return self.mask_file.stem
 
 
+def _path_list(given: Any, name: str, noun: str) -> list[Path]:
+    """An option that takes several paths, as a list: one path is a list of one, None (the command
+    line's unset option) none; a path given twice is refused, naming the option `name`."""
+    paths = [Path(given)] if isinstance(given, (str, Path)) else [Path(p) for p in given or []]
+    if len(set(paths)) < len(paths):
+        raise ParameterError("{" + name + "} names a " + noun + " twice; give each " + noun + " once")
+    return paths
+
+
 @dataclass
 class TunedEvalConfig(ScoringParams):
     """`fn-analyze evaluate --tuned`: what fine-tuning changed and kept, the tuned folder scored next to its
@@ -504,11 +513,9 @@ class TunedEvalConfig(ScoringParams):
     model: str = option(EMBEDDED_MODEL_NAME, help=_MODEL_HELP)
 
     def __post_init__(self) -> None:
-        self.tuned = [Path(self.tuned)] if isinstance(self.tuned, (str, Path)) else [Path(p) for p in self.tuned]
+        self.tuned = _path_list(self.tuned, "tuned", "folder")
         if not self.tuned:
             raise ParameterError("{tuned} needs at least one folder")
-        if len(set(self.tuned)) < len(self.tuned):
-            raise ParameterError("{tuned} names a folder twice; give each folder once")
         super().__post_init__()
 
     @property
@@ -671,12 +678,8 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         self.mask_file = Path(self.mask_file)
-        for name in ("evaluation", "experiment"):
-            given = getattr(self, name) or []  # None: none given (the command line's unset option)
-            paths = [Path(given)] if isinstance(given, (str, Path)) else [Path(p) for p in given]
-            if len(set(paths)) < len(paths):
-                raise ParameterError("{" + name + "} names a path twice; give each once")
-            setattr(self, name, paths)
+        self.evaluation = _path_list(self.evaluation, "evaluation", "path")
+        self.experiment = _path_list(self.experiment, "experiment", "path")
         if (self.activations is None) == (self.dataset is None):
             raise ParameterError(
                 "give one of {activations} (a folder from `fn-analyze collect`) or {dataset} (data the model runs "
